@@ -1,0 +1,24 @@
+"""The solver core: schedules, grids, conversion, solvers, the functional loop and the diffusers adapter."""
+
+from .plan import PlanExecutor, SolverPlan
+from .prediction import PREDICTIONS, Clip, DynamicThreshold, cfg_combine
+from .registry import get_solver, list_solvers, register_solver, solver_class
+from .schedules import (
+    ContinuousVPSchedule,
+    DiscreteVPSchedule,
+    FlowSchedule,
+    NoiseSchedule,
+    VESchedule,
+    make_schedule,
+)
+from .solvers import ddim, dpmpp, unipc  # noqa: F401  (registers the solvers)
+from .solvers.base import Option, Solver
+from .sampling import StepInfo, make_plan, sample
+from .timesteps import SPACINGS, GridSpec, TimeGrid, build_grid
+
+__all__ = [
+    "Clip", "ContinuousVPSchedule", "DiscreteVPSchedule", "DynamicThreshold", "FlowSchedule", "GridSpec",
+    "NoiseSchedule", "Option", "PREDICTIONS", "PlanExecutor", "SPACINGS", "Solver", "SolverPlan", "StepInfo",
+    "TimeGrid", "VESchedule", "build_grid", "cfg_combine", "get_solver", "list_solvers", "make_plan",
+    "make_schedule", "register_solver", "sample", "solver_class",
+]

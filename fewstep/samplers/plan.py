@@ -1,0 +1,239 @@
+"""Solver plans (per-step coefficient tables) and the one executor that runs them.
+
+A solver turns a :class:`~fewstep.samplers.timesteps.TimeGrid` into a
+:class:`SolverPlan` once, in float64. Every step of every solver is then the same
+four linear stages over a fixed set of registers:
+
+    convert     x0 = c_x x + c_out out;  D = x0 (data space) or e_x x + e_0 x0 (noise space)
+                D is pushed into the history D_0 (newest), D_1, ..., D_{H-1}
+    correct     x = a x_prev + sum_j b_j D_j                 (UniC-style correctors)
+    compensate  D_0 = sum_j w_j D_j                          (DC-Solver's dynamic compensation)
+    predict     x_next = a x + sum_j b_j D_j (+ bias)         (the multistep predictor)
+
+Coefficients are scalars or elementwise tensors (trailing dims broadcast against the
+sample, as DPM-Solver-v3 needs). A step never reads a tensor value on the host: which
+terms are non-zero is decided once, from the float64 table, when the plan is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from ..kernels import linear_combination
+from .timesteps import TimeGrid
+
+__all__ = ["SolverPlan", "PlanExecutor", "SPACES"]
+
+SPACES = ("data", "noise")
+
+
+@dataclass
+class SolverPlan:
+    """Float64 coefficient tables of one solver on one grid.
+
+    Attributes:
+        grid: The grid the plan was built for.
+        space: ``"data"`` (histories hold x0) or ``"noise"`` (they hold eps).
+        history: Number of stored model outputs H.
+        x0_coef: [n, 2] (c_x, c_out) converting the raw output to x0.
+        predict: [n, 1 + H, *S] coefficients over (x, D_0, ..., D_{H-1}).
+        correct: [n, 1 + H, *S] over (x_prev, D_0, ...); an all-zero row means no correction.
+        compensate: [n, H, *S] over (D_0, ...) giving the new D_0; None means never.
+        predict_bias: [n, *S] additive term of the predictor, or None.
+        orders: Predictor order used at each step (for inspection and tests).
+        info: Free-form per-plan metadata (e.g. corrector orders).
+    """
+
+    grid: TimeGrid
+    space: str
+    history: int
+    x0_coef: torch.Tensor
+    predict: torch.Tensor
+    correct: torch.Tensor | None = None
+    compensate: torch.Tensor | None = None
+    predict_bias: torch.Tensor | None = None
+    orders: list[int] = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n, h = self.grid.n, self.history
+        if self.space not in SPACES:
+            raise ValueError(f"space={self.space!r} is not one of {SPACES}")
+        _check_table("x0_coef", self.x0_coef, (n, 2))
+        _check_table("predict", self.predict, (n, 1 + h))
+        if self.correct is not None:
+            _check_table("correct", self.correct, (n, 1 + h))
+        if self.compensate is not None:
+            _check_table("compensate", self.compensate, (n, h))
+        if self.predict_bias is not None and (self.predict_bias.shape[0] != n or self.predict_bias.dtype != torch.float64):
+            raise ValueError(f"predict_bias must be float64 with {n} rows, got {tuple(self.predict_bias.shape)}")
+        for name in ("x0_coef", "predict", "correct", "compensate", "predict_bias"):
+            table = getattr(self, name)
+            if table is not None and not bool(torch.isfinite(table).all()):
+                step = int(torch.nonzero(~torch.isfinite(table.reshape(n, -1)).all(1))[0])
+                raise FloatingPointError(f"solver plan has a non-finite {name} coefficient at step {step}")
+
+    @property
+    def n(self) -> int:
+        """Number of steps."""
+        return self.grid.n
+
+    @property
+    def coefficient_shape(self) -> tuple[int, ...]:
+        """Trailing shape of elementwise coefficients (``()`` for scalar solvers)."""
+        return tuple(self.predict.shape[2:])
+
+    def correct_steps(self) -> list[int]:
+        """Indices of the steps whose incoming sample is corrected."""
+        if self.correct is None:
+            return []
+        return [i for i in range(self.n) if bool(self.correct[i].ne(0).any())]
+
+
+def _check_table(name: str, table: torch.Tensor, lead: tuple[int, ...]) -> None:
+    if table.dtype != torch.float64:
+        raise ValueError(f"{name} must be float64 (coefficients are computed in double precision)")
+    if tuple(table.shape[: len(lead)]) != lead:
+        raise ValueError(f"{name} must have leading shape {lead}, got {tuple(table.shape)}")
+
+
+def _active(row: torch.Tensor) -> tuple[int, ...]:
+    """Indices of the non-zero terms of one table row (decided on the host, once)."""
+    return tuple(int(k) for k in range(row.shape[0]) if bool(row[k].ne(0).any()))
+
+
+@dataclass
+class _Stage:
+    terms: tuple[int, ...]
+    coefs: list[torch.Tensor]
+
+
+class PlanExecutor:
+    """Runs a :class:`SolverPlan` step by step on tensors of one device and dtype.
+
+    Args:
+        plan: The plan.
+        device: Device of the sample.
+        dtype: Compute dtype (float32 for half-precision samples, float64 kept as is).
+        transform: Optional x0 transform (thresholding/clipping) applied after conversion.
+        check_finite: Record, without host syncs, whether each model output was finite;
+            :meth:`raise_if_nonfinite` reports the first bad step.
+    """
+
+    def __init__(
+        self,
+        plan: SolverPlan,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        check_finite: bool = True,
+    ):
+        self.plan = plan
+        self.device, self.dtype = torch.device(device), dtype
+        self.transform = transform
+        self.check_finite = check_finite
+        n = plan.n
+
+        def on_device(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device=self.device, dtype=dtype)
+
+        x0 = on_device(plan.x0_coef)
+        self._x0 = [(x0[i, 0], x0[i, 1]) for i in range(n)]
+        if plan.space == "noise":
+            # eps = (x - alpha x0) / sigma at the evaluated points.
+            g = plan.grid
+            e = torch.stack([1 / g.sigma[:n], -g.alpha[:n] / g.sigma[:n]], 1)
+            e = on_device(e)
+            self._eps = [(e[i, 0], e[i, 1]) for i in range(n)]
+        self._predict = self._stages(plan.predict, on_device(plan.predict))
+        self._correct = self._stages(plan.correct, on_device(plan.correct), skip_if_zero=True)
+        self._compensate = self._stages(plan.compensate, on_device(plan.compensate), skip_identity=True)
+        bias = on_device(plan.predict_bias)
+        self._bias = [None] * n if bias is None else [bias[i] for i in range(n)]
+        self.finite = torch.ones(n, dtype=torch.bool, device=self.device)
+        self.reset()
+
+    @staticmethod
+    def _stages(table64, table, skip_if_zero=False, skip_identity=False) -> list[_Stage | None]:
+        if table is None:
+            return []
+        stages: list[_Stage | None] = []
+        for i in range(table64.shape[0]):
+            terms = _active(table64[i])
+            identity = skip_identity and terms == (0,) and bool(table64[i, 0].eq(1).all())
+            if (skip_if_zero and not terms) or identity:
+                stages.append(None)
+            else:
+                stages.append(_Stage(terms, [table[i, k] for k in terms]))
+        return stages
+
+    def reset(self) -> None:
+        """Forget the history so the plan can run again from step 0."""
+        self.history: list[torch.Tensor | None] = [None] * self.plan.history
+        self.x_prev: torch.Tensor | None = None
+        self.next_step = 0
+        self.finite.fill_(True)
+
+    @staticmethod
+    def _apply(stage: _Stage, registers: Sequence[torch.Tensor | None], bias=None) -> torch.Tensor:
+        tensors = [registers[k] for k in stage.terms]
+        if any(t is None for t in tensors):
+            raise RuntimeError("solver plan reads a history entry that was never written (bad plan)")
+        return linear_combination(stage.coefs, tensors, bias)
+
+    def step(self, i: int, x: torch.Tensor, model_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Advance from grid point ``i`` to ``i + 1``.
+
+        Args:
+            i: Step index; steps must be taken in order 0, 1, ..., n - 1.
+            x: The sample the model was evaluated at.
+            model_output: The raw model output at (x, t_i).
+
+        Returns:
+            (x_next, x0): the next sample (in ``x``'s dtype) and the data prediction at step i.
+        """
+        if i != self.next_step:
+            raise RuntimeError(f"steps must be taken in order: expected step {self.next_step}, got {i}")
+        if model_output.shape != x.shape:
+            raise ValueError(
+                f"model output shape {tuple(model_output.shape)} does not match sample shape {tuple(x.shape)}"
+            )
+        out_dtype = x.dtype
+        x = x.to(self.dtype)
+        out = model_output.to(self.dtype)
+        if self.check_finite:
+            self.finite[i] = torch.isfinite(out).all()
+
+        cx, co = self._x0[i]
+        x0 = linear_combination((cx, co), (x, out))
+        if self.transform is not None:
+            x0 = self.transform(x0)
+        if self.plan.space == "noise":
+            ex, e0 = self._eps[i]
+            d = linear_combination((ex, e0), (x, x0))
+        else:
+            d = x0
+        if self.history:
+            self.history.insert(0, d)
+            self.history.pop()
+
+        if self._correct and self._correct[i] is not None:
+            x = self._apply(self._correct[i], [self.x_prev, *self.history])
+        if self._compensate and self._compensate[i] is not None:
+            self.history[0] = self._apply(self._compensate[i], self.history)
+        x_next = self._apply(self._predict[i], [x, *self.history], self._bias[i])
+
+        self.x_prev = x
+        self.next_step = i + 1
+        return x_next.to(out_dtype), x0
+
+    def raise_if_nonfinite(self) -> None:
+        """One host sync: raise FloatingPointError naming the first non-finite model output."""
+        if not self.check_finite or bool(self.finite[: self.next_step].all()):
+            return
+        i = int(torch.nonzero(~self.finite)[0])
+        t = self.plan.grid.model_timesteps[i].item()
+        raise FloatingPointError(f"the model output at step {i} (timestep {t:g}) contains NaN or Inf")

@@ -1,0 +1,174 @@
+"""The functional sampling loop: ``fewstep.sample(model, x_T, ...)``, no diffusers needed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .plan import PlanExecutor, SolverPlan
+from .prediction import Clip, DynamicThreshold, cfg_combine, check_prediction
+from .registry import get_solver
+from .schedules import NoiseSchedule, make_schedule
+from .solvers.base import Solver
+from .timesteps import GridSpec, TimeGrid, build_grid
+
+__all__ = ["sample", "make_plan", "StepInfo", "compute_dtype"]
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What a callback sees after each step."""
+
+    i: int
+    t: float
+    sigma: float
+    x: torch.Tensor
+    denoised: torch.Tensor
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Solver arithmetic runs in float32, or float64 when the sample is float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _grid_spec(spacing: "str | GridSpec | None", solver: Solver, **overrides: Any) -> GridSpec:
+    if isinstance(spacing, GridSpec):
+        spec = spacing
+    else:
+        spec = GridSpec(spacing=spacing or "linspace", convention=solver.diffusers_convention)
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    return spec.replace(**changes) if changes else spec
+
+
+def make_plan(
+    schedule: "str | NoiseSchedule" = "linear",
+    solver: "str | Solver" = "unipc",
+    nfe: int | None = 10,
+    prediction: str = "epsilon",
+    spacing: "str | GridSpec | None" = None,
+    **solver_options: Any,
+) -> SolverPlan:
+    """Build the coefficient plan of ``solver`` for ``nfe`` evaluations (inspect it, or reuse it)."""
+    schedule = make_schedule(schedule)
+    solver = get_solver(solver, **solver_options)
+    prediction = check_prediction(prediction, schedule)
+    grid = build_grid(schedule, nfe, _grid_spec(spacing, solver))
+    return solver.plan(grid, prediction)
+
+
+def sample(
+    model: Callable[..., torch.Tensor],
+    x_T: torch.Tensor,
+    *,
+    schedule: "str | NoiseSchedule" = "linear",
+    solver: "str | Solver" = "unipc",
+    nfe: int | None = 10,
+    prediction: str = "epsilon",
+    spacing: "str | GridSpec | None" = None,
+    final_sigma: str | None = None,
+    timesteps: Sequence[float] | None = None,
+    sigmas: Sequence[float] | None = None,
+    shift: float | None = None,
+    mu: float | None = None,
+    guidance: float | None = None,
+    cond: Any = None,
+    uncond: Any = None,
+    thresholding: "DynamicThreshold | Clip | None" = None,
+    callback: Callable[[StepInfo], None] | None = None,
+    check_finite: bool = True,
+    progress: bool = False,
+    plan: SolverPlan | None = None,
+    **solver_options: Any,
+) -> torch.Tensor:
+    """Solve the diffusion ODE from ``x_T`` with ``nfe`` model evaluations.
+
+    Args:
+        model: ``model(x, t)`` (or ``model(x, t, cond)`` when ``cond`` is given) returning
+            the raw network output; ``t`` is a 1-D tensor of model timesteps, one per sample.
+        x_T: Initial noise, already scaled for the schedule (standard normal for VP and flow,
+            ``sigma_max * N(0, I)`` for VE).
+        schedule: A :class:`NoiseSchedule` or a name accepted by :func:`make_schedule`.
+        solver: A registered solver name (see :func:`list_solvers`) or a solver instance.
+        nfe: Number of model evaluations (each CFG step counts once).
+        prediction: ``epsilon``, ``sample``, ``v_prediction`` or ``flow``.
+        spacing: A spacing name (see :data:`SPACINGS`) or a full :class:`GridSpec`.
+        final_sigma: ``"zero"`` (default) or ``"min"``; overrides the GridSpec.
+        timesteps: Explicit model timesteps (overrides ``spacing``).
+        sigmas: Explicit diffusers sigmas (overrides ``spacing``).
+        shift: Static flow shift. mu: dynamic (resolution) flow shift.
+        guidance: Classifier-free guidance scale; the model is called once per step on a
+            doubled batch ``(x, x)`` with conditioning ``(uncond, cond)`` concatenated on dim 0.
+        cond, uncond: Conditioning tensors for the model (``uncond`` only with guidance).
+        thresholding: Optional :class:`DynamicThreshold` or :class:`Clip` applied to x0.
+        callback: Called with a :class:`StepInfo` after every step.
+        check_finite: Raise FloatingPointError naming the first step whose model output
+            was NaN/Inf (checked once, at the end, without per-step host syncs).
+        progress: Show a tqdm progress bar.
+        plan: A prebuilt plan (from :func:`make_plan`); skips grid/solver construction.
+        **solver_options: Options of the chosen solver (e.g. ``order=3``, ``variant="bh1"``).
+
+    Returns:
+        The sample at the terminal point, in ``x_T``'s dtype.
+
+    Raises:
+        ValueError: unknown solver/option/prediction/spacing, bad nfe, shape mismatches.
+        FloatingPointError: non-finite model output.
+    """
+    if not isinstance(x_T, torch.Tensor) or not x_T.is_floating_point():
+        raise ValueError("x_T must be a floating-point tensor")
+    if guidance is not None and (cond is None or uncond is None):
+        raise ValueError("guidance needs both cond and uncond (the unconditional conditioning)")
+    if uncond is not None and guidance is None:
+        raise ValueError("uncond is only used with guidance; pass guidance=<scale>")
+    if plan is None:
+        schedule = make_schedule(schedule)
+        solver_obj = get_solver(solver, **solver_options)
+        prediction = check_prediction(prediction, schedule)
+        spec = _grid_spec(spacing, solver_obj, final_sigma=final_sigma, timesteps=timesteps, sigmas=sigmas,
+                          shift=shift, mu=mu)
+        plan = solver_obj.plan(build_grid(schedule, nfe, spec), prediction)
+    elif solver_options:
+        raise ValueError(f"solver options {sorted(solver_options)} cannot be combined with a prebuilt plan")
+
+    grid: TimeGrid = plan.grid
+    device = x_T.device
+    runner = PlanExecutor(plan, device, compute_dtype(x_T.dtype), thresholding, check_finite)
+    batch = x_T.shape[0]
+    # Model timesteps for the whole run, moved to the device once.
+    ts = grid.model_timesteps.to(device=device, dtype=torch.float32)
+    if guidance is not None:
+        if _batch_of(cond) != batch or _batch_of(uncond) != batch:
+            raise ValueError(f"cond/uncond batch sizes must equal the sample batch {batch}")
+        cond2 = _cat(uncond, cond)
+
+    x = x_T
+    steps = range(grid.n)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc="sampling", leave=False)
+    for i in steps:
+        t = ts[i].expand(batch)
+        if guidance is None:
+            out = model(x, t) if cond is None else model(x, t, cond)
+        else:
+            both = model(torch.cat([x, x]), t.repeat(2), cond2)
+            out_u, out_c = both.chunk(2)
+            out = cfg_combine(out_u, out_c, guidance)
+        x, denoised = runner.step(i, x, out)
+        if callback is not None:
+            callback(StepInfo(i, float(grid.model_timesteps[i]), float(grid.sigma[i]), x, denoised))
+    runner.raise_if_nonfinite()
+    return x
+
+
+def _batch_of(c: Any) -> int:
+    return c.shape[0] if isinstance(c, torch.Tensor) else len(c)
+
+
+def _cat(a: Any, b: Any) -> Any:
+    if isinstance(a, torch.Tensor):
+        return torch.cat([a, b])
+    return list(a) + list(b)

@@ -1,0 +1,421 @@
+"""The one diffusers adapter: any registered solver as a drop-in diffusers scheduler.
+
+    pipe.scheduler = fewstep.UniPCScheduler.from_config(pipe.scheduler.config)
+
+``FewstepScheduler`` picks its solver from the config; the named subclasses
+(``DDIMSolverScheduler``, ``DPMSolverPPScheduler``, ``UniPCScheduler``) only fix the
+default. Schedule, grid and prediction come from the pipeline's own scheduler config:
+VP configs (betas) and flow-matching configs (FlowMatchEulerDiscreteScheduler's
+``shift``/dynamic shifting, or UniPC/DPM ``use_flow_sigmas`` + ``flow_shift``) are
+both understood. The solver's coefficient table is built once in ``set_timesteps``;
+``step`` is the shared :class:`~fewstep.samplers.plan.PlanExecutor`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import BaseOutput
+
+from .plan import PlanExecutor, SolverPlan
+from .prediction import Clip, DynamicThreshold, check_prediction
+from .registry import get_solver, solver_class
+from .sampling import compute_dtype
+from .schedules import DiscreteVPSchedule, FlowSchedule, NoiseSchedule
+from .timesteps import SPACINGS, GridSpec, TimeGrid, build_grid
+
+__all__ = [
+    "FewstepScheduler",
+    "FewstepSchedulerOutput",
+    "DDIMSolverScheduler",
+    "DPMSolverPPScheduler",
+    "UniPCScheduler",
+]
+
+# diffusers' names for solver options, accepted as keyword arguments of from_config.
+_OPTION_ALIASES = {"solver_order": "order", "solver_type": "variant"}
+
+
+@dataclass
+class FewstepSchedulerOutput(BaseOutput):
+    """Output of :meth:`FewstepScheduler.step`.
+
+    Attributes:
+        prev_sample: The sample at the next (less noisy) timestep.
+        pred_original_sample: The data prediction x0 at the current timestep.
+    """
+
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor | None = None
+
+
+class FewstepScheduler(SchedulerMixin, ConfigMixin):
+    """A diffusers scheduler running any fewstep solver.
+
+    Args:
+        solver: Registered solver name (default: the class's solver).
+        solver_options: Options of that solver, e.g. ``{"order": 3, "variant": "bh1"}``.
+        num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+            rescale_betas_zero_snr: The VP noise schedule, as in diffusers.
+        prediction_type: ``epsilon``, ``sample``, ``v_prediction`` or ``flow_prediction``
+            (the latter selects the flow-matching schedule alpha = 1 - sigma).
+        timestep_spacing: diffusers' ``linspace``/``leading``/``trailing`` or fewstep's
+            ``logsnr``/``time_uniform``/``time_quadratic``/``karras``.
+        steps_offset: Offset of ``leading`` timesteps.
+        final_sigmas_type: ``"zero"`` (end on clean data) or ``"sigma_min"``.
+        thresholding, dynamic_thresholding_ratio, sample_max_value: Imagen dynamic thresholding of x0.
+        clip_sample, clip_sample_range: Clamp x0 (DDPM-style pixel models).
+        shift, use_dynamic_shifting, base_shift, max_shift, base_image_seq_len,
+            max_image_seq_len, time_shift_type, shift_terminal: Flow-matching grid shifts,
+            as in FlowMatchEulerDiscreteScheduler.
+    """
+
+    _compatibles: ClassVar[list[str]] = []
+    order = 1
+    default_solver: ClassVar[str] = "unipc"
+
+    @register_to_config
+    def __init__(
+        self,
+        solver: str | None = None,
+        solver_options: dict[str, Any] | None = None,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: list[float] | np.ndarray | None = None,
+        rescale_betas_zero_snr: bool = False,
+        prediction_type: str = "epsilon",
+        timestep_spacing: str = "linspace",
+        steps_offset: int = 0,
+        final_sigmas_type: str = "zero",
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
+        clip_sample: bool = False,
+        clip_sample_range: float = 1.0,
+        shift: float = 1.0,
+        use_dynamic_shifting: bool = False,
+        base_shift: float = 0.5,
+        max_shift: float = 1.15,
+        base_image_seq_len: int = 256,
+        max_image_seq_len: int = 4096,
+        time_shift_type: str = "exponential",
+        shift_terminal: float | None = None,
+    ):
+        name = solver or self.default_solver
+        if type(self) is not FewstepScheduler and name != self.default_solver:
+            raise ValueError(
+                f"{type(self).__name__} runs solver {self.default_solver!r}, not {name!r}; "
+                f"use FewstepScheduler(solver={name!r})"
+            )
+        self.solver = get_solver(name, **(solver_options or {}))
+        # Record the resolved solver and its full option set, so saved configs are explicit.
+        self.register_to_config(solver=name, solver_options=_jsonable(self.solver.config))
+        if timestep_spacing not in SPACINGS:
+            raise ValueError(f"timestep_spacing={timestep_spacing!r} is not one of {SPACINGS}")
+        if final_sigmas_type not in ("zero", "sigma_min"):
+            raise ValueError(f"final_sigmas_type={final_sigmas_type!r} is not 'zero' or 'sigma_min'")
+
+        self.schedule: NoiseSchedule
+        if prediction_type in ("flow", "flow_prediction"):
+            self.schedule = FlowSchedule(num_train_timesteps)
+        else:
+            self.schedule = DiscreteVPSchedule.from_betas(
+                num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr
+            )
+            self.alphas_cumprod = self.schedule.alphas_cumprod.float()
+        self.prediction = check_prediction(prediction_type, self.schedule)
+        if thresholding:
+            self.transform = DynamicThreshold(dynamic_thresholding_ratio, sample_max_value)
+        elif clip_sample:
+            self.transform = Clip(clip_sample_range)
+        else:
+            self.transform = None
+        # A plain attribute, not config: callers may switch the end-of-run NaN check off.
+        self.check_finite = True
+        self.init_noise_sigma = 1.0
+        self.num_inference_steps: int | None = None
+        self.grid: TimeGrid | None = None
+        self.plan: SolverPlan | None = None
+        self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1, dtype=torch.int64)
+        self.sigmas: torch.Tensor | None = None
+        self._step_index: int | None = None
+        self._begin_index: int | None = None
+        self._executor: PlanExecutor | None = None
+
+    # ------------------------------------------------------------------ config translation
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
+        """Build from any diffusers scheduler config (VP or flow), routing solver options.
+
+        Keys of other schedulers that describe the noise schedule and grid are translated
+        (``flow_shift``/``use_flow_sigmas``/``use_karras_sigmas``/``use_lu_lambdas``);
+        their solver-specific keys are dropped. Keyword arguments that are options of
+        this scheduler's solver (``order=3``, or diffusers' ``solver_order=3``) go into
+        ``solver_options``; any other unknown keyword raises ValueError.
+        """
+        config = dict(config or {})
+        kwargs = dict(kwargs)
+        config = _translate_config(cls, config)
+        init_keys = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        solver_name = kwargs.get("solver") or config.get("solver") or cls.default_solver
+        option_names = set(solver_class(solver_name).options)
+        routed = {}
+        for key in list(kwargs):
+            if key in init_keys or key.startswith("_"):
+                continue
+            name = _OPTION_ALIASES.get(key, key)
+            if name in option_names:
+                routed[name] = kwargs.pop(key)
+            else:
+                raise ValueError(
+                    f"unknown keyword {key!r} for {cls.__name__}; scheduler keys: {', '.join(sorted(init_keys))}; "
+                    f"options of solver {solver_name!r}: {', '.join(sorted(option_names)) or 'none'}"
+                )
+        if routed:
+            kwargs["solver_options"] = {**(config.get("solver_options") or {}), **(kwargs.get("solver_options") or {}),
+                                        **routed}
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    # ------------------------------------------------------------------ diffusers API
+    @property
+    def step_index(self) -> int | None:
+        """Index of the next step to take (None before the first step)."""
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        """First step index, set by img2img pipelines through :meth:`set_begin_index`."""
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start the next run at step ``begin_index`` (img2img / inpainting strength)."""
+        self._begin_index = begin_index
+
+    def scale_model_input(self, sample: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """VP and flow models take the sample unscaled."""
+        return sample
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        sigmas: list[float] | np.ndarray | None = None,
+        mu: float | None = None,
+        timesteps: list[float] | np.ndarray | None = None,
+    ) -> None:
+        """Place the timesteps and build the solver's coefficient table.
+
+        Args:
+            num_inference_steps: Number of model evaluations.
+            device: Where ``self.timesteps`` lives.
+            sigmas: Custom diffusers sigmas (flow sigmas are shifted, as FlowMatchEuler does).
+            mu: Dynamic shift, required when ``use_dynamic_shifting`` (Flux / SD3).
+            timesteps: Custom model timesteps.
+
+        Raises:
+            ValueError: conflicting or missing arguments, or an invalid grid.
+        """
+        cfg = self.config
+        if sigmas is not None and timesteps is not None:
+            raise ValueError("pass either sigmas or timesteps, not both")
+        is_flow = isinstance(self.schedule, FlowSchedule)
+        if is_flow and cfg.use_dynamic_shifting and mu is None:
+            raise ValueError("mu must be passed to set_timesteps when use_dynamic_shifting=True")
+        if num_inference_steps is None and sigmas is None and timesteps is None:
+            raise ValueError("set_timesteps needs num_inference_steps, sigmas or timesteps")
+        spec = GridSpec(
+            spacing=cfg.timestep_spacing,
+            final_sigma="zero" if cfg.final_sigmas_type == "zero" else "min",
+            steps_offset=cfg.steps_offset,
+            shift=cfg.shift if is_flow else 1.0,
+            mu=mu if (is_flow and cfg.use_dynamic_shifting) else None,
+            time_shift_type=cfg.time_shift_type,
+            shift_terminal=cfg.shift_terminal if is_flow else None,
+            timesteps=None if timesteps is None else tuple(np.asarray(timesteps, dtype=np.float64).ravel()),
+            sigmas=None if sigmas is None else tuple(np.asarray(sigmas, dtype=np.float64).ravel()),
+            convention=self.solver.diffusers_convention,
+        )
+        self.grid = build_grid(self.schedule, num_inference_steps, spec)
+        self.plan = self.solver.plan(self.grid, self.prediction)
+        ts = self.grid.model_timesteps
+        self.timesteps = (ts.round().long() if self.grid.integer_timesteps else ts.float()).to(device)
+        self.sigmas = self.grid.diffusers_sigmas().float()
+        self.num_inference_steps = self.grid.n
+        self._step_index = None
+        self._begin_index = None
+        self._executor = None
+
+    def index_for_timestep(self, timestep: float | torch.Tensor, schedule_timesteps: torch.Tensor | None = None) -> int:
+        """Position of ``timestep`` in the schedule.
+
+        Raises:
+            ValueError: if the timestep is not one of the scheduled timesteps.
+        """
+        schedule_timesteps = self.timesteps if schedule_timesteps is None else schedule_timesteps
+        if isinstance(timestep, torch.Tensor):
+            timestep = timestep.to(schedule_timesteps.device)
+        hits = torch.nonzero(torch.isclose(schedule_timesteps.double(), torch.as_tensor(timestep).double()
+                                           .to(schedule_timesteps.device), rtol=0, atol=1e-4))
+        if len(hits) == 0:
+            raise ValueError(f"timestep {float(timestep):g} is not one of the {len(schedule_timesteps)} scheduled timesteps")
+        return int(hits[0])
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: float | torch.Tensor,
+        sample: torch.Tensor,
+        return_dict: bool = True,
+    ) -> FewstepSchedulerOutput | tuple:
+        """Advance ``sample`` one step with the solver.
+
+        Args:
+            model_output: Raw network output at (sample, timestep).
+            timestep: The current timestep (used to find the position on the first call).
+            sample: The current sample.
+            return_dict: Return a :class:`FewstepSchedulerOutput` rather than a tuple.
+
+        Raises:
+            ValueError: before set_timesteps, after the last step, or on shape mismatch.
+            FloatingPointError: after the last step, if any model output was NaN/Inf.
+        """
+        if self.grid is None:
+            raise ValueError("call set_timesteps before step")
+        if self._step_index is None:
+            self._step_index = self._begin_index if self._begin_index is not None else self.index_for_timestep(timestep)
+        i = self._step_index
+        if i >= self.grid.n:
+            raise ValueError(f"all {self.grid.n} steps have been taken; call set_timesteps again")
+        ex = self._executor
+        if ex is None or ex.device != sample.device or ex.dtype != compute_dtype(sample.dtype):
+            if ex is not None and ex.next_step != 0:
+                raise ValueError("the sample moved device or dtype in the middle of a run")
+            ex = self._executor = self._make_executor(i, sample)
+        prev_sample, x0 = ex.step(i - self._run_start, sample, model_output)
+        self._step_index = i + 1
+        if self._step_index == self.grid.n:
+            ex.raise_if_nonfinite()
+        if not return_dict:
+            return (prev_sample, x0.to(sample.dtype))
+        return FewstepSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0.to(sample.dtype))
+
+    def _make_executor(self, start: int, sample: torch.Tensor) -> PlanExecutor:
+        # A run that starts part-way (img2img) has no history: rebuild the plan from there
+        # so the warm-up orders restart, as diffusers' multistep schedulers do.
+        plan = self.plan if start == 0 else self.solver.plan(self.grid.subgrid(start), self.prediction)
+        self._run_start = start
+        return PlanExecutor(plan, sample.device, compute_dtype(sample.dtype), self.transform, self.check_finite)
+
+    def _alpha_sigma_at(self, timesteps: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self.schedule.time_from_model(torch.as_tensor(timesteps).detach().cpu().double().reshape(-1))
+        self.schedule.check_time(t)
+        alpha, sigma = self.schedule.alpha_sigma(t)
+        shape = (-1,) + (1,) * (like.dim() - 1)
+        return (alpha.to(like.device, like.dtype).reshape(shape), sigma.to(like.device, like.dtype).reshape(shape))
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Forward process x_t = alpha_t x_0 + sigma_t noise at the given model timesteps."""
+        alpha, sigma = self._alpha_sigma_at(timesteps, original_samples)
+        return alpha * original_samples + sigma * noise
+
+    def scale_noise(self, sample: torch.Tensor, timestep: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Flow-matching pipelines' name for :meth:`add_noise` (argument order as in diffusers)."""
+        return self.add_noise(sample, noise, timestep)
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
+
+
+def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
+
+
+def _fewstep_class(name: str | None) -> type[FewstepScheduler] | None:
+    for cls in _all_subclasses(FewstepScheduler) | {FewstepScheduler}:
+        if cls.__name__ == name:
+            return cls
+    return None
+
+
+def _all_subclasses(cls: type) -> set[type]:
+    subs = set(cls.__subclasses__())
+    return subs.union(*(_all_subclasses(s) for s in subs))
+
+
+def _translate_config(cls: type[FewstepScheduler], config: dict[str, Any]) -> dict[str, Any]:
+    """Map another scheduler's config onto this class's keys."""
+    source_name = config.get("_class_name")
+    source = _fewstep_class(source_name)
+    out = dict(config)
+    if source is not None:
+        source_solver = config.get("solver") or source.default_solver
+        target_solver = cls.default_solver if cls is not FewstepScheduler else source_solver
+        if source_solver != target_solver:
+            # Switching solver: the old solver's options do not apply.
+            out.pop("solver_options", None)
+        out["solver"] = target_solver
+        return out
+    # A diffusers scheduler config: keep schedule/grid keys, translate the flow/sigma flags.
+    # Live configs carry no _class_name: a config with a shift but no betas is flow matching.
+    is_flow = (
+        (source_name or "").startswith("FlowMatch")
+        or bool(config.get("use_flow_sigmas"))
+        or config.get("prediction_type") == "flow_prediction"
+        or ("shift" in config and "beta_schedule" not in config and "trained_betas" not in config)
+    )
+    if is_flow:
+        out["prediction_type"] = "flow_prediction"
+        if "flow_shift" in config and "shift" not in config:
+            out["shift"] = config["flow_shift"]
+        if config.get("use_karras_sigmas"):
+            out["timestep_spacing"] = "karras"
+    else:
+        if config.get("use_karras_sigmas"):
+            out["timestep_spacing"] = "karras"
+        elif config.get("use_lu_lambdas") or config.get("use_exponential_sigmas"):
+            # Both space the grid uniformly in log-SNR.
+            out["timestep_spacing"] = "logsnr"
+    target = cls.default_solver if cls is not FewstepScheduler else (config.get("solver") or cls.default_solver)
+    if not is_flow and solver_class(target).diffusers_convention == "ddim":
+        # Reproduce DDIMScheduler: its default spacing is "leading", and set_alpha_to_one=False
+        # ends on alphas_cumprod[0] instead of clean data.
+        defaults = set(config.get("_use_default_values", ()))
+        if "timestep_spacing" not in config or "timestep_spacing" in defaults:
+            out["timestep_spacing"] = "leading"
+            out["_use_default_values"] = sorted(defaults - {"timestep_spacing"})
+        if config.get("set_alpha_to_one") is False and "set_alpha_to_one" not in defaults:
+            out["final_sigmas_type"] = "sigma_min"
+    if cls is not FewstepScheduler:
+        out.pop("solver", None)
+    # _use_default_values lets diffusers drop keys the source only had as defaults, as it does
+    # between its own schedulers (so both sides pick the same defaults).
+    keep = set(inspect.signature(FewstepScheduler.__init__).parameters) | {
+        "_class_name", "_diffusers_version", "_use_default_values"}
+    return {k: v for k, v in out.items() if k in keep}
+
+
+class DDIMSolverScheduler(FewstepScheduler):
+    """DDIM (eta = 0) as a drop-in scheduler; reproduces DDIMScheduler's timesteps."""
+
+    default_solver = "ddim"
+
+
+class DPMSolverPPScheduler(FewstepScheduler):
+    """Multistep DPM-Solver++ as a drop-in scheduler (options: order, variant, space, ...)."""
+
+    default_solver = "dpmpp"
+
+
+class UniPCScheduler(FewstepScheduler):
+    """UniPC as a drop-in scheduler (options: order, variant, corrector, disable_corrector, ...)."""
+
+    default_solver = "unipc"
+

@@ -1,0 +1,1 @@
+"""One module per solver family; importing :mod:`fewstep.samplers` registers them all."""

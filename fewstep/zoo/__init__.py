@@ -1,0 +1,1 @@
+"""Built-in offline models and data sets (the "zoo")."""
