@@ -7,12 +7,13 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):
-    # The diffusers adapter imports diffusers; load it only when asked for.
+    # The diffusers adapter imports diffusers (slow); load it only when asked for.
+    if name not in _SCHEDULERS:
+        raise AttributeError(f"module 'fewstep' has no attribute {name!r}")
     from .samplers import scheduler
 
-    if name in scheduler.__all__:
-        return getattr(scheduler, name)
-    raise AttributeError(f"module 'fewstep' has no attribute {name!r}")
+    return getattr(scheduler, name)
 
 
-__all__ = list(_samplers_all)
+_SCHEDULERS = ["FewstepScheduler", "DDIMSolverScheduler", "DPMSolverPPScheduler", "UniPCScheduler"]
+__all__ = list(_samplers_all) + _SCHEDULERS

@@ -82,6 +82,17 @@ def test_dpmpp_prediction_types_and_final_sigma(x_T, prediction, order, final):
     assert_same_trajectory(trajectory(ours, 12, x_T), trajectory(theirs, 12, x_T))
 
 
+@pytest.mark.parametrize("n", [8, 20])
+@pytest.mark.parametrize("lower_order_final,euler_at_final", [(False, False), (False, True), (True, True)])
+def test_dpmpp_final_order_rules(x_T, n, lower_order_final, euler_at_final):
+    cfg = {**SD_CONFIG, "final_sigmas_type": "sigma_min"}  # "zero" would force order 1 on both sides
+    ours, theirs = _pair(DPMSolverPPScheduler, DPMSolverMultistepScheduler, cfg,
+                         dict(order=3, lower_order_final=lower_order_final, euler_at_final=euler_at_final),
+                         dict(solver_order=3, lower_order_final=lower_order_final, euler_at_final=euler_at_final))
+    assert_same_trajectory(trajectory(ours, n, x_T), trajectory(theirs, n, x_T))
+    assert ours.plan.orders[-1] == (1 if euler_at_final or (lower_order_final and n < 15) else 3)
+
+
 @pytest.mark.parametrize("order", [1, 2, 3])
 @pytest.mark.parametrize("variant", ["midpoint", "heun"])
 def test_noise_space_dpmsolver_matches(x_T, order, variant):
