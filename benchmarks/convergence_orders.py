@@ -14,6 +14,7 @@ METHODS = [
     ("dpmpp", {"order": 2}),
     ("dpmpp", {"order": 2, "variant": "heun"}),
     ("dpmpp", {"order": 3}),
+    ("dpmpp", {"order": 3, "third_order": "taylor"}),
     ("unipc", {"order": 1}),
     ("unipc", {"order": 2}),
     ("unipc", {"order": 3}),

@@ -47,7 +47,7 @@ def test_cli_digits_end_to_end(tmp_path, capsys):
     assert results["floor"]["fd"] > 0 and results["reference"]["fd"] > 0
     for name in ("results.md", "quality_vs_nfe.png", "samples.png"):
         assert (out / name).stat().st_size > 0
-    assert (tmp_path / "cache").glob("digits-*.safetensors")
+    assert len(list((tmp_path / "cache").glob("digits-*.safetensors"))) == 1
 
 
 class CountingGMM(GMMTestbed):
@@ -141,3 +141,25 @@ def test_cli_solvers_lists_every_solver_with_options(capsys):
     assert unipc["order"] == {"default": 2, "allowed": "1..3", "doc": unipc["order"]["doc"]}
     assert main(["compare", "--solvers", "nope", "--no-progress"]) == 2
     assert "unknown solver 'nope'" in capsys.readouterr().err
+
+
+def test_pipeline_reference_cache_lives_in_cache_dir_and_tracks_weight_changes(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from fewstep.zoo.tiny import build_tiny_sd_pipeline
+
+    build_tiny_sd_pipeline(tmp_path / "sd")
+    args = ["compare", "--model", str(tmp_path / "sd"), "--solvers", "ddim", "--nfe", "2", "--num-samples", "2",
+            "--reference-nfe", "3", "--height", "32", "--width", "32", "--cache-dir", str(tmp_path / "cache"),
+            "--no-progress", "--no-plot"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert len(list((tmp_path / "cache").glob("sd-*.safetensors"))) == 1
+    assert not list(tmp_path.glob("sd-*.safetensors"))  # not next to the pipeline folder
+    # same-size edit of the weights: a new reference, not the stale one
+    weights = next((tmp_path / "sd" / "unet").glob("*.safetensors"))
+    state = load_file(weights)
+    name = next(iter(state))
+    state[name] = state[name] + 1
+    save_file(state, weights)
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    assert len(list((tmp_path / "cache").glob("sd-*.safetensors"))) == 2

@@ -59,3 +59,9 @@ def test_third_order_dpmpp_beats_second_order(study):
 def test_reference_is_converged(study):
     finer = study.mixture.ode_solution(study.x_T, *study.endpoints(), steps=2 * study.reference_steps)
     assert (finer - study.reference).abs().max().item() < 1e-9
+
+
+def test_taylor_third_order_dpmpp_is_third_order(study):
+    errs = study.errors("dpmpp", NFES, order=3, third_order="taylor", lower_order_final=False)
+    assert abs(fitted_order(NFES, errs) - 3) <= 0.3
+    assert np.all(errs < study.errors("dpmpp", NFES, order=3, lower_order_final=False))

@@ -150,7 +150,7 @@ def test_ddim_matches_ddimscheduler(x_T, spacing, set_alpha_to_one, prediction, 
     cfg = {**SD_CONFIG, "timestep_spacing": spacing, "set_alpha_to_one": set_alpha_to_one,
            "prediction_type": prediction}
     ours, theirs = _pair(DDIMSolverScheduler, DDIMScheduler, cfg, {}, {})
-    assert ours.config.final_sigmas_type == ("zero" if set_alpha_to_one else "sigma_min")
+    assert ours.config.set_alpha_to_one is set_alpha_to_one
     assert_same_trajectory(trajectory(ours, n, x_T), trajectory(theirs, n, x_T))
 
 
@@ -187,6 +187,29 @@ def test_unipc_flow_matches_unipc_use_flow_sigmas(x_T, order, variant):
                            trajectory(theirs, None, x_T, model, sigmas=sigmas), allow_nonfinite_final=variant == "bh1")
 
 
+@pytest.mark.parametrize("ours_cls,theirs_cls,options", [
+    (UniPCScheduler, UniPCMultistepScheduler, dict(order=2)),
+    (UniPCScheduler, UniPCMultistepScheduler, dict(order=3, variant="bh1")),
+    (DPMSolverPPScheduler, DPMSolverMultistepScheduler, dict(order=2)),
+    (DPMSolverPPScheduler, DPMSolverMultistepScheduler, dict(order=3, variant="heun")),
+], ids=["unipc2", "unipc3-bh1", "dpmpp2", "dpmpp3-heun"])
+@pytest.mark.parametrize("n", [5, 10])
+def test_wan_style_flow_configs_default_grid(x_T, ours_cls, theirs_cls, options, n):
+    """use_flow_sigmas + flow_shift configs (Wan): same default grid and trajectory as diffusers."""
+    kw = {"order": "solver_order", "variant": "solver_type"}
+    theirs = theirs_cls(use_flow_sigmas=True, flow_shift=5.0, prediction_type="flow_prediction",
+                        **{kw[k]: v for k, v in options.items()})
+    ours = ours_cls.from_config(theirs.config)
+    assert ours.solver.config == {**ours.solver.config, **options}  # solver_order/solver_type carried over
+
+    def model(x, t):  # diffusers truncates flow timesteps to integers; compare the solver arithmetic
+        return fake_model(x, torch.zeros_like(t))
+
+    a, b = trajectory(ours, n, x_T, model), trajectory(theirs, n, x_T, model)
+    torch.testing.assert_close(ours.sigmas.float(), theirs.sigmas.float())
+    assert_same_trajectory(a, b, allow_nonfinite_final=options.get("variant") == "bh1")
+
+
 def test_functional_api_equals_scheduler_path(x_T):
     sched = UniPCScheduler.from_config(SD_CONFIG, order=3)
     via_scheduler = trajectory(sched, 7, x_T)[-1]
@@ -203,15 +226,81 @@ def test_functional_api_equals_scheduler_path(x_T):
 ])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "flow_prediction"])
 def test_final_step_to_sigma_zero_is_finite(x_T, solver, options, prediction_type):
-    sched = FewstepScheduler.from_config({**SD_CONFIG, "prediction_type": prediction_type}, solver=solver,
-                                         solver_options=options)
-    if options.get("space") == "noise" and prediction_type == "flow_prediction":
-        # Flow grids start at sigma = 1 where alpha = 0: eps-space updates are undefined there.
-        with pytest.raises(ValueError, match="alpha = 0"):
-            sched.set_timesteps(6)
-        return
+    # (SD's set_alpha_to_one=False would make DDIM end on alphas_cumprod[0], as DDIMScheduler does)
+    cfg = {**SD_CONFIG, "prediction_type": prediction_type, "set_alpha_to_one": True}
+    sched = FewstepScheduler.from_config(cfg, solver=solver, solver_options=options)
     xs = trajectory(sched, 6, x_T)
     assert float(sched.sigmas[-1]) == 0.0
     assert torch.isfinite(xs[-1]).all()
     # The step into sigma = 0 returns the data prediction at the last evaluated point.
     assert sched.plan.orders[-1] == 1
+
+
+@pytest.mark.parametrize("ours_cls,theirs_cls,options", [
+    (DPMSolverPPScheduler, DPMSolverMultistepScheduler, {"order": 3}),
+    (UniPCScheduler, UniPCMultistepScheduler, {"order": 3}),
+], ids=["dpmpp3", "unipc3"])
+@pytest.mark.parametrize("n,begin", [(10, 4), (20, 10), (30, 20)])
+@pytest.mark.parametrize("final", ["zero", "sigma_min"])
+def test_img2img_begin_index_matches_diffusers(x_T, ours_cls, theirs_cls, options, n, begin, final):
+    cfg = {**SD_CONFIG, "final_sigmas_type": final}
+    kw = {"order": "solver_order"}
+    ours, theirs = _pair(ours_cls, theirs_cls, cfg, options, {kw[k]: v for k, v in options.items()})
+    outs = []
+    for s in (ours, theirs):
+        s.set_timesteps(n)
+        s.sigmas = s.sigmas.double()
+        s.set_begin_index(begin)
+        x = x_T.clone()
+        for t in s.timesteps[begin:]:
+            x = s.step(fake_model(x, t.expand(x.shape[0])), t, x).prev_sample
+        outs.append(x)
+    assert ((outs[0] - outs[1]).norm() / outs[1].norm()).item() <= RTOL
+
+
+@pytest.mark.parametrize("cfg_extra", [
+    {"clip_sample": True, "clip_sample_range": 1.0},
+    {"clip_sample": True, "clip_sample_range": 0.7, "prediction_type": "v_prediction"},
+    {"thresholding": True, "dynamic_thresholding_ratio": 0.9, "sample_max_value": 1.5},
+])
+def test_ddim_with_clipping_or_thresholding_matches(x_T, cfg_extra):
+    # DDIMScheduler clips x0 but keeps the raw model eps in its update; so does fewstep's DDIM.
+    cfg = {**SD_CONFIG, "timestep_spacing": "trailing", "set_alpha_to_one": True, **cfg_extra}
+    ours, theirs = _pair(DDIMSolverScheduler, DDIMScheduler, cfg, {}, {})
+    assert_same_trajectory(trajectory(ours, 10, 3 * x_T), trajectory(theirs, 10, 3 * x_T))
+
+
+def test_config_chains_behave_like_diffusers():
+    # SD -> DDIM -> UniPC: DDIM-only choices (leading, set_alpha_to_one=False) must not leak.
+    ours = UniPCScheduler.from_config(DDIMSolverScheduler.from_config(SD_CONFIG).config)
+    theirs = UniPCMultistepScheduler.from_config(DDIMScheduler.from_config(SD_CONFIG).config)
+    ours.set_timesteps(8)
+    theirs.set_timesteps(8)
+    assert torch.equal(ours.timesteps, theirs.timesteps) and float(ours.sigmas[-1]) == 0.0
+    # the generic class picks up the DDIM defaults from the solver, like the named class
+    a, b = FewstepScheduler.from_config(SD_CONFIG, solver="ddim"), DDIMSolverScheduler.from_config(SD_CONFIG)
+    a.set_timesteps(8)
+    b.set_timesteps(8)
+    assert torch.equal(a.timesteps, b.timesteps) and torch.equal(a.sigmas, b.sigmas)
+    # switching solver on a fewstep config drops the old solver's options
+    c = FewstepScheduler.from_config(UniPCScheduler.from_config(SD_CONFIG, order=3).config, solver="dpmpp")
+    assert c.solver.name == "dpmpp" and c.solver.config["order"] == 2
+
+
+@pytest.mark.parametrize("solver,options", [("dpmpp", {"order": 3}), ("dpmpp", {"order": 3, "lower_order_final": False}),
+                                            ("unipc", {"order": 3, "lower_order_final": False})])
+def test_zero_length_last_step_is_the_identity(x_T, solver, options):
+    # explicit timesteps ending at 0 with final_sigma "min": the last step has h = 0
+    ts = list(range(950, -1, -50))
+    sched = FewstepScheduler.from_config({**SD_CONFIG, "final_sigmas_type": "sigma_min"}, solver=solver,
+                                         solver_options=options)
+    sched.set_timesteps(timesteps=ts)
+    assert sched.plan.orders[-1] == 1
+    xs = trajectory(sched, None, x_T, timesteps=ts)
+    assert torch.isfinite(xs[-1]).all()
+    if solver == "dpmpp":
+        theirs = DPMSolverMultistepScheduler.from_config({**SD_CONFIG, "final_sigmas_type": "sigma_min"},
+                                                         solver_order=3, **{k: v for k, v in options.items() if k != "order"})
+        # diffusers divides by h = 0 there (NaN in float64); every earlier step must agree
+        assert_same_trajectory(xs, trajectory(theirs, None, x_T, timesteps=ts), allow_nonfinite_final=True)
+        torch.testing.assert_close(xs[-1], xs[-2])

@@ -57,7 +57,8 @@ def test_non_finite_model_output_names_the_first_bad_step():
         out = eps_model(x, t)
         return torch.where(t[:, None] < 400, torch.full_like(out, float("nan")), out)
 
-    with pytest.raises(FloatingPointError, match=r"model output at step 4 \(timestep 333\) contains NaN or Inf"):
+    with pytest.raises(FloatingPointError, match=r"model output at step 4 \(timestep 200\) contains NaN or Inf"):
+        # GridSpec leaves the convention to the solver: DDIMScheduler's linspace, [999, 799, ..., 0]
         fewstep.sample(broken, x_T(), solver="ddim", nfe=6, spacing=fewstep.GridSpec(spacing="linspace"))
     # with the check off the NaN just propagates
     out = fewstep.sample(broken, x_T(), solver="ddim", nfe=6, check_finite=False)
@@ -136,3 +137,32 @@ def test_steps_do_no_host_sync(monkeypatch, solver, options):
     assert x.device.type == "meta"
     with _NoSync(monkeypatch), pytest.raises(AssertionError, match="host sync"):
         x.sum().item()  # the guard itself works
+
+
+def test_thresholding_must_be_a_transform():
+    with pytest.raises(ValueError, match="thresholding must be fewstep.DynamicThreshold"):
+        fewstep.sample(eps_model, x_T(), nfe=3, thresholding=True)
+
+
+def test_plan_fixes_grid_and_prediction():
+    plan = fewstep.make_plan("linear", "unipc", 5, prediction="v_prediction")
+    with pytest.raises(ValueError, match=r"\['prediction'\] cannot be combined with a prebuilt plan"):
+        fewstep.sample(eps_model, x_T(), plan=plan, prediction="epsilon")
+    with pytest.raises(ValueError, match=r"\['nfe', 'spacing'\] cannot be combined"):
+        fewstep.sample(eps_model, x_T(), plan=plan, nfe=5, spacing="logsnr")
+
+
+@pytest.mark.parametrize("schedule,expected", [("linear", "linspace"), ("flow", "linspace"), ("vp_cosine", "logsnr"),
+                                               ("ve", "karras")])
+def test_default_spacing_follows_the_schedule(schedule, expected):
+    plan = fewstep.make_plan(schedule, "dpmpp", 6, prediction="flow" if schedule == "flow" else "epsilon")
+    ref = fewstep.make_plan(schedule, "dpmpp", 6, prediction="flow" if schedule == "flow" else "epsilon",
+                            spacing=expected)
+    assert torch.equal(plan.grid.t, ref.grid.t)
+    out = fewstep.sample(GMMModel(MIX, schedule, plan_prediction(schedule)), x_T().double() * plan.grid.sigma[0],
+                         plan=plan)
+    assert torch.isfinite(out).all()
+
+
+def plan_prediction(schedule):
+    return "flow" if schedule == "flow" else "epsilon"

@@ -1,6 +1,5 @@
 """The analytic Gaussian-mixture model: exact eps/x0 and its reference ODE solution."""
 
-import math
 
 import pytest
 import torch

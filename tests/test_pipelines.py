@@ -3,6 +3,7 @@
 import functools
 import json
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DiffusionPipeline
@@ -116,3 +117,19 @@ def test_sd3_reloads_with_fewstep_scheduler(sd3, tmp_path):
         assert type(loaded.scheduler) is FewstepScheduler and loaded.scheduler.solver.name == "dpmpp"
     finally:
         sd3.scheduler = original
+
+
+def test_unconditional_ddim_pipeline_with_fewstep_schedulers():
+    # DDIMPipeline passes eta, use_clipped_model_output and generator to step().
+    from diffusers import DDIMPipeline, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=8, layers_per_block=1)
+    for cls in (DDIMSolverScheduler, UniPCScheduler):
+        pipe = DDIMPipeline(unet=unet, scheduler=cls.from_config({"clip_sample": True}))
+        pipe.set_progress_bar_config(disable=True)
+        images = pipe(batch_size=2, num_inference_steps=4, output_type="np",
+                      generator=torch.Generator().manual_seed(0)).images
+        assert images.shape == (2, 8, 8, 3) and np.isfinite(images).all()

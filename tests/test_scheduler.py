@@ -161,3 +161,52 @@ def test_karras_and_logsnr_configs_translate():
     assert s.timesteps.dtype == torch.float32 and len(s) == 1000
     s = DPMSolverPPScheduler.from_config({**SD_CONFIG, "use_lu_lambdas": True})
     assert s.config.timestep_spacing == "logsnr"
+
+
+@pytest.mark.parametrize("extra,match", [
+    ({"sigma_data": 0.5, "sigma_min": 0.002, "sigma_max": 80.0}, "EDM-preconditioned"),
+    ({"snr_shift_scale": 3.0}, "snr_shift_scale"),
+    ({"use_beta_sigmas": True}, "use_beta_sigmas"),
+    ({"lambda_min_clipped": -5.1}, "lambda_min_clipped"),
+    ({"timestep_type": "continuous"}, "timestep_type"),
+])
+def test_settings_fewstep_cannot_reproduce_raise(extra, match):
+    with pytest.raises(ValueError, match=match):
+        UniPCScheduler.from_config({**SD_CONFIG, **extra})
+
+
+def test_diffusers_solver_settings_carry_over_when_meaningful():
+    dpm = {**SD_CONFIG, "_class_name": "DPMSolverMultistepScheduler", "solver_order": 3, "solver_type": "heun",
+           "algorithm_type": "dpmsolver", "lower_order_final": False}
+    s = DPMSolverPPScheduler.from_config(dpm)
+    assert s.solver.config == {**s.solver.config, "order": 3, "variant": "heun", "space": "noise",
+                               "lower_order_final": False}
+    u = UniPCScheduler.from_config(dpm)  # 'heun' means nothing to UniPC: its default variant stays
+    assert u.solver.config["order"] == 3 and u.solver.config["variant"] == "bh2"
+    assert DPMSolverPPScheduler.from_config({**dpm, "algorithm_type": "sde-dpmsolver++"}).solver.config["space"] == "data"
+    assert UniPCScheduler.from_config({**SD_CONFIG, "predict_x0": False}).solver.config["space"] == "noise"
+    # keyword arguments win over what the config carried
+    assert DPMSolverPPScheduler.from_config(dpm, order=1).solver.config["order"] == 1
+    # diffusers' schedule flags work as keywords too
+    assert UniPCScheduler.from_config(SD_CONFIG, use_karras_sigmas=True).config.timestep_spacing == "karras"
+
+
+def test_learned_variance_channels_are_dropped():
+    s = DPMSolverPPScheduler.from_config({**SD_CONFIG, "variance_type": "learned_range"})
+    s.set_timesteps(3)
+    x = torch.randn(1, 3, 8, 8)
+    out = torch.cat([model(x, 999), torch.full_like(x, 1e6)], 1)  # variance channels must not leak
+    plain = DPMSolverPPScheduler.from_config(SD_CONFIG)
+    plain.set_timesteps(3)
+    t = s.timesteps[0]
+    torch.testing.assert_close(s.step(out, t, x).prev_sample, plain.step(out[:, :3], t, x).prev_sample)
+
+
+def test_step_accepts_pipeline_keywords_but_refuses_stochasticity():
+    s = DDIMSolverScheduler.from_config(SD_CONFIG)
+    s.set_timesteps(2)
+    x = torch.randn(1, 4, 8, 8)
+    t = s.timesteps[0]
+    s.step(model(x, t), t, x, eta=0.0, generator=torch.Generator(), use_clipped_model_output=None)
+    with pytest.raises(ValueError, match="eta=0.5: fewstep solvers are deterministic"):
+        s.step(model(x, t), t, x, eta=0.5)

@@ -114,9 +114,23 @@ def test_flow_linspace_matches_flowmatch_euler(shift, dynamic, n):
     mu = 0.7 if dynamic else None
     theirs = FlowMatchEulerDiscreteScheduler(shift=shift, use_dynamic_shifting=dynamic)
     theirs.set_timesteps(n, mu=mu)
-    grid = build_grid(FlowSchedule(), n, GridSpec(spacing="linspace", shift=shift, mu=mu))
+    grid = build_grid(FlowSchedule(), n, GridSpec(spacing="linspace", shift=shift, mu=mu, convention="ddim"))
     torch.testing.assert_close(grid.diffusers_sigmas().float(), theirs.sigmas, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(grid.model_timesteps.float(), theirs.timesteps, rtol=1e-6, atol=1e-4)
+
+
+@pytest.mark.parametrize("cls,convention", [(UniPCMultistepScheduler, "multistep"),
+                                            (DPMSolverMultistepScheduler, "dpmsolver")])
+@pytest.mark.parametrize("shift,dynamic", [(1.0, False), (5.0, False), (1.0, True)])
+@pytest.mark.parametrize("n", [1, 5, 20])
+def test_flow_linspace_matches_multistep_flow_sigmas(cls, convention, shift, dynamic, n):
+    # Wan-style configs: use_flow_sigmas + flow_shift (+ dynamic shifting).
+    theirs = cls(use_flow_sigmas=True, flow_shift=shift, prediction_type="flow_prediction",
+                 use_dynamic_shifting=dynamic)
+    theirs.set_timesteps(n, mu=0.6 if dynamic else None)
+    grid = build_grid(FlowSchedule(), n, GridSpec(spacing="linspace", shift=shift, mu=0.6 if dynamic else None,
+                                                  convention=convention))
+    torch.testing.assert_close(grid.diffusers_sigmas().float(), theirs.sigmas, rtol=1e-6, atol=1e-7)
 
 
 def test_flow_custom_sigmas_are_shifted_like_diffusers():
@@ -129,7 +143,7 @@ def test_flow_custom_sigmas_are_shifted_like_diffusers():
 
 def test_logsnr_karras_and_time_grids():
     sched = ContinuousVPSchedule("linear")
-    g = build_grid(sched, 8, GridSpec(spacing="logsnr", final_sigma="min"))
+    g = build_grid(sched, 8, GridSpec(spacing="logsnr", final_sigma="min"))  # DPM-Solver: n + 1 points
     steps = g.lambda_[1:] - g.lambda_[:-1]
     torch.testing.assert_close(steps, steps.mean().expand(8), rtol=1e-9, atol=0)
     assert float(g.t[0]) == sched.t_max and float(g.t[-1]) == sched.t_min
@@ -143,6 +157,31 @@ def test_logsnr_karras_and_time_grids():
 
     g = build_grid(VESchedule(), 4, GridSpec(spacing="karras"))
     assert float(g.sigma[-1]) == 0 and math.isinf(float(g.lambda_[-1]))
+    # final_sigma="zero": the n evaluations span [t_max, t_min] (EDM), then a step to sigma = 0
+    assert float(g.t[0]) == 80.0 and float(g.t[-2]) == 0.002
+
+
+@pytest.mark.parametrize("key,spacing", [("use_karras_sigmas", "karras"), ("use_lu_lambdas", "logsnr")])
+@pytest.mark.parametrize("n", [2, 8, 25])
+def test_karras_and_lu_grids_match_diffusers_sigmas(key, spacing, n):
+    theirs = DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                         **{key: True})
+    theirs.set_timesteps(n)
+    grid = build_grid(fewstep.make_schedule("scaled_linear"), n, GridSpec(spacing=spacing))
+    torch.testing.assert_close(grid.diffusers_sigmas().float(), theirs.sigmas, rtol=2e-5, atol=0)
+    # diffusers rounds these timesteps for the model; fewstep keeps the exact fractional ones
+    assert (grid.model_timesteps - theirs.timesteps.double()).abs().max() <= 0.5 + 1e-6
+
+
+@pytest.mark.parametrize("spacing", ["logsnr", "karras", "time_uniform", "time_quadratic"])
+@pytest.mark.parametrize("n", [1, 3, 10])
+def test_continuous_spacings_on_flow_are_sensible(spacing, n):
+    grid = build_grid(FlowSchedule(), n, GridSpec(spacing=spacing, shift=3.0, shift_terminal=0.1))
+    s = grid.diffusers_sigmas()
+    assert float(s[0]) == 1.0 and float(s[-1]) == 0.0 and bool((s[1:] < s[:-1]).all())
+    if n > 1:
+        assert abs(float(s[-2]) - 0.1) < 1e-12  # shift_terminal pins the last evaluation
+
 
 
 def test_explicit_timesteps_and_sigmas():

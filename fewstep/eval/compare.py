@@ -12,12 +12,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 
@@ -30,6 +29,8 @@ from .testbeds import Testbed, make_testbed
 __all__ = ["Method", "CompareConfig", "run_compare", "add_compare_parser", "DEFAULT_NFES"]
 
 DEFAULT_NFES = (5, 6, 8, 10)
+# Third-order DPM-Solver++ with the full second-difference term (see solvers/dpmpp.py).
+DEFAULT_REFERENCE = "dpmpp:order=3,third_order=taylor"
 GRID_SAMPLES = 10
 _DEFAULT_GUIDANCE = {"digits": 1.5, "gmm": 2.0, "gmm-flow": 2.0}  # digits: the model's own default
 _DEFAULT_PROMPTS = ("a photograph of an astronaut riding a horse", "a watercolor painting of a lighthouse",
@@ -88,8 +89,8 @@ class CompareConfig:
     num_samples: int = 1000
     seed: int = 0
     guidance: float = 1.5
-    spacing: str = "linspace"
-    reference: Method = field(default_factory=lambda: Method("dpmpp", (("order", 3),)))
+    spacing: str | None = None
+    reference: Method = field(default_factory=lambda: Method.parse(DEFAULT_REFERENCE))
     reference_nfe: int = 200
 
     def __post_init__(self) -> None:
@@ -99,15 +100,17 @@ class CompareConfig:
             raise ValueError(f"--nfe values must be whole numbers >= 1, got {list(self.nfes)}")
         if self.reference_nfe < max(self.nfes):
             raise ValueError(f"--reference-nfe ({self.reference_nfe}) must be at least the largest --nfe")
-        if self.spacing not in SPACINGS:
+        if self.spacing is not None and self.spacing not in SPACINGS:
             raise ValueError(f"--spacing {self.spacing!r} is not one of {SPACINGS}")
         if not self.methods:
             raise ValueError("no solvers to compare")
 
     def identity(self, testbed: Testbed) -> dict[str, Any]:
         """What results.json and the reference cache are keyed by (not the solver list)."""
+        from .. import __version__
+
         return {
-            "model": self.model, "testbed": testbed.fingerprint(), "num_samples": self.num_samples,
+            "fewstep": __version__, "model": self.model, "testbed": testbed.fingerprint(), "num_samples": self.num_samples,
             "seed": self.seed, "guidance": self.guidance, "spacing": self.spacing,
             "reference": self.reference.label, "reference_nfe": self.reference_nfe,
         }
@@ -131,7 +134,8 @@ def _timed(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
 
 def _reference(testbed: Testbed, cfg: CompareConfig, x_T, cond, cache_dir: Path, log) -> tuple[torch.Tensor, float]:
     ident = cfg.identity(testbed)
-    path = cache_dir / f"{cfg.model}-{_digest(ident)}.safetensors"
+    name = "".join(c if c.isalnum() else "_" for c in Path(cfg.model).name) or "model"
+    path = cache_dir / f"{name}-{_digest(ident)}.safetensors"
     if path.is_file():
         try:
             cached = load_tensors(path)
@@ -210,9 +214,13 @@ def run_compare(
         samples, seconds = _timed(
             lambda: testbed.generate(method.solver, method.option_dict, nfe, x_T, cond, cfg.guidance, cfg.spacing)
         )
-        mse = (samples - ref).pow(2).flatten(1).mean(1).mean().item()
+        if bool(torch.isfinite(samples).all()):
+            mse = (samples - ref).pow(2).flatten(1).mean(1).mean().item()
+            metrics = testbed.evaluate(samples, cond)
+        else:  # a diverged solver is a result, not a crash
+            mse, metrics = None, {m: None for m in testbed.metrics}
         entry = {"method": method.label, "solver": method.solver, "options": method.option_dict, "nfe": nfe,
-                 "mse": mse if math.isfinite(mse) else None, **testbed.evaluate(samples, cond), "time_s": seconds}
+                 "mse": mse, **metrics, "time_s": seconds}
         save_tensors(out_dir / "samples" / f"{method.slug}-nfe{nfe}.safetensors", {"x": samples[:GRID_SAMPLES]})
         results["entries"].append(entry)
         write_json(results_path, results)
@@ -264,8 +272,9 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
                    help="classifier-free guidance scale (default: 1.5 digits, 2.0 gmm, 7.5 pipelines)")
     p.add_argument("--num-samples", type=int, default=1000, help="samples per run (default: 1000)")
     p.add_argument("--seed", type=int, default=0, help="sample i uses noise seed SEED + i")
-    p.add_argument("--spacing", default="linspace", choices=SPACINGS, help="timestep spacing for every solver")
-    p.add_argument("--reference", default="dpmpp:order=3", help="reference solver spec (default: dpmpp:order=3)")
+    p.add_argument("--spacing", default=None, choices=SPACINGS,
+                   help="timestep spacing for every solver (default: the model's own, linspace for digits/gmm)")
+    p.add_argument("--reference", default=DEFAULT_REFERENCE, help=f"reference solver spec (default: {DEFAULT_REFERENCE})")
     p.add_argument("--reference-nfe", type=int, default=200, help="reference NFE (default: 200)")
     p.add_argument("--out", default="runs/compare", help="output folder (default: runs/compare)")
     p.add_argument("--cache-dir", default=None, help="reference cache (default: $FEWSTEP_CACHE or ~/.cache/fewstep)")

@@ -51,7 +51,8 @@ def markdown_report(results: dict[str, Any], metrics: Sequence[str]) -> str:
     lines = [
         f"# fewstep compare: {cfg['model']}",
         "",
-        f"{cfg['num_samples']} samples, seed {cfg['seed']}, guidance {cfg['guidance']}, spacing `{cfg['spacing']}`.",
+        f"{cfg['num_samples']} samples, seed {cfg['seed']}, guidance {cfg['guidance']}, "
+        f"spacing `{cfg['spacing'] or 'model default'}` (one grid for every solver).",
         f"Reference: {ref['description']}.",
         "",
         pivot_tables(results, metrics),

@@ -22,6 +22,11 @@ from .fd import feature_statistics, frechet_distance
 __all__ = ["Testbed", "DigitsTestbed", "GMMTestbed", "PipelineTestbed", "make_testbed"]
 
 
+def _common_grid(spacing: str | None, schedule) -> GridSpec:
+    # One grid for every solver (the multistep convention), so NFE-for-NFE comparisons are fair.
+    return GridSpec(spacing=spacing or schedule.default_spacing, convention="multistep")
+
+
 def _per_sample_noise(shape: Sequence[int], n: int, seed: int) -> torch.Tensor:
     """Sample i always gets the noise of seed + i."""
     return torch.cat([torch.randn(1, *shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(n)])
@@ -39,8 +44,12 @@ class Testbed(ABC):
 
     @abstractmethod
     def generate(self, solver: str, options: dict[str, Any], nfe: int, x_T: torch.Tensor, cond: torch.Tensor,
-                 guidance: float, spacing: str) -> torch.Tensor:
-        """Samples (float32, CPU) for ``x_T`` with the given solver."""
+                 guidance: float, spacing: str | None) -> torch.Tensor:
+        """Samples (float32, CPU) for ``x_T`` with the given solver.
+
+        Guidance follows diffusers: CFG when ``guidance > 1``, else one conditional pass.
+        ``spacing`` None means the model's own default grid.
+        """
 
     def reference(self, x_T: torch.Tensor, cond: torch.Tensor, guidance: float, spacing: str,
                   solver: str, options: dict[str, Any], nfe: int) -> torch.Tensor:
@@ -118,7 +127,7 @@ class DigitsTestbed(Testbed):
         guided = guidance is not None and guidance > 1
         out = sample(
             self.model, x_T, schedule=self.schedule, prediction=self.prediction, solver=solver, nfe=nfe,
-            spacing=GridSpec(spacing=spacing), guidance=guidance if guided else None, cond=cond,
+            spacing=_common_grid(spacing, self.schedule), guidance=guidance if guided else None, cond=cond,
             uncond=torch.full_like(cond, self.null_label) if guided else None, **options,
         )
         return out.float().cpu()
@@ -136,8 +145,7 @@ class DigitsTestbed(Testbed):
         return ((samples.clamp(-1, 1) + 1) / 2)[:, 0]
 
     def fingerprint(self):
-        weights = (self.root / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
-        return {"testbed": self.name, "weights": hashlib.sha256(weights).hexdigest()[:16]}
+        return {"testbed": self.name, "weights": _folder_digest(self.root), "device": str(self.device)}
 
 
 class GMMTestbed(Testbed):
@@ -167,17 +175,17 @@ class GMMTestbed(Testbed):
         return x, torch.arange(n) % self.mixture.num_classes
 
     def generate(self, solver, options, nfe, x_T, cond, guidance, spacing):
-        guided = guidance is not None and guidance != 1
+        guided = guidance is not None and guidance > 1
         out = sample(
             self.model, x_T.double(), schedule=self.schedule, prediction=self.prediction, solver=solver, nfe=nfe,
-            spacing=GridSpec(spacing=spacing), guidance=guidance if guided else None, cond=cond,
+            spacing=_common_grid(spacing, self.schedule), guidance=guidance if guided else None, cond=cond,
             uncond=torch.full_like(cond, -1) if guided else None, **options,
         )
         return out.float()
 
     def reference(self, x_T, cond, guidance, spacing, solver, options, nfe):
         a0, s0 = (float(v) for v in self.schedule.alpha_sigma(torch.tensor(self.schedule.t_max, dtype=torch.float64)))
-        guided = guidance is not None and guidance != 1
+        guided = guidance is not None and guidance > 1
         return self.mixture.ode_solution(x_T.double(), (a0, s0), (1.0, 0.0), labels=cond,
                                          guidance=guidance if guided else None, steps=500).float()
 
@@ -227,10 +235,8 @@ class PipelineTestbed(Testbed):
         return _per_sample_noise(self.latent_shape, n, seed), torch.arange(n) % len(self.prompts)
 
     def generate(self, solver, options, nfe, x_T, cond, guidance, spacing):
-        self.pipe.scheduler = self.scheduler_cls.from_config(
-            {**self.base_config, "timestep_spacing": spacing} if spacing != "linspace" else self.base_config,
-            solver=solver, solver_options=options,
-        )
+        config = self.base_config if spacing is None else {**self.base_config, "timestep_spacing": spacing}
+        self.pipe.scheduler = self.scheduler_cls.from_config(config, solver=solver, solver_options=options)
         outs = []
         for xs, cs in zip(x_T.split(self.batch_size), cond.split(self.batch_size)):
             out = self.pipe(
@@ -242,13 +248,31 @@ class PipelineTestbed(Testbed):
         return torch.cat(outs)
 
     def fingerprint(self):
-        digest = hashlib.sha256()
-        for f in sorted(self.path.rglob("*")):
-            if f.is_file():
-                digest.update(f.relative_to(self.path).as_posix().encode())
-                digest.update(str(f.stat().st_size).encode())
-        return {"testbed": self.name, "path": str(self.path.resolve()), "files": digest.hexdigest()[:16],
+        return {"testbed": self.name, "path": str(self.path.resolve()), "files": _folder_digest(self.path),
                 "prompts": self.prompts, "height": self.height, "width": self.width}
+
+
+def _file_digest(path: Path, whole_below: int = 64 << 20, chunk: int = 1 << 20) -> str:
+    """Content hash; files above ``whole_below`` bytes hash their size, mtime and both ends."""
+    h = hashlib.sha256()
+    st = path.stat()
+    with path.open("rb") as f:
+        if st.st_size <= whole_below:
+            h.update(f.read())
+        else:
+            h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+            h.update(f.read(chunk))
+            f.seek(-chunk, 2)
+            h.update(f.read(chunk))
+    return h.hexdigest()
+
+
+def _folder_digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(f.relative_to(root).as_posix().encode())
+        h.update(_file_digest(f).encode())
+    return h.hexdigest()[:16]
 
 
 def make_testbed(model: str, device: str = "cpu", prompts: Sequence[str] = (), height: int = 64,

@@ -8,7 +8,7 @@ four linear stages over a fixed set of registers:
                 D is pushed into the history D_0 (newest), D_1, ..., D_{H-1}
     correct     x = a x_prev + sum_j b_j D_j                 (UniC-style correctors)
     compensate  D_0 = sum_j w_j D_j                          (DC-Solver's dynamic compensation)
-    predict     x_next = a x + sum_j b_j D_j (+ bias)         (the multistep predictor)
+    predict     x_next = a x + sum_j b_j D_j (+ r out) (+ bias) (the multistep predictor)
 
 Coefficients are scalars or elementwise tensors (trailing dims broadcast against the
 sample, as DPM-Solver-v3 needs). A step never reads a tensor value on the host: which
@@ -43,6 +43,8 @@ class SolverPlan:
         correct: [n, 1 + H, *S] over (x_prev, D_0, ...); an all-zero row means no correction.
         compensate: [n, H, *S] over (D_0, ...) giving the new D_0; None means never.
         predict_bias: [n, *S] additive term of the predictor, or None.
+        predict_raw: [n, *S] coefficient of the raw model output in the predictor, or None
+            (DDIM uses it to take eps from the raw output when x0 is thresholded).
         orders: Predictor order used at each step (for inspection and tests).
         info: Free-form per-plan metadata (e.g. corrector orders).
     """
@@ -55,6 +57,7 @@ class SolverPlan:
     correct: torch.Tensor | None = None
     compensate: torch.Tensor | None = None
     predict_bias: torch.Tensor | None = None
+    predict_raw: torch.Tensor | None = None
     orders: list[int] = field(default_factory=list)
     info: dict = field(default_factory=dict)
 
@@ -68,9 +71,11 @@ class SolverPlan:
             _check_table("correct", self.correct, (n, 1 + h))
         if self.compensate is not None:
             _check_table("compensate", self.compensate, (n, h))
-        if self.predict_bias is not None and (self.predict_bias.shape[0] != n or self.predict_bias.dtype != torch.float64):
-            raise ValueError(f"predict_bias must be float64 with {n} rows, got {tuple(self.predict_bias.shape)}")
-        for name in ("x0_coef", "predict", "correct", "compensate", "predict_bias"):
+        for name in ("predict_bias", "predict_raw"):
+            table = getattr(self, name)
+            if table is not None and (table.shape[0] != n or table.dtype != torch.float64):
+                raise ValueError(f"{name} must be float64 with {n} rows, got {tuple(table.shape)}")
+        for name in ("x0_coef", "predict", "correct", "compensate", "predict_bias", "predict_raw"):
             table = getattr(self, name)
             if table is not None and not bool(torch.isfinite(table).all()):
                 step = int(torch.nonzero(~torch.isfinite(table.reshape(n, -1)).all(1))[0])
@@ -153,6 +158,9 @@ class PlanExecutor:
         self._compensate = self._stages(plan.compensate, on_device(plan.compensate), skip_identity=True)
         bias = on_device(plan.predict_bias)
         self._bias = [None] * n if bias is None else [bias[i] for i in range(n)]
+        raw = on_device(plan.predict_raw)
+        self._raw = [None] * n if raw is None else [
+            raw[i] if bool(plan.predict_raw[i].ne(0).any()) else None for i in range(n)]
         self.finite = torch.ones(n, dtype=torch.bool, device=self.device)
         self.reset()
 
@@ -225,6 +233,8 @@ class PlanExecutor:
         if self._compensate and self._compensate[i] is not None:
             self.history[0] = self._apply(self._compensate[i], self.history)
         x_next = self._apply(self._predict[i], [x, *self.history], self._bias[i])
+        if self._raw[i] is not None:
+            x_next.addcmul_(out, self._raw[i])
 
         self.x_prev = x
         self.next_step = i + 1

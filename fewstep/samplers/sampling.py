@@ -14,7 +14,9 @@ from .schedules import NoiseSchedule, make_schedule
 from .solvers.base import Solver
 from .timesteps import GridSpec, TimeGrid, build_grid
 
-__all__ = ["sample", "make_plan", "StepInfo", "compute_dtype"]
+__all__ = ["sample", "make_plan", "StepInfo", "compute_dtype", "DEFAULT_NFE"]
+
+DEFAULT_NFE = 10
 
 
 @dataclass(frozen=True)
@@ -33,39 +35,51 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _grid_spec(spacing: "str | GridSpec | None", solver: Solver, **overrides: Any) -> GridSpec:
+def _grid_spec(spacing: "str | GridSpec | None", solver: Solver, schedule: NoiseSchedule, **overrides: Any) -> GridSpec:
+    """A GridSpec from a spacing name or spec; the solver fills in its diffusers convention."""
     if isinstance(spacing, GridSpec):
         spec = spacing
     else:
-        spec = GridSpec(spacing=spacing or "linspace", convention=solver.diffusers_convention)
+        spec = GridSpec(spacing=spacing or schedule.default_spacing)
     changes = {k: v for k, v in overrides.items() if v is not None}
+    if spec.convention is None:
+        changes["convention"] = solver.diffusers_convention
     return spec.replace(**changes) if changes else spec
 
 
 def make_plan(
     schedule: "str | NoiseSchedule" = "linear",
     solver: "str | Solver" = "unipc",
-    nfe: int | None = 10,
+    nfe: int | None = None,
     prediction: str = "epsilon",
     spacing: "str | GridSpec | None" = None,
+    *,
+    final_sigma: str | None = None,
+    timesteps: Sequence[float] | None = None,
+    sigmas: Sequence[float] | None = None,
+    shift: float | None = None,
+    mu: float | None = None,
     **solver_options: Any,
 ) -> SolverPlan:
-    """Build the coefficient plan of ``solver`` for ``nfe`` evaluations (inspect it, or reuse it)."""
+    """Build the coefficient plan of ``solver`` (arguments as in :func:`sample`); reuse it with ``plan=``."""
     schedule = make_schedule(schedule)
     solver = get_solver(solver, **solver_options)
     prediction = check_prediction(prediction, schedule)
-    grid = build_grid(schedule, nfe, _grid_spec(spacing, solver))
-    return solver.plan(grid, prediction)
+    spec = _grid_spec(spacing, solver, schedule, final_sigma=final_sigma, timesteps=timesteps, sigmas=sigmas,
+                      shift=shift, mu=mu)
+    if nfe is None and spec.timesteps is None and spec.sigmas is None:
+        nfe = DEFAULT_NFE
+    return solver.plan(build_grid(schedule, nfe, spec), prediction)
 
 
 def sample(
     model: Callable[..., torch.Tensor],
     x_T: torch.Tensor,
     *,
-    schedule: "str | NoiseSchedule" = "linear",
-    solver: "str | Solver" = "unipc",
-    nfe: int | None = 10,
-    prediction: str = "epsilon",
+    schedule: "str | NoiseSchedule | None" = None,
+    solver: "str | Solver | None" = None,
+    nfe: int | None = None,
+    prediction: str | None = None,
     spacing: "str | GridSpec | None" = None,
     final_sigma: str | None = None,
     timesteps: Sequence[float] | None = None,
@@ -75,7 +89,7 @@ def sample(
     guidance: float | None = None,
     cond: Any = None,
     uncond: Any = None,
-    thresholding: "DynamicThreshold | Clip | None" = None,
+    thresholding: "DynamicThreshold | Clip | Callable[[torch.Tensor], torch.Tensor] | None" = None,
     callback: Callable[[StepInfo], None] | None = None,
     check_finite: bool = True,
     progress: bool = False,
@@ -89,11 +103,15 @@ def sample(
             the raw network output; ``t`` is a 1-D tensor of model timesteps, one per sample.
         x_T: Initial noise, already scaled for the schedule (standard normal for VP and flow,
             ``sigma_max * N(0, I)`` for VE).
-        schedule: A :class:`NoiseSchedule` or a name accepted by :func:`make_schedule`.
-        solver: A registered solver name (see :func:`list_solvers`) or a solver instance.
-        nfe: Number of model evaluations (each CFG step counts once).
-        prediction: ``epsilon``, ``sample``, ``v_prediction`` or ``flow``.
-        spacing: A spacing name (see :data:`SPACINGS`) or a full :class:`GridSpec`.
+        schedule: A :class:`NoiseSchedule` or a name accepted by :func:`make_schedule`
+            (default ``"linear"``).
+        solver: A registered solver name (see :func:`list_solvers`) or a solver instance
+            (default ``"unipc"``).
+        nfe: Number of model evaluations (default 10, or the number of explicit
+            timesteps/sigmas); each CFG step counts once.
+        prediction: ``epsilon`` (default), ``sample``, ``v_prediction`` or ``flow``.
+        spacing: A spacing name (see :data:`SPACINGS`; default: the schedule's) or a
+            :class:`GridSpec`.
         final_sigma: ``"zero"`` (default) or ``"min"``; overrides the GridSpec.
         timesteps: Explicit model timesteps (overrides ``spacing``).
         sigmas: Explicit diffusers sigmas (overrides ``spacing``).
@@ -101,12 +119,13 @@ def sample(
         guidance: Classifier-free guidance scale; the model is called once per step on a
             doubled batch ``(x, x)`` with conditioning ``(uncond, cond)`` concatenated on dim 0.
         cond, uncond: Conditioning tensors for the model (``uncond`` only with guidance).
-        thresholding: Optional :class:`DynamicThreshold` or :class:`Clip` applied to x0.
+        thresholding: :class:`DynamicThreshold`, :class:`Clip` or any callable applied to x0.
         callback: Called with a :class:`StepInfo` after every step.
         check_finite: Raise FloatingPointError naming the first step whose model output
             was NaN/Inf (checked once, at the end, without per-step host syncs).
         progress: Show a tqdm progress bar.
-        plan: A prebuilt plan (from :func:`make_plan`); skips grid/solver construction.
+        plan: A prebuilt plan (from :func:`make_plan`); it fixes schedule, solver, grid and
+            prediction, so none of those may be passed with it.
         **solver_options: Options of the chosen solver (e.g. ``order=3``, ``variant="bh1"``).
 
     Returns:
@@ -122,15 +141,21 @@ def sample(
         raise ValueError("guidance needs both cond and uncond (the unconditional conditioning)")
     if uncond is not None and guidance is None:
         raise ValueError("uncond is only used with guidance; pass guidance=<scale>")
+    if thresholding is not None and (isinstance(thresholding, (bool, int, float)) or not callable(thresholding)):
+        raise ValueError(
+            f"thresholding must be fewstep.DynamicThreshold(...), fewstep.Clip(...) or a callable x0 -> x0, "
+            f"got {thresholding!r}"
+        )
+    grid_args = dict(schedule=schedule, solver=solver, nfe=nfe, prediction=prediction, spacing=spacing,
+                     final_sigma=final_sigma, timesteps=timesteps, sigmas=sigmas, shift=shift, mu=mu)
     if plan is None:
-        schedule = make_schedule(schedule)
-        solver_obj = get_solver(solver, **solver_options)
-        prediction = check_prediction(prediction, schedule)
-        spec = _grid_spec(spacing, solver_obj, final_sigma=final_sigma, timesteps=timesteps, sigmas=sigmas,
-                          shift=shift, mu=mu)
-        plan = solver_obj.plan(build_grid(schedule, nfe, spec), prediction)
-    elif solver_options:
-        raise ValueError(f"solver options {sorted(solver_options)} cannot be combined with a prebuilt plan")
+        defaults = dict(schedule="linear", solver="unipc", prediction="epsilon")
+        plan = make_plan(**{k: (defaults[k] if v is None and k in defaults else v) for k, v in grid_args.items()},
+                         **solver_options)
+    else:
+        given = sorted(k for k, v in {**grid_args, **solver_options}.items() if v is not None)
+        if given:
+            raise ValueError(f"{given} cannot be combined with a prebuilt plan, which already fixes them")
 
     grid: TimeGrid = plan.grid
     device = x_T.device

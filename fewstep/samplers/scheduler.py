@@ -13,7 +13,6 @@ both understood. The solver's coefficient table is built once in ``set_timesteps
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -23,6 +22,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
+from .diffusers_config import SCHEDULE_KEYS_IN_KWARGS, foreign_solver_options, init_keys_of, translate_foreign_config
 from .plan import PlanExecutor, SolverPlan
 from .prediction import Clip, DynamicThreshold, check_prediction
 from .registry import get_solver, solver_class
@@ -66,9 +66,15 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         prediction_type: ``epsilon``, ``sample``, ``v_prediction`` or ``flow_prediction``
             (the latter selects the flow-matching schedule alpha = 1 - sigma).
         timestep_spacing: diffusers' ``linspace``/``leading``/``trailing`` or fewstep's
-            ``logsnr``/``time_uniform``/``time_quadratic``/``karras``.
+            ``logsnr``/``time_uniform``/``time_quadratic``/``karras``; None takes the default
+            of the solver's diffusers twin (``leading`` for DDIM, ``linspace`` otherwise).
         steps_offset: Offset of ``leading`` timesteps.
         final_sigmas_type: ``"zero"`` (end on clean data) or ``"sigma_min"``.
+        set_alpha_to_one: DDIMScheduler's name for the final step: with the DDIM solver,
+            False ends on ``alphas_cumprod[0]`` (overrides ``final_sigmas_type``); other
+            solvers ignore it, as diffusers' multistep schedulers do.
+        variance_type: ``"learned"``/``"learned_range"`` for models that also output a
+            variance (the extra channels are dropped), as in diffusers.
         thresholding, dynamic_thresholding_ratio, sample_max_value: Imagen dynamic thresholding of x0.
         clip_sample, clip_sample_range: Clamp x0 (DDPM-style pixel models).
         shift, use_dynamic_shifting, base_shift, max_shift, base_image_seq_len,
@@ -92,9 +98,11 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         trained_betas: list[float] | np.ndarray | None = None,
         rescale_betas_zero_snr: bool = False,
         prediction_type: str = "epsilon",
-        timestep_spacing: str = "linspace",
+        timestep_spacing: str | None = None,
         steps_offset: int = 0,
         final_sigmas_type: str = "zero",
+        set_alpha_to_one: bool | None = None,
+        variance_type: str | None = None,
         thresholding: bool = False,
         dynamic_thresholding_ratio: float = 0.995,
         sample_max_value: float = 1.0,
@@ -118,8 +126,11 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         self.solver = get_solver(name, **(solver_options or {}))
         # Record the resolved solver and its full option set, so saved configs are explicit.
         self.register_to_config(solver=name, solver_options=_jsonable(self.solver.config))
-        if timestep_spacing not in SPACINGS:
+        if timestep_spacing is not None and timestep_spacing not in SPACINGS:
             raise ValueError(f"timestep_spacing={timestep_spacing!r} is not one of {SPACINGS}")
+        if variance_type not in (None, "learned", "learned_range", "fixed_small", "fixed_small_log", "fixed_large",
+                                 "fixed_large_log"):
+            raise ValueError(f"variance_type={variance_type!r} is not a diffusers variance type")
         if final_sigmas_type not in ("zero", "sigma_min"):
             raise ValueError(f"final_sigmas_type={final_sigmas_type!r} is not 'zero' or 'sigma_min'")
 
@@ -155,18 +166,40 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
         """Build from any diffusers scheduler config (VP or flow), routing solver options.
 
-        Keys of other schedulers that describe the noise schedule and grid are translated
-        (``flow_shift``/``use_flow_sigmas``/``use_karras_sigmas``/``use_lu_lambdas``);
-        their solver-specific keys are dropped. Keyword arguments that are options of
-        this scheduler's solver (``order=3``, or diffusers' ``solver_order=3``) go into
-        ``solver_options``; any other unknown keyword raises ValueError.
+        Schedule and grid keys keep their meaning; UniPC/DPM's ``use_flow_sigmas`` +
+        ``flow_shift`` and ``use_karras_sigmas``/``use_lu_lambdas`` are translated; their
+        ``solver_order``/``solver_type``/``algorithm_type``/... carry over where this
+        solver has the same option (see :mod:`fewstep.samplers.diffusers_config`).
+        Keyword arguments that are options of the solver (``order=3``, or diffusers'
+        ``solver_order=3``) go into ``solver_options``; any other unknown keyword, and
+        config settings fewstep cannot reproduce, raise ValueError.
         """
         config = dict(config or {})
         kwargs = dict(kwargs)
-        config = _translate_config(cls, config)
-        init_keys = set(inspect.signature(cls.__init__).parameters) - {"self"}
-        solver_name = kwargs.get("solver") or config.get("solver") or cls.default_solver
-        option_names = set(solver_class(solver_name).options)
+        # diffusers' own schedule flags are accepted as keywords too, and translated alike.
+        config.update({k: kwargs.pop(k) for k in list(kwargs) if k in SCHEDULE_KEYS_IN_KWARGS})
+        init_keys = init_keys_of(cls)
+        source = _fewstep_class(config.get("_class_name")) if "solver" in config or "solver_options" in config else None
+        source_solver = config.get("solver") or (source.default_solver if source else None)
+        if cls is FewstepScheduler:
+            solver_name = kwargs.get("solver") or source_solver or cls.default_solver
+        else:
+            solver_name = cls.default_solver
+        target = solver_class(solver_name)
+
+        if "solver" in config or "solver_options" in config:
+            # A fewstep config: same keys; a different solver does not inherit the old options.
+            if source_solver != solver_name:
+                config.pop("solver_options", None)
+            config["solver"] = solver_name
+        else:
+            options = foreign_solver_options(config, target)
+            config = translate_foreign_config(config, init_keys)
+            if options:
+                config["solver_options"] = options
+            config["solver"] = solver_name
+
+        option_names = set(target.options)
         routed = {}
         for key in list(kwargs):
             if key in init_keys or key.startswith("_"):
@@ -179,9 +212,11 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                     f"unknown keyword {key!r} for {cls.__name__}; scheduler keys: {', '.join(sorted(init_keys))}; "
                     f"options of solver {solver_name!r}: {', '.join(sorted(option_names)) or 'none'}"
                 )
-        if routed:
-            kwargs["solver_options"] = {**(config.get("solver_options") or {}), **(kwargs.get("solver_options") or {}),
-                                        **routed}
+        if routed or "solver_options" in kwargs:
+            kwargs["solver_options"] = {**(config.get("solver_options") or {}),
+                                        **(kwargs.get("solver_options") or {}), **routed}
+        if cls is not FewstepScheduler:
+            config.pop("solver", None)  # fixed by the class; a conflicting solver= keyword raises in __init__
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     # ------------------------------------------------------------------ diffusers API
@@ -231,9 +266,14 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError("mu must be passed to set_timesteps when use_dynamic_shifting=True")
         if num_inference_steps is None and sigmas is None and timesteps is None:
             raise ValueError("set_timesteps needs num_inference_steps, sigmas or timesteps")
+        ddim = self.solver.diffusers_convention == "ddim"
+        spacing = cfg.timestep_spacing or ("leading" if ddim and not is_flow else "linspace")
+        final = cfg.final_sigmas_type
+        if ddim and cfg.set_alpha_to_one is not None:
+            final = "zero" if cfg.set_alpha_to_one else "sigma_min"
         spec = GridSpec(
-            spacing=cfg.timestep_spacing,
-            final_sigma="zero" if cfg.final_sigmas_type == "zero" else "min",
+            spacing=spacing,
+            final_sigma="zero" if final == "zero" else "min",
             steps_offset=cfg.steps_offset,
             shift=cfg.shift if is_flow else 1.0,
             mu=mu if (is_flow and cfg.use_dynamic_shifting) else None,
@@ -273,6 +313,9 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         model_output: torch.Tensor,
         timestep: float | torch.Tensor,
         sample: torch.Tensor,
+        eta: float = 0.0,
+        generator: torch.Generator | None = None,
+        use_clipped_model_output: bool | None = None,
         return_dict: bool = True,
     ) -> FewstepSchedulerOutput | tuple:
         """Advance ``sample`` one step with the solver.
@@ -281,14 +324,24 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             model_output: Raw network output at (sample, timestep).
             timestep: The current timestep (used to find the position on the first call).
             sample: The current sample.
+            eta: Must be 0: the solvers are deterministic ODE solvers (pipelines pass it).
+            generator: Accepted for pipelines that pass one; ODE solvers draw no noise.
+            use_clipped_model_output: Accepted as None/False (DDIMPipeline passes it).
             return_dict: Return a :class:`FewstepSchedulerOutput` rather than a tuple.
 
         Raises:
-            ValueError: before set_timesteps, after the last step, or on shape mismatch.
+            ValueError: before set_timesteps, after the last step, on shape mismatch, or
+                for eta != 0 / use_clipped_model_output=True.
             FloatingPointError: after the last step, if any model output was NaN/Inf.
         """
+        if eta:
+            raise ValueError(f"eta={eta}: fewstep solvers are deterministic ODE solvers (eta = 0)")
+        if use_clipped_model_output:
+            raise ValueError("use_clipped_model_output=True is not supported (DDIM takes eps from the raw output)")
         if self.grid is None:
             raise ValueError("call set_timesteps before step")
+        if self.config.variance_type in ("learned", "learned_range") and model_output.shape[1] == 2 * sample.shape[1]:
+            model_output = model_output[:, : sample.shape[1]]  # drop the predicted variance channels
         if self._step_index is None:
             self._step_index = self._begin_index if self._begin_index is not None else self.index_for_timestep(timestep)
         i = self._step_index
@@ -348,58 +401,6 @@ def _fewstep_class(name: str | None) -> type[FewstepScheduler] | None:
 def _all_subclasses(cls: type) -> set[type]:
     subs = set(cls.__subclasses__())
     return subs.union(*(_all_subclasses(s) for s in subs))
-
-
-def _translate_config(cls: type[FewstepScheduler], config: dict[str, Any]) -> dict[str, Any]:
-    """Map another scheduler's config onto this class's keys."""
-    source_name = config.get("_class_name")
-    source = _fewstep_class(source_name)
-    out = dict(config)
-    if source is not None:
-        source_solver = config.get("solver") or source.default_solver
-        target_solver = cls.default_solver if cls is not FewstepScheduler else source_solver
-        if source_solver != target_solver:
-            # Switching solver: the old solver's options do not apply.
-            out.pop("solver_options", None)
-        out["solver"] = target_solver
-        return out
-    # A diffusers scheduler config: keep schedule/grid keys, translate the flow/sigma flags.
-    # Live configs carry no _class_name: a config with a shift but no betas is flow matching.
-    is_flow = (
-        (source_name or "").startswith("FlowMatch")
-        or bool(config.get("use_flow_sigmas"))
-        or config.get("prediction_type") == "flow_prediction"
-        or ("shift" in config and "beta_schedule" not in config and "trained_betas" not in config)
-    )
-    if is_flow:
-        out["prediction_type"] = "flow_prediction"
-        if "flow_shift" in config and "shift" not in config:
-            out["shift"] = config["flow_shift"]
-        if config.get("use_karras_sigmas"):
-            out["timestep_spacing"] = "karras"
-    else:
-        if config.get("use_karras_sigmas"):
-            out["timestep_spacing"] = "karras"
-        elif config.get("use_lu_lambdas") or config.get("use_exponential_sigmas"):
-            # Both space the grid uniformly in log-SNR.
-            out["timestep_spacing"] = "logsnr"
-    target = cls.default_solver if cls is not FewstepScheduler else (config.get("solver") or cls.default_solver)
-    if not is_flow and solver_class(target).diffusers_convention == "ddim":
-        # Reproduce DDIMScheduler: its default spacing is "leading", and set_alpha_to_one=False
-        # ends on alphas_cumprod[0] instead of clean data.
-        defaults = set(config.get("_use_default_values", ()))
-        if "timestep_spacing" not in config or "timestep_spacing" in defaults:
-            out["timestep_spacing"] = "leading"
-            out["_use_default_values"] = sorted(defaults - {"timestep_spacing"})
-        if config.get("set_alpha_to_one") is False and "set_alpha_to_one" not in defaults:
-            out["final_sigmas_type"] = "sigma_min"
-    if cls is not FewstepScheduler:
-        out.pop("solver", None)
-    # _use_default_values lets diffusers drop keys the source only had as defaults, as it does
-    # between its own schedulers (so both sides pick the same defaults).
-    keep = set(inspect.signature(FewstepScheduler.__init__).parameters) | {
-        "_class_name", "_diffusers_version", "_use_default_values"}
-    return {k: v for k, v in out.items() if k in keep}
 
 
 class DDIMSolverScheduler(FewstepScheduler):

@@ -59,6 +59,14 @@ class NoiseSchedule(ABC):
         """Whether alpha^2 + sigma^2 = 1 (required by v-prediction)."""
         return False
 
+    @property
+    def grid_end(self) -> float:
+        """Where generated grids end by default (the least-noisy time worth evaluating)."""
+        return self.t_min
+
+    #: Spacing used when none is given (diffusers' default for discrete and flow models).
+    default_spacing: ClassVar[str] = "linspace"
+
     def lambda_(self, t: torch.Tensor) -> torch.Tensor:
         """Half log-SNR log(alpha_t / sigma_t), float64 (+inf where sigma = 0)."""
         alpha, sigma = self.alpha_sigma(_f64(t))
@@ -287,6 +295,8 @@ class ContinuousVPSchedule(NoiseSchedule):
         s = self.cosine_s
         return torch.arccos(torch.exp(log_alpha + self._cos_log_alpha_0)) * 2 * (1 + s) / math.pi - s
 
+    default_spacing = "logsnr"  # DPM-Solver's choice for continuous-time VP models
+
     def to_dict(self) -> dict[str, Any]:
         return dict(
             kind=self.kind, schedule=self.schedule, beta_min=self.beta_min, beta_max=self.beta_max,
@@ -315,6 +325,11 @@ class FlowSchedule(NoiseSchedule):
     def t_from_lambda(self, lam: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(-_f64(lam))
 
+    @property
+    def grid_end(self) -> float:
+        # diffusers' flow schedulers never evaluate below sigma = 1 / num_train_timesteps.
+        return max(self.t_min, 1.0 / self.num_train_timesteps)
+
     def diffusers_sigma(self, t: torch.Tensor) -> torch.Tensor:
         # For flow models diffusers calls the flow time itself sigma (finite at t = 1).
         return _f64(t)
@@ -330,6 +345,7 @@ class VESchedule(NoiseSchedule):
     """Variance exploding / EDM: alpha = 1, sigma = t (the model is called with sigma)."""
 
     kind = "ve"
+    default_spacing = "karras"
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0):
         if not 0 < sigma_min < sigma_max:

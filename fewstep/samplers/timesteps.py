@@ -6,13 +6,18 @@ noisiest point to the terminal one. The last point is never evaluated; with
 ``final_sigma="min"`` it is the least-noisy time the model knows.
 
 Spacings:
-    logsnr, time_uniform, time_quadratic, karras: ``n + 1`` points between the schedule's
-        ends, spaced uniformly in lambda, in t, in sqrt(t) (DPM-Solver), or in
-        sigma^(1/rho) (Karras et al. 2022).
+    logsnr, time_uniform, time_quadratic, karras: spaced uniformly in lambda, in t, in
+        sqrt(t) (DPM-Solver), or in sigma^(1/rho) (Karras et al. 2022) between t_start and
+        t_end. With ``final_sigma="zero"`` the ``n`` evaluations span [t_start, t_end]
+        and a last step goes to sigma = 0 (EDM's and diffusers' ``use_karras_sigmas``
+        convention); with ``"min"`` the ``n + 1`` points span it and the run ends at
+        t_end (DPM-Solver's convention).
     linspace, leading, trailing: diffusers' integer spacings for discrete VP models
-        (Table 2 of Lin et al. 2023). diffusers' DDIMScheduler and its multistep
-        schedulers disagree on them, so each solver names the convention it reproduces.
-        On flow schedules ``linspace`` is FlowMatchEulerDiscreteScheduler's grid.
+        (Table 2 of Lin et al. 2023); on flow schedules ``linspace`` is linear in sigma.
+        diffusers' schedulers disagree on their details, so each solver names the
+        scheduler it reproduces (``convention``): ``ddim`` (DDIMScheduler; on flow,
+        FlowMatchEulerDiscreteScheduler), ``multistep`` (UniPCMultistepScheduler) or
+        ``dpmsolver`` (DPMSolverMultistepScheduler).
     explicit ``timesteps`` (model timesteps) or ``sigmas`` (diffusers sigmas).
 On flow schedules a static ``shift`` or a dynamic ``mu`` warps the generated grid.
 """
@@ -22,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -34,7 +38,7 @@ __all__ = ["GridSpec", "TimeGrid", "build_grid", "SPACINGS", "flow_shift"]
 SPACINGS = ("logsnr", "time_uniform", "time_quadratic", "karras", "linspace", "leading", "trailing")
 _DIFFUSERS_SPACINGS = ("linspace", "leading", "trailing")
 _FINAL_SIGMAS = ("zero", "min")
-_CONVENTIONS = ("multistep", "ddim")
+_CONVENTIONS = ("multistep", "dpmsolver", "ddim")
 
 
 @dataclass(frozen=True)
@@ -54,8 +58,10 @@ class GridSpec:
         sigmas: Explicit diffusers sigmas (sigma/alpha for VP, flow sigma for flow).
         t_start: Override the noisiest schedule time (default: the schedule's t_max).
         t_end: Override the terminal schedule time (default: the schedule's t_min).
-        convention: Which diffusers scheduler's integer spacings to reproduce:
-            ``"multistep"`` (DPMSolverMultistep/UniPC) or ``"ddim"`` (DDIMScheduler).
+        convention: Which diffusers scheduler's linspace/leading/trailing grids to
+            reproduce: ``"multistep"`` (UniPC), ``"dpmsolver"`` (DPMSolverMultistep) or
+            ``"ddim"`` (DDIMScheduler / FlowMatchEulerDiscreteScheduler); None lets the
+            solver decide.
     """
 
     spacing: str = "linspace"
@@ -70,14 +76,14 @@ class GridSpec:
     sigmas: tuple[float, ...] | None = None
     t_start: float | None = None
     t_end: float | None = None
-    convention: str = "multistep"
+    convention: str | None = None
 
     def __post_init__(self) -> None:
         if self.spacing not in SPACINGS:
             raise ValueError(f"unknown spacing {self.spacing!r}; choose one of {SPACINGS}")
         if self.final_sigma not in _FINAL_SIGMAS:
             raise ValueError(f"final_sigma={self.final_sigma!r} is not one of {_FINAL_SIGMAS}")
-        if self.convention not in _CONVENTIONS:
+        if self.convention is not None and self.convention not in _CONVENTIONS:
             raise ValueError(f"convention={self.convention!r} is not one of {_CONVENTIONS}")
         if self.time_shift_type not in ("exponential", "linear"):
             raise ValueError(f"time_shift_type={self.time_shift_type!r} is not 'exponential' or 'linear'")
@@ -107,6 +113,7 @@ class TimeGrid:
         alpha, sigma, lambda_: The schedule at each point (terminal sigma may be 0,
             then lambda is +inf).
         model_timesteps: What the network is conditioned on at the ``n`` evaluated points.
+        start: Index of the first point in the grid this one was cut from (img2img).
     """
 
     schedule: NoiseSchedule
@@ -115,6 +122,7 @@ class TimeGrid:
     sigma: torch.Tensor
     lambda_: torch.Tensor
     model_timesteps: torch.Tensor
+    start: int = 0
 
     @property
     def n(self) -> int:
@@ -138,6 +146,7 @@ class TimeGrid:
             sigma=self.sigma[start:],
             lambda_=self.lambda_[start:],
             model_timesteps=self.model_timesteps[start:],
+            start=self.start + start,
         )
 
     def diffusers_sigmas(self) -> torch.Tensor:
@@ -147,14 +156,18 @@ class TimeGrid:
 
 
 def flow_shift(sigmas: np.ndarray, spec: GridSpec) -> np.ndarray:
-    """Apply the static/dynamic resolution shift and terminal stretch of diffusers' flow schedulers."""
+    """Apply the static/dynamic resolution shift and terminal stretch of diffusers' flow schedulers.
+
+    ``sigmas`` are the evaluated points only: the stretch pins the last of them to
+    ``shift_terminal``.
+    """
     if spec.mu is not None:
         scale = math.exp(spec.mu) if spec.time_shift_type == "exponential" else spec.mu
         with np.errstate(divide="ignore"):
             sigmas = np.where(sigmas > 0, scale / (scale + (1 / np.maximum(sigmas, 1e-300) - 1)), 0.0)
     elif spec.shift != 1.0:
         sigmas = spec.shift * sigmas / (1 + (spec.shift - 1) * sigmas)
-    if spec.shift_terminal:
+    if spec.shift_terminal and sigmas[-1] < 1:  # a lone evaluation at sigma = 1 has nothing to stretch
         one_minus = 1 - sigmas
         sigmas = 1 - one_minus / (one_minus[-1] / (1 - spec.shift_terminal))
     return sigmas
@@ -187,11 +200,61 @@ def _diffusers_integer_timesteps(n: int, num_train: int, spec: GridSpec) -> np.n
     return np.ascontiguousarray(ts, dtype=np.float64)
 
 
-def _eval_times(schedule: NoiseSchedule, n: int, spec: GridSpec) -> tuple[np.ndarray, bool]:
-    """Schedule times of the grid; returns (times, has_terminal) where has_terminal says
-    whether the array already holds the ``n + 1``-th (terminal) point."""
+def _flow_linspace(n: int, schedule: FlowSchedule, t_hi: float, spec: GridSpec) -> np.ndarray:
+    """The ``n`` (unshifted) flow sigmas of diffusers' flow schedulers."""
+    inv_n = 1.0 / schedule.num_train_timesteps
+    if spec.convention == "ddim":
+        # FlowMatchEulerDiscreteScheduler: n points from 1 to its sigma_min, which diffusers
+        # already shifted once at init when the shift is static (so it is shifted twice).
+        sigma_min = np.array([inv_n])
+        if spec.mu is None:
+            sigma_min = flow_shift(sigma_min, spec.replace(shift_terminal=None))
+        return np.linspace(t_hi, float(sigma_min[0]), n)
+    if spec.convention == "dpmsolver":
+        return np.linspace(t_hi - inv_n, 0.0, n + 1)[:-1]  # flip(1 - linspace(1, 1/N, n+1))[:-1]
+    return np.linspace(t_hi, inv_n, n + 1)[:-1]  # UniPCMultistepScheduler
+
+
+def _unipc_nudge(sigmas: np.ndarray, spec: GridSpec) -> np.ndarray:
+    """UniPCMultistepScheduler starts flow grids at sigma = 1 - 1e-6 rather than 1.
+
+    A finite first log-SNR lets the multistep stencil use that point (fewstep's exact
+    alpha = 0 limits would drop it); reproduced for the ``multistep`` convention only.
+    """
+    if spec.convention == "multistep" and abs(sigmas[0] - 1) < 1e-6:
+        sigmas = sigmas.copy()
+        sigmas[0] -= 1e-6
+    return sigmas
+
+
+def _spaced(schedule: NoiseSchedule, count: int, t_hi: float, t_lo: float, spec: GridSpec) -> np.ndarray:
+    """``count`` schedule times from t_hi to t_lo (both included) for the continuous spacings."""
+    f64 = torch.float64
+    if spec.spacing == "time_uniform":
+        return np.linspace(t_hi, t_lo, count)
+    if spec.spacing == "time_quadratic":
+        return np.linspace(math.sqrt(t_hi), math.sqrt(t_lo), count) ** 2
+    if spec.spacing == "logsnr":
+        lam_ends = schedule.lambda_(torch.tensor([t_hi, t_lo], dtype=f64))
+        if isinstance(schedule, FlowSchedule):
+            # lambda = -inf at flow's pure-noise end: space from sigma = 1 - 1/N instead.
+            inv_n = 1.0 / schedule.num_train_timesteps
+            lam_ends = lam_ends.clamp(min=float(schedule.lambda_(torch.tensor(1 - inv_n, dtype=f64))))
+        lam = torch.linspace(float(lam_ends[0]), float(lam_ends[1]), count, dtype=f64)
+        ts = schedule.t_from_lambda(lam).numpy()
+    else:  # karras
+        s_hi, s_lo = schedule.diffusers_sigma(torch.tensor([t_hi, t_lo], dtype=f64)).tolist()
+        ramp = np.linspace(0, 1, count)
+        root_hi, root_lo = s_hi ** (1 / spec.rho), s_lo ** (1 / spec.rho)
+        ts = schedule.t_from_diffusers_sigma(torch.from_numpy((root_hi + ramp * (root_lo - root_hi)) ** spec.rho)).numpy()
+    ts[0], ts[-1] = t_hi, t_lo  # exact ends, free of round trips
+    return ts
+
+
+def _grid_times(schedule: NoiseSchedule, n: int, spec: GridSpec) -> np.ndarray:
+    """The ``n + 1`` schedule times of the grid (the last one is the terminal point)."""
     t_hi = schedule.t_max if spec.t_start is None else spec.t_start
-    t_lo = schedule.t_min if spec.t_end is None else spec.t_end
+    t_lo = schedule.grid_end if spec.t_end is None else spec.t_end
     if spec.t_start is not None or spec.t_end is not None:
         schedule.check_time(torch.tensor([t_hi, t_lo], dtype=torch.float64), "t_start/t_end")
         if not t_hi > t_lo:
@@ -199,54 +262,37 @@ def _eval_times(schedule: NoiseSchedule, n: int, spec: GridSpec) -> tuple[np.nda
     is_flow = isinstance(schedule, FlowSchedule)
 
     if spec.timesteps is not None:
-        ts = schedule.time_from_model(torch.tensor(spec.timesteps, dtype=torch.float64))
-        return ts.numpy(), False
+        ts = schedule.time_from_model(torch.tensor(spec.timesteps, dtype=torch.float64)).numpy()
+        return np.append(ts, t_lo)
     if spec.sigmas is not None:
         s = np.asarray(spec.sigmas, dtype=np.float64)
         if is_flow:
-            s = flow_shift(s, spec)
-        return schedule.t_from_diffusers_sigma(torch.from_numpy(s)).numpy(), False
+            s = _unipc_nudge(flow_shift(s, spec), spec)
+        return np.append(schedule.t_from_diffusers_sigma(torch.from_numpy(s)).numpy(), t_lo)
 
     if spec.spacing in _DIFFUSERS_SPACINGS:
         if isinstance(schedule, DiscreteVPSchedule):
             num_train = schedule.num_train_timesteps
             if n > num_train:
                 raise ValueError(f"nfe={n} is larger than the model's num_train_timesteps={num_train}")
-            return _diffusers_integer_timesteps(n, num_train, spec), False
+            return np.append(_diffusers_integer_timesteps(n, num_train, spec), t_lo)
         if is_flow and spec.spacing == "linspace":
-            # FlowMatchEulerDiscreteScheduler: linspace in sigma from 1 to its sigma_min
-            # (which diffusers shifts once at init when the shift is static).
-            sigma_min = np.array([1.0 / schedule.num_train_timesteps])
-            if spec.mu is None:
-                sigma_min = flow_shift(sigma_min, spec.replace(shift_terminal=None))
-            s = np.linspace(t_hi, float(sigma_min[0]), n)
-            return flow_shift(s, spec), False
+            return np.append(_unipc_nudge(flow_shift(_flow_linspace(n, schedule, t_hi, spec), spec), spec), t_lo)
         raise ValueError(
             f"spacing={spec.spacing!r} needs a discrete-time VP schedule (or 'linspace' on flow); "
             f"use logsnr, time_uniform, time_quadratic or karras for a {schedule.kind} schedule"
         )
 
-    if spec.spacing == "logsnr":
-        lam_ends = schedule.lambda_(torch.tensor([t_hi, t_lo], dtype=torch.float64))
-        if is_flow:
-            # lambda is infinite at flow's t = 1 and t = 0: space between the nearest finite points.
-            lam_ends = lam_ends.clamp(*schedule.lambda_(torch.tensor([1 - 1e-4, 1e-4], dtype=torch.float64)).tolist())
-        lam = torch.linspace(float(lam_ends[0]), float(lam_ends[1]), n + 1, dtype=torch.float64)
-        ts = schedule.t_from_lambda(lam).numpy()
-        ts[0], ts[-1] = t_hi, t_lo  # exact ends, free of round trips through lambda
-    elif spec.spacing == "time_uniform":
-        ts = np.linspace(t_hi, t_lo, n + 1)
-    elif spec.spacing == "time_quadratic":
-        ts = np.linspace(math.sqrt(t_hi), math.sqrt(max(t_lo, 0.0)), n + 1) ** 2
-    else:  # karras
-        s_hi, s_lo = schedule.diffusers_sigma(torch.tensor([t_hi, t_lo], dtype=torch.float64)).tolist()
-        ramp = np.linspace(0, 1, n + 1)
-        s = (s_hi ** (1 / spec.rho) + ramp * (s_lo ** (1 / spec.rho) - s_hi ** (1 / spec.rho))) ** spec.rho
-        ts = schedule.t_from_diffusers_sigma(torch.from_numpy(s)).numpy()
-        ts[0], ts[-1] = t_hi, t_lo
+    if spec.final_sigma == "zero":
+        evals, terminal = _spaced(schedule, n, t_hi, t_lo, spec), t_lo
+    else:
+        ts = _spaced(schedule, n + 1, t_hi, t_lo, spec)
+        evals, terminal = ts[:-1], ts[-1]
+    if n == 1 and spec.final_sigma == "zero":
+        evals = np.array([t_hi])  # one evaluation: at the start, then straight to data
     if is_flow:
-        ts = flow_shift(ts, spec)
-    return ts, True
+        evals = flow_shift(evals, spec)
+    return np.append(evals, terminal)
 
 
 def build_grid(schedule: NoiseSchedule, nfe: int | None, spec: GridSpec | None = None) -> TimeGrid:
@@ -275,11 +321,9 @@ def build_grid(schedule: NoiseSchedule, nfe: int | None, spec: GridSpec | None =
         raise ValueError(f"nfe must be a whole number >= 1, got {nfe!r}")
     nfe = int(nfe)
 
-    ts, has_terminal = _eval_times(schedule, nfe, spec)
-    if not has_terminal:
-        t_lo = schedule.t_min if spec.t_end is None else spec.t_end
-        ts = np.concatenate([ts, [t_lo]])
-    t = torch.from_numpy(np.ascontiguousarray(ts, dtype=np.float64))
+    if spec.convention is None:
+        spec = spec.replace(convention="multistep")
+    t = torch.from_numpy(np.ascontiguousarray(_grid_times(schedule, nfe, spec), dtype=np.float64))
     schedule.check_time(t[:-1], "timestep")
     if not bool((schedule.alpha_sigma(t[:-1])[1] > 0).all()):
         raise ValueError("the model cannot be evaluated at sigma = 0; only the terminal point may be noise-free")

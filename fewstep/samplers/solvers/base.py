@@ -149,12 +149,13 @@ class StepGeometry:
 def usable_order(grid: TimeGrid, i: int, order: int) -> int:
     """Largest order <= ``order`` whose stencil (points i, i-1, ...) is usable at step i.
 
-    Multistep extrapolation in lambda breaks down in two places, where we fall back
-    to the first-order (exact-limit) update instead of producing inf/NaN:
-    a step whose h is infinite (into sigma = 0), and stencil points with
-    lambda = -inf (flow matching's alpha = 0 start).
+    Multistep extrapolation in lambda breaks down in three places, where we fall back
+    to the first-order (exact-limit) update instead of producing inf/NaN: a step whose
+    h is infinite (into sigma = 0), a zero-length step (the identity), and stencil
+    points with lambda = -inf (flow matching's alpha = 0 start).
     """
-    if math.isinf(float(grid.lambda_[i + 1] - grid.lambda_[i])):
+    h = float(grid.lambda_[i + 1] - grid.lambda_[i])
+    if math.isinf(h) or h == 0:
         return 1
     p = 1
     while p < min(order, i + 1) and math.isfinite(float(grid.lambda_[i - p])):

@@ -123,8 +123,10 @@ class UniPCSolver(Solver):
             prev = i - 1
             if i == 0 or not cfg["corrector"] or prev in cfg["disable_corrector"]:
                 continue
-            if math.isinf(float(grid.lambda_[i] - grid.lambda_[prev])):
-                continue  # no correction across an infinite log-SNR step (alpha = 0 start)
+            if math.isinf(float(grid.lambda_[i] - grid.lambda_[prev])) and cfg["variant"] == "bh1":
+                # From alpha = 0 (flow's pure-noise start) B(h) = h is infinite; bh2's limit is
+                # finite (B(h) = -1): the trapezoid rule in alpha/sigma, kept below.
+                continue
             pc = orders[prev]
             c = unipc_row(grid, prev, pc, cfg["space"], cfg["variant"], corrector=True)
             # c is over (x_prev, m_prev, ..., m_{prev-pc+1}, m_i); history after the push is
