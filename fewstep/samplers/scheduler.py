@@ -179,25 +179,23 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         # diffusers' own schedule flags are accepted as keywords too, and translated alike.
         config.update({k: kwargs.pop(k) for k in list(kwargs) if k in SCHEDULE_KEYS_IN_KWARGS})
         init_keys = init_keys_of(cls)
-        source = _fewstep_class(config.get("_class_name")) if "solver" in config or "solver_options" in config else None
-        source_solver = config.get("solver") or (source.default_solver if source else None)
+        source_solver = config.get("solver")  # fewstep configs always record their solver
         if cls is FewstepScheduler:
             solver_name = kwargs.get("solver") or source_solver or cls.default_solver
         else:
             solver_name = cls.default_solver
         target = solver_class(solver_name)
 
-        if "solver" in config or "solver_options" in config:
+        if source_solver is not None:
             # A fewstep config: same keys; a different solver does not inherit the old options.
             if source_solver != solver_name:
                 config.pop("solver_options", None)
-            config["solver"] = solver_name
         else:
             options = foreign_solver_options(config, target)
             config = translate_foreign_config(config, init_keys)
             if options:
                 config["solver_options"] = options
-            config["solver"] = solver_name
+        config["solver"] = solver_name
 
         option_names = set(target.options)
         routed = {}
@@ -389,18 +387,6 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
 
 def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
-
-
-def _fewstep_class(name: str | None) -> type[FewstepScheduler] | None:
-    for cls in _all_subclasses(FewstepScheduler) | {FewstepScheduler}:
-        if cls.__name__ == name:
-            return cls
-    return None
-
-
-def _all_subclasses(cls: type) -> set[type]:
-    subs = set(cls.__subclasses__())
-    return subs.union(*(_all_subclasses(s) for s in subs))
 
 
 class DDIMSolverScheduler(FewstepScheduler):
