@@ -247,7 +247,9 @@ def _spaced(schedule: NoiseSchedule, count: int, t_hi: float, t_lo: float, spec:
         ramp = np.linspace(0, 1, count)
         root_hi, root_lo = s_hi ** (1 / spec.rho), s_lo ** (1 / spec.rho)
         ts = schedule.t_from_diffusers_sigma(torch.from_numpy((root_hi + ramp * (root_lo - root_hi)) ** spec.rho)).numpy()
-    ts[0], ts[-1] = t_hi, t_lo  # exact ends, free of round trips
+    ts[0] = t_hi  # exact ends, free of round trips (a single point is the start)
+    if count > 1:
+        ts[-1] = t_lo
     return ts
 
 
@@ -288,8 +290,6 @@ def _grid_times(schedule: NoiseSchedule, n: int, spec: GridSpec) -> np.ndarray:
     else:
         ts = _spaced(schedule, n + 1, t_hi, t_lo, spec)
         evals, terminal = ts[:-1], ts[-1]
-    if n == 1 and spec.final_sigma == "zero":
-        evals = np.array([t_hi])  # one evaluation: at the start, then straight to data
     if is_flow:
         evals = flow_shift(evals, spec)
     return np.append(evals, terminal)

@@ -10,7 +10,7 @@ import torch
 from ..plan import SolverPlan
 from ..registry import register_solver
 from ..timesteps import TimeGrid
-from .base import SPACE_OPTION, Option, Solver, StepGeometry, empty_tables, usable_order
+from .base import SPACE_OPTION, Option, Solver, StepGeometry, ei_coefficients, empty_tables, usable_order
 
 
 def unipc_rhos(rks: np.ndarray, hh: float, variant: str, corrector: bool) -> tuple[np.ndarray, float, float]:
@@ -62,14 +62,7 @@ def unipc_row(grid: TimeGrid, s: int, order: int, space: str, variant: str, corr
     data = space == "data"
     scale = g.alpha_t if data else g.sigma_t
     row = np.zeros(2 + order)
-    if data:
-        row[0] = g.sigma_t / g.sigma_s
-        row[1] = -g.expm1_neg_h_alpha()  # -alpha_t * h_phi_1, exact at sigma_t = 0
-    else:
-        if g.alpha_s == 0:
-            raise ValueError("noise-space UniPC cannot step from alpha = 0 (pure noise); use space='data'")
-        row[0] = g.alpha_t / g.alpha_s
-        row[1] = -g.expm1_h_sigma()
+    row[0], row[1] = ei_coefficients(g, space)  # the first-order part, exact at sigma_t = 0 / alpha_s = 0
     if order == 1 and not corrector:
         return row[:2]
     h = g.h
