@@ -71,7 +71,7 @@ def test_schedule_errors_name_the_bad_value():
         DiscreteVPSchedule.from_betas(beta_schedule="cubic")
     with pytest.raises(ValueError, match="strictly decreasing"):
         DiscreteVPSchedule([0.9, 0.95])
-    with pytest.raises(ValueError, match="sigma_min < sigma_max"):
+    with pytest.raises(ValueError, match=r"sigma_max=1.0 is not allowed.*\(5, inf\)"):
         VESchedule(sigma_min=5, sigma_max=1)
 
 
@@ -205,8 +205,8 @@ def test_subgrid_for_img2img():
 @pytest.mark.parametrize(
     "kwargs,spec,match",
     [
-        ({"nfe": 0}, GridSpec(), "nfe must be a whole number >= 1, got 0"),
-        ({"nfe": 2.5}, GridSpec(), "nfe must be a whole number"),
+        ({"nfe": 0}, GridSpec(), "nfe=0 is out of range; allowed: 1 to 100000"),
+        ({"nfe": 2.5}, GridSpec(), "nfe=2.5 must be a whole number"),
         ({"nfe": 1001}, GridSpec(spacing="leading"), "larger than the model's num_train_timesteps=1000"),
         ({"nfe": None}, GridSpec(timesteps=[800, 800, 10]), "step 0 goes from t=800 to t=800"),
         ({"nfe": 2}, GridSpec(timesteps=[999, 500, 10]), "does not match the 3 explicit"),
@@ -215,12 +215,12 @@ def test_subgrid_for_img2img():
     ],
 )
 def test_grid_errors(kwargs, spec, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):
         build_grid(fewstep.make_schedule("linear"), kwargs["nfe"], spec)
 
 
 def test_grid_spec_errors():
-    with pytest.raises(ValueError, match="unknown spacing 'uniform'.*logsnr"):
+    with pytest.raises(ValueError, match="spacing='uniform' is not one of.*logsnr"):
         GridSpec(spacing="uniform")
     with pytest.raises(ValueError, match="final_sigma='none'"):
         GridSpec(final_sigma="none")

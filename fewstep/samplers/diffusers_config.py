@@ -1,11 +1,14 @@
 """Reading other diffusers schedulers' configs: what carries over, what is renamed, what cannot be honoured.
 
-``FewstepScheduler.from_config`` accepts the config of any diffusers scheduler. Keys that
-describe the noise schedule and the grid keep their meaning; the flow and sigma flags of
-the multistep schedulers are renamed; solver settings (``solver_order``, ``solver_type``,
-``algorithm_type``, ...) carry over when the new solver has the same option; and keys that
-would change the model's noise levels in a way fewstep does not implement raise instead
-of being dropped.
+``FewstepScheduler.from_config`` accepts the config of the diffusers schedulers listed in
+:data:`COMPATIBLE_SCHEDULERS` (VP schedulers with betas, and flow matching). Keys that describe
+the noise schedule and the grid keep their meaning; the flow and sigma flags of the
+multistep schedulers are renamed; solver settings (``solver_order``, ``solver_type``,
+``algorithm_type``, ...) carry over when the new solver has the same option; and keys
+that would change the model's noise levels in a way fewstep does not implement raise
+instead of being dropped. Configs of other model families (Wuerstchen, LTX's rectified
+flow sampler, LCM, EDM, inversion schedulers, ...) are refused by name, or, for a live
+config without ``_class_name``, by the keys they carry.
 """
 
 from __future__ import annotations
@@ -16,7 +19,24 @@ from typing import Any
 
 from .solvers.base import Solver
 
-__all__ = ["translate_foreign_config", "foreign_solver_options", "SCHEDULE_KEYS_IN_KWARGS"]
+__all__ = [
+    "COMPATIBLE_SCHEDULERS",
+    "translate_schedule_flags",
+    "check_foreign_source",
+    "foreign_solver_options",
+    "SCHEDULE_KEYS_IN_KWARGS",
+    "init_keys_of",
+]
+
+# diffusers schedulers whose configs describe a VP (betas) or flow-matching model that fewstep's
+# solvers sample exactly; stochastic ones map to their probability-flow ODE.
+COMPATIBLE_SCHEDULERS = (
+    "DDIMScheduler", "DDIMParallelScheduler", "DDPMScheduler", "DDPMParallelScheduler", "PNDMScheduler",
+    "LMSDiscreteScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
+    "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler", "DPMSolverSDEScheduler", "DEISMultistepScheduler", "UniPCMultistepScheduler",
+    "SASolverScheduler", "FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler",
+)
 
 # Keys whose non-neutral values change the noise levels or the model's inputs.
 _UNSUPPORTED = {
@@ -32,23 +52,60 @@ _UNSUPPORTED = {
     "solver_p": (lambda v: v is None, "UniPC's solver_p"),
 }
 
-# diffusers keys a user may also pass as keyword arguments of from_config.
-SCHEDULE_KEYS_IN_KWARGS = ("use_karras_sigmas", "use_lu_lambdas", "use_exponential_sigmas", "use_flow_sigmas",
-                           "flow_shift", *_UNSUPPORTED)
+# diffusers' grid flags: keys a user may also pass as keyword arguments of from_config.
+_SIGMA_FLAGS = ("use_karras_sigmas", "use_lu_lambdas", "use_exponential_sigmas")
+SCHEDULE_KEYS_IN_KWARGS = (*_SIGMA_FLAGS, "use_flow_sigmas", "flow_shift", *_UNSUPPORTED)
+
+# Keys of the compatible schedulers that fewstep reads or may safely ignore (a live config
+# carrying any other key belongs to a scheduler fewstep does not understand).
+_IGNORABLE = {
+    "skip_prk_steps", "interpolation_type", "solver_order", "solver_type", "algorithm_type", "lower_order_final",
+    "euler_at_final", "disable_corrector", "predict_x0", "predictor_order", "corrector_order", "tau_func",
+    "noise_sampler_seed",
+}
 
 
-def _is_flow(config: dict[str, Any], source_name: str | None) -> bool:
+def _is_flow(config: dict[str, Any]) -> bool:
     return (
-        (source_name or "").startswith("FlowMatch")
-        or bool(config.get("use_flow_sigmas"))
-        or config.get("prediction_type") == "flow_prediction"
+        str(config.get("_class_name") or "").startswith("FlowMatch")
+        or config.get("use_flow_sigmas") is True
+        or config.get("prediction_type") in ("flow_prediction", "flow")
         # Live configs carry no _class_name: a shift but no betas means flow matching.
         or ("shift" in config and "beta_schedule" not in config and "trained_betas" not in config)
     )
 
 
-def translate_foreign_config(config: dict[str, Any], init_keys: set[str]) -> dict[str, Any]:
-    """Map a non-fewstep scheduler config onto FewstepScheduler's keys.
+def check_foreign_source(config: dict[str, Any], init_keys: set[str]) -> None:
+    """Refuse configs of schedulers fewstep cannot sample (by class name, or by unknown keys).
+
+    Raises:
+        ValueError: naming the scheduler or the keys.
+    """
+    name = config.get("_class_name")
+    if name is not None:
+        if name not in COMPATIBLE_SCHEDULERS:
+            raise ValueError(
+                f"cannot build a fewstep scheduler from a {name} config: it is not one of the VP or "
+                f"flow-matching schedulers fewstep reads ({', '.join(COMPATIBLE_SCHEDULERS)})"
+            )
+        return
+    known = init_keys | _IGNORABLE | set(SCHEDULE_KEYS_IN_KWARGS)
+    unknown = sorted(k for k in config if not k.startswith("_") and k not in known)
+    if unknown:
+        raise ValueError(
+            f"cannot build a fewstep scheduler from a config with keys {unknown}: they belong to no VP or "
+            "flow-matching scheduler fewstep reads (pass the config of one of: "
+            f"{', '.join(COMPATIBLE_SCHEDULERS)})"
+        )
+
+
+def translate_schedule_flags(config: dict[str, Any], init_keys: set[str], given: set[str] = frozenset()
+                             ) -> dict[str, Any]:
+    """Map diffusers' schedule and grid flags onto FewstepScheduler's keys.
+
+    Applies to any source config (a diffusers one, or a fewstep one given diffusers flags as
+    keywords), so a flag means the same whichever scheduler it is given to. ``given`` names
+    the flags passed as keywords: they override what the config already says.
 
     Raises:
         ValueError: naming the key, for settings fewstep cannot reproduce.
@@ -57,14 +114,31 @@ def translate_foreign_config(config: dict[str, Any], init_keys: set[str]) -> dic
         if key in config and not neutral(config[key]):
             raise ValueError(f"{what} = {config[key]!r} is not supported by fewstep's schedulers")
     out = dict(config)
-    if _is_flow(config, config.get("_class_name")):
+    defaults = set(out.get("_use_default_values", ()))
+    set_keys = set()
+    sigma_flags = [k for k in _SIGMA_FLAGS if config.get(k)]
+    if len(sigma_flags) > 1:
+        raise ValueError(f"{' and '.join(sigma_flags)} are mutually exclusive (each picks a different grid)")
+    if _is_flow(config):
+        if sigma_flags and config.get("use_flow_sigmas"):
+            # diffusers' UniPC/DPM build this grid from the VP betas the flow config never uses.
+            raise ValueError(f"{sigma_flags[0]} together with use_flow_sigmas is not supported; "
+                             "use the flow model's own grid or timestep_spacing='karras'/'exponential'")
         out["prediction_type"] = "flow_prediction"
-        if "flow_shift" in config and "shift" not in config:
+        set_keys.add("prediction_type")
+        if "flow_shift" in config and ("shift" not in config or "flow_shift" in given):
             out["shift"] = config["flow_shift"]
-    if config.get("use_karras_sigmas"):
-        out["timestep_spacing"] = "karras"
-    elif config.get("use_lu_lambdas") or config.get("use_exponential_sigmas"):
-        out["timestep_spacing"] = "logsnr"  # both space the grid uniformly in log-SNR
+            set_keys.add("shift")
+        if config.get("use_flow_sigmas") and config.get("timestep_spacing") in ("linspace", "leading", "trailing"):
+            out["timestep_spacing"] = "linspace"  # diffusers ignores the spacing with use_flow_sigmas
+            set_keys.add("timestep_spacing")
+    if sigma_flags:
+        out["timestep_spacing"] = {"use_karras_sigmas": "karras", "use_lu_lambdas": "logsnr",
+                                   "use_exponential_sigmas": "exponential"}[sigma_flags[0]]
+        set_keys.add("timestep_spacing")
+    if defaults & set_keys:
+        # A key we derived from a flag is no default: keep diffusers from dropping it.
+        out["_use_default_values"] = sorted(defaults - set_keys)
     # _use_default_values lets diffusers drop keys the source only had as defaults, as it
     # does between its own schedulers, so both sides fall back to their own defaults.
     keep = init_keys | {"_class_name", "_diffusers_version", "_use_default_values"}
@@ -85,13 +159,13 @@ def foreign_solver_options(config: dict[str, Any], solver: type[Solver]) -> dict
     for key in ("lower_order_final", "euler_at_final", "disable_corrector"):
         if key in names and key in given:
             opts[key] = given[key]
-    if "space" in names:
-        if given.get("predict_x0") is False:
-            opts["space"] = "noise"
-        algorithm = given.get("algorithm_type")
-        if algorithm is not None:
-            # The SDE variants' drift is the same ODE; choosing a fewstep solver drops the noise.
-            opts["space"] = "noise" if algorithm in ("dpmsolver", "sde-dpmsolver") else "data"
+    # The space is read from the key the solver's diffusers twin reads, as diffusers does
+    # (a DPM config's algorithm_type does not make diffusers' UniPC integrate eps).
+    if "space" in names and solver.diffusers_convention == "multistep" and given.get("predict_x0") is False:
+        opts["space"] = "noise"
+    if "space" in names and solver.diffusers_convention == "dpmsolver" and "algorithm_type" in given:
+        # The SDE variants' drift is the same ODE; choosing a fewstep solver drops the noise.
+        opts["space"] = "noise" if given["algorithm_type"] in ("dpmsolver", "sde-dpmsolver") else "data"
     return opts
 
 

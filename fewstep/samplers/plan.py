@@ -116,6 +116,85 @@ class _Stage:
     coefs: list[torch.Tensor]
 
 
+class FiniteMonitor:
+    """Per-step finiteness of the model output and the new sample, kept on the device.
+
+    Each step records two booleans computed from sums (one reduction per tensor, no
+    temporaries: NaN/Inf anywhere makes the sum non-finite). The host reads them only when
+    that costs no device synchronisation: at once on the CPU, after the step's event has
+    completed on CUDA (never waiting), and everything at :meth:`check` with ``wait=True``.
+    So a run that stops early still reports, and a NaN is named by step and by cause
+    (the model, or the solver overflowing the sample's dtype).
+    """
+
+    def __init__(self, n: int, device: torch.device, timesteps: torch.Tensor, step_offset: int = 0):
+        self.n, self.device, self.offset = n, device, step_offset
+        self.timesteps = timesteps  # CPU float64, for messages
+        self.enabled = device.type != "meta"  # meta tensors have no values to read
+        self.flags = torch.ones(n, 3, dtype=torch.bool, device=device)  # (input, output, sample)
+        self.checked = 0
+        self._events: dict[int, torch.cuda.Event] = {}
+        self._host = None
+        if device.type == "cuda":
+            self._host = torch.ones(n, 3, dtype=torch.bool).pin_memory()
+
+    def record(self, i: int, out: torch.Tensor, x_next: torch.Tensor, x_in: torch.Tensor | None = None) -> None:
+        """Record step ``i`` (device ops only)."""
+        if not self.enabled:
+            return
+        sums = [out.sum(dtype=torch.float32), x_next.sum(dtype=torch.float32)]
+        if x_in is not None:
+            sums.insert(0, x_in.sum(dtype=torch.float32))
+        ok = torch.isfinite(torch.stack(sums))
+        if x_in is None:
+            self.flags[i, 1:] = ok
+        else:
+            self.flags[i] = ok
+        if self._host is not None:
+            self._host[i].copy_(self.flags[i], non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._events[i] = event
+
+    def check(self, upto: int, wait: bool = False) -> None:
+        """Raise FloatingPointError for the first bad step below ``upto`` whose flags are readable."""
+        if not self.enabled:
+            return
+        ready = upto
+        if self._host is None and self.device.type != "cpu" and not wait:
+            return  # no cheap way to peek on this accelerator: checked when the run ends
+        if self._host is not None:
+            ready = self.checked
+            while ready < upto:
+                event = self._events.get(ready)
+                if event is not None and not wait and not event.query():
+                    break
+                if event is not None and wait:
+                    event.synchronize()
+                ready += 1
+            flags = self._host[self.checked:ready]
+        else:
+            flags = self.flags[self.checked:ready].cpu()
+        if ready <= self.checked:
+            return
+        bad = (~flags).any(1).nonzero()
+        if len(bad):
+            self._raise(self.checked + int(bad[0]), flags[int(bad[0])].tolist())
+        self.checked = ready
+
+    def _raise(self, i: int, flags: list[bool]) -> None:
+        step, t = i + self.offset, float(self.timesteps[i])
+        where = f"step {step} (timestep {t:g})"
+        if not flags[0]:
+            raise FloatingPointError(f"the sample passed to {where} contains NaN or Inf")
+        if not flags[1]:
+            raise FloatingPointError(f"the model output at {where} contains NaN or Inf")
+        raise FloatingPointError(
+            f"the solver's update at {where} overflowed to NaN/Inf although the model output was finite: "
+            "the sample's dtype cannot hold it (sample in float32) or the solver/grid is unstable here"
+        )
+
+
 class PlanExecutor:
     """Runs a :class:`SolverPlan` step by step on tensors of one device and dtype.
 
@@ -124,8 +203,9 @@ class PlanExecutor:
         device: Device of the sample.
         dtype: Compute dtype (float32 for half-precision samples, float64 kept as is).
         transform: Optional x0 transform (thresholding/clipping) applied after conversion.
-        check_finite: Record, without host syncs, whether each model output was finite;
-            :meth:`raise_if_nonfinite` reports the first bad step.
+        check_finite: Record, without host syncs, whether each step's model output and
+            new sample were finite; :meth:`check_finite_upto` reports the first bad step.
+        step_offset: Added to step indices in messages (img2img runs start part-way).
     """
 
     def __init__(
@@ -135,11 +215,13 @@ class PlanExecutor:
         dtype: torch.dtype,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         check_finite: bool = True,
+        step_offset: int = 0,
     ):
         self.plan = plan
         self.device, self.dtype = torch.device(device), dtype
         self.transform = transform
         self.check_finite = check_finite
+        self.step_offset = step_offset
         n = plan.n
 
         def on_device(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -161,7 +243,7 @@ class PlanExecutor:
         raw = on_device(plan.predict_raw)
         self._raw = [None] * n if raw is None else [
             raw[i] if bool(plan.predict_raw[i].ne(0).any()) else None for i in range(n)]
-        self.finite = torch.ones(n, dtype=torch.bool, device=self.device)
+        self.monitor = FiniteMonitor(n, self.device, plan.grid.model_timesteps, step_offset) if check_finite else None
         self.reset()
 
     @staticmethod
@@ -183,7 +265,10 @@ class PlanExecutor:
         self.history: list[torch.Tensor | None] = [None] * self.plan.history
         self.x_prev: torch.Tensor | None = None
         self.next_step = 0
-        self.finite.fill_(True)
+        self.shape: torch.Size | None = None
+        if self.monitor is not None:
+            self.monitor.flags.fill_(True)
+            self.monitor.checked = 0
 
     @staticmethod
     def _apply(stage: _Stage, registers: Sequence[torch.Tensor | None], bias=None) -> torch.Tensor:
@@ -191,6 +276,27 @@ class PlanExecutor:
         if any(t is None for t in tensors):
             raise RuntimeError("solver plan reads a history entry that was never written (bad plan)")
         return linear_combination(stage.coefs, tensors, bias)
+
+    def _check_inputs(self, i: int, x: torch.Tensor, model_output: torch.Tensor) -> None:
+        if i != self.next_step:
+            raise RuntimeError(f"steps must be taken in order: expected step {self.next_step}, got {i}")
+        for name, t in (("sample", x), ("model output", model_output)):
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                what = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+                raise TypeError(f"the {name} must be a floating-point tensor, got {what}")
+        if model_output.device != x.device:
+            raise ValueError(f"the model output is on {model_output.device} but the sample on {x.device}")
+        if model_output.shape != x.shape:
+            raise ValueError(
+                f"model output shape {tuple(model_output.shape)} does not match sample shape {tuple(x.shape)}"
+            )
+        if self.shape is None:
+            self.shape = x.shape
+        elif x.shape != self.shape:
+            raise ValueError(
+                f"the sample's shape changed mid-run, from {tuple(self.shape)} at step {self.step_offset} to "
+                f"{tuple(x.shape)} at step {i + self.step_offset}; start a new run (set_timesteps) for a new batch"
+            )
 
     def step(self, i: int, x: torch.Tensor, model_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Advance from grid point ``i`` to ``i + 1``.
@@ -201,19 +307,14 @@ class PlanExecutor:
             model_output: The raw model output at (x, t_i).
 
         Returns:
-            (x_next, x0): the next sample (in ``x``'s dtype) and the data prediction at step i.
+            (x_next, x0): the next sample and the data prediction at step i, both in ``x``'s
+            dtype and both the caller's to modify (neither aliases the solver's history).
         """
-        if i != self.next_step:
-            raise RuntimeError(f"steps must be taken in order: expected step {self.next_step}, got {i}")
-        if model_output.shape != x.shape:
-            raise ValueError(
-                f"model output shape {tuple(model_output.shape)} does not match sample shape {tuple(x.shape)}"
-            )
+        self._check_inputs(i, x, model_output)
         out_dtype = x.dtype
+        x_in = x
         x = x.to(self.dtype)
         out = model_output.to(self.dtype)
-        if self.check_finite:
-            self.finite[i] = torch.isfinite(out).all()
 
         cx, co = self._x0[i]
         x0 = linear_combination((cx, co), (x, out))
@@ -238,12 +339,19 @@ class PlanExecutor:
 
         self.x_prev = x
         self.next_step = i + 1
-        return x_next.to(out_dtype), x0
+        x_next = x_next.to(out_dtype)
+        if self.monitor is not None:
+            self.monitor.record(i, out, x_next, x_in if i == 0 else None)
+        x0_out = x0.to(out_dtype)
+        if x0_out is d:  # the history keeps d: hand out a copy the caller may edit in place
+            x0_out = x0_out.clone()
+        return x_next, x0_out
+
+    def check_finite_upto(self, upto: int, wait: bool = False) -> None:
+        """Raise FloatingPointError naming the first bad step below ``upto`` (see :class:`FiniteMonitor`)."""
+        if self.monitor is not None:
+            self.monitor.check(upto, wait)
 
     def raise_if_nonfinite(self) -> None:
-        """One host sync: raise FloatingPointError naming the first non-finite model output."""
-        if not self.check_finite or bool(self.finite[: self.next_step].all()):
-            return
-        i = int(torch.nonzero(~self.finite)[0])
-        t = self.plan.grid.model_timesteps[i].item()
-        raise FloatingPointError(f"the model output at step {i} (timestep {t:g}) contains NaN or Inf")
+        """Check every step taken so far, waiting for the device if needed."""
+        self.check_finite_upto(self.next_step, wait=True)

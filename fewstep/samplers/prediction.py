@@ -15,9 +15,11 @@ from dataclasses import dataclass
 import torch
 
 from .schedules import FlowSchedule, NoiseSchedule
+from .validation import check_real
 
 __all__ = [
     "PREDICTIONS",
+    "MIN_EPSILON_ALPHA",
     "canonical_prediction",
     "check_prediction",
     "x0_coefficients",
@@ -27,6 +29,8 @@ __all__ = [
 ]
 
 PREDICTIONS = ("epsilon", "sample", "v_prediction", "flow")
+# Below this alpha, x0 = (x - sigma eps) / alpha multiplies the model's error by more than 1e5.
+MIN_EPSILON_ALPHA = 1e-5
 # diffusers spells the flow target "flow_prediction".
 _ALIASES = {"flow_prediction": "flow"}
 
@@ -37,6 +41,8 @@ def canonical_prediction(prediction: str) -> str:
     Raises:
         ValueError: for an unknown name.
     """
+    if not isinstance(prediction, str):
+        raise TypeError(f"prediction={prediction!r} must be a string, one of {PREDICTIONS + tuple(_ALIASES)}")
     name = _ALIASES.get(prediction, prediction)
     if name not in PREDICTIONS:
         raise ValueError(f"unknown prediction type {prediction!r}; choose one of {PREDICTIONS + tuple(_ALIASES)}")
@@ -62,12 +68,17 @@ def x0_coefficients(prediction: str, alpha: torch.Tensor, sigma: torch.Tensor) -
     """Coefficients (c_x, c_out) with x0 = c_x * x + c_out * out, float64.
 
     Raises:
-        ValueError: for epsilon prediction where alpha = 0 (x0 is undefined there).
+        ValueError: for epsilon prediction where alpha < ``MIN_EPSILON_ALPHA`` (x0 is undefined
+            at alpha = 0 and amplifies the model's error by 1/alpha near it).
     """
     alpha, sigma = alpha.double(), sigma.double()
     if prediction == "epsilon":
-        if bool((alpha == 0).any()):
-            raise ValueError("an epsilon-prediction model cannot be converted to x0 where alpha = 0 (pure noise)")
+        if bool((alpha < MIN_EPSILON_ALPHA).any()):
+            raise ValueError(
+                f"an epsilon-prediction model cannot be converted to x0 where alpha < {MIN_EPSILON_ALPHA:g} "
+                f"(here alpha = {float(alpha.min()):.3g}: pure noise, e.g. the start of a flow or cosine schedule); "
+                "use a flow/v-prediction model there or start the grid later (t_start)"
+            )
         return 1 / alpha, -sigma / alpha
     if prediction == "v_prediction":
         return alpha.clone(), -sigma
@@ -90,12 +101,14 @@ class DynamicThreshold:
     max_value: float = 1.0
 
     def __post_init__(self) -> None:
-        if not 0 < self.ratio <= 1:
-            raise ValueError(f"dynamic thresholding ratio must be in (0, 1], got {self.ratio}")
-        if not self.max_value >= 1:
-            raise ValueError(f"dynamic thresholding max_value must be >= 1, got {self.max_value}")
+        object.__setattr__(self, "ratio", check_real("dynamic thresholding ratio", self.ratio, 0.0, 1.0, open_min=True))
+        object.__setattr__(self, "max_value", check_real("dynamic thresholding max_value", self.max_value, 1.0))
 
     def __call__(self, x0: torch.Tensor) -> torch.Tensor:
+        if x0.dim() < 1:
+            raise ValueError(f"dynamic thresholding needs a batch of samples [B, ...], got shape {tuple(x0.shape)}")
+        if x0.numel() == 0:
+            return x0
         flat = x0.reshape(x0.shape[0], -1)
         s = torch.quantile(flat.abs().float(), self.ratio, dim=1).to(flat.dtype)
         s = s.clamp(min=1.0, max=self.max_value).unsqueeze(1)
@@ -109,8 +122,7 @@ class Clip:
     value: float = 1.0
 
     def __post_init__(self) -> None:
-        if not self.value > 0:
-            raise ValueError(f"clip value must be > 0, got {self.value}")
+        object.__setattr__(self, "value", check_real("clip value", self.value, 0.0, open_min=True))
 
     def __call__(self, x0: torch.Tensor) -> torch.Tensor:
         return x0.clamp(-self.value, self.value)

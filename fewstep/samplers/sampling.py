@@ -13,10 +13,13 @@ from .registry import get_solver
 from .schedules import NoiseSchedule, make_schedule
 from .solvers.base import Solver
 from .timesteps import GridSpec, TimeGrid, build_grid
+from .validation import check_bool, check_real
 
-__all__ = ["sample", "make_plan", "StepInfo", "compute_dtype", "DEFAULT_NFE"]
+__all__ = ["sample", "make_plan", "StepInfo", "compute_dtype", "check_guidance", "DEFAULT_NFE", "MAX_GUIDANCE"]
 
 DEFAULT_NFE = 10
+# Guidance scales beyond this overflow float32 model outputs long before they mean anything.
+MAX_GUIDANCE = 1e4
 
 
 @dataclass(frozen=True)
@@ -135,8 +138,18 @@ def sample(
         ValueError: unknown solver/option/prediction/spacing, bad nfe, shape mismatches.
         FloatingPointError: non-finite model output.
     """
+    if not callable(model):
+        raise TypeError(f"model must be callable as model(x, t[, cond]), got {type(model).__name__}")
     if not isinstance(x_T, torch.Tensor) or not x_T.is_floating_point():
         raise ValueError("x_T must be a floating-point tensor")
+    if x_T.dim() < 1:
+        raise ValueError("x_T must have a batch dimension (shape [B, ...]), got a 0-dim tensor")
+    check_finite = check_bool("check_finite", check_finite)
+    progress = check_bool("progress", progress)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+    if guidance is not None:
+        guidance = check_guidance(guidance)
     if guidance is not None and (cond is None or uncond is None):
         raise ValueError("guidance needs both cond and uncond (the unconditional conditioning)")
     if uncond is not None and guidance is None:
@@ -157,6 +170,8 @@ def sample(
         if given:
             raise ValueError(f"{given} cannot be combined with a prebuilt plan, which already fixes them")
 
+    if not isinstance(plan, SolverPlan):
+        raise TypeError(f"plan must be a SolverPlan from fewstep.make_plan, got {type(plan).__name__}")
     grid: TimeGrid = plan.grid
     device = x_T.device
     runner = PlanExecutor(plan, device, compute_dtype(x_T.dtype), thresholding, check_finite)
@@ -179,18 +194,39 @@ def sample(
         if guidance is None:
             out = model(x, t) if cond is None else model(x, t, cond)
         else:
-            both = model(torch.cat([x, x]), t.repeat(2), cond2)
+            both = _model_output(model(torch.cat([x, x]), t.repeat(2), cond2), (2 * batch, *x.shape[1:]))
             out_u, out_c = both.chunk(2)
             out = cfg_combine(out_u, out_c, guidance)
-        x, denoised = runner.step(i, x, out)
+        x, denoised = runner.step(i, x, _model_output(out, x.shape))
+        runner.check_finite_upto(i + 1)  # reads flags only when that needs no device sync
         if callback is not None:
             callback(StepInfo(i, float(grid.model_timesteps[i]), float(grid.sigma[i]), x, denoised))
     runner.raise_if_nonfinite()
     return x
 
 
+def _model_output(out: Any, shape: tuple[int, ...]) -> torch.Tensor:
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"the model must return a tensor, got {type(out).__name__}")
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"model output shape {tuple(out.shape)} does not match sample shape {tuple(shape)}")
+    return out
+
+
+def check_guidance(guidance: Any) -> float:
+    """Validate a classifier-free guidance scale (a finite number within +-MAX_GUIDANCE)."""
+    return check_real("guidance", guidance, -MAX_GUIDANCE, MAX_GUIDANCE)
+
+
 def _batch_of(c: Any) -> int:
-    return c.shape[0] if isinstance(c, torch.Tensor) else len(c)
+    if isinstance(c, torch.Tensor):
+        if c.dim() == 0:
+            raise ValueError("cond/uncond must have a batch dimension, got a 0-dim tensor")
+        return c.shape[0]
+    try:
+        return len(c)
+    except TypeError:
+        raise TypeError(f"cond/uncond must be a tensor or a list with one entry per sample, got {type(c).__name__}") from None
 
 
 def _cat(a: Any, b: Any) -> Any:

@@ -13,6 +13,7 @@ both understood. The solver's coefficient table is built once in ``set_timesteps
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -22,13 +23,21 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
-from .diffusers_config import SCHEDULE_KEYS_IN_KWARGS, foreign_solver_options, init_keys_of, translate_foreign_config
+from .diffusers_config import (
+    COMPATIBLE_SCHEDULERS,
+    SCHEDULE_KEYS_IN_KWARGS,
+    check_foreign_source,
+    foreign_solver_options,
+    init_keys_of,
+    translate_schedule_flags,
+)
 from .plan import PlanExecutor, SolverPlan
 from .prediction import Clip, DynamicThreshold, check_prediction
 from .registry import get_solver, solver_class
 from .sampling import compute_dtype
 from .schedules import DiscreteVPSchedule, FlowSchedule, NoiseSchedule
-from .timesteps import SPACINGS, GridSpec, TimeGrid, build_grid
+from .timesteps import MAX_NFE, SPACINGS, GridSpec, TimeGrid, build_grid
+from .validation import as_real_vector, check_bool, check_choice, check_int, check_real
 
 __all__ = [
     "FewstepScheduler",
@@ -82,7 +91,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             as in FlowMatchEulerDiscreteScheduler.
     """
 
-    _compatibles: ClassVar[list[str]] = []
+    # diffusers lists these in .compatibles (the schedulers whose configs translate).
+    _compatibles: ClassVar[list[str]] = list(COMPATIBLE_SCHEDULERS)
     order = 1
     default_solver: ClassVar[str] = "unipc"
 
@@ -117,25 +127,32 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         time_shift_type: str = "exponential",
         shift_terminal: float | None = None,
     ):
+        if solver is not None and not isinstance(solver, str):
+            raise TypeError(f"solver={solver!r} must be a registered solver name")
         name = solver or self.default_solver
         if type(self) is not FewstepScheduler and name != self.default_solver:
             raise ValueError(
                 f"{type(self).__name__} runs solver {self.default_solver!r}, not {name!r}; "
                 f"use FewstepScheduler(solver={name!r})"
             )
+        if solver_options is not None and not isinstance(solver_options, dict):
+            raise TypeError(f"solver_options must be a mapping of option names to values, got {solver_options!r}")
         self.solver = get_solver(name, **(solver_options or {}))
         # Record the resolved solver and its full option set, so saved configs are explicit.
         self.register_to_config(solver=name, solver_options=_jsonable(self.solver.config))
-        if timestep_spacing is not None and timestep_spacing not in SPACINGS:
-            raise ValueError(f"timestep_spacing={timestep_spacing!r} is not one of {SPACINGS}")
-        if variance_type not in (None, "learned", "learned_range", "fixed_small", "fixed_small_log", "fixed_large",
-                                 "fixed_large_log"):
-            raise ValueError(f"variance_type={variance_type!r} is not a diffusers variance type")
-        if final_sigmas_type not in ("zero", "sigma_min"):
-            raise ValueError(f"final_sigmas_type={final_sigmas_type!r} is not 'zero' or 'sigma_min'")
+        is_flow = prediction_type in ("flow", "flow_prediction")
+        _check_config_values(locals(), is_flow)
+        if timestep_spacing is None:
+            # Resolve the solver's diffusers default now, so saved configs load into diffusers'
+            # schedulers too; it stays listed in _use_default_values, so a config chain to
+            # another solver still takes that solver's own default.
+            ddim = self.solver.diffusers_convention == "ddim"
+            self.register_to_config(timestep_spacing="leading" if ddim and not is_flow else "linspace")
+        if set_alpha_to_one is None:
+            self.register_to_config(set_alpha_to_one=final_sigmas_type == "zero")
 
         self.schedule: NoiseSchedule
-        if prediction_type in ("flow", "flow_prediction"):
+        if is_flow:
             self.schedule = FlowSchedule(num_train_timesteps)
         else:
             self.schedule = DiscreteVPSchedule.from_betas(
@@ -164,20 +181,26 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     # ------------------------------------------------------------------ config translation
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
-        """Build from any diffusers scheduler config (VP or flow), routing solver options.
+        """Build from any compatible diffusers scheduler config (VP or flow), routing solver options.
 
         Schedule and grid keys keep their meaning; UniPC/DPM's ``use_flow_sigmas`` +
-        ``flow_shift`` and ``use_karras_sigmas``/``use_lu_lambdas`` are translated; their
-        ``solver_order``/``solver_type``/``algorithm_type``/... carry over where this
-        solver has the same option (see :mod:`fewstep.samplers.diffusers_config`).
+        ``flow_shift`` and ``use_karras_sigmas``/``use_lu_lambdas``/``use_exponential_sigmas``
+        are translated, whether they come with a diffusers config or as keywords next to a
+        fewstep one; their ``solver_order``/``solver_type``/``algorithm_type``/... carry over
+        where this solver has the same option (see :mod:`fewstep.samplers.diffusers_config`).
         Keyword arguments that are options of the solver (``order=3``, or diffusers'
-        ``solver_order=3``) go into ``solver_options``; any other unknown keyword, and
-        config settings fewstep cannot reproduce, raise ValueError.
+        ``solver_order=3``) go into ``solver_options``; any other unknown keyword, configs of
+        schedulers fewstep cannot sample, and settings it cannot reproduce raise ValueError.
         """
-        config = dict(config or {})
+        if config is None:
+            raise ValueError("from_config needs a scheduler config (e.g. pipe.scheduler.config)")
+        if not isinstance(config, Mapping):
+            raise TypeError(f"a scheduler config must be a mapping (a JSON object), got {type(config).__name__}")
+        config = dict(config)
         kwargs = dict(kwargs)
         # diffusers' own schedule flags are accepted as keywords too, and translated alike.
-        config.update({k: kwargs.pop(k) for k in list(kwargs) if k in SCHEDULE_KEYS_IN_KWARGS})
+        flags = {k: kwargs.pop(k) for k in list(kwargs) if k in SCHEDULE_KEYS_IN_KWARGS}
+        config.update(flags)
         init_keys = init_keys_of(cls)
         source_solver = config.get("solver")  # fewstep configs always record their solver
         if cls is FewstepScheduler:
@@ -191,10 +214,11 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             if source_solver != solver_name:
                 config.pop("solver_options", None)
         else:
+            check_foreign_source(config, init_keys)
             options = foreign_solver_options(config, target)
-            config = translate_foreign_config(config, init_keys)
             if options:
                 config["solver_options"] = options
+        config = translate_schedule_flags(config, init_keys, given=set(flags))
         config["solver"] = solver_name
 
         option_names = set(target.options)
@@ -211,11 +235,24 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                     f"options of solver {solver_name!r}: {', '.join(sorted(option_names)) or 'none'}"
                 )
         if routed or "solver_options" in kwargs:
-            kwargs["solver_options"] = {**(config.get("solver_options") or {}),
-                                        **(kwargs.get("solver_options") or {}), **routed}
+            given = kwargs.get("solver_options") or {}
+            if not isinstance(given, Mapping):
+                raise TypeError(f"solver_options must be a mapping of option names to values, got {given!r}")
+            kwargs["solver_options"] = {**(config.get("solver_options") or {}), **given, **routed}
         if cls is not FewstepScheduler:
             config.pop("solver", None)  # fixed by the class; a conflicting solver= keyword raises in __init__
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path=None, subfolder=None, return_unused_kwargs=False,
+                        **kwargs):
+        """Load a saved scheduler config (diffusers' ``from_pretrained``); errors name the config's location."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder,
+                                           return_unused_kwargs=return_unused_kwargs, **kwargs)
+        except (TypeError, ValueError) as exc:
+            where = str(pretrained_model_name_or_path) + (f"/{subfolder}" if subfolder else "")
+            raise type(exc)(f"scheduler config in {where}: {exc}") from None
 
     # ------------------------------------------------------------------ diffusers API
     @property
@@ -229,8 +266,13 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         return self._begin_index
 
     def set_begin_index(self, begin_index: int = 0) -> None:
-        """Start the next run at step ``begin_index`` (img2img / inpainting strength)."""
-        self._begin_index = begin_index
+        """Start the next run at step ``begin_index`` (img2img / inpainting strength).
+
+        Raises:
+            TypeError, ValueError: for a non-integer index or one beyond the last step.
+        """
+        last = (self.grid.n if self.grid is not None else MAX_NFE) - 1
+        self._begin_index = check_int("begin_index", begin_index, 0, last)
 
     def scale_model_input(self, sample: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """VP and flow models take the sample unscaled."""
@@ -259,26 +301,34 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         cfg = self.config
         if sigmas is not None and timesteps is not None:
             raise ValueError("pass either sigmas or timesteps, not both")
-        is_flow = isinstance(self.schedule, FlowSchedule)
-        if is_flow and cfg.use_dynamic_shifting and mu is None:
-            raise ValueError("mu must be passed to set_timesteps when use_dynamic_shifting=True")
         if num_inference_steps is None and sigmas is None and timesteps is None:
             raise ValueError("set_timesteps needs num_inference_steps, sigmas or timesteps")
-        ddim = self.solver.diffusers_convention == "ddim"
-        spacing = cfg.timestep_spacing or ("leading" if ddim and not is_flow else "linspace")
+        if num_inference_steps is not None:
+            num_inference_steps = check_int("num_inference_steps", num_inference_steps, 1, MAX_NFE)
+        try:
+            device = None if device is None else torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device={device!r} is not a torch device") from None
+        is_flow = isinstance(self.schedule, FlowSchedule)
+        if mu is not None:
+            if not (is_flow and cfg.use_dynamic_shifting):
+                raise ValueError("mu (the dynamic shift) needs a flow-matching config with use_dynamic_shifting=True")
+            mu = check_real("mu", mu)
+        elif is_flow and cfg.use_dynamic_shifting:
+            raise ValueError("mu must be passed to set_timesteps when use_dynamic_shifting=True")
         final = cfg.final_sigmas_type
-        if ddim and cfg.set_alpha_to_one is not None:
+        if self.solver.diffusers_convention == "ddim":
             final = "zero" if cfg.set_alpha_to_one else "sigma_min"
         spec = GridSpec(
-            spacing=spacing,
+            spacing=cfg.timestep_spacing,
             final_sigma="zero" if final == "zero" else "min",
             steps_offset=cfg.steps_offset,
             shift=cfg.shift if is_flow else 1.0,
-            mu=mu if (is_flow and cfg.use_dynamic_shifting) else None,
+            mu=mu,
             time_shift_type=cfg.time_shift_type,
-            shift_terminal=cfg.shift_terminal if is_flow else None,
-            timesteps=None if timesteps is None else tuple(np.asarray(timesteps, dtype=np.float64).ravel()),
-            sigmas=None if sigmas is None else tuple(np.asarray(sigmas, dtype=np.float64).ravel()),
+            shift_terminal=(cfg.shift_terminal or None) if is_flow else None,
+            timesteps=None if timesteps is None else tuple(as_real_vector("timesteps", timesteps)),
+            sigmas=None if sigmas is None else tuple(as_real_vector("sigmas", sigmas)),
             convention=self.solver.diffusers_convention,
         )
         self.grid = build_grid(self.schedule, num_inference_steps, spec)
@@ -292,18 +342,22 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         self._executor = None
 
     def index_for_timestep(self, timestep: float | torch.Tensor, schedule_timesteps: torch.Tensor | None = None) -> int:
-        """Position of ``timestep`` in the schedule.
+        """Position of ``timestep`` in the schedule (looked up on the host, in float64).
 
         Raises:
             ValueError: if the timestep is not one of the scheduled timesteps.
         """
-        schedule_timesteps = self.timesteps if schedule_timesteps is None else schedule_timesteps
-        if isinstance(timestep, torch.Tensor):
-            timestep = timestep.to(schedule_timesteps.device)
-        hits = torch.nonzero(torch.isclose(schedule_timesteps.double(), torch.as_tensor(timestep).double()
-                                           .to(schedule_timesteps.device), rtol=0, atol=1e-4))
+        if schedule_timesteps is None:
+            if self.grid is None:
+                raise ValueError("call set_timesteps before step")
+            schedule_timesteps = self.grid.model_timesteps
+        elif schedule_timesteps.device.type == "meta":
+            raise ValueError("cannot look up timesteps on the meta device; call set_begin_index first")
+        value = _host_scalar("timestep", timestep)
+        hits = torch.nonzero(torch.isclose(schedule_timesteps.detach().cpu().double(),
+                                           torch.tensor(value, dtype=torch.float64), rtol=0, atol=1e-4))
         if len(hits) == 0:
-            raise ValueError(f"timestep {float(timestep):g} is not one of the {len(schedule_timesteps)} scheduled timesteps")
+            raise ValueError(f"timestep {value:g} is not one of the {len(schedule_timesteps)} scheduled timesteps")
         return int(hits[0])
 
     def step(
@@ -320,7 +374,9 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
 
         Args:
             model_output: Raw network output at (sample, timestep).
-            timestep: The current timestep (used to find the position on the first call).
+            timestep: The current timestep (used to find the position on the first call;
+                on the meta device, where values cannot be read, the run starts at the
+                begin index, or 0).
             sample: The current sample.
             eta: Must be 0: the solvers are deterministic ODE solvers (pipelines pass it).
             generator: Accepted for pipelines that pass one; ODE solvers draw no noise.
@@ -328,9 +384,12 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             return_dict: Return a :class:`FewstepSchedulerOutput` rather than a tuple.
 
         Raises:
-            ValueError: before set_timesteps, after the last step, on shape mismatch, or
+            ValueError: before set_timesteps, after the last step, on shape/device mismatch, or
                 for eta != 0 / use_clipped_model_output=True.
-            FloatingPointError: after the last step, if any model output was NaN/Inf.
+            TypeError: for non-floating-point samples or model outputs.
+            FloatingPointError: when a model output or the sample became NaN/Inf (see
+                ``check_finite``), at the step where that is known without a device sync
+                and at the latest after the last step.
         """
         if eta:
             raise ValueError(f"eta={eta}: fewstep solvers are deterministic ODE solvers (eta = 0)")
@@ -338,10 +397,18 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError("use_clipped_model_output=True is not supported (DDIM takes eps from the raw output)")
         if self.grid is None:
             raise ValueError("call set_timesteps before step")
-        if self.config.variance_type in ("learned", "learned_range") and model_output.shape[1] == 2 * sample.shape[1]:
-            model_output = model_output[:, : sample.shape[1]]  # drop the predicted variance channels
+        if self.config.variance_type in ("learned", "learned_range") and isinstance(model_output, torch.Tensor):
+            if sample.dim() < 2:
+                raise ValueError("variance_type='learned*' needs samples with a channel dimension [B, C, ...]")
+            if model_output.shape[1] == 2 * sample.shape[1]:
+                model_output = model_output[:, : sample.shape[1]]  # drop the predicted variance channels
         if self._step_index is None:
-            self._step_index = self._begin_index if self._begin_index is not None else self.index_for_timestep(timestep)
+            if self._begin_index is not None:
+                self._step_index = self._begin_index
+            elif isinstance(timestep, torch.Tensor) and timestep.device.type == "meta":
+                self._step_index = 0  # meta tensors hold no values: assume a run from the start
+            else:
+                self._step_index = self.index_for_timestep(timestep)
         i = self._step_index
         if i >= self.grid.n:
             raise ValueError(f"all {self.grid.n} steps have been taken; call set_timesteps again")
@@ -350,30 +417,51 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             if ex is not None and ex.next_step != 0:
                 raise ValueError("the sample moved device or dtype in the middle of a run")
             ex = self._executor = self._make_executor(i, sample)
-        prev_sample, x0 = ex.step(i - self._run_start, sample, model_output)
+        local = i - self._run_start
+        prev_sample, x0 = ex.step(local, sample, model_output)
         self._step_index = i + 1
-        if self._step_index == self.grid.n:
-            ex.raise_if_nonfinite()
+        ex.check_finite_upto(local + 1, wait=self._step_index == self.grid.n)
         if not return_dict:
-            return (prev_sample, x0.to(sample.dtype))
-        return FewstepSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0.to(sample.dtype))
+            return (prev_sample, x0)
+        return FewstepSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+
+    def raise_if_nonfinite(self) -> None:
+        """Check every step of the current run so far (one device sync).
+
+        ``step`` checks on its own; call this after a run you stopped early (SDXL's
+        ``denoising_end``, an interrupted pipeline) to be sure its last steps were finite.
+
+        Raises:
+            FloatingPointError: naming the first step whose model output or sample was NaN/Inf.
+        """
+        if self._executor is not None:
+            self._executor.raise_if_nonfinite()
 
     def _make_executor(self, start: int, sample: torch.Tensor) -> PlanExecutor:
         # A run that starts part-way (img2img) has no history: rebuild the plan from there
         # so the warm-up orders restart, as diffusers' multistep schedulers do.
         plan = self.plan if start == 0 else self.solver.plan(self.grid.subgrid(start), self.prediction)
         self._run_start = start
-        return PlanExecutor(plan, sample.device, compute_dtype(sample.dtype), self.transform, self.check_finite)
+        return PlanExecutor(plan, sample.device, compute_dtype(sample.dtype), self.transform, self.check_finite,
+                            step_offset=start)
 
     def _alpha_sigma_at(self, timesteps: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        t = self.schedule.time_from_model(torch.as_tensor(timesteps).detach().cpu().double().reshape(-1))
+        t = self.schedule.time_from_model(torch.from_numpy(as_real_vector("timesteps", torch.as_tensor(timesteps)
+                                                                          .reshape(-1))))
         self.schedule.check_time(t)
         alpha, sigma = self.schedule.alpha_sigma(t)
-        shape = (-1,) + (1,) * (like.dim() - 1)
+        if like.dim() == 0 or alpha.numel() == 1:
+            shape = (1,) * like.dim()  # one timestep for the whole batch
+        elif alpha.numel() == like.shape[0]:
+            shape = (-1,) + (1,) * (like.dim() - 1)
+        else:
+            raise ValueError(f"got {alpha.numel()} timesteps for a batch of {like.shape[0]} samples")
         return (alpha.to(like.device, like.dtype).reshape(shape), sigma.to(like.device, like.dtype).reshape(shape))
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """Forward process x_t = alpha_t x_0 + sigma_t noise at the given model timesteps."""
+        if original_samples.shape != noise.shape:
+            raise ValueError(f"noise shape {tuple(noise.shape)} does not match the samples' {tuple(original_samples.shape)}")
         alpha, sigma = self._alpha_sigma_at(timesteps, original_samples)
         return alpha * original_samples + sigma * noise
 
@@ -383,6 +471,50 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
+
+
+def _host_scalar(name: str, value: Any) -> float:
+    """A Python float from a number or a one-element tensor (one host read, before a run)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a single value, got a tensor of shape {tuple(value.shape)}")
+        value = value.detach().cpu().double().item()
+    return check_real(name, value)
+
+
+def _check_config_values(values: dict[str, Any], is_flow: bool) -> None:
+    """Type and range checks of the config keys not validated by the schedule/solver they feed."""
+    for key in ("thresholding", "clip_sample", "use_dynamic_shifting", "rescale_betas_zero_snr"):
+        check_bool(key, values[key])
+    if values["set_alpha_to_one"] is not None:
+        check_bool("set_alpha_to_one", values["set_alpha_to_one"])
+    if values["timestep_spacing"] is not None:
+        check_choice("timestep_spacing", values["timestep_spacing"], SPACINGS)
+    check_choice("final_sigmas_type", values["final_sigmas_type"], ("zero", "sigma_min"))
+    check_choice("variance_type", values["variance_type"], (None, "learned", "learned_range", "fixed_small",
+                                                              "fixed_small_log", "fixed_large", "fixed_large_log"))
+    check_choice("time_shift_type", values["time_shift_type"], ("exponential", "linear"))
+    check_int("steps_offset", values["steps_offset"], 0, 100_000)
+    check_real("dynamic_thresholding_ratio", values["dynamic_thresholding_ratio"], 0.0, 1.0, open_min=True)
+    check_real("sample_max_value", values["sample_max_value"], 1.0)
+    check_real("clip_sample_range", values["clip_sample_range"], 0.0, open_min=True)
+    check_real("shift", values["shift"], 0.0, open_min=True)
+    for key in ("base_shift", "max_shift"):
+        check_real(key, values[key])
+    for key in ("base_image_seq_len", "max_image_seq_len"):
+        check_int(key, values[key], 1)
+    if values["shift_terminal"]:
+        check_real("shift_terminal", values["shift_terminal"], 0.0, 1.0, open_min=True, open_max=True)
+    if is_flow:
+        if values["trained_betas"] is not None:
+            raise ValueError("trained_betas describe a VP schedule; this is a flow-matching config")
+    else:
+        flow_only = [k for k, bad in (("shift", values["shift"] != 1.0),
+                                      ("use_dynamic_shifting", values["use_dynamic_shifting"]),
+                                      ("shift_terminal", bool(values["shift_terminal"]))) if bad]
+        if flow_only:
+            raise ValueError(f"{', '.join(flow_only)} only appl{'y' if len(flow_only) > 1 else 'ies'} to flow-matching configs "
+                             "(prediction_type='flow_prediction'), not to this VP config")
 
 
 def _jsonable(options: dict[str, Any]) -> dict[str, Any]:

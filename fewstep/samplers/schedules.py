@@ -13,6 +13,8 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 
+from .validation import as_real_vector, check_bool, check_choice, check_int, check_real
+
 __all__ = [
     "NoiseSchedule",
     "DiscreteVPSchedule",
@@ -122,29 +124,44 @@ def diffusers_betas(
     The model was trained with diffusers' float32 ``alphas_cumprod``; reproducing that
     table bit for bit (and only then moving to float64) keeps the sampler on the
     model's own noise levels.
-    """
-    if trained_betas is not None:
-        betas = torch.tensor(list(trained_betas), dtype=torch.float32)
-    elif beta_schedule == "linear":
-        betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
-    elif beta_schedule == "scaled_linear":
-        betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
-    elif beta_schedule == "squaredcos_cap_v2":
-        def abar(t: float) -> float:
-            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
 
-        betas = torch.tensor(
-            [
-                min(1 - abar((i + 1) / num_train_timesteps) / abar(i / num_train_timesteps), 0.999)
-                for i in range(num_train_timesteps)
-            ],
-            dtype=torch.float32,
-        )
+    Raises:
+        TypeError, ValueError: naming the bad key (counts, ranges, lengths, types).
+    """
+    num_train_timesteps = check_int("num_train_timesteps", num_train_timesteps, 2, 100_000)
+    rescale_betas_zero_snr = check_bool("rescale_betas_zero_snr", rescale_betas_zero_snr)
+    if trained_betas is not None:
+        given = as_real_vector("trained_betas", trained_betas)
+        if given.size != num_train_timesteps:
+            raise ValueError(
+                f"trained_betas has {given.size} entries but num_train_timesteps={num_train_timesteps}; "
+                "they must agree"
+            )
+        betas = torch.tensor(given, dtype=torch.float32)
+        source = "trained_betas"
     else:
-        raise ValueError(f"beta_schedule={beta_schedule!r} is not one of {BETA_SCHEDULES} (or pass trained_betas)")
+        check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
+        beta_start = check_real("beta_start", beta_start, 0.0, 1.0, open_max=True)
+        beta_end = check_real("beta_end", beta_end, 0.0, 1.0, open_min=True, open_max=True)
+        betas = _beta_table(beta_schedule, beta_start, beta_end, num_train_timesteps)
+        source = f"beta_start={beta_start:g}, beta_end={beta_end:g}"
+    if not bool(((betas > 0) & (betas < 1)).all()):
+        raise ValueError(f"{source} give betas outside (0, 1); every beta must be a probability strictly inside it")
     if rescale_betas_zero_snr:
         betas = _rescale_zero_terminal_snr(betas)
     return betas
+
+
+def _beta_table(beta_schedule: str, beta_start: float, beta_end: float, n: int) -> torch.Tensor:
+    if beta_schedule == "linear":
+        return torch.linspace(beta_start, beta_end, n, dtype=torch.float32)
+    if beta_schedule == "scaled_linear":
+        return torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float32) ** 2
+
+    def abar(t: float) -> float:  # squaredcos_cap_v2 (Nichol & Dhariwal 2021)
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    return torch.tensor([min(1 - abar((i + 1) / n) / abar(i / n), 0.999) for i in range(n)], dtype=torch.float32)
 
 
 def _rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
@@ -168,16 +185,21 @@ class DiscreteVPSchedule(NoiseSchedule):
     kind = "vp_discrete"
 
     def __init__(self, alphas_cumprod: Sequence[float] | torch.Tensor, **meta: Any):
-        ac = _f64(alphas_cumprod).flatten()
+        ac = torch.from_numpy(as_real_vector("alphas_cumprod", alphas_cumprod))
         if ac.numel() < 2:
             raise ValueError("alphas_cumprod needs at least 2 entries")
         if not bool(((ac > 0) & (ac < 1)).all()):
             raise ValueError("alphas_cumprod must lie strictly inside (0, 1)")
         lam = 0.5 * (torch.log(ac) - torch.log1p(-ac))
-        if not bool((lam[1:] < lam[:-1]).all()):
+        # Zero-terminal-SNR schedules end on diffusers' stand-in alphas_cumprod[-1] = 2^-24, which
+        # for steep betas (linear 1e-4..0.02) lies above alphas_cumprod[-2]: tolerated at the end only.
+        body = lam[:-1] if meta.get("rescale_betas_zero_snr") else lam
+        if not bool((body[1:] < body[:-1]).all()):
             raise ValueError("alphas_cumprod must be strictly decreasing")
         self.alphas_cumprod = ac
         self._lambdas = lam
+        # Monotone envelope for the inverse t(lambda); equal to lam except at such a zero-SNR end.
+        self._lambdas_monotone = torch.cummin(lam, 0).values
         self._meta = meta
         self.t_min, self.t_max = 0.0, float(ac.numel() - 1)
 
@@ -232,10 +254,11 @@ class DiscreteVPSchedule(NoiseSchedule):
     def t_from_lambda(self, lam: torch.Tensor) -> torch.Tensor:
         lam = _f64(lam)
         # lambdas decrease with t: search in the reversed (increasing) table.
-        rev = self._lambdas.flip(0)
-        idx = torch.searchsorted(rev, lam.clamp(rev[0], rev[-1]).contiguous()).clamp(1, rev.numel() - 1)
+        rev = self._lambdas_monotone.flip(0)
+        lam = lam.clamp(rev[0], rev[-1]).contiguous()
+        idx = torch.searchsorted(rev, lam).clamp(1, rev.numel() - 1)
         l0, l1 = rev[idx - 1], rev[idx]
-        w = (lam.clamp(rev[0], rev[-1]) - l0) / (l1 - l0)
+        w = torch.where(l1 > l0, (lam - l0) / (l1 - l0), torch.zeros_like(lam))
         t_rev = (idx - 1).double() + w
         return (self.t_max - t_rev).clamp(self.t_min, self.t_max)
 
@@ -260,16 +283,19 @@ class ContinuousVPSchedule(NoiseSchedule):
         t_max: float | None = None,
         timestep_scale: float = 1.0,
     ):
-        if schedule not in ("linear", "cosine"):
-            raise ValueError(f"continuous VP schedule {schedule!r} is not one of ('linear', 'cosine')")
-        self.schedule, self.beta_min, self.beta_max, self.cosine_s = schedule, beta_min, beta_max, cosine_s
-        if schedule == "linear":
-            self.t_min, self.t_max = (1e-3 if t_min is None else t_min), (1.0 if t_max is None else t_max)
-        else:
-            # t_max < 1: the cosine schedule's log-SNR diverges at t = 1 (DPM-Solver uses 0.9946).
-            self.t_min, self.t_max = (1e-3 if t_min is None else t_min), (0.9946 if t_max is None else t_max)
-        self.timestep_scale = timestep_scale
-        self._cos_log_alpha_0 = math.log(math.cos(cosine_s / (1 + cosine_s) * math.pi / 2))
+        check_choice("schedule", schedule, ("linear", "cosine"))
+        self.schedule = schedule
+        self.beta_min = check_real("beta_min", beta_min, 0.0)
+        self.beta_max = check_real("beta_max", beta_max, self.beta_min, open_min=True)
+        self.cosine_s = check_real("cosine_s", cosine_s, 0.0, 1.0, open_min=True)
+        # The cosine schedule's log-SNR diverges at t = 1, so its t_max stays below (DPM-Solver uses 0.9946).
+        t_hi_limit = 1.0 if schedule == "linear" else 1.0 - 1e-6
+        default_max = 1.0 if schedule == "linear" else 0.9946
+        self.t_min = check_real("t_min", 1e-3 if t_min is None else t_min, 0.0, 1.0, open_min=True, open_max=True)
+        self.t_max = check_real("t_max", default_max if t_max is None else t_max, self.t_min, t_hi_limit,
+                                open_min=True)
+        self.timestep_scale = check_real("timestep_scale", timestep_scale, 0.0, open_min=True)
+        self._cos_log_alpha_0 = math.log(math.cos(self.cosine_s / (1 + self.cosine_s) * math.pi / 2))
 
     @property
     def variance_preserving(self) -> bool:
@@ -314,9 +340,10 @@ class FlowSchedule(NoiseSchedule):
     kind = "flow"
 
     def __init__(self, num_train_timesteps: int = 1000, t_min: float = 0.0, t_max: float = 1.0):
-        self.num_train_timesteps = num_train_timesteps
-        self.timestep_scale = float(num_train_timesteps)
-        self.t_min, self.t_max = t_min, t_max
+        self.num_train_timesteps = check_int("num_train_timesteps", num_train_timesteps, 1, 100_000)
+        self.timestep_scale = float(self.num_train_timesteps)
+        self.t_min = check_real("t_min", t_min, 0.0, 1.0, open_max=True)
+        self.t_max = check_real("t_max", t_max, self.t_min, 1.0, open_min=True)
 
     def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = _f64(t)
@@ -348,9 +375,8 @@ class VESchedule(NoiseSchedule):
     default_spacing = "karras"
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0):
-        if not 0 < sigma_min < sigma_max:
-            raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
-        self.t_min, self.t_max = sigma_min, sigma_max
+        self.t_min = check_real("sigma_min", sigma_min, 0.0, open_min=True)
+        self.t_max = check_real("sigma_max", sigma_max, self.t_min, open_min=True)
 
     def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = _f64(t)
@@ -388,15 +414,15 @@ def make_schedule(spec: "str | NoiseSchedule | dict[str, Any]" = "linear", **kwa
     Raises:
         ValueError: for an unknown name or kind.
     """
+    if not isinstance(spec, (str, NoiseSchedule, dict)):
+        raise TypeError(f"schedule={spec!r} must be a name, a NoiseSchedule or a to_dict() description")
     if isinstance(spec, NoiseSchedule):
         if kwargs:
             raise ValueError(f"unexpected options {sorted(kwargs)} for an already built schedule")
         return spec
     if isinstance(spec, dict):
         d = {**spec, **kwargs}
-        kind = d.pop("kind", None)
-        if kind not in _KINDS:
-            raise ValueError(f"schedule kind {kind!r} is not one of {sorted(_KINDS)}")
+        kind = check_choice("schedule kind", d.pop("kind", None), sorted(_KINDS))
         if kind == DiscreteVPSchedule.kind:
             if "alphas_cumprod" in d:
                 return DiscreteVPSchedule(d.pop("alphas_cumprod"))

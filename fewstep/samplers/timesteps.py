@@ -6,12 +6,14 @@ noisiest point to the terminal one. The last point is never evaluated; with
 ``final_sigma="min"`` it is the least-noisy time the model knows.
 
 Spacings:
-    logsnr, time_uniform, time_quadratic, karras: spaced uniformly in lambda, in t, in
-        sqrt(t) (DPM-Solver), or in sigma^(1/rho) (Karras et al. 2022) between t_start and
-        t_end. With ``final_sigma="zero"`` the ``n`` evaluations span [t_start, t_end]
-        and a last step goes to sigma = 0 (EDM's and diffusers' ``use_karras_sigmas``
-        convention); with ``"min"`` the ``n + 1`` points span it and the run ends at
-        t_end (DPM-Solver's convention).
+    logsnr, time_uniform, time_quadratic, karras, exponential: spaced uniformly in lambda,
+        in t, in sqrt(t) (DPM-Solver), in sigma^(1/rho) (Karras et al. 2022) or in log sigma
+        (diffusers' ``use_exponential_sigmas``), sigma being diffusers' sigma (sigma/alpha on
+        VP, where ``exponential`` equals ``logsnr``; the flow time itself on flow models),
+        between t_start and t_end. With ``final_sigma="zero"`` the ``n`` evaluations span
+        [t_start, t_end] and a last step goes to sigma = 0 (EDM's and diffusers'
+        ``use_karras_sigmas`` convention); with ``"min"`` the ``n + 1`` points span it and
+        the run ends at t_end (DPM-Solver's convention).
     linspace, leading, trailing: diffusers' integer spacings for discrete VP models
         (Table 2 of Lin et al. 2023); on flow schedules ``linspace`` is linear in sigma.
         diffusers' schedulers disagree on their details, so each solver names the
@@ -19,7 +21,10 @@ Spacings:
         FlowMatchEulerDiscreteScheduler), ``multistep`` (UniPCMultistepScheduler) or
         ``dpmsolver`` (DPMSolverMultistepScheduler).
     explicit ``timesteps`` (model timesteps) or ``sigmas`` (diffusers sigmas).
-On flow schedules a static ``shift`` or a dynamic ``mu`` warps the generated grid.
+On flow schedules a static ``shift`` or a dynamic ``mu`` warps the generated grid: the
+points themselves for the linspace/time/log-SNR spacings, only the two ends for karras and
+exponential, which are then spaced between the shifted ends (what diffusers'
+FlowMatchEulerDiscreteScheduler does with ``use_karras_sigmas`` / ``use_exponential_sigmas``).
 """
 
 from __future__ import annotations
@@ -32,13 +37,15 @@ import numpy as np
 import torch
 
 from .schedules import DiscreteVPSchedule, FlowSchedule, NoiseSchedule
+from .validation import as_real_vector, check_choice, check_int, check_real
 
 __all__ = ["GridSpec", "TimeGrid", "build_grid", "SPACINGS", "flow_shift"]
 
-SPACINGS = ("logsnr", "time_uniform", "time_quadratic", "karras", "linspace", "leading", "trailing")
+SPACINGS = ("logsnr", "time_uniform", "time_quadratic", "karras", "exponential", "linspace", "leading", "trailing")
 _DIFFUSERS_SPACINGS = ("linspace", "leading", "trailing")
 _FINAL_SIGMAS = ("zero", "min")
 _CONVENTIONS = ("multistep", "dpmsolver", "ddim")
+MAX_NFE = 100_000
 
 
 @dataclass(frozen=True)
@@ -79,24 +86,33 @@ class GridSpec:
     convention: str | None = None
 
     def __post_init__(self) -> None:
-        if self.spacing not in SPACINGS:
-            raise ValueError(f"unknown spacing {self.spacing!r}; choose one of {SPACINGS}")
-        if self.final_sigma not in _FINAL_SIGMAS:
-            raise ValueError(f"final_sigma={self.final_sigma!r} is not one of {_FINAL_SIGMAS}")
-        if self.convention is not None and self.convention not in _CONVENTIONS:
-            raise ValueError(f"convention={self.convention!r} is not one of {_CONVENTIONS}")
-        if self.time_shift_type not in ("exponential", "linear"):
-            raise ValueError(f"time_shift_type={self.time_shift_type!r} is not 'exponential' or 'linear'")
-        if not self.rho > 0:
-            raise ValueError(f"rho must be > 0, got {self.rho}")
-        if not self.shift > 0:
-            raise ValueError(f"shift must be > 0, got {self.shift}")
+        check_choice("spacing", self.spacing, SPACINGS)
+        check_choice("final_sigma", self.final_sigma, _FINAL_SIGMAS)
+        if self.convention is not None:
+            check_choice("convention", self.convention, _CONVENTIONS)
+        check_choice("time_shift_type", self.time_shift_type, ("exponential", "linear"))
+        fields = {
+            "rho": check_real("rho", self.rho, 0.1, 100.0),
+            "steps_offset": check_int("steps_offset", self.steps_offset, 0, 100_000),
+            "shift": check_real("shift", self.shift, 0.0, open_min=True),
+        }
+        if self.mu is not None:
+            fields["mu"] = check_real("mu", self.mu, *((0.0, None) if self.time_shift_type == "linear" else ()),
+                                      open_min=True)
+        if self.shift_terminal is not None:
+            fields["shift_terminal"] = check_real("shift_terminal", self.shift_terminal, 0.0, 1.0,
+                                                  open_min=True, open_max=True)
+        for name in ("t_start", "t_end"):
+            if getattr(self, name) is not None:
+                fields[name] = check_real(name, getattr(self, name))
         if self.timesteps is not None and self.sigmas is not None:
             raise ValueError("pass either timesteps or sigmas, not both")
         for name in ("timesteps", "sigmas"):
             value = getattr(self, name)
             if value is not None:
-                object.__setattr__(self, name, tuple(float(v) for v in np.asarray(value, dtype=np.float64).ravel()))
+                fields[name] = tuple(as_real_vector(name, value).tolist())
+        for name, value in fields.items():
+            object.__setattr__(self, name, value)
 
     def replace(self, **changes) -> "GridSpec":
         """A copy with some fields changed."""
@@ -162,9 +178,13 @@ def flow_shift(sigmas: np.ndarray, spec: GridSpec) -> np.ndarray:
     ``shift_terminal``.
     """
     if spec.mu is not None:
-        scale = math.exp(spec.mu) if spec.time_shift_type == "exponential" else spec.mu
-        with np.errstate(divide="ignore"):
-            sigmas = np.where(sigmas > 0, scale / (scale + (1 / np.maximum(sigmas, 1e-300) - 1)), 0.0)
+        with np.errstate(divide="ignore", over="ignore"):
+            if spec.time_shift_type == "exponential":
+                # e^mu / (e^mu + 1/sigma - 1) = sigmoid(mu + logit(sigma)): no overflow for any mu.
+                logit = np.log(sigmas) - np.log1p(-sigmas)
+                sigmas = np.where(sigmas > 0, 1 / (1 + np.exp(-(spec.mu + logit))), 0.0)
+            else:
+                sigmas = np.where(sigmas > 0, spec.mu / (spec.mu + (1 / np.maximum(sigmas, 1e-300) - 1)), 0.0)
     elif spec.shift != 1.0:
         sigmas = spec.shift * sigmas / (1 + (spec.shift - 1) * sigmas)
     if spec.shift_terminal and sigmas[-1] < 1:  # a lone evaluation at sigma = 1 has nothing to stretch
@@ -242,15 +262,51 @@ def _spaced(schedule: NoiseSchedule, count: int, t_hi: float, t_lo: float, spec:
             lam_ends = lam_ends.clamp(min=float(schedule.lambda_(torch.tensor(1 - inv_n, dtype=f64))))
         lam = torch.linspace(float(lam_ends[0]), float(lam_ends[1]), count, dtype=f64)
         ts = schedule.t_from_lambda(lam).numpy()
-    else:  # karras
-        s_hi, s_lo = schedule.diffusers_sigma(torch.tensor([t_hi, t_lo], dtype=f64)).tolist()
+    else:  # karras, exponential: in diffusers' sigma
+        log_hi, log_lo = schedule.diffusers_sigma(torch.tensor([t_hi, t_lo], dtype=f64)).log().tolist()
         ramp = np.linspace(0, 1, count)
-        root_hi, root_lo = s_hi ** (1 / spec.rho), s_lo ** (1 / spec.rho)
-        ts = schedule.t_from_diffusers_sigma(torch.from_numpy((root_hi + ramp * (root_lo - root_hi)) ** spec.rho)).numpy()
+        if spec.spacing == "exponential":
+            log_s = log_hi + ramp * (log_lo - log_hi)
+        else:
+            # sigma = (hi^(1/rho) + ramp (lo^(1/rho) - hi^(1/rho)))^rho, factored through hi so that
+            # no power of a large sigma is ever formed (rho near 0 would overflow).
+            q = math.exp((log_lo - log_hi) / spec.rho)
+            log_s = log_hi + spec.rho * np.log1p(ramp * (q - 1))
+        ts = schedule.t_from_diffusers_sigma(torch.from_numpy(np.exp(log_s))).numpy()
     ts[0] = t_hi  # exact ends, free of round trips (a single point is the start)
     if count > 1:
         ts[-1] = t_lo
     return ts
+
+
+def _custom_sigmas(schedule: NoiseSchedule, sigmas: np.ndarray, spec: GridSpec) -> np.ndarray:
+    """Schedule times of explicit diffusers sigmas, refusing (never clamping) values out of range."""
+    if isinstance(schedule, FlowSchedule):
+        sigmas = _unipc_nudge(flow_shift(sigmas, spec), spec)  # FlowMatchEuler shifts custom sigmas too
+        what = "shifted flow sigma" if (spec.mu is not None or spec.shift != 1.0) else "flow sigma"
+    else:
+        what = "sigma"
+    lo, hi = schedule.diffusers_sigma(torch.tensor([schedule.t_min, schedule.t_max], dtype=torch.float64)).tolist()
+    tol = 1e-6 * hi
+    bad = (sigmas < lo - tol) | (sigmas > hi + tol) | (sigmas <= 0)
+    if bad.any():
+        raise ValueError(
+            f"custom {what} {sigmas[bad][0]:g} is outside this {schedule.kind} schedule's range "
+            f"({max(lo, 0):g}, {hi:g}]; custom sigmas are never clamped (the terminal sigma 0 is appended for you)"
+        )
+    return schedule.t_from_diffusers_sigma(torch.from_numpy(np.clip(sigmas, lo, hi))).numpy()
+
+
+def _flow_ends(schedule: FlowSchedule, t_hi: float, t_lo: float, spec: GridSpec) -> tuple[float, float]:
+    """The shifted ends between which flow karras/exponential grids are spaced.
+
+    FlowMatchEulerDiscreteScheduler (the ``ddim`` convention) ends its grid on a sigma_min
+    it already shifted at init when the shift is static; diffusers shifts that again.
+    """
+    if spec.convention == "ddim" and spec.t_end is None:
+        t_lo = float(_flow_linspace(2, schedule, t_hi, spec)[-1])
+    hi, lo = flow_shift(np.array([t_hi, t_lo]), spec)
+    return float(hi), float(lo)
 
 
 def _grid_times(schedule: NoiseSchedule, n: int, spec: GridSpec) -> np.ndarray:
@@ -262,15 +318,19 @@ def _grid_times(schedule: NoiseSchedule, n: int, spec: GridSpec) -> np.ndarray:
         if not t_hi > t_lo:
             raise ValueError(f"t_start={t_hi:g} must be larger than t_end={t_lo:g}")
     is_flow = isinstance(schedule, FlowSchedule)
+    if not is_flow:
+        given = [k for k, v in (("mu", spec.mu), ("shift", None if spec.shift == 1.0 else spec.shift),
+                                ("shift_terminal", spec.shift_terminal)) if v is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} only appl{'y' if len(given) > 1 else 'ies'} to flow-matching "
+                             f"schedules, not to this "
+                             f"{schedule.kind} schedule")
 
     if spec.timesteps is not None:
         ts = schedule.time_from_model(torch.tensor(spec.timesteps, dtype=torch.float64)).numpy()
         return np.append(ts, t_lo)
     if spec.sigmas is not None:
-        s = np.asarray(spec.sigmas, dtype=np.float64)
-        if is_flow:
-            s = _unipc_nudge(flow_shift(s, spec), spec)
-        return np.append(schedule.t_from_diffusers_sigma(torch.from_numpy(s)).numpy(), t_lo)
+        return np.append(_custom_sigmas(schedule, np.asarray(spec.sigmas, dtype=np.float64), spec), t_lo)
 
     if spec.spacing in _DIFFUSERS_SPACINGS:
         if isinstance(schedule, DiscreteVPSchedule):
@@ -282,17 +342,34 @@ def _grid_times(schedule: NoiseSchedule, n: int, spec: GridSpec) -> np.ndarray:
             return np.append(_unipc_nudge(flow_shift(_flow_linspace(n, schedule, t_hi, spec), spec), spec), t_lo)
         raise ValueError(
             f"spacing={spec.spacing!r} needs a discrete-time VP schedule (or 'linspace' on flow); "
-            f"use logsnr, time_uniform, time_quadratic or karras for a {schedule.kind} schedule"
+            f"use logsnr, time_uniform, time_quadratic, karras or exponential for a {schedule.kind} schedule"
         )
 
+    shift_points = is_flow
+    if is_flow and spec.spacing in ("karras", "exponential"):
+        t_hi, t_lo = _flow_ends(schedule, t_hi, t_lo, spec)
+        shift_points = False
     if spec.final_sigma == "zero":
         evals, terminal = _spaced(schedule, n, t_hi, t_lo, spec), t_lo
     else:
         ts = _spaced(schedule, n + 1, t_hi, t_lo, spec)
         evals, terminal = ts[:-1], ts[-1]
-    if is_flow:
+    if shift_points:
         evals = flow_shift(evals, spec)
     return np.append(evals, terminal)
+
+
+def _describe(spec: GridSpec, nfe: int, schedule: NoiseSchedule) -> str:
+    """The grid settings that decide where points land, for error messages."""
+    if spec.timesteps is not None or spec.sigmas is not None:
+        parts = [f"{'timesteps' if spec.timesteps is not None else 'sigmas'} given explicitly"]
+    else:
+        parts = [f"nfe={nfe}", f"spacing={spec.spacing!r}"]
+        if spec.spacing == "karras":
+            parts.append(f"rho={spec.rho:g}")
+    if isinstance(schedule, FlowSchedule):
+        parts += [f"shift={spec.shift:g}"] if spec.mu is None else [f"mu={spec.mu:g}"]
+    return ", ".join(parts)
 
 
 def build_grid(schedule: NoiseSchedule, nfe: int | None, spec: GridSpec | None = None) -> TimeGrid:
@@ -311,15 +388,19 @@ def build_grid(schedule: NoiseSchedule, nfe: int | None, spec: GridSpec | None =
         ValueError: on ``nfe < 1``, explicit lists of the wrong length, times outside the
             schedule, or timesteps that are not strictly decreasing in noise.
     """
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError(f"schedule must be a NoiseSchedule, got {schedule!r}")
+    if spec is not None and not isinstance(spec, GridSpec):
+        raise TypeError(f"spec must be a GridSpec, got {spec!r}")
     spec = spec or GridSpec()
     explicit = spec.timesteps if spec.timesteps is not None else spec.sigmas
     if explicit is not None:
         if nfe is not None and nfe != len(explicit):
             raise ValueError(f"nfe={nfe} does not match the {len(explicit)} explicit timesteps/sigmas")
         nfe = len(explicit)
-    if nfe is None or isinstance(nfe, bool) or not isinstance(nfe, (int, np.integer)) or nfe < 1:
-        raise ValueError(f"nfe must be a whole number >= 1, got {nfe!r}")
-    nfe = int(nfe)
+    if nfe is None:
+        raise ValueError("nfe (the number of model evaluations) is required without explicit timesteps/sigmas")
+    nfe = check_int("nfe", nfe, 1, MAX_NFE)
 
     if spec.convention is None:
         spec = spec.replace(convention="multistep")
@@ -341,7 +422,7 @@ def build_grid(schedule: NoiseSchedule, nfe: int | None, spec: GridSpec | None =
         bad = int(torch.nonzero(~(steps > 0))[0])
         raise ValueError(
             f"timesteps must strictly decrease in noise level; step {bad} goes from "
-            f"t={t[bad].item():g} to t={t[bad + 1].item():g} (nfe={nfe}, spacing={spec.spacing!r})"
+            f"t={t[bad].item():g} to t={t[bad + 1].item():g} ({_describe(spec, nfe, schedule)})"
         )
     return TimeGrid(
         schedule=schedule,

@@ -13,6 +13,7 @@ import torch
 from ..plan import SolverPlan
 from ..prediction import x0_coefficients
 from ..timesteps import TimeGrid
+from ..validation import check_index_list
 
 __all__ = ["Option", "Solver", "SPACE_OPTION", "StepGeometry", "ei_coefficients", "usable_order", "empty_tables"]
 
@@ -42,12 +43,14 @@ class Option:
             if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
                 raise ValueError(f"{where} must be a number")
             value = float(value)
+            if not math.isfinite(value):
+                raise ValueError(f"{where} must be finite")
         elif self.kind == "int_list":
             try:
-                value = tuple(sorted({int(v) for v in value}))
-            except TypeError:
-                raise ValueError(f"{where} must be a list of step indices") from None
-        if self.choices is not None and value not in self.choices:
+                value = check_index_list(name, value)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"{exc} (option of solver {solver!r})") from None
+        if self.choices is not None and not any(type(value) is type(c) and value == c for c in self.choices):
             raise ValueError(f"{where} is not one of {self.choices}")
         if self.bounds is not None and not self.bounds[0] <= value <= self.bounds[1]:
             lo, hi = self.bounds
