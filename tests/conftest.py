@@ -1,7 +1,19 @@
 """Test-wide settings."""
 
+import os
+
 import torch
 
 # The suite is dominated by many tiny tensor ops, where intra-op threads only add
 # synchronisation overhead (and thrash badly when another process shares the cores).
 torch.set_num_threads(1)
+
+try:
+    from hypothesis import settings
+
+    # fast: CI (every property test runs 500 examples); slow: HYPOTHESIS_PROFILE=slow.
+    settings.register_profile("fast", max_examples=500, derandomize=True, print_blob=True)
+    settings.register_profile("slow", max_examples=5000, print_blob=True)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
+except ImportError:  # hypothesis is a test extra; tests/test_properties.py skips without it
+    pass

@@ -501,3 +501,17 @@ def test_guidance_bounds_are_named():
     assert math.isclose(fewstep.samplers.sampling.check_guidance(7.5), 7.5)
     with pytest.raises(ValueError, match=r"\[-10000, 10000\]"):
         fewstep.samplers.sampling.check_guidance(2e4)
+
+
+def test_a_failed_set_timesteps_changes_nothing():
+    # Found by tests/test_properties.py: the grid used to be kept although the plan failed.
+    s = UniPCScheduler.from_config({"rescale_betas_zero_snr": True}, space="noise")
+    with pytest.raises(ValueError, match="space='noise'"):
+        s.set_timesteps(2)
+    assert s.grid is None and s.plan is None
+    s = UniPCScheduler.from_config({})
+    s.set_timesteps(4)
+    grid = s.grid
+    with pytest.raises(ValueError):
+        s.set_timesteps(sigmas=[1e9, 1.0])
+    assert s.grid is grid and len(s.timesteps) == 4

@@ -141,7 +141,8 @@ def sample(
     if not callable(model):
         raise TypeError(f"model must be callable as model(x, t[, cond]), got {type(model).__name__}")
     if not isinstance(x_T, torch.Tensor) or not x_T.is_floating_point():
-        raise ValueError("x_T must be a floating-point tensor")
+        what = x_T.dtype if isinstance(x_T, torch.Tensor) else type(x_T).__name__
+        raise TypeError(f"x_T must be a floating-point tensor, got {what}")
     if x_T.dim() < 1:
         raise ValueError("x_T must have a batch dimension (shape [B, ...]), got a 0-dim tensor")
     check_finite = check_bool("check_finite", check_finite)

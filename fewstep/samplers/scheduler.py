@@ -331,8 +331,9 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             sigmas=None if sigmas is None else tuple(as_real_vector("sigmas", sigmas)),
             convention=self.solver.diffusers_convention,
         )
-        self.grid = build_grid(self.schedule, num_inference_steps, spec)
-        self.plan = self.solver.plan(self.grid, self.prediction)
+        grid = build_grid(self.schedule, num_inference_steps, spec)
+        plan = self.solver.plan(grid, self.prediction)
+        self.grid, self.plan = grid, plan  # only once both succeeded: a failed call changes nothing
         ts = self.grid.model_timesteps
         self.timesteps = (ts.round().long() if self.grid.integer_timesteps else ts.float()).to(device)
         self.sigmas = self.grid.diffusers_sigmas().float()
