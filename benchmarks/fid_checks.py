@@ -12,7 +12,8 @@
   InceptionV3 module is loaded (its package ``__init__`` imports torchvision).
 * Batch-size dependence of the Inception features on this CPU (batch 1 and 7 vs 32).
 
-Writes ``benchmarks/results/fid_checks.json``. Runs on one thread (~2 min on 2 shared cores).
+Writes ``benchmarks/results/fid_checks.json``. Runs on one thread (~4 min on 2 shared cores);
+FD timings are medians of 3 interleaved repeats.
 """
 
 from __future__ import annotations
@@ -27,13 +28,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
-
 from fewstep.eval.fd import frechet_distance
 from fewstep.eval.features import extract_features, feature_extractor, resize_images
-from fewstep.eval.inception import FIDInceptionV3
+from fewstep.eval.inception import random_fid_inception
 
 RESULTS = Path(__file__).parent / "results" / "fid_checks.json"
+REPEATS = 3
 
 
 def _covariance(d: int, rank: int, rng: np.random.Generator, scale: float):
@@ -65,30 +65,19 @@ def fd_precision() -> list[dict]:
         tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0, None)).sum()
         exact = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt
         row = {"d": d, "rank_sigma1": rank1, "rank_sigma2": rank2}
-        for name, fn in (("fewstep", frechet_distance), ("torchmetrics", _torchmetrics_fd)):
-            start = time.perf_counter()
-            value = fn(mu1, s1, mu2, s2)
-            row[f"{name}_seconds"] = round(time.perf_counter() - start, 2)
-            row[f"{name}_rel_error"] = float(abs(value - exact) / exact)
+        seconds = {"fewstep": [], "torchmetrics": []}
+        for _ in range(REPEATS):  # interleaved, medians: the machine is shared
+            for name, fn in (("fewstep", frechet_distance), ("torchmetrics", _torchmetrics_fd)):
+                start = time.perf_counter()
+                value = fn(mu1, s1, mu2, s2)
+                seconds[name].append(time.perf_counter() - start)
+                row[f"{name}_rel_error"] = float(abs(value - exact) / exact)
+        for name, times in seconds.items():
+            row[f"{name}_median_seconds"] = round(float(np.median(times)), 2)
+        row["speedup"] = round(float(np.median(seconds["torchmetrics"]) / np.median(seconds["fewstep"])), 2)
         rows.append(row)
         print(row, flush=True)
     return rows
-
-
-def _random_inception(path: Path) -> FIDInceptionV3:
-    g = torch.Generator().manual_seed(0)
-    net = FIDInceptionV3().eval()
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, nonlinearity="relu", generator=g)
-            elif isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5, generator=g)
-                m.bias.uniform_(-0.2, 0.2, generator=g)
-                m.running_mean.uniform_(-0.2, 0.2, generator=g)
-                m.running_var.uniform_(0.5, 2.0, generator=g)
-    torch.save(net.state_dict(), path)
-    return net
 
 
 def torch_fidelity_parity(src: Path, weights: Path) -> dict:
@@ -143,7 +132,7 @@ def main() -> None:
     torch.set_num_threads(1)
     args.work.mkdir(parents=True, exist_ok=True)
     weights = args.work / "random-inception.pth"
-    _random_inception(weights)
+    torch.save(random_fid_inception(seed=0).state_dict(), weights)
     results = {"threads": 1, "torch": torch.__version__, "fd_d2048": fd_precision()}
     if args.torch_fidelity_src:
         results["torch_fidelity_0.4.0_parity"] = torch_fidelity_parity(args.torch_fidelity_src, weights)

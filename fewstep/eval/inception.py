@@ -24,6 +24,7 @@ __all__ = [
     "INCEPTION_WEIGHTS_URL",
     "INCEPTION_SHA256_PREFIX",
     "FIDInceptionV3",
+    "random_fid_inception",
     "default_inception_weights_path",
     "load_fid_inception",
 ]
@@ -208,6 +209,33 @@ class FIDInceptionV3(nn.Module):
         x = _chain(x, self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b,
                    self.Mixed_6c, self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c)
         return F.adaptive_avg_pool2d(x, 1).flatten(1)
+
+
+def random_fid_inception(seed: int = 0) -> FIDInceptionV3:
+    """A random-weight :class:`FIDInceptionV3` for offline tests of FID pipelines.
+
+    He-initialised convolutions and random batch-norm statistics keep activations O(1) through
+    the whole depth, so its features are as informative numerically as the real network's.
+
+    Args:
+        seed: Seed of the weights.
+
+    Returns:
+        The network in eval mode; save it with ``torch.save(net.state_dict(), path)`` to get a
+        file in the format of the real weights.
+    """
+    g = torch.Generator().manual_seed(seed)
+    net = FIDInceptionV3().eval()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu", generator=g)
+            elif isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5, generator=g)
+                m.bias.uniform_(-0.2, 0.2, generator=g)
+                m.running_mean.uniform_(-0.2, 0.2, generator=g)
+                m.running_var.uniform_(0.5, 2.0, generator=g)
+    return net
 
 
 def default_inception_weights_path() -> Path:
