@@ -1,4 +1,4 @@
-"""Tests for the built-in digits data, diffusion pipeline, classifier and digits-FD."""
+"""Tests for the built-in digits data, diffusion pipeline, classifier and digits-FD (FD math: test_fd.py)."""
 
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ from diffusers import (
 )
 from safetensors.torch import load_file
 
-from fewstep.eval.fd import digits_fd, feature_statistics, frechet_distance
 from fewstep.zoo.digits import (
     DATA_PATH,
     PIPELINE_DIR,
     DigitsClassifier,
     DigitsPipeline,
+    digits_fd,
     digits_unet_config,
     from_model_range,
     load_digits_classifier,
@@ -94,59 +94,6 @@ def test_pixel_mapping_round_trip():
     x = to_model_range(values)
     assert x[0] == -1.0 and x[8] == 0.0 and x[16] == 1.0
     assert torch.equal(from_model_range(x), values.float())
-
-
-# --- Fréchet distance -------------------------------------------------------------------
-
-
-def _random_stats(seed: int, n: int = 200, d: int = 6):
-    g = torch.Generator().manual_seed(seed)
-    return feature_statistics(torch.randn(n, d, generator=g) @ torch.randn(d, d, generator=g))
-
-
-def test_feature_statistics_matches_numpy():
-    f = torch.randn(50, 4, generator=torch.Generator().manual_seed(0))
-    mu, sigma = feature_statistics(f)
-    assert mu.dtype == sigma.dtype == torch.float64
-    np.testing.assert_allclose(mu.numpy(), f.double().numpy().mean(0), atol=1e-12)
-    np.testing.assert_allclose(sigma.numpy(), np.cov(f.double().numpy(), rowvar=False), atol=1e-12)
-
-
-def test_fd_identical_statistics_is_zero():
-    mu, sigma = _random_stats(0)
-    assert frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0.0, abs=1e-8)
-
-
-def test_fd_is_symmetric_and_matches_eigenvalue_reference():
-    a, b = _random_stats(1), _random_stats(2)
-    fd_ab, fd_ba = frechet_distance(*a, *b), frechet_distance(*b, *a)
-    assert fd_ab == pytest.approx(fd_ba, rel=1e-9)
-    # Independent reference: tr(sqrt(S1 S2)) from the (real, positive) eigenvalues of S1 S2.
-    (mu1, s1), (mu2, s2) = (tuple(t.numpy() for t in s) for s in (a, b))
-    tr_covmean = np.sqrt(np.linalg.eigvals(s1 @ s2).real).sum()
-    reference = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_covmean
-    assert fd_ab == pytest.approx(reference, rel=1e-9)
-
-
-@pytest.mark.parametrize("mu1, s1, mu2, s2", [(0.0, 1.0, 0.0, 2.0), (1.5, 0.3, -2.0, 4.0)])
-def test_fd_of_1d_gaussians_matches_closed_form(mu1, s1, mu2, s2):
-    fd = frechet_distance(np.array([mu1]), np.array([[s1**2]]), np.array([mu2]), np.array([[s2**2]]))
-    assert fd == pytest.approx((mu1 - mu2) ** 2 + (s1 - s2) ** 2, rel=1e-12)
-
-
-def test_fd_rejects_bad_input():
-    mu, sigma = _random_stats(0, d=4)
-    mu5, sigma5 = _random_stats(0, d=5)
-    with pytest.raises(ValueError):
-        frechet_distance(mu, sigma, mu5, sigma5)
-    with pytest.raises(ValueError):
-        frechet_distance(mu, sigma, mu, sigma5)
-    with pytest.raises(ValueError):
-        frechet_distance(mu, sigma, mu, sigma[:, :3])
-    with pytest.raises(ValueError):
-        frechet_distance(mu, sigma * math.nan, mu, sigma)
-    with pytest.raises(ValueError):
-        feature_statistics(torch.zeros(1, 4))
 
 
 # --- shipped models ---------------------------------------------------------------------

@@ -1,27 +1,26 @@
-"""Fréchet distance between Gaussian fits of feature sets (FID-style), without scipy.
+"""Fréchet distance between Gaussian fits of feature sets (FID-style), in float64, without scipy.
 
-``FD = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr(sqrt(S1 S2))``. The trace of the matrix
-square root is computed as the sum of square roots of the eigenvalues of the symmetric
-PSD matrix ``sqrt(S1) S2 sqrt(S1)``, which has the same spectrum as ``S1 S2``; symmetric
-eigendecompositions in float64 keep this stable where a general ``sqrtm`` is not.
-
-``digits_fd`` measures it in the penultimate feature space of the built-in digits
-classifier (``fewstep.zoo.digits``): the "digits-FD".
+``FD = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr(sqrt(S1 S2))``. ``S1 S2`` is not symmetric, so
+instead of a general matrix square root (``scipy.linalg.sqrtm``, whose signature changed in
+SciPy 1.18 and which is slow and inexact on singular input) the trace term is the sum of square
+roots of the eigenvalues of a symmetric PSD matrix with the same spectrum as ``S1 S2``:
+``L^T S2 L`` for a Cholesky factor ``S1 = L L^T``, or ``R^T S2 R`` with ``R = V sqrt(Lambda)``
+from the eigendecomposition of ``S1`` when neither covariance is positive definite (fewer
+samples than feature dimensions). Eigenvalues within round-off of zero count as zero: a
+rank-deficient covariance otherwise adds ``sqrt(eps * lambda_max)`` per null direction, which
+over 2048 dimensions is the dominant error (~1e-7 relative).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 import torch
 
-if TYPE_CHECKING:
-    from fewstep.zoo.digits import DigitsClassifier
-
-__all__ = ["feature_statistics", "frechet_distance", "digits_features", "digits_fd"]
+__all__ = ["feature_statistics", "frechet_distance"]
 
 ArrayLike = torch.Tensor | np.ndarray
+
+_EPS = torch.finfo(torch.float64).eps
 
 
 def _f64(name: str, value: ArrayLike) -> torch.Tensor:
@@ -32,7 +31,10 @@ def _f64(name: str, value: ArrayLike) -> torch.Tensor:
 
 
 def feature_statistics(features: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and (unbiased) covariance of a feature set, in float64.
+    """Mean and (unbiased) covariance of a feature set held in memory, in float64.
+
+    For streamed, sharded or distributed feature sets use
+    :class:`fewstep.eval.stats.FeatureStatistics`.
 
     Args:
         features: [N, D] features, N >= 2.
@@ -52,16 +54,42 @@ def feature_statistics(features: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]
     return mu, sigma
 
 
-def _psd_sqrt(sigma: torch.Tensor) -> torch.Tensor:
-    # Symmetric square root; tiny negative eigenvalues are round-off on a PSD matrix.
-    eigvals, eigvecs = torch.linalg.eigh(sigma)
-    return (eigvecs * eigvals.clamp_min(0).sqrt()) @ eigvecs.T
+def _nonzero_part(eigvals: torch.Tensor, dim: int) -> torch.Tensor:
+    # Eigenvalues below dim * eps * lambda_max are indistinguishable from zero for a PSD matrix.
+    if eigvals.numel() == 0:
+        return eigvals
+    tol = dim * _EPS * eigvals[-1].clamp_min(0)
+    return torch.where(eigvals > tol, eigvals, torch.zeros_like(eigvals))
+
+
+def _range_factor(sigma1: torch.Tensor, sigma2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(F, S)``: ``F F^T`` is one covariance (Cholesky if either is positive definite) and ``S`` the other."""
+    for a, b in ((sigma1, sigma2), (sigma2, sigma1)):  # tr sqrt(S1 S2) = tr sqrt(S2 S1)
+        factor, info = torch.linalg.cholesky_ex(a)
+        if int(info) == 0:
+            return factor, b
+    # Both singular: a square-root factor of S1 restricted to its range.
+    eigvals, eigvecs = torch.linalg.eigh(sigma1)
+    eigvals = _nonzero_part(eigvals, sigma1.shape[0])
+    keep = eigvals > 0
+    return eigvecs[:, keep] * eigvals[keep].sqrt(), sigma2
+
+
+def _trace_sqrt_product(sigma1: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
+    """``tr(sqrt(S1 S2))`` for symmetric PSD ``S1``, ``S2`` (float64)."""
+    factor, other = _range_factor(sigma1, sigma2)
+    inner = factor.T @ other @ factor  # same non-zero spectrum as S1 S2, symmetric PSD
+    spectrum = torch.linalg.eigvalsh((inner + inner.T) / 2)
+    return _nonzero_part(spectrum, sigma1.shape[0]).sqrt().sum()
 
 
 def frechet_distance(
     mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: ArrayLike
 ) -> float:
-    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2).
+    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64.
+
+    Agrees with independent float64 eigendecompositions to better than 1e-11 relative on random
+    2048-d statistics, rank-deficient ones included (``tests/test_fd.py``; measured ~1e-16).
 
     Args:
         mu1: Mean [D] of the first Gaussian.
@@ -85,71 +113,9 @@ def frechet_distance(
     for name, s in (("sigma1", sigma1), ("sigma2", sigma2)):
         if s.shape != (d, d):
             raise ValueError(f"{name} must have shape ({d}, {d}), got {tuple(s.shape)}")
-    # Symmetrise so that eigh sees exactly symmetric input despite round-off upstream.
+    # Symmetrise so that the factorisations see exactly symmetric input despite upstream round-off.
     sigma1 = (sigma1 + sigma1.T) / 2
     sigma2 = (sigma2 + sigma2.T) / 2
-    root1 = _psd_sqrt(sigma1)
-    product = root1 @ sigma2 @ root1
-    tr_covmean = torch.linalg.eigvalsh((product + product.T) / 2).clamp_min(0).sqrt().sum()
     diff = mu1 - mu2
-    fd = diff @ diff + sigma1.trace() + sigma2.trace() - 2 * tr_covmean
+    fd = diff @ diff + sigma1.trace() + sigma2.trace() - 2 * _trace_sqrt_product(sigma1, sigma2)
     return max(float(fd), 0.0)  # FD >= 0; a negative value is round-off
-
-
-@torch.no_grad()
-def digits_features(
-    images: torch.Tensor,
-    classifier: DigitsClassifier | None = None,
-    batch_size: int = 1000,
-) -> torch.Tensor:
-    """Penultimate digits-classifier features of 8x8 digit images.
-
-    Args:
-        images: [N, 1, 8, 8] (or [N, 8, 8]) images in [-1, 1].
-        classifier: Feature extractor; defaults to the shipped digits classifier.
-        batch_size: Images per forward pass.
-
-    Returns:
-        Features [N, D] on the classifier's device.
-
-    Raises:
-        ValueError: If ``images`` is not a batch of 8x8 single-channel images.
-    """
-    if images.ndim == 3:
-        images = images.unsqueeze(1)
-    if images.ndim != 4 or tuple(images.shape[1:]) != (1, 8, 8):
-        raise ValueError(f"expected digits images [N, 1, 8, 8], got {tuple(images.shape)}")
-    if classifier is None:
-        from fewstep.zoo.digits import load_digits_classifier
-
-        classifier = load_digits_classifier()
-    device = next(classifier.parameters()).device
-    chunks = [
-        classifier.features(batch.to(device=device, dtype=torch.float32))
-        for batch in images.split(batch_size)
-    ]
-    return torch.cat(chunks)
-
-
-def digits_fd(
-    samples_a: torch.Tensor,
-    samples_b: torch.Tensor,
-    classifier: DigitsClassifier | None = None,
-) -> float:
-    """Digits-FD: Fréchet distance between two image sets in digits-classifier features.
-
-    Args:
-        samples_a: [N, 1, 8, 8] images in [-1, 1].
-        samples_b: [M, 1, 8, 8] images in [-1, 1].
-        classifier: Feature extractor; defaults to the shipped digits classifier.
-
-    Returns:
-        The Fréchet distance as a float.
-    """
-    if classifier is None:
-        from fewstep.zoo.digits import load_digits_classifier
-
-        classifier = load_digits_classifier()
-    stats_a = feature_statistics(digits_features(samples_a, classifier))
-    stats_b = feature_statistics(digits_features(samples_b, classifier))
-    return frechet_distance(*stats_a, *stats_b)

@@ -8,7 +8,8 @@ Everything here runs offline from files shipped inside the package:
   ``scheduler/``) holding the EMA weights of a small class-conditional ``UNet2DModel``
   (epsilon prediction, DDPM linear betas 1e-4..0.02 over 1000 steps).
 * ``weights/digits_classifier.safetensors``: a small CNN used to check conditional
-  correctness and as the feature extractor of the digits-FD (see ``fewstep.eval.fd``).
+  correctness and as the feature extractor of the digits-FD (:func:`digits_fd`; registered
+  as the ``digits`` extractor of ``fewstep.eval.features``).
 
 Class label 10 is the null label: it was used for label dropout during training and
 drives classifier-free guidance.
@@ -58,6 +59,9 @@ from diffusers.utils.torch_utils import randn_tensor
 from safetensors import safe_open
 from torch import nn
 
+from fewstep.eval.fd import feature_statistics, frechet_distance
+from fewstep.eval.features import FeatureExtractor, as_float_images
+
 __all__ = [
     "NUM_CLASSES",
     "NULL_LABEL",
@@ -74,6 +78,9 @@ __all__ = [
     "DigitsPipelineOutput",
     "DigitsPipeline",
     "load_digits_pipeline",
+    "DigitsFeatureExtractor",
+    "digits_features",
+    "digits_fd",
 ]
 
 NUM_CLASSES = 10
@@ -371,6 +378,93 @@ def load_digits_pipeline(
         scheduler_cls = scheduler or DPMSolverMultistepScheduler
         scheduler = scheduler_cls.from_pretrained(root / "scheduler")
     return DigitsPipeline(unet=unet, scheduler=scheduler).to(device)
+
+
+# --- digits-FD: the classifier as a feature extractor ---------------------------------------
+
+
+class DigitsFeatureExtractor(FeatureExtractor):
+    """The ``digits`` feature extractor: 64-d penultimate features of the digits classifier.
+
+    Takes the common extractor input (``fewstep.eval.features``): [N, 1, 8, 8] (or [N, 8, 8])
+    images, ``uint8`` 0..255 or float in [0, 1], which are not quantised (the digits-FD of
+    ``fewstep compare`` is computed on float samples).
+
+    Args:
+        weights: Classifier ``.safetensors``; defaults to the shipped one.
+    """
+
+    name = "digits"
+
+    def __init__(self, weights: str | Path | None = None) -> None:
+        super().__init__()
+        self.network = load_digits_classifier(weights)
+        self.feature_dim = self.network.feature_dim
+        self.eval().requires_grad_(False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Features [N, 64] of [N, 1, 8, 8] images in [0, 1] (or uint8)."""
+        if isinstance(images, torch.Tensor) and images.ndim == 3:
+            images = images.unsqueeze(1)
+        x = as_float_images(images)
+        if tuple(x.shape[1:]) != (1, 8, 8):
+            raise ValueError(f"expected digits images [N, 1, 8, 8], got {tuple(x.shape)}")
+        return self.network.features(x.to(self.device) * 2 - 1)
+
+
+@torch.no_grad()
+def digits_features(
+    images: torch.Tensor,
+    classifier: DigitsClassifier | None = None,
+    batch_size: int = 1000,
+) -> torch.Tensor:
+    """Penultimate digits-classifier features of 8x8 digit images in the model range.
+
+    Args:
+        images: [N, 1, 8, 8] (or [N, 8, 8]) images in [-1, 1].
+        classifier: Feature extractor; defaults to the shipped digits classifier.
+        batch_size: Images per forward pass.
+
+    Returns:
+        Features [N, D] on the classifier's device.
+
+    Raises:
+        ValueError: If ``images`` is not a batch of 8x8 single-channel images.
+    """
+    if images.ndim == 3:
+        images = images.unsqueeze(1)
+    if images.ndim != 4 or tuple(images.shape[1:]) != (1, 8, 8):
+        raise ValueError(f"expected digits images [N, 1, 8, 8], got {tuple(images.shape)}")
+    if classifier is None:
+        classifier = load_digits_classifier()
+    device = next(classifier.parameters()).device
+    chunks = [
+        classifier.features(batch.to(device=device, dtype=torch.float32))
+        for batch in images.split(batch_size)
+    ]
+    return torch.cat(chunks)
+
+
+def digits_fd(
+    samples_a: torch.Tensor,
+    samples_b: torch.Tensor,
+    classifier: DigitsClassifier | None = None,
+) -> float:
+    """Digits-FD: Fréchet distance between two image sets in digits-classifier features.
+
+    Args:
+        samples_a: [N, 1, 8, 8] images in [-1, 1].
+        samples_b: [M, 1, 8, 8] images in [-1, 1].
+        classifier: Feature extractor; defaults to the shipped digits classifier.
+
+    Returns:
+        The Fréchet distance as a float.
+    """
+    if classifier is None:
+        classifier = load_digits_classifier()
+    stats_a = feature_statistics(digits_features(samples_a, classifier))
+    stats_b = feature_statistics(digits_features(samples_b, classifier))
+    return frechet_distance(*stats_a, *stats_b)
 
 
 if __name__ == "__main__":

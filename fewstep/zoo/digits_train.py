@@ -28,7 +28,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from fewstep.eval.fd import digits_features, feature_statistics, frechet_distance
+from fewstep.eval.fd import feature_statistics, frechet_distance
 from fewstep.zoo.digits import (
     CLASSIFIER_PATH,
     DATA_PATH,
@@ -37,6 +37,7 @@ from fewstep.zoo.digits import (
     NUM_CLASSES,
     DigitsClassifier,
     DigitsPipeline,
+    digits_features,
     digits_unet_config,
     load_digits_classifier,
     load_digits_data,
