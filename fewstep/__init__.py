@@ -1,19 +1,30 @@
 """fewstep: fast diffusion sampling with one solver core and drop-in diffusers schedulers."""
 
+import importlib
+
 from .samplers import *  # noqa: F401,F403
 from .samplers import __all__ as _samplers_all
 
 __version__ = "0.1.0"
 
+# Loaded on first use: the diffusers adapter imports diffusers (slow), the subpackages pull
+# in models and evaluation code that plain sampling does not need.
+_SCHEDULERS = ["FewstepScheduler", "DDIMSolverScheduler", "DPMSolverPPScheduler", "UniPCScheduler"]
+_SUBMODULES = ["config", "eval", "zoo"]
+
 
 def __getattr__(name):
-    # The diffusers adapter imports diffusers (slow); load it only when asked for.
-    if name not in _SCHEDULERS:
-        raise AttributeError(f"module 'fewstep' has no attribute {name!r}")
-    from .samplers import scheduler
+    if name in _SCHEDULERS:
+        from .samplers import scheduler
 
-    return getattr(scheduler, name)
+        return getattr(scheduler, name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'fewstep' has no attribute {name!r}")
 
 
-_SCHEDULERS = ["FewstepScheduler", "DDIMSolverScheduler", "DPMSolverPPScheduler", "UniPCScheduler"]
+def __dir__():
+    return sorted(set(globals()) | set(_SCHEDULERS) | set(_SUBMODULES))
+
+
 __all__ = list(_samplers_all) + _SCHEDULERS

@@ -1,11 +1,28 @@
-"""Command line: ``fewstep solvers``, ``fewstep compare``."""
+"""The fewstep command line: fast diffusion sampling, one solver core.
+
+Commands:
+  solvers   list the registered solvers and their options
+  compare   benchmark solvers at low NFE against a high-NFE reference
+
+Every command prints one "fewstep <command>: error: ..." line for a user mistake (bad
+setting, unreadable or malformed file) and exits with status 2; Ctrl-C exits with 130
+and says how to resume.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Sequence
+
+from ._extras import MissingExtraError
+from .config import split_overrides
+
+# What a user can cause and fix: bad settings or input files (ValueError, which includes
+# JSON and config errors), file-system problems (OSError) and a missing optional package.
+USER_ERRORS = (ValueError, OSError, MissingExtraError)
 
 
 def _describe_option(opt) -> str:
@@ -43,24 +60,68 @@ def cmd_solvers(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``fewstep`` console script."""
-    parser = argparse.ArgumentParser(prog="fewstep", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
+    """The ``fewstep`` parser and its subcommands."""
+    from . import __version__
+    from .eval.compare import add_compare_parser
 
-    p = sub.add_parser("solvers", help="list registered solvers and their options")
+    parser = argparse.ArgumentParser(prog="fewstep", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"fewstep {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("solvers", help="list registered solvers and their options",
+                       description="List the registered solvers, their papers and options.")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_solvers)
 
-    from .eval.compare import add_compare_parser
-
     add_compare_parser(sub)
+    return parser, sub
 
-    args = parser.parse_args(argv)
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}"
+    if isinstance(exc, OSError) and exc.strerror and not exc.args[1:]:
+        return exc.strerror
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _silence_stdout() -> None:
+    # The reader went away (``fewstep solvers --json | head``): point stdout at /dev/null so
+    # the interpreter's final flush does not raise again.
     try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fewstep`` console script; returns the exit status."""
+    command = "?"
+    args = None
+    try:
+        parser, sub = build_parser()
+        argv = list(sys.argv[1:] if argv is None else argv)
+        command = next((a for a in argv if not a.startswith("-")), None)
+        overrides: list[str] = []
+        if command in sub.choices and sub.choices[command].get_default("config_schema") is not None:
+            argv, overrides = split_overrides(argv, sub.choices[command].get_default("config_schema"))
+        args = parser.parse_args(argv)
+        if overrides:
+            args.overrides = [*getattr(args, "overrides", []), *overrides]
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"fewstep {args.command}: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        hint = getattr(args, "resume_hint", None)
+        print(f"\nfewstep {command}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        _silence_stdout()
+        return 141
+    except USER_ERRORS as exc:
+        print(f"fewstep {command}: error: {_message(exc)}", file=sys.stderr)
         return 2
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 from diffusers import (
@@ -51,7 +52,7 @@ def pipe() -> DigitsPipeline:
 def guided_samples(pipe) -> tuple[torch.Tensor, torch.Tensor]:
     labels = torch.arange(10).repeat_interleave(20)
     generator = torch.Generator().manual_seed(0)
-    return labels, pipe(labels, num_inference_steps=20, generator=generator).images
+    return labels, pipe(labels, num_inference_steps=20, generator=generator, output_type="pt").images
 
 
 # --- data -------------------------------------------------------------------------------
@@ -130,14 +131,16 @@ def test_guided_samples_digits_fd(guided_samples, classifier):
 
 
 def test_pipeline_output_types(pipe):
-    kwargs = dict(num_inference_steps=3, generator=torch.Generator().manual_seed(0))
-    pt = pipe([3, 7], **kwargs).images
+    pil = pipe([3, 7], num_inference_steps=3, generator=torch.Generator().manual_seed(0)).images
+    assert len(pil) == 2 and isinstance(pil[0], PIL.Image.Image)  # PIL by default, like diffusers pipelines
+    pt = pipe([3, 7], num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="pt").images
     assert pt.shape == (2, 1, 8, 8)
+    np.testing.assert_array_equal(np.asarray(pil[1]), np.round((pt[1, 0].numpy() + 1) / 2 * 255).astype(np.uint8))
     arr = pipe(5, num_inference_steps=3, output_type="np").images
     assert arr.shape == (1, 8, 8, 1) and arr.min() >= 0.0 and arr.max() <= 1.0
     pil = pipe(torch.tensor([1, 2]), num_inference_steps=3, output_type="pil").images
     assert len(pil) == 2 and pil[0].size == (8, 8) and pil[0].mode == "L"
-    (images,) = pipe([0], num_inference_steps=3, return_dict=False)
+    (images,) = pipe([0], num_inference_steps=3, output_type="pt", return_dict=False)
     assert images.shape == (1, 1, 8, 8)
     for bad in (dict(class_labels=[11]), dict(class_labels=[-1]), dict(class_labels=[])):
         with pytest.raises(ValueError):
@@ -154,9 +157,9 @@ def test_pipeline_works_with_any_scheduler(pipe, scheduler_cls):
     other = load_digits_pipeline(scheduler=scheduler_cls)
     other.set_progress_bar_config(disable=True)
     latents = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
-    guided = other([0, 1, 2, 10], num_inference_steps=4, latents=latents).images
-    again = other([0, 1, 2, 10], num_inference_steps=4, latents=latents).images
-    plain = other([0, 1, 2, 10], guidance_scale=1.0, num_inference_steps=4, latents=latents).images
+    guided = other([0, 1, 2, 10], num_inference_steps=4, latents=latents, output_type="pt").images
+    again = other([0, 1, 2, 10], num_inference_steps=4, latents=latents, output_type="pt").images
+    plain = other([0, 1, 2, 10], guidance_scale=1.0, num_inference_steps=4, latents=latents, output_type="pt").images
     assert torch.isfinite(guided).all() and torch.equal(guided, again)
     assert not torch.allclose(guided, plain)
 

@@ -27,6 +27,7 @@ def test_fewstep_schedulers_through_the_digits_pipeline_match_the_functional_pat
     for cls, solver in [(fewstep.DPMSolverPPScheduler, "dpmpp"), (fewstep.UniPCScheduler, "unipc")]:
         pipe = load_digits_pipeline(cls)
         pipe.set_progress_bar_config(disable=True)
-        via_pipeline = pipe(labels, guidance_scale=1.5, num_inference_steps=8, latents=x_T).images
+        via_pipeline = pipe(labels, guidance_scale=1.5, num_inference_steps=8, latents=x_T,
+                            output_type="pt").images
         via_sample = bed.generate(solver, {}, 8, x_T, labels, 1.5, pipe.scheduler.config.timestep_spacing)
         torch.testing.assert_close(via_pipeline, via_sample.clamp(-1, 1), rtol=1e-4, atol=1e-4)

@@ -1,10 +1,18 @@
 """``fewstep compare``: every solver at a few NFEs against a cached high-NFE reference.
 
-The run directory holds ``results.json`` (rewritten atomically after every finished
-(solver, NFE) pair, so a crashed run resumes where it stopped), ``results.md``,
-``quality_vs_nfe.png``, ``samples.png`` and ``samples/`` (a few samples per pair for
-the grid). References are cached under ``--cache-dir`` keyed by everything that
-determines them, so reruns and other output folders reuse them.
+The run folder (``out``) has one writer at a time (a lock on the folder) and holds:
+
+* ``config.yaml``: the resolved settings (``--config OUT/config.yaml`` reruns them);
+* ``results.json``: rewritten atomically after every finished (solver, NFE) pair, so an
+  interrupted run resumes where it stopped;
+* ``reference.safetensors``: the reference samples (``reference.partial.safetensors``
+  holds the finished chunks while it is computed, so a crash keeps them);
+* ``results.md``, ``quality_vs_nfe.png``, ``samples.png`` and ``samples/`` (a few
+  samples per pair for the grid).
+
+References are also cached under ``cache_dir``, keyed by everything that determines
+them; a cached file is used only when its recorded identity, shape and finiteness
+check out, and an unwritable cache only costs a warning.
 """
 
 from __future__ import annotations
@@ -12,29 +20,33 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
+import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, List, Optional
 
 import torch
 
+from ..config import add_config_arguments, resolve_config, resolve_device, save_config
 from ..samplers import get_solver, list_solvers
 from ..samplers.timesteps import SPACINGS
-from .io import load_tensors, read_json, save_tensors, write_json
-from .report import markdown_report, pivot_tables, plot_quality, sample_grid
-from .testbeds import Testbed, make_testbed
+from .io import atomic_write_bytes, clean_temp_files, load_tensors, lock_directory, read_json, save_tensors, write_json
+from .report import markdown_report, pivot_tables, plot_quality, sample_grid, time_label
+from .testbeds import BUILTIN_MODELS, Testbed, make_testbed
 
-__all__ = ["Method", "CompareConfig", "run_compare", "add_compare_parser", "DEFAULT_NFES"]
+__all__ = ["Method", "CompareConfig", "run_compare", "add_compare_parser", "DEFAULT_NFES", "DEFAULT_THREADS"]
 
 DEFAULT_NFES = (5, 6, 8, 10)
 # Third-order DPM-Solver++ with the full second-difference term (see solvers/dpmpp.py).
 DEFAULT_REFERENCE = "dpmpp:order=3,third_order=taylor"
+# Fastest for the digits run on a 2-core machine that other jobs share
+# (benchmarks/compare_threads.py, results in benchmarks/results/compare_threads.md).
+DEFAULT_THREADS = 1
 GRID_SAMPLES = 10
-_DEFAULT_GUIDANCE = {"digits": 1.5, "gmm": 2.0, "gmm-flow": 2.0}  # digits: the model's own default
-_DEFAULT_PROMPTS = ("a photograph of an astronaut riding a horse", "a watercolor painting of a lighthouse",
-                    "a red cube on a wooden table", "portrait of an old man, studio lighting")
+_LOCK_HOLDER = "another fewstep compare"
 
 
 @dataclass(frozen=True)
@@ -49,24 +61,33 @@ class Method:
         """Parse ``unipc`` / ``unipc:order=3,variant=bh1``; values are JSON when they parse as JSON.
 
         Raises:
-            ValueError: malformed spec, unknown solver or invalid options.
+            ValueError: malformed spec, repeated option, unknown solver or invalid options.
         """
-        name, _, rest = spec.partition(":")
-        options = {}
+        name, _, rest = str(spec).partition(":")
+        options: dict[str, Any] = {}
         for item in filter(None, rest.split(",")):
             key, eq, value = item.partition("=")
+            key = key.strip()
             if not eq or not key:
                 raise ValueError(f"solver spec {spec!r}: expected key=value, got {item!r}")
+            if key in options:
+                raise ValueError(f"solver spec {spec!r} sets {key!r} twice")
             try:
-                options[key.strip()] = json.loads(value)
+                options[key] = json.loads(value)
             except json.JSONDecodeError:
-                options[key.strip()] = value.strip()
+                options[key] = value.strip()
         get_solver(name.strip(), **options)  # validates name and options now, not mid-run
         return cls(name.strip(), tuple(sorted(options.items())))
 
     @property
     def option_dict(self) -> dict[str, Any]:
         return dict(self.options)
+
+    @property
+    def canonical(self) -> tuple:
+        """The solver with every option resolved: equal for specs that sample identically."""
+        config = get_solver(self.solver, **self.option_dict).config
+        return self.solver, tuple(sorted(config.items()))
 
     @property
     def label(self) -> str:
@@ -81,38 +102,121 @@ class Method:
 
 @dataclass
 class CompareConfig:
-    """Everything that determines a comparison's numbers."""
+    """Settings of ``fewstep compare``; also the schema of its YAML files (``configs/compare/``).
+
+    ``None`` means the model's default (see ``fewstep compare --help``). The fields up to
+    ``width`` (and the device type) determine the numbers; the rest say how to run.
+
+    Attributes:
+        model: ``digits``, ``gmm``, ``gmm-flow`` or a local diffusers pipeline folder.
+        solvers: Solver specs (``unipc:order=3,variant=bh1``); None: every registered solver.
+        nfe: Model evaluations per sample to compare (duplicates are dropped).
+        num_samples: Samples per run (sample i uses noise seed ``seed + i``).
+        seed: First noise seed.
+        guidance: Classifier-free guidance scale (<= 1: no guidance).
+        spacing: Timestep spacing for every solver; None: the model's own.
+        reference: Solver spec of the reference (the GMM uses its exact ODE solution).
+        reference_nfe: Steps of the reference solver.
+        prompts: Pipeline prompts (sample i uses prompt ``i % len(prompts)``).
+        height: Pipeline image height; None: the pipeline's default.
+        width: Pipeline image width; None: the pipeline's default.
+        out: Run folder.
+        cache_dir: Reference cache; None: ``$FEWSTEP_CACHE/references`` or ``~/.cache/fewstep/references``.
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+        threads: Torch CPU threads.
+        repeats: Timed runs per (solver, NFE); the time column is their median.
+        plot: Write ``quality_vs_nfe.png``.
+        progress: Show progress bars.
+    """
 
     model: str = "digits"
-    methods: list[Method] = field(default_factory=lambda: [Method(n) for n in list_solvers()])
-    nfes: tuple[int, ...] = DEFAULT_NFES
-    num_samples: int = 1000
+    solvers: Optional[List[str]] = None
+    nfe: List[int] = field(default_factory=lambda: list(DEFAULT_NFES))
+    num_samples: Optional[int] = None
     seed: int = 0
-    guidance: float = 1.5
-    spacing: str | None = None
-    reference: Method = field(default_factory=lambda: Method.parse(DEFAULT_REFERENCE))
-    reference_nfe: int = 200
+    guidance: Optional[float] = None
+    spacing: Optional[str] = None
+    reference: str = DEFAULT_REFERENCE
+    reference_nfe: Optional[int] = None
+    prompts: Optional[List[str]] = None
+    height: Optional[int] = None
+    width: Optional[int] = None
+    out: str = "runs/compare"
+    cache_dir: Optional[str] = None
+    device: str = "cpu"
+    threads: int = DEFAULT_THREADS
+    repeats: int = 1
+    plot: bool = True
+    progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.num_samples < 2:
-            raise ValueError(f"--num-samples must be >= 2, got {self.num_samples}")
-        if not self.nfes or any(not isinstance(n, int) or n < 1 for n in self.nfes):
-            raise ValueError(f"--nfe values must be whole numbers >= 1, got {list(self.nfes)}")
-        if self.reference_nfe < max(self.nfes):
-            raise ValueError(f"--reference-nfe ({self.reference_nfe}) must be at least the largest --nfe")
+        if not str(self.model):
+            raise ValueError("model must be digits, gmm, gmm-flow or a pipeline folder")
+        self.nfe = list(dict.fromkeys(self.nfe))  # --nfe 5 5 runs once
+        if not self.nfe or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.nfe):
+            raise ValueError(f"nfe values must be whole numbers >= 1, got {self.nfe}")
+        if self.num_samples is not None and self.num_samples < 2:
+            raise ValueError(f"num_samples must be >= 2 (FD needs two samples), got {self.num_samples}")
+        if self.guidance is not None and not (math.isfinite(self.guidance) and self.guidance >= 0):
+            raise ValueError(f"guidance must be a finite number >= 0, got {self.guidance}")
         if self.spacing is not None and self.spacing not in SPACINGS:
-            raise ValueError(f"--spacing {self.spacing!r} is not one of {SPACINGS}")
-        if not self.methods:
+            raise ValueError(f"spacing {self.spacing!r} is not one of {', '.join(SPACINGS)}")
+        if self.reference_nfe is not None and self.reference_nfe < max(self.nfe):
+            raise ValueError(f"reference_nfe ({self.reference_nfe}) must be at least the largest nfe ({max(self.nfe)})")
+        for key in ("threads", "repeats"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("height", "width"):
+            if getattr(self, key) is not None and getattr(self, key) < 8:
+                raise ValueError(f"{key} must be >= 8 pixels, got {getattr(self, key)}")
+        if self.prompts is not None and not self.prompts:
+            raise ValueError("prompts must hold at least one prompt (or be null for the defaults)")
+        resolve_device(self.device)  # a CUDA request on a CPU-only build fails here, before any work
+        specs = list_solvers() if self.solvers is None else list(self.solvers)
+        if not specs:
             raise ValueError("no solvers to compare")
+        methods, kept, seen = [], [], set()
+        for spec in specs:
+            m = Method.parse(spec)
+            if m.canonical not in seen:  # 'unipc unipc' or 'unipc unipc:order=2' run once
+                seen.add(m.canonical)
+                methods.append(m)
+                kept.append(spec)
+        self._methods = methods
+        self._reference = Method.parse(self.reference)
+        if self.solvers is not None:
+            self.solvers = kept
+
+    @property
+    def methods(self) -> list[Method]:
+        """The parsed, de-duplicated solvers."""
+        return list(self._methods)
+
+    @property
+    def reference_method(self) -> Method:
+        return self._reference
+
+    def with_defaults(self, testbed: Testbed) -> "CompareConfig":
+        """A copy with every model default (``None``) filled in from ``testbed``."""
+        filled = dict(
+            num_samples=testbed.default_num_samples, guidance=testbed.default_guidance,
+            reference_nfe=max(testbed.default_reference_nfe, max(self.nfe)),
+        )
+        for key in ("prompts", "height", "width"):
+            if hasattr(testbed, key):
+                filled[key] = getattr(testbed, key)
+        return replace(self, **{k: v for k, v in filled.items() if getattr(self, k) is None})
 
     def identity(self, testbed: Testbed) -> dict[str, Any]:
         """What results.json and the reference cache are keyed by (not the solver list)."""
         from .. import __version__
 
+        model = self.model if self.model in BUILTIN_MODELS else str(Path(self.model).resolve())
         return {
-            "fewstep": __version__, "model": self.model, "testbed": testbed.fingerprint(), "num_samples": self.num_samples,
+            "fewstep": __version__, "model": model, "testbed": testbed.fingerprint(), "num_samples": self.num_samples,
             "seed": self.seed, "guidance": self.guidance, "spacing": self.spacing,
-            "reference": self.reference.label, "reference_nfe": self.reference_nfe,
+            "reference": self._reference.label, "reference_nfe": self.reference_nfe,
+            "device": testbed.device.type, "batch_size": testbed.batch_size,
         }
 
 
@@ -124,136 +228,258 @@ def _default_cache_dir() -> Path:
     return Path(os.environ.get("FEWSTEP_CACHE", Path.home() / ".cache" / "fewstep")) / "references"
 
 
-def _timed(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
+def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
     start = time.perf_counter()
     out = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return out, time.perf_counter() - start
 
 
-def _reference(testbed: Testbed, cfg: CompareConfig, x_T, cond, cache_dir: Path, log) -> tuple[torch.Tensor, float]:
-    ident = cfg.identity(testbed)
-    name = "".join(c if c.isalnum() else "_" for c in Path(cfg.model).name) or "model"
-    path = cache_dir / f"{name}-{_digest(ident)}.safetensors"
-    if path.is_file():
+class _Reference:
+    """The reference samples of one configuration: run-folder copy, cache, or computed in chunks."""
+
+    def __init__(self, testbed: Testbed, cfg: CompareConfig, identity: dict[str, Any], out: Path, cache: Path,
+                 log: Callable[[str], None]):
+        self.testbed, self.cfg, self.log = testbed, cfg, log
+        self.identity = json.dumps(identity, sort_keys=True)
+        slug = "".join(c if c.isalnum() else "_" for c in Path(cfg.model).name) or "model"
+        self.run_copy = out / "reference.safetensors"
+        self.partial = out / "reference.partial.safetensors"
+        self.cached = cache / f"{slug}-{_digest(identity)}.safetensors"
+        self.description = testbed.reference_description(cfg.reference_method.label, cfg.reference_nfe)
+        self.wrote_run_copy = False
+
+    def _read(self, path: Path, shape: torch.Size, partial: bool = False) -> tuple[torch.Tensor, float] | None:
+        """(samples, seconds) if ``path`` holds a usable reference for this configuration."""
+        if not path.exists():
+            return None
         try:
-            cached = load_tensors(path)
-            if cached["samples"].shape[0] == cfg.num_samples:
-                log(f"reference: cached {path}")
-                return cached["samples"], float(cached["time_s"])
-        except ValueError as exc:
-            log(f"reference cache unreadable, recomputing: {exc}")
-    log(f"reference: {testbed.reference_description(cfg.reference.label, cfg.reference_nfe)} ...")
-    ref, seconds = _timed(lambda: testbed.reference(x_T, cond, cfg.guidance, cfg.spacing, cfg.reference.solver,
-                                                    cfg.reference.option_dict, cfg.reference_nfe))
-    save_tensors(path, {"samples": ref, "time_s": torch.tensor(seconds)}, {"identity": json.dumps(ident)})
-    return ref, seconds
+            tensors, meta = load_tensors(path, with_metadata=True)
+            samples = tensors.get("samples")
+            if meta.get("identity") != self.identity:
+                problem = "it was made for another configuration"
+            elif samples is None:
+                problem = "it holds no 'samples'"
+            elif (samples.shape[1:] != shape[1:] or samples.shape[0] > shape[0]) if partial else samples.shape != shape:
+                problem = f"its shape {tuple(samples.shape)} does not match {tuple(shape)}"
+            elif not bool(torch.isfinite(samples).all()):
+                problem = "it contains NaN or Inf"
+            else:
+                return samples, float(meta.get("time_s", "nan"))
+        except (OSError, ValueError) as exc:
+            problem = str(exc)
+        self.log(f"reference: ignoring {path}: {problem}")
+        return None
+
+    def _save(self, path: Path, samples: torch.Tensor, seconds: float) -> None:
+        save_tensors(path, {"samples": samples}, {"identity": self.identity, "time_s": repr(seconds)})
+        self.wrote_run_copy |= path == self.run_copy
+
+    def get(self, x_T: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The reference for ``x_T``, and the seconds it took to compute."""
+        for path in (self.run_copy, self.cached):
+            found = self._read(path, x_T.shape)
+            if found is not None:
+                if path == self.cached:
+                    self.log(f"reference: cached {path}")
+                    self._save(self.run_copy, *found)
+                self.partial.unlink(missing_ok=True)
+                return found
+        samples, seconds = self._compute(x_T, cond)
+        self._save(self.run_copy, samples, seconds)
+        self.partial.unlink(missing_ok=True)
+        try:
+            self._save(self.cached, samples, seconds)
+        except OSError as exc:
+            self.log(f"warning: the reference cache is not writable ({exc}); the reference is kept in {self.run_copy}")
+        return samples, seconds
+
+    def _compute(self, x_T: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, float]:
+        cfg, bs, n = self.cfg, self.testbed.batch_size, x_T.shape[0]
+        found = self._read(self.partial, x_T.shape, partial=True)
+        samples, seconds = found if found is not None else (x_T[:0].float(), 0.0)
+        done = samples.shape[0] // bs * bs
+        samples = samples[:done]
+        self.log(f"reference: {self.description}" + (f", resuming after {done} finished samples" if done else ""))
+        from tqdm.auto import tqdm
+
+        with tqdm(total=n, initial=done, desc="reference", unit="sample", disable=not cfg.progress) as bar:
+            for start in range(done, n, bs):
+                sl = slice(start, start + bs)
+                try:
+                    chunk, dt = _timed(lambda: self.testbed.reference(
+                        x_T[sl], cond[sl], cfg.guidance, cfg.spacing, cfg.reference_method.solver,
+                        cfg.reference_method.option_dict, cfg.reference_nfe), self.testbed.device)
+                except FloatingPointError as exc:
+                    raise ValueError(f"the reference ({self.description}) diverged: {exc}; check the model "
+                                     f"weights and the guidance ({cfg.guidance})") from None
+                if not bool(torch.isfinite(chunk).all()):
+                    raise ValueError(f"the reference ({self.description}) is not finite; check the model weights "
+                                     f"and the guidance ({cfg.guidance})")
+                samples, seconds = torch.cat([samples, chunk.float()]), seconds + dt
+                if samples.shape[0] < n:  # finished chunks survive a crash
+                    self._save(self.partial, samples, seconds)
+                bar.update(chunk.shape[0])
+        return samples, seconds
 
 
 def _load_results(path: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
-    if not path.is_file():
+    if not path.exists():
         return None
     old = read_json(path)
-    if old.get("config") != identity:
-        raise ValueError(
-            f"{path} holds results of a different configuration; pass another --out or delete it "
-            f"(differs in: {sorted(k for k in identity if old.get('config', {}).get(k) != identity[k])})"
-        )
+    entries = old.get("entries") if isinstance(old, dict) else None
+    if (not isinstance(old, dict) or not isinstance(old.get("config"), dict) or not isinstance(entries, list)
+            or not all(isinstance(e, dict) and isinstance(e.get("method"), str) and isinstance(e.get("nfe"), int)
+                       for e in entries)
+            or not isinstance(old.get("reference"), dict)):
+        raise ValueError(f"{path} is not a fewstep compare results file; delete it or choose another output folder")
+    if old["config"] != identity:
+        differs = sorted(k for k in identity if old["config"].get(k) != identity[k])
+        raise ValueError(f"{path} holds results of a different configuration (differs in: {differs}); "
+                         f"choose another output folder or delete it")
     return old
 
 
-def run_compare(
-    testbed: Testbed,
-    cfg: CompareConfig,
-    out_dir: str | Path,
-    cache_dir: str | Path | None = None,
-    progress: bool = True,
-    plot: bool = True,
-    log: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """Run (or resume) a comparison and write its report.
+def _run_method(testbed: Testbed, cfg: CompareConfig, method: Method, nfe: int, x_T: torch.Tensor,
+                cond: torch.Tensor) -> tuple[torch.Tensor | None, list[float]]:
+    """Samples (None if the solver diverged) and the wall time of each repeat."""
+    bs = testbed.batch_size
+
+    def once() -> torch.Tensor:
+        return torch.cat([
+            testbed.generate(method.solver, method.option_dict, nfe, x_T[i:i + bs], cond[i:i + bs], cfg.guidance,
+                             cfg.spacing)
+            for i in range(0, x_T.shape[0], bs)
+        ])
+
+    samples, times = None, []
+    for _ in range(cfg.repeats):
+        try:
+            samples, seconds = _timed(once, testbed.device)
+        except FloatingPointError:  # the model saw a diverged sample: a result, not a crash
+            return None, []
+        times.append(seconds)
+    return (samples if bool(torch.isfinite(samples).all()) else None), times
+
+
+def run_compare(testbed: Testbed, cfg: CompareConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or resume) a comparison, write its report and log a summary.
+
+    Args:
+        testbed: The model (see :func:`fewstep.eval.testbeds.make_testbed`).
+        cfg: The settings; model defaults still ``None`` are filled from ``testbed``.
+        log: Where progress messages and the summary go.
 
     Returns:
-        The results dictionary also written to ``out_dir/results.json``.
+        The results dictionary also written to ``cfg.out/results.json``.
+
+    Raises:
+        ValueError: the run folder is in use, holds another configuration or a corrupt
+            results file, or the reference is not finite.
+        OSError: a file cannot be written.
     """
-    out_dir = Path(out_dir)
-    cache_dir = Path(cache_dir) if cache_dir else _default_cache_dir()
+    cfg = cfg.with_defaults(testbed)
+    out = Path(cfg.out)
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else _default_cache_dir()
     identity = cfg.identity(testbed)
-    results_path = out_dir / "results.json"
-    results = _load_results(results_path, identity)
+    results_path = out / "results.json"
+    with lock_directory(out, _LOCK_HOLDER):
+        if (out / "samples").exists() and not (out / "samples").is_dir():
+            raise ValueError(f"{out / 'samples'} is not a folder; compare keeps per-run samples there")
+        for folder in (out, out / "samples"):  # we hold the lock: every temporary file there is stale
+            clean_temp_files(folder, all_stale=True)
+        clean_temp_files(cache)
+        results = _load_results(results_path, identity)
+        written = [save_config(cfg, out)]
+        x_T, cond = testbed.initial_noise(cfg.num_samples, cfg.seed)
+        reference = _Reference(testbed, cfg, identity, out, cache, log)
+        ref, ref_seconds = reference.get(x_T, cond)
+        if reference.wrote_run_copy:
+            written.append(reference.run_copy)
+        if results is None:
+            results = {
+                "config": identity,
+                "fd_name": testbed.fd_name,
+                "reference": {
+                    "description": testbed.reference_description(cfg.reference_method.label, cfg.reference_nfe),
+                    "time_s": ref_seconds, **testbed.evaluate(ref, cond),
+                },
+                "floor": testbed.floor(),
+                "entries": [],
+            }
+            write_json(results_path, results)
 
-    x_T, cond = testbed.initial_noise(cfg.num_samples, cfg.seed)
-    ref, ref_seconds = _reference(testbed, cfg, x_T, cond, cache_dir, log)
-    if results is None:
-        results = {
-            "config": identity,
-            "fd_name": "digits-FD" if cfg.model == "digits" else "FD",
-            "reference": {
-                "description": testbed.reference_description(cfg.reference.label, cfg.reference_nfe),
-                "time_s": ref_seconds, **testbed.evaluate(ref, cond),
-            },
-            "floor": testbed.floor(),
-            "entries": [],
-        }
-        write_json(results_path, results)
-    save_tensors(out_dir / "samples" / "reference.safetensors", {"x": ref[:GRID_SAMPLES]})
-
-    done = {(e["method"], e["nfe"]) for e in results["entries"]}
-    todo = [(m, n) for m in cfg.methods for n in cfg.nfes if (m.label, n) not in done]
-    if len(todo) < len(cfg.methods) * len(cfg.nfes):
-        log(f"resuming: {len(cfg.methods) * len(cfg.nfes) - len(todo)} results already in {results_path}")
-    bar = None
-    if progress and todo:
+        pairs = [(m, n) for m in cfg.methods for n in cfg.nfe]
+        done = {(e["method"], e["nfe"]) for e in results["entries"]}
+        todo = [(m, n) for m, n in pairs if (m.label, n) not in done]
+        if len(todo) < len(pairs):
+            log(f"resuming: {len(pairs) - len(todo)} of {len(pairs)} results already in {results_path}")
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(todo), desc="compare", unit="run")
-    for method, nfe in todo:
-        if bar is not None:
-            bar.set_postfix_str(f"{method.label} NFE {nfe}")
-        samples, seconds = _timed(
-            lambda: testbed.generate(method.solver, method.option_dict, nfe, x_T, cond, cfg.guidance, cfg.spacing)
-        )
-        if bool(torch.isfinite(samples).all()):
-            mse = (samples - ref).pow(2).flatten(1).mean(1).mean().item()
-            metrics = testbed.evaluate(samples, cond)
-        else:  # a diverged solver is a result, not a crash
-            mse, metrics = None, {m: None for m in testbed.metrics}
-        entry = {"method": method.label, "solver": method.solver, "options": method.option_dict, "nfe": nfe,
-                 "mse": mse, **metrics, "time_s": seconds}
-        save_tensors(out_dir / "samples" / f"{method.slug}-nfe{nfe}.safetensors", {"x": samples[:GRID_SAMPLES]})
-        results["entries"].append(entry)
-        write_json(results_path, results)
-        if bar is not None:
-            bar.update()
-    if bar is not None:
-        bar.close()
+        with tqdm(total=len(todo), desc="compare", unit="run", disable=not cfg.progress or not todo) as bar:
+            for method, nfe in todo:
+                bar.set_postfix_str(f"{method.label} NFE {nfe}")
+                samples, times = _run_method(testbed, cfg, method, nfe, x_T, cond)
+                if samples is not None:
+                    mse = (samples - ref).pow(2).flatten(1).mean(1).mean().item()
+                    metrics = testbed.evaluate(samples, cond)
+                    if testbed.images(samples[:1]) is not None:  # kept for the sample grid
+                        save_tensors(out / "samples" / f"{method.slug}-nfe{nfe}.safetensors",
+                                     {"x": samples[:GRID_SAMPLES]})
+                else:
+                    mse, metrics = None, {m: None for m in testbed.metrics}
+                results["entries"].append({
+                    "method": method.label, "solver": method.solver, "options": method.option_dict, "nfe": nfe,
+                    "mse": mse, **metrics, "diverged": samples is None,
+                    "time_s": statistics.median(times) if times else None, "time_runs": len(times),
+                })
+                write_json(results_path, results)
+                bar.update()
 
-    # Report in the order asked for, with any extra resumed entries after.
-    order = {(m.label, n): i for i, (m, n) in enumerate((m, n) for m in cfg.methods for n in cfg.nfes)}
-    results["entries"].sort(key=lambda e: order.get((e["method"], e["nfe"]), len(order)))
-    write_json(results_path, results)
-    metrics = ("mse", *testbed.metrics, "time_s")
-    (out_dir / "results.md").write_text(markdown_report(results, metrics))
-    if plot and not plot_quality(results, out_dir / "quality_vs_nfe.png", ("mse", *testbed.metrics)):
-        log("matplotlib is not installed: skipped quality_vs_nfe.png (pip install 'fewstep[plot]')")
-    _write_grid(testbed, cfg, out_dir)
+        # Report in the order asked for, with any extra resumed entries after.
+        order = {(m.label, n): i for i, (m, n) in enumerate(pairs)}
+        results["entries"].sort(key=lambda e: order.get((e["method"], e["nfe"]), len(order)))
+        write_json(results_path, results)
+        written.append(results_path)
+        metrics = ("mse", *testbed.metrics, "time_s")
+        atomic_write_bytes(out / "results.md", markdown_report(results, metrics).encode())
+        written.append(out / "results.md")
+        if cfg.plot:
+            if plot_quality(results, out / "quality_vs_nfe.png", ("mse", *testbed.metrics)):
+                written.append(out / "quality_vs_nfe.png")
+            else:
+                log("matplotlib is not installed: skipped quality_vs_nfe.png (pip install 'fewstep[plot]')")
+        if _write_grid(testbed, cfg, results, ref, out):
+            written.append(out / "samples.png")
+
+    log("")
+    log(pivot_tables(results, metrics))
+    for k, v in results["floor"].items():
+        name = results["fd_name"] if k == "fd" else k
+        log(f"\n{name} of real data against itself (two halves): {v:.3f}; of the reference samples: "
+            f"{results['reference'].get(k, float('nan')):.3f}")
+    log(f"\nwrote {out}{os.sep}: {', '.join(p.name for p in written)}")
     return results
 
 
-def _write_grid(testbed: Testbed, cfg: CompareConfig, out_dir: Path) -> None:
-    ref = load_tensors(out_dir / "samples" / "reference.safetensors")["x"]
-    if testbed.images(ref) is None:
-        return
-    rows = [("reference", {0: testbed.images(ref)})]
+def _write_grid(testbed: Testbed, cfg: CompareConfig, results: dict[str, Any], ref: torch.Tensor, out: Path) -> bool:
+    ref_images = testbed.images(ref[:GRID_SAMPLES])
+    if ref_images is None:
+        return False
+    diverged = {(e["method"], e["nfe"]) for e in results["entries"] if e.get("diverged")}
+    rows = []
     for m in cfg.methods:
         blocks = {}
-        for n in cfg.nfes:
-            f = out_dir / "samples" / f"{m.slug}-nfe{n}.safetensors"
-            if f.is_file():
+        for n in cfg.nfe:
+            f = out / "samples" / f"{m.slug}-nfe{n}.safetensors"
+            if (m.label, n) in diverged:
+                blocks[n] = "diverged"
+            elif f.is_file():
                 blocks[n] = testbed.images(load_tensors(f)["x"])
         rows.append((m.label, blocks))
-    sample_grid(rows, out_dir / "samples.png")
+    sample_grid(ref_images, rows, out / "samples.png")
+    return True
 
 
 def add_compare_parser(sub: argparse._SubParsersAction) -> None:
@@ -261,47 +487,67 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "compare",
         help="benchmark solvers at low NFE against a high-NFE reference",
-        description="Run every solver at a few NFEs on the built-in digits model (or gmm, or a local diffusers "
-                    "pipeline) and report MSE to a cached reference, FD, classifier accuracy and wall time.",
+        description=(
+            "Run every solver at a few NFEs on the built-in digits model (or the analytic GMM, or a local\n"
+            "diffusers pipeline) and report MSE to a reference (same noise), FD, classifier accuracy and\n"
+            "wall time. Results are saved after every (solver, NFE) pair; rerunning the same command\n"
+            "resumes, and adding solvers or NFEs only computes the new ones."
+        ),
+        epilog=(
+            "Defaults that depend on the model (so a run takes minutes):\n"
+            "  num samples     1000 for digits and gmm, 16 for pipelines\n"
+            "  reference NFE   200 for digits, 100 for pipelines (gmm: exact ODE solution)\n"
+            "  guidance        1.5 digits, 2.0 gmm, 7.5 pipelines\n"
+            "  height, width   the pipeline's own resolution\n\n"
+            "Settings can also come from a YAML file and key=value items (later wins):\n"
+            "  defaults < --config FILE.yaml < flags < key=value\n"
+            "  fewstep compare --config configs/compare/smoke.yaml nfe=[4,8] out=runs/smoke-4-8\n"
+            "The resolved settings are saved as OUT/config.yaml."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,
     )
-    p.add_argument("--model", default="digits", help="digits (default), gmm, gmm-flow, or a pipeline folder")
-    p.add_argument("--solvers", nargs="+", default=None, metavar="SPEC",
-                   help="solvers to compare, e.g. 'unipc' 'unipc:order=3,variant=bh1' (default: all registered)")
-    p.add_argument("--nfe", nargs="+", type=int, default=list(DEFAULT_NFES), help="NFEs (default: 5 6 8 10)")
-    p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale (default: 1.5 digits, 2.0 gmm, 7.5 pipelines)")
-    p.add_argument("--num-samples", type=int, default=1000, help="samples per run (default: 1000)")
-    p.add_argument("--seed", type=int, default=0, help="sample i uses noise seed SEED + i")
-    p.add_argument("--spacing", default=None, choices=SPACINGS,
-                   help="timestep spacing for every solver (default: the model's own, linspace for digits/gmm)")
-    p.add_argument("--reference", default=DEFAULT_REFERENCE, help=f"reference solver spec (default: {DEFAULT_REFERENCE})")
-    p.add_argument("--reference-nfe", type=int, default=200, help="reference NFE (default: 200)")
-    p.add_argument("--out", default="runs/compare", help="output folder (default: runs/compare)")
-    p.add_argument("--cache-dir", default=None, help="reference cache (default: $FEWSTEP_CACHE or ~/.cache/fewstep)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--prompt", action="append", default=None, help="pipeline prompt (repeatable)")
-    p.add_argument("--height", type=int, default=64, help="pipeline image height")
-    p.add_argument("--width", type=int, default=64, help="pipeline image width")
-    p.add_argument("--no-plot", action="store_true", help="skip quality_vs_nfe.png")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--model", metavar="NAME|DIR", help="digits (default), gmm, gmm-flow, or a diffusers pipeline folder")
+    p.add_argument("--solvers", nargs="+", metavar="SPEC",
+                   help="solvers, e.g. ddim unipc:order=3,variant=bh1 (default: every registered solver; "
+                        "see 'fewstep solvers')")
+    p.add_argument("--nfe", nargs="+", type=int, metavar="N", help="model evaluations per sample (default: 5 6 8 10)")
+    p.add_argument("--guidance", type=float, metavar="W", help="classifier-free guidance scale (default: per model, see below)")
+    p.add_argument("--num-samples", dest="num_samples", type=int, metavar="N", help="samples per run (default: per model)")
+    p.add_argument("--seed", type=int, metavar="N", help="sample i uses noise seed SEED + i (default: 0)")
+    p.add_argument("--spacing", choices=SPACINGS, metavar="NAME",
+                   help=f"timestep spacing for every solver: {', '.join(SPACINGS)} (default: the model's own; "
+                        "linspace for digits/gmm)")
+    p.add_argument("--reference", metavar="SPEC", help=f"reference solver (default: {DEFAULT_REFERENCE})")
+    p.add_argument("--reference-nfe", dest="reference_nfe", type=int, metavar="N", help="reference steps (default: per model)")
+    p.add_argument("--prompt", dest="prompts", action="append", metavar="TEXT",
+                   help="pipeline prompt, repeatable (default: four built-in prompts)")
+    p.add_argument("--height", type=int, metavar="PX", help="pipeline image height (default: the pipeline's)")
+    p.add_argument("--width", type=int, metavar="PX", help="pipeline image width (default: the pipeline's)")
+    p.add_argument("--out", metavar="DIR", help="run folder (default: runs/compare)")
+    p.add_argument("--cache-dir", dest="cache_dir", metavar="DIR",
+                   help="reference cache (default: $FEWSTEP_CACHE/references or ~/.cache/fewstep/references)")
+    p.add_argument("--device", help="cpu (default), cuda, cuda:N or mps")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help=f"torch CPU threads (default: {DEFAULT_THREADS}, the fastest on a shared 2-core machine)")
+    p.add_argument("--repeats", type=int, metavar="N",
+                   help="timed runs per solver and NFE; the time column is their median (default: 1)")
+    p.add_argument("--no-plot", dest="plot", action="store_false", help="skip quality_vs_nfe.png")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
+    add_config_arguments(p, CompareConfig)
     p.set_defaults(func=cmd_compare)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """CLI body of ``fewstep compare``."""
-    methods = [Method.parse(s) for s in args.solvers] if args.solvers else [Method(n) for n in list_solvers()]
-    guidance = args.guidance if args.guidance is not None else _DEFAULT_GUIDANCE.get(args.model, 7.5)
-    cfg = CompareConfig(
-        model=args.model if args.model in _DEFAULT_GUIDANCE else str(Path(args.model).resolve()),
-        methods=methods, nfes=tuple(args.nfe), num_samples=args.num_samples, seed=args.seed, guidance=guidance,
-        spacing=args.spacing, reference=Method.parse(args.reference), reference_nfe=args.reference_nfe,
-    )
-    testbed = make_testbed(args.model, args.device, args.prompt or _DEFAULT_PROMPTS, args.height, args.width)
-    results = run_compare(testbed, cfg, args.out, args.cache_dir, progress=not args.no_progress,
-                          plot=not args.no_plot)
-    print()
-    print(pivot_tables(results, ("mse", *testbed.metrics, "time_s")))
-    for k, v in results["floor"].items():
-        print(f"\nreal data vs real data {k}: {v:.3f}; reference {k}: {results['reference'].get(k, float('nan')):.3f}")
-    print(f"\nwrote {Path(args.out) / 'results.json'}, results.md, quality_vs_nfe.png, samples.png")
+    cfg = resolve_config(CompareConfig, args)
+    args.resume_hint = f"finished results are kept in {cfg.out}; run the same command again to resume"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        with lock_directory(cfg.out, _LOCK_HOLDER):  # refuse a second run before loading any model
+            testbed = make_testbed(cfg.model, cfg.device, cfg.prompts, cfg.height, cfg.width)
+            run_compare(testbed, cfg)
+    finally:
+        torch.set_num_threads(threads)  # main() may run in-process (tests, notebooks)
     return 0

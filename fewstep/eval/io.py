@@ -1,65 +1,222 @@
-"""Crash-safe result files: every write goes to a temporary file first, then os.replace."""
+"""Crash-safe result files: every write goes to a temporary file first, then ``os.replace``.
+
+Temporary files are named ``.<name>.<pid>.<random>.tmp`` beside their target, created
+with the usual permissions (umask applies, unlike ``mkstemp``'s 0600). A ``kill -9``
+cannot run any cleanup, so long jobs call :func:`clean_temp_files` when they start:
+it removes the temporary files of processes that no longer exist.
+"""
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
-import tempfile
+import re
+import secrets
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
 
-__all__ = ["atomic_write_bytes", "write_json", "read_json", "save_tensors", "load_tensors"]
+__all__ = [
+    "atomic_write_bytes", "write_json", "read_json", "save_tensors", "load_tensors", "clean_temp_files",
+    "lock_directory", "DirectoryLockedError",
+]
+
+_TEMP_NAME = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see the old file or the new one, never half of it."""
+    """Write ``data`` to ``path`` so readers see the old file or the new one, never half of it.
+
+    Raises:
+        OSError: naming ``path`` (not the temporary file) when it cannot be written.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)  # its own OSError names the folder
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
+    _fsync_dir(path.parent)
+
+
+def _finite_json(obj: Any) -> Any:
+    # JSON has no NaN/Infinity; a non-finite number is written as null (no value).
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_json(v) for v in obj]
+    return obj
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    """Atomically write ``obj`` as indented JSON."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+    """Atomically write ``obj`` as indented, standard JSON (non-finite floats become null)."""
+    text = json.dumps(_finite_json(obj), indent=2, allow_nan=False)
+    atomic_write_bytes(path, (text + "\n").encode())
 
 
 def read_json(path: str | Path) -> Any:
     """Read JSON, raising ValueError that names the file when it is corrupt."""
     try:
-        return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as exc:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path} is not valid JSON ({exc}); delete it to start over") from None
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Atomically write tensors as safetensors."""
+    from safetensors.torch import save
+
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    atomic_write_bytes(path, data)
+
+
+def load_tensors(path: str | Path, with_metadata: bool = False):
+    """Load a safetensors file.
+
+    Args:
+        path: The file.
+        with_metadata: Also return the file's string metadata.
+
+    Returns:
+        ``{name: tensor}``, or ``({name: tensor}, metadata)`` with ``with_metadata``.
+
+    Raises:
+        ValueError: naming the file when it is not a readable safetensors file.
+        OSError: when it cannot be opened (missing, a directory, no permission).
+    """
+    from safetensors import safe_open
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            metadata = f.metadata() or {}
+    except OSError:
         raise
-
-
-def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """Load a safetensors file, raising ValueError that names the file when it is corrupt."""
-    try:
-        return load_file(str(path))
-    except Exception as exc:  # safetensors raises its own error types for truncated files
+    except Exception as exc:  # safetensors raises its own (non-OSError) type for corrupt files
         raise ValueError(f"{path} is not a readable safetensors file ({exc}); delete it to recompute") from None
+    return (tensors, metadata) if with_metadata else tensors
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def clean_temp_files(directory: str | Path, *, all_stale: bool = False) -> list[Path]:
+    """Remove temporary files left in ``directory`` by killed writers.
+
+    Args:
+        directory: Folder to clean (not recursive); a missing folder is fine.
+        all_stale: Every temporary file there is stale (the caller holds the folder's
+            lock); otherwise only those of processes that no longer exist are removed.
+
+    Returns:
+        The files removed.
+    """
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except (FileNotFoundError, NotADirectoryError):
+        return removed
+    for name in names:
+        m = _TEMP_NAME.match(name)
+        if m is None:
+            continue
+        pid = int(m.group(1))
+        if pid == os.getpid() or (not all_stale and _pid_alive(pid)):
+            continue
+        path = Path(directory) / name
+        try:
+            path.unlink()
+            removed.append(path)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+class DirectoryLockedError(ValueError):
+    """Another process holds the lock on a run directory."""
+
+
+_HELD_LOCKS: dict[str, list] = {}  # resolved path -> [fd, depth]: re-entrant within one process
+
+
+@contextmanager
+def lock_directory(directory: str | Path, what: str = "another fewstep run") -> Iterator[Path]:
+    """Hold an exclusive lock on ``directory`` (created if missing) for one writer at a time.
+
+    The lock is an ``flock`` on the directory itself: no lock file is left behind, and a
+    killed holder releases it with its last file descriptor, so a stale lock never blocks.
+    Re-entrant within a process. Where ``fcntl`` is missing (Windows) nothing is locked.
+
+    Raises:
+        DirectoryLockedError: another process holds the lock.
+        OSError: the directory cannot be created or opened.
+    """
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "exists and is not a directory", str(directory))
+    directory.mkdir(parents=True, exist_ok=True)
+    key = str(directory.resolve())
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield directory
+        return
+    if key in _HELD_LOCKS:
+        _HELD_LOCKS[key][1] += 1
+    else:
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DirectoryLockedError(
+                f"{directory} is in use by {what} (it holds the folder's lock); wait for it to finish "
+                f"or choose another output folder") from None
+        _HELD_LOCKS[key] = [fd, 1]
+    try:
+        yield directory
+    finally:
+        held = _HELD_LOCKS[key]
+        held[1] -= 1
+        if held[1] == 0:
+            del _HELD_LOCKS[key]
+            os.close(held[0])  # closing the last descriptor releases the flock

@@ -5,17 +5,19 @@ from __future__ import annotations
 import io
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, Union
 
 import numpy as np
 import torch
 
 from .io import atomic_write_bytes
 
-__all__ = ["pivot_tables", "markdown_report", "plot_quality", "sample_grid"]
+__all__ = ["pivot_tables", "markdown_report", "plot_quality", "sample_grid", "time_label"]
 
-_METRIC_NAMES = {"mse": "MSE to reference", "fd": "digits-FD", "accuracy": "accuracy", "time_s": "time (s)"}
+_METRIC_NAMES = {"mse": "MSE to reference", "fd": "FD", "accuracy": "accuracy"}
 _FORMATS = {"mse": "{:.2e}", "fd": "{:.2f}", "accuracy": "{:.1%}", "time_s": "{:.2f}"}
+_MARKERS = "osD^vP*Xh<>p"
+_LINESTYLES = ("-", "--", "-.", ":")
 
 
 def _fmt(metric: str, value: float | None) -> str:
@@ -24,17 +26,32 @@ def _fmt(metric: str, value: float | None) -> str:
     return _FORMATS.get(metric, "{:.4g}").format(value)
 
 
+def time_label(entries: Sequence[dict[str, Any]]) -> str:
+    """Title of the wall-time column: says whether it is one run or the median of several."""
+    runs = sorted({e.get("time_runs", 1) for e in entries if e.get("time_runs")})
+    if not runs or runs == [1]:
+        return "time (s), single run"
+    span = f"{runs[0]}" if len(runs) == 1 else f"{runs[0]}-{runs[-1]}"
+    return f"time (s), median of {span} runs"
+
+
+def _title(results: dict[str, Any], metric: str) -> str:
+    if metric == "fd":
+        return results.get("fd_name", "FD")
+    if metric == "time_s":
+        return time_label(results["entries"])
+    return _METRIC_NAMES.get(metric, metric)
+
+
 def pivot_tables(results: dict[str, Any], metrics: Sequence[str]) -> str:
-    """One Markdown table per metric: a row per method, a column per NFE."""
+    """One Markdown table per metric: a row per method, a column per NFE ("-": diverged or not run)."""
     entries = results["entries"]
     methods = list(dict.fromkeys(e["method"] for e in entries))
     nfes = sorted({e["nfe"] for e in entries})
     by_key = {(e["method"], e["nfe"]): e for e in entries}
-    fd_name = results.get("fd_name", "FD")
     blocks = []
     for metric in metrics:
-        title = fd_name if metric == "fd" else _METRIC_NAMES.get(metric, metric)
-        head = f"| {title} | " + " | ".join(f"NFE {n}" for n in nfes) + " |"
+        head = f"| {_title(results, metric)} | " + " | ".join(f"NFE {n}" for n in nfes) + " |"
         rule = "|---|" + "---:|" * len(nfes)
         rows = [
             f"| {m} | " + " | ".join(_fmt(metric, by_key.get((m, n), {}).get(metric)) for n in nfes) + " |"
@@ -52,17 +69,20 @@ def markdown_report(results: dict[str, Any], metrics: Sequence[str]) -> str:
         f"# fewstep compare: {cfg['model']}",
         "",
         f"{cfg['num_samples']} samples, seed {cfg['seed']}, guidance {cfg['guidance']}, "
-        f"spacing `{cfg['spacing'] or 'model default'}` (one grid for every solver).",
+        f"spacing `{cfg['spacing'] or 'model default'}` (one grid for every solver), device {cfg.get('device', 'cpu')}.",
         f"Reference: {ref['description']}.",
         "",
         pivot_tables(results, metrics),
         "",
     ]
-    extra = [f"{k} {_fmt(k, v)}" for k, v in ref.items() if k in metrics]
+    diverged = sorted({f"{e['method']} at NFE {e['nfe']}" for e in results["entries"] if e.get("diverged")})
+    if diverged:
+        lines.append("Diverged (no finite samples): " + ", ".join(diverged) + ".")
+    extra = [f"{_title(results, k)} {_fmt(k, v)}" for k, v in ref.items() if k in metrics and k != "time_s"]
     if extra:
         lines.append("Reference samples: " + ", ".join(extra) + ".")
     for k, v in results.get("floor", {}).items():
-        lines.append(f"Real data against itself (two halves): {k} {_fmt(k, v)}.")
+        lines.append(f"Real data against itself (two halves): {_title(results, k)} {_fmt(k, v)}.")
     lines.append("")
     return "\n".join(lines)
 
@@ -74,28 +94,59 @@ def plot_quality(results: dict[str, Any], path: str | Path, metrics: Sequence[st
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator, PercentFormatter
     except ImportError:
         return False
     metrics = [m for m in metrics if m != "time_s"]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
-    methods = list(dict.fromkeys(e["method"] for e in results["entries"]))
+    entries = results["entries"]
+    methods = list(dict.fromkeys(e["method"] for e in entries))
+    nfes = sorted({e["nfe"] for e in entries})
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.4 * len(metrics), 3.9), squeeze=False,
+                             layout="constrained")
     for ax, metric in zip(axes[0], metrics):
-        for m in methods:
-            pts = sorted((e["nfe"], e[metric]) for e in results["entries"] if e["method"] == m and e.get(metric) is not None)
+        scale = 100.0 if metric == "accuracy" else 1.0
+        values = []
+        for i, m in enumerate(methods):
+            pts = sorted((e["nfe"], e[metric] * scale) for e in entries if e["method"] == m and e.get(metric) is not None)
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=m)
-        if metric in results["reference"]:
-            ax.axhline(results["reference"][metric], color="k", ls="--", lw=1, label="reference")
-        if metric in results.get("floor", {}):
-            ax.axhline(results["floor"][metric], color="grey", ls=":", lw=1, label="real vs real")
+                values += [v for _, v in pts]
+                ax.plot(*zip(*pts), marker=_MARKERS[i % len(_MARKERS)], ms=5,
+                        ls=_LINESTYLES[(i // 10) % len(_LINESTYLES)], color=f"C{i % 10}", label=m)
+        if results["reference"].get(metric) is not None:
+            ax.axhline(results["reference"][metric] * scale, color="k", ls="--", lw=1, label="reference samples")
+        if results.get("floor", {}).get(metric) is not None:
+            ax.axhline(results["floor"][metric] * scale, color="grey", ls=":", lw=1.2, label="real vs real data")
+        title = _title(results, metric)
         if metric == "mse":
             ax.set_yscale("log")
-        ax.set_xlabel("NFE")
-        ax.set_title(results.get("fd_name", "FD") if metric == "fd" else _METRIC_NAMES.get(metric, metric))
+            ax.set_ylabel(f"{title} (log scale)")
+            ax.set_title("MSE to the reference (lower is better)", fontsize=9)
+        elif metric == "accuracy":
+            low = min(values + [100.0])
+            ax.set_ylim(max(0.0, min(90.0, math.floor((low - 2.0) / 5.0) * 5.0)), 100.8)
+            ax.yaxis.set_major_formatter(PercentFormatter(100, decimals=0 if low < 95 else 1))
+            ax.set_ylabel("classifier accuracy (%)")
+            ax.set_title("accuracy w.r.t. the requested class (higher is better)", fontsize=9)
+        else:
+            ax.set_ylabel(title)
+            ax.set_title(f"{title} (lower is better)", fontsize=9)
+        ax.set_xlabel("NFE (model evaluations)")
+        if len(nfes) <= 12:
+            ax.set_xticks(nfes)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"fewstep compare: {results['config']['model']}", fontsize=10)
-    fig.tight_layout()
+    handles, labels = {}, []
+    for ax in axes[0]:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in handles:
+                handles[lab] = h
+                labels.append(lab)
+    fig.legend([handles[lab] for lab in labels], labels, loc="outside lower center",
+               ncol=min(len(labels), 4), fontsize=8, frameon=False)
+    cfg = results["config"]
+    fig.suptitle(f"fewstep compare: {Path(str(cfg['model'])).name}, {cfg['num_samples']} samples, "
+                 f"guidance {cfg['guidance']:g}, {cfg['spacing'] or 'model-default'} grid", fontsize=10)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
@@ -103,36 +154,90 @@ def plot_quality(results: dict[str, Any], path: str | Path, metrics: Sequence[st
     return True
 
 
-def sample_grid(rows: Sequence[tuple[str, dict[int, torch.Tensor]]], path: str | Path, scale: int = 3) -> None:
-    """A PNG with one row per method and one block of images per NFE.
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)  # scalable font, Pillow >= 10.1
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def _wrap(draw, text: str, font, width: int) -> list[str]:
+    # Break after '(' and ',' so solver options stay whole.
+    tokens, cur = [], ""
+    for ch in text:
+        cur += ch
+        if ch in "(,":
+            tokens.append(cur)
+            cur = ""
+    tokens.append(cur)
+    lines = [""]
+    for tok in filter(None, tokens):
+        if lines[-1] and draw.textlength(lines[-1] + tok, font=font) > width:
+            lines.append(tok)
+        else:
+            lines[-1] += tok
+    return lines
+
+
+def _tile(images: torch.Tensor, scale: int, gap: int) -> np.ndarray:
+    """[k, H, W] in [0, 1] -> one uint8 block, dark strokes on white, two rows when k > 6."""
+    imgs = np.nan_to_num(images.float().clamp(0, 1).numpy())
+    k, h, w = imgs.shape
+    cols = math.ceil(k / 2) if k > 6 else k
+    rows = math.ceil(k / cols)
+    block = np.zeros((rows * h * scale + (rows - 1) * gap, cols * w * scale + (cols - 1) * gap))
+    for i, img in enumerate(imgs):
+        r, c = divmod(i, cols)
+        y, x = r * (h * scale + gap), c * (w * scale + gap)
+        block[y:y + h * scale, x:x + w * scale] = np.kron(img, np.ones((scale, scale)))
+    return (255 - block * 255).round().astype(np.uint8)
+
+
+def sample_grid(reference: torch.Tensor, rows: Sequence[tuple[str, dict[int, Union[torch.Tensor, str]]]],
+                path: str | Path, scale: int = 4) -> None:
+    """A PNG with one row per method and one column per NFE, under a row of reference samples.
 
     Args:
-        rows: (label, {nfe: images [k, H, W] in [0, 1]}); nfe 0 labels the reference.
+        reference: Reference images [k, H, W] in [0, 1], shown above every NFE column.
+        rows: (label, {nfe: images [k, H, W] in [0, 1], or a note such as "diverged"}).
         path: Output file.
         scale: Integer upscaling of each pixel.
     """
     from PIL import Image, ImageDraw
 
     nfes = sorted({n for _, blocks in rows for n in blocks})
-    k, h, w = next(iter(rows[0][1].values())).shape
-    cell_w, cell_h, gap, label_w, head_h = k * w * scale, h * scale, 8, 150, 16
-    width = label_w + len(nfes) * (cell_w + gap)
-    height = head_h + len(rows) * (cell_h + gap)
-    canvas = Image.new("L", (width, height), 255)
+    ref_tile = _tile(reference, scale, scale)
+    cell_h, cell_w = ref_tile.shape
+    font, head_font = _font(13), _font(14)
+    probe = ImageDraw.Draw(Image.new("L", (1, 1)))
+    label_w, pad, head_h, line_h = 190, 10, 26, 16
+    all_rows = [("reference", {n: ref_tile for n in nfes})] + [
+        (label, {n: _tile(v, scale, scale) if isinstance(v, torch.Tensor) else str(v) for n, v in blocks.items()})
+        for label, blocks in rows
+    ]
+    wrapped = [_wrap(probe, label, font, label_w - 12) for label, _ in all_rows]
+    heights = [max(cell_h, len(lines) * line_h) + 2 * pad for lines in wrapped]
+    width = label_w + len(nfes) * (cell_w + 2 * pad)
+    canvas = Image.new("L", (width, head_h + sum(heights)), 255)
     draw = ImageDraw.Draw(canvas)
     for j, n in enumerate(nfes):
-        draw.text((label_w + j * (cell_w + gap), 2), "reference" if n == 0 else f"NFE {n}", fill=0)
-    for i, (label, blocks) in enumerate(rows):
-        y = head_h + i * (cell_h + gap)
-        draw.text((4, y + cell_h // 2 - 5), label[:24], fill=0)
+        x = label_w + j * (cell_w + 2 * pad) + pad
+        draw.text((x + cell_w // 2, head_h // 2), f"NFE {n}", fill=0, font=head_font, anchor="mm")
+    y = head_h
+    for (label, blocks), lines, h in zip(all_rows, wrapped, heights):
+        draw.line([(0, y), (width, y)], fill=200)
+        for i, line in enumerate(lines):
+            draw.text((6, y + (h - len(lines) * line_h) // 2 + i * line_h), line, fill=0, font=font)
         for j, n in enumerate(nfes):
-            if n not in blocks:
-                continue
-            imgs = blocks[n].clamp(0, 1).numpy()
-            strip = np.concatenate(list(imgs), axis=1)  # [H, k*W]
-            strip = np.kron(strip, np.ones((scale, scale)))
-            tile = Image.fromarray((255 - strip * 255).astype(np.uint8))  # dark digits on white
-            canvas.paste(tile, (label_w + j * (cell_w + gap), y))
+            x = label_w + j * (cell_w + 2 * pad) + pad
+            block = blocks.get(n, "not run")
+            if isinstance(block, str):
+                draw.text((x + cell_w // 2, y + h // 2), block, fill=110, font=font, anchor="mm")
+            else:
+                canvas.paste(Image.fromarray(block), (x, y + (h - cell_h) // 2))
+        y += h
     buf = io.BytesIO()
     canvas.save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())

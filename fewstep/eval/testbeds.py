@@ -1,14 +1,16 @@
 """Models ``fewstep compare`` can benchmark: built-in digits, analytic GMM, local diffusers pipelines.
 
 A testbed draws the initial noise (per-sample seeds, so a smaller run is a prefix of a
-larger one), generates samples with a given solver, produces its reference, and scores
-samples with whatever metrics it supports.
+larger one), generates samples with a given solver, produces its reference, scores
+samples with whatever metrics it supports, and states the defaults that keep a run on
+it to minutes (sample count, reference NFE, batch size).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import struct
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,8 +20,13 @@ import torch
 from ..samplers import GridSpec, make_schedule, sample
 from ..samplers.schedules import DiscreteVPSchedule
 from .fd import feature_statistics, frechet_distance
+from .io import read_json
 
-__all__ = ["Testbed", "DigitsTestbed", "GMMTestbed", "PipelineTestbed", "make_testbed"]
+__all__ = ["Testbed", "DigitsTestbed", "GMMTestbed", "PipelineTestbed", "make_testbed", "BUILTIN_MODELS"]
+
+BUILTIN_MODELS = ("digits", "gmm", "gmm-flow")
+DEFAULT_PROMPTS = ("a photograph of an astronaut riding a horse", "a watercolor painting of a lighthouse",
+                   "a red cube on a wooden table", "portrait of an old man, studio lighting")
 
 
 def _common_grid(spacing: str | None, schedule) -> GridSpec:
@@ -37,6 +44,13 @@ class Testbed(ABC):
 
     name: str
     metrics: tuple[str, ...] = ()  # besides mse and time
+    fd_name: str = "FD"
+    # Defaults of a run on this model; batch_size also fixes the reference's chunks.
+    default_guidance: float = 7.5
+    default_num_samples: int = 1000
+    default_reference_nfe: int = 200
+    batch_size: int = 100
+    device: torch.device = torch.device("cpu")
 
     @abstractmethod
     def initial_noise(self, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,13 +59,16 @@ class Testbed(ABC):
     @abstractmethod
     def generate(self, solver: str, options: dict[str, Any], nfe: int, x_T: torch.Tensor, cond: torch.Tensor,
                  guidance: float, spacing: str | None) -> torch.Tensor:
-        """Samples (float32, CPU) for ``x_T`` with the given solver.
+        """Samples (float32, CPU) for one batch ``x_T`` with the given solver.
 
         Guidance follows diffusers: CFG when ``guidance > 1``, else one conditional pass.
         ``spacing`` None means the model's own default grid.
+
+        Raises:
+            FloatingPointError: the model output became non-finite (the solver diverged).
         """
 
-    def reference(self, x_T: torch.Tensor, cond: torch.Tensor, guidance: float, spacing: str,
+    def reference(self, x_T: torch.Tensor, cond: torch.Tensor, guidance: float, spacing: str | None,
                   solver: str, options: dict[str, Any], nfe: int) -> torch.Tensor:
         """The ground truth the MSE is measured against (default: a high-NFE solver run)."""
         return self.generate(solver, options, nfe, x_T, cond, guidance, spacing)
@@ -81,8 +98,10 @@ class DigitsTestbed(Testbed):
 
     name = "digits"
     metrics = ("fd", "accuracy")
+    fd_name = "digits-FD"
+    default_guidance = 1.5  # the model's own default (fewstep.zoo.digits.DEFAULT_GUIDANCE_SCALE)
 
-    def __init__(self, device: str = "cpu", path: str | Path | None = None):
+    def __init__(self, device: str | torch.device = "cpu", path: str | Path | None = None):
         from diffusers import UNet2DModel
 
         from ..zoo import digits
@@ -91,7 +110,10 @@ class DigitsTestbed(Testbed):
         self.root = root
         self.device = torch.device(device)
         self.unet = UNet2DModel.from_pretrained(root / "unet").to(self.device).eval()
-        cfg = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+        digits.check_finite_weights(self.unet, root / "unet")
+        cfg = read_json(root / "scheduler" / "scheduler_config.json")
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{root / 'scheduler' / 'scheduler_config.json'} must hold a JSON object")
         self.schedule = DiscreteVPSchedule.from_betas(
             cfg.get("num_train_timesteps", 1000), cfg.get("beta_start", 1e-4), cfg.get("beta_end", 0.02),
             cfg.get("beta_schedule", "linear"), cfg.get("trained_betas"), cfg.get("rescale_betas_zero_snr", False),
@@ -145,14 +167,16 @@ class DigitsTestbed(Testbed):
         return ((samples.clamp(-1, 1) + 1) / 2)[:, 0]
 
     def fingerprint(self):
-        return {"testbed": self.name, "weights": _folder_digest(self.root), "device": str(self.device)}
+        return {"testbed": self.name, "weights": _folder_digest(self.root)}
 
 
 class GMMTestbed(Testbed):
-    """A class-conditional Gaussian mixture: exact model, exact ODE reference."""
+    """A class-conditional Gaussian mixture: exact model, exact ODE reference (CPU, float64)."""
 
     name = "gmm"
     metrics = ("fd", "accuracy")
+    default_guidance = 2.0
+    batch_size = 250  # the float64 posterior's working set falls out of cache above this
 
     def __init__(self, dim: int = 16, components: int = 12, num_classes: int = 4, seed: int = 0,
                  schedule: str = "linear"):
@@ -210,26 +234,37 @@ class PipelineTestbed(Testbed):
     """A local diffusers text-to-image pipeline (SD-style or flow); latents are compared."""
 
     name = "pipeline"
+    default_num_samples = 16  # minutes, not hours, for a real text-to-image model on one GPU
+    default_reference_nfe = 100
+    batch_size = 8
 
-    def __init__(self, path: str | Path, prompts: Sequence[str], height: int = 64, width: int = 64,
-                 device: str = "cpu", batch_size: int = 8):
+    def __init__(self, path: str | Path, prompts: Sequence[str] = DEFAULT_PROMPTS, height: int | None = None,
+                 width: int | None = None, device: str | torch.device = "cpu"):
         from ..samplers.scheduler import FewstepScheduler
         from ..zoo.tiny import load_tiny_pipeline
 
         self.path = Path(path)
-        if not (self.path / "model_index.json").is_file():
-            raise FileNotFoundError(f"{self.path} is not a diffusers pipeline folder (no model_index.json)")
-        self.pipe = load_tiny_pipeline(self.path).to(device)
-        self.pipe.set_progress_bar_config(disable=True)
-        self.base_config = dict(self.pipe.scheduler.config)
-        self.scheduler_cls = FewstepScheduler
         self.prompts = list(prompts)
         if not self.prompts:
             raise ValueError("a pipeline comparison needs at least one prompt")
-        self.height, self.width, self.batch_size = height, width, batch_size
-        denoiser = getattr(self.pipe, "unet", None) or getattr(self.pipe, "transformer")
+        check_pipeline_folder(self.path)
+        try:
+            self.pipe = load_tiny_pipeline(self.path).to(device)
+        except (ValueError, KeyError) as exc:  # diffusers' reactions to odd component configs
+            raise ValueError(f"cannot load the pipeline in {self.path}: {exc}") from None
+        self.pipe.set_progress_bar_config(disable=True)
+        self.base_config = dict(self.pipe.scheduler.config)
+        self.scheduler_cls = FewstepScheduler
+        denoiser = getattr(self.pipe, "unet", None) or getattr(self.pipe, "transformer", None)
+        if denoiser is None:
+            raise ValueError(f"{self.path}: the pipeline has neither a unet nor a transformer to sample with")
         factor = getattr(self.pipe, "vae_scale_factor", 8)
-        self.latent_shape = (denoiser.config.in_channels, height // factor, width // factor)
+        size = denoiser.config.sample_size * factor  # the pipeline's own default resolution
+        self.height, self.width = height or size, width or size
+        if self.height % factor or self.width % factor:
+            raise ValueError(f"height and width must be multiples of {factor} for this pipeline, "
+                             f"got {self.height}x{self.width}")
+        self.latent_shape = (denoiser.config.in_channels, self.height // factor, self.width // factor)
 
     def initial_noise(self, n, seed):
         return _per_sample_noise(self.latent_shape, n, seed), torch.arange(n) % len(self.prompts)
@@ -237,15 +272,12 @@ class PipelineTestbed(Testbed):
     def generate(self, solver, options, nfe, x_T, cond, guidance, spacing):
         config = self.base_config if spacing is None else {**self.base_config, "timestep_spacing": spacing}
         self.pipe.scheduler = self.scheduler_cls.from_config(config, solver=solver, solver_options=options)
-        outs = []
-        for xs, cs in zip(x_T.split(self.batch_size), cond.split(self.batch_size)):
-            out = self.pipe(
-                prompt=[self.prompts[int(c)] for c in cs], latents=xs.to(self.pipe.device, self.pipe.dtype),
-                num_inference_steps=nfe, guidance_scale=guidance, height=self.height, width=self.width,
-                output_type="latent",
-            ).images
-            outs.append(out.float().cpu())
-        return torch.cat(outs)
+        out = self.pipe(
+            prompt=[self.prompts[int(c)] for c in cond], latents=x_T.to(self.pipe.device, self.pipe.dtype),
+            num_inference_steps=nfe, guidance_scale=guidance, height=self.height, width=self.width,
+            output_type="latent",
+        ).images
+        return out.float().cpu()
 
     def fingerprint(self):
         return {"testbed": self.name, "path": str(self.path.resolve()), "files": _folder_digest(self.path),
@@ -275,14 +307,74 @@ def _folder_digest(root: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def make_testbed(model: str, device: str = "cpu", prompts: Sequence[str] = (), height: int = 64,
-                 width: int = 64) -> Testbed:
-    """``digits``, ``gmm`` (or ``gmm-flow``), or a path to a local diffusers pipeline folder."""
-    if model == "digits":
-        return DigitsTestbed(device)
+def _check_safetensors(path: Path) -> None:
+    # The header says where every tensor's bytes end; a truncated or padded file fails here,
+    # with its name, instead of deep inside a loader.
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        header = f.read(n) if 0 < n <= size - 8 else b""
+    try:
+        meta = json.loads(header)
+        end = max((v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"), default=0)
+    except (ValueError, TypeError, KeyError, IndexError):
+        raise ValueError(f"{path} is not a readable safetensors file (bad header)") from None
+    if 8 + n + end != size:
+        raise ValueError(f"{path} is truncated or corrupt: its header describes {8 + n + end} bytes, "
+                         f"the file has {size}")
+
+
+def check_pipeline_folder(path: Path) -> dict[str, Any]:
+    """Validate a diffusers pipeline folder before loading it; returns its ``model_index.json``.
+
+    Raises:
+        ValueError: naming the file that is missing, malformed or truncated.
+        MissingExtraError: a component needs an optional package that is not installed.
+    """
+    from .._extras import EXTRAS, import_optional
+
+    index_path = path / "model_index.json"
+    if not index_path.is_file():
+        raise ValueError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+    index = read_json(index_path)
+    if not isinstance(index, dict) or not isinstance(index.get("_class_name"), str):
+        raise ValueError(f"{index_path} must be a JSON object with a '_class_name' (the pipeline class)")
+    if index["_class_name"] != "DigitsPipeline":
+        import diffusers
+
+        if index["_class_name"] not in dir(diffusers):  # dir(): no import of the pipeline modules
+            raise ValueError(f"{index_path}: diffusers {diffusers.__version__} has no pipeline class "
+                             f"{index['_class_name']!r}")
+    for component, value in index.items():
+        if not component.startswith("_") and isinstance(value, list) and value and value[0] in EXTRAS:
+            import_optional(value[0], f"the pipeline component {component!r} in {path}")
+    for f in sorted(path.rglob("*.safetensors")):
+        _check_safetensors(f)
+    return index
+
+
+def make_testbed(model: str, device: str | torch.device = "cpu", prompts: Sequence[str] | None = None,
+                 height: int | None = None, width: int | None = None) -> Testbed:
+    """``digits``, ``gmm`` (or ``gmm-flow``), or a path to a local diffusers pipeline folder.
+
+    A folder holding a ``DigitsPipeline`` (the shipped one, or one exported by
+    ``python -m fewstep.zoo.digits train --export``) gets the digits metrics.
+
+    Raises:
+        ValueError: unknown model, unusable folder, or a device the model cannot use.
+    """
+    device = torch.device(device)
+    path = None if model in BUILTIN_MODELS else Path(model)
+    if path is not None:
+        if not path.is_dir():
+            raise ValueError(f"model {model!r} is not one of {', '.join(BUILTIN_MODELS)} or a pipeline folder")
+        if check_pipeline_folder(path)["_class_name"] != "DigitsPipeline":
+            return PipelineTestbed(path, prompts or DEFAULT_PROMPTS, height, width, device)
+    if prompts or height or width:
+        raise ValueError(f"prompts, height and width apply to text-to-image pipelines only, not to {model!r}")
     if model in ("gmm", "gmm-flow"):
+        if device.type != "cpu":
+            raise ValueError(f"the {model} testbed is exact and tiny and runs on the CPU only, not on {device}")
         return GMMTestbed(schedule="flow" if model == "gmm-flow" else "linear")
-    path = Path(model)
-    if not path.exists():
-        raise ValueError(f"--model {model!r} is not 'digits', 'gmm', 'gmm-flow' or an existing pipeline folder")
-    return PipelineTestbed(path, prompts, height, width, device)
+    return DigitsTestbed(device, path)

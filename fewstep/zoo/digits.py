@@ -41,6 +41,8 @@ code lives in ``fewstep.zoo.digits_train``.
 from __future__ import annotations
 
 import inspect
+import pickle
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence, Union
@@ -75,6 +77,7 @@ __all__ = [
     "digits_unet_config",
     "DigitsClassifier",
     "load_digits_classifier",
+    "check_finite_weights",
     "DigitsPipelineOutput",
     "DigitsPipeline",
     "load_digits_pipeline",
@@ -137,12 +140,30 @@ def load_digits_data(
         ``(images, labels)``: float32 images [N, 1, 8, 8] in [-1, 1] and int64 labels [N].
 
     Raises:
-        ValueError: If ``split`` is unknown.
+        ValueError: If ``split`` is unknown, or the file is not a valid digits ``.npz``
+            (named in the message).
+        OSError: If the file cannot be opened.
     """
     if split not in _SPLITS:
         raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
-    with np.load(path or DATA_PATH) as data:
+    path = Path(path or DATA_PATH)
+    try:
+        data = np.load(path)  # OSError names a missing file
+    except (zipfile.BadZipFile, EOFError, pickle.UnpicklingError, ValueError) as exc:
+        raise ValueError(f"{path} is not a readable .npz file ({exc})") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path} is a single array, expected an .npz archive with 'images' and 'labels'")
+    with data:
+        missing = [k for k in ("images", "labels") if k not in data.files]
+        if missing:
+            raise ValueError(f"{path} has no {missing} array(s); expected 'images' and 'labels'")
         images, labels = data["images"], data["labels"]
+    if images.ndim != 3 or images.shape[1:] != (8, 8) or labels.shape != (images.shape[0],):
+        raise ValueError(f"{path}: expected images [N, 8, 8] and labels [N], got {images.shape} and {labels.shape}")
+    if images.size and (images.min() < 0 or images.max() > MAX_PIXEL):
+        raise ValueError(f"{path}: pixel values must be in 0..{MAX_PIXEL}, found {images.min()}..{images.max()}")
+    if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+        raise ValueError(f"{path}: labels must be in 0..{NUM_CLASSES - 1}, found {labels.min()}..{labels.max()}")
     is_test = np.arange(len(labels)) % _TEST_EVERY == 0
     keep = {"all": slice(None), "train": ~is_test, "test": is_test}[split]
     x = to_model_range(images[keep]).unsqueeze(1)
@@ -233,16 +254,42 @@ def load_digits_classifier(
 
     Returns:
         The classifier in eval mode.
+
+    Raises:
+        ValueError: If the file is not a readable classifier checkpoint (corrupt, wrong
+            architecture metadata or tensors, non-finite weights); the message names it.
+        OSError: If the file cannot be opened.
     """
-    # The architecture hyper-parameters are stored as safetensors metadata.
-    with safe_open(str(path or CLASSIFIER_PATH), framework="pt") as f:
-        meta = f.metadata() or {}
-        state = {name: f.get_tensor(name) for name in f.keys()}
-    model = DigitsClassifier(
-        width=int(meta.get("width", 32)), feature_dim=int(meta.get("feature_dim", 64))
-    )
-    model.load_state_dict(state)
+    path = Path(path or CLASSIFIER_PATH)
+    try:
+        # The architecture hyper-parameters are stored as safetensors metadata.
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {name: f.get_tensor(name) for name in f.keys()}
+    except OSError:
+        raise
+    except Exception as exc:  # safetensors' own error type for corrupt files
+        raise ValueError(f"{path} is not a readable safetensors file ({exc})") from None
+    sizes = {}
+    for key, default in (("width", 32), ("feature_dim", 64)):
+        try:
+            sizes[key] = int(meta.get(key, default))
+        except ValueError:
+            raise ValueError(f"{path}: metadata {key}={meta[key]!r} is not a whole number") from None
+    model = DigitsClassifier(**sizes)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ValueError(f"{path} does not hold DigitsClassifier weights: {str(exc).splitlines()[0]}") from None
+    check_finite_weights(model, path)
     return model.to(device).eval()
+
+
+def check_finite_weights(module: nn.Module, source: str | Path) -> None:
+    """Raises ValueError naming ``source`` and the first parameter holding NaN or Inf."""
+    for name, tensor in module.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{source}: weight {name!r} contains NaN or Inf")
 
 
 @dataclass
@@ -250,8 +297,8 @@ class DigitsPipelineOutput(BaseOutput):
     """Output of :class:`DigitsPipeline`.
 
     Attributes:
-        images: ``"pt"``: tensor [N, 1, 8, 8] in [-1, 1]; ``"np"``: float32 array
-            [N, 8, 8, 1] in [0, 1]; ``"pil"``: list of N grayscale 8x8 PIL images.
+        images: ``"pil"`` (default): list of N grayscale 8x8 PIL images; ``"np"``: float32
+            array [N, 8, 8, 1] in [0, 1]; ``"pt"``: tensor [N, 1, 8, 8] in [-1, 1].
     """
 
     images: Union[torch.Tensor, np.ndarray, list[PIL.Image.Image]]
@@ -294,7 +341,7 @@ class DigitsPipeline(DiffusionPipeline):
         num_inference_steps: int = 25,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
-        output_type: str = "pt",
+        output_type: str = "pil",
         return_dict: bool = True,
     ) -> DigitsPipelineOutput | tuple:
         """Samples one digit per entry of ``class_labels``.
@@ -307,7 +354,8 @@ class DigitsPipeline(DiffusionPipeline):
             num_inference_steps: Number of scheduler steps.
             generator: Torch generator(s) for the initial noise (and stochastic steps).
             latents: Optional initial noise [N, 1, 8, 8] (before ``init_noise_sigma``).
-            output_type: ``"pt"``, ``"np"`` or ``"pil"`` (see :class:`DigitsPipelineOutput`).
+            output_type: ``"pil"`` (default, as in diffusers pipelines), ``"np"`` or ``"pt"``
+                (see :class:`DigitsPipelineOutput`).
             return_dict: Return a :class:`DigitsPipelineOutput` instead of a tuple.
 
         Returns:
@@ -371,9 +419,14 @@ def load_digits_pipeline(
 
     Returns:
         The pipeline, with the UNet in eval mode.
+
+    Raises:
+        OSError: If the weights cannot be read (diffusers names the file).
+        ValueError: If the weights contain NaN or Inf.
     """
     root = Path(path or PIPELINE_DIR)
-    unet = UNet2DModel.from_pretrained(root / "unet").eval()
+    unet = UNet2DModel.from_pretrained(root / "unet").eval()  # OSError naming the file if unreadable
+    check_finite_weights(unet, root / "unet")
     if scheduler is None or isinstance(scheduler, type):
         scheduler_cls = scheduler or DPMSolverMultistepScheduler
         scheduler = scheduler_cls.from_pretrained(root / "scheduler")

@@ -336,7 +336,7 @@ def evaluate(
     pipe.set_progress_bar_config(disable=not progress)
     labels = torch.arange(NUM_CLASSES).repeat_interleave(n // NUM_CLASSES)
     generator = torch.Generator().manual_seed(seed)
-    samples = pipe(labels, guidance_scale, nfe, generator=generator).images
+    samples = pipe(labels, guidance_scale, nfe, generator=generator, output_type="pt").images
 
     classifier = load_digits_classifier()
     predictions = classifier(samples).argmax(dim=1)

@@ -1,0 +1,255 @@
+"""One config mechanism for every ``fewstep`` command: a dataclass schema, a YAML file, flags, ``key=value``.
+
+A command declares its settings once, as a dataclass (an OmegaConf structured config:
+unknown keys and wrong types are rejected with a message naming the key;
+``__post_init__`` does the semantic checks and raises ``ValueError``). Values are
+layered, later wins::
+
+    schema defaults  <  --config FILE.yaml  <  flags given on the command line  <  key=value overrides
+
+Flags keep the names users know (``--num-samples``); their ``dest`` is the schema key
+(``num_samples``) and a flag that is not given does not override the file, because
+the subparser is created with ``argument_default=argparse.SUPPRESS``. Overrides are
+OmegaConf dotlist items (``nfe=[5,6] solvers=[ddim,unipc] guidance=2``); a scalar
+given for a list key is a one-element list (``nfe=8``). The resolved config is saved as
+``config.yaml`` beside the command's results, so ``--config OUT/config.yaml`` reruns it.
+
+Usage pattern (``fewstep compare`` in ``fewstep/eval/compare.py`` is the full example)::
+
+    @dataclass
+    class CalibrateConfig:
+        model: str = "digits"
+        nfe: List[int] = field(default_factory=lambda: [5, 6, 8])
+        out: str = "runs/calibrate"
+
+        def __post_init__(self):
+            if min(self.nfe) < 1:
+                raise ValueError(f"nfe must be >= 1, got {self.nfe}")
+
+    def add_calibrate_parser(sub):
+        p = sub.add_parser("calibrate", help="...", argument_default=argparse.SUPPRESS)
+        p.add_argument("--nfe", type=int, nargs="+", help="NFEs (default: 5 6 8)")
+        p.add_argument("--out", help="output folder (default: runs/calibrate)")
+        add_config_arguments(p, CalibrateConfig)
+        p.set_defaults(func=cmd_calibrate)
+
+    def cmd_calibrate(args):
+        cfg = resolve_config(CalibrateConfig, args)   # a validated CalibrateConfig instance
+        ...
+        save_config(cfg, cfg.out)                      # OUT/config.yaml, written atomically
+
+``fewstep.cli.main`` pulls the ``key=value`` items out of the command line (see
+:func:`split_overrides`) and turns the ``ValueError`` raised here into one
+``fewstep <cmd>: error: ...`` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import typing
+from pathlib import Path
+from typing import Any, Iterable, Sequence, TypeVar
+
+__all__ = [
+    "add_config_arguments", "resolve_config", "load_config", "save_config", "split_overrides",
+    "resolve_device", "CONFIG_NAME",
+]
+
+T = TypeVar("T")
+CONFIG_NAME = "config.yaml"
+# Namespace entries that belong to argparse plumbing, not to a schema.
+_RESERVED = {"func", "command", "config", "overrides", "config_schema", "resume_hint"}
+_OVERRIDE = re.compile(r"^([A-Za-z_]\w*)([.\[][^=]*)?=")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, schema: type) -> None:
+    """Add ``--config FILE`` and the positional ``key=value`` overrides to a subparser.
+
+    Args:
+        parser: A subparser created with ``argument_default=argparse.SUPPRESS`` whose
+            flags' ``dest`` names are keys of ``schema``.
+        schema: The command's dataclass.
+
+    Raises:
+        TypeError: when the parser would let absent flags override the config file.
+    """
+    if parser.argument_default is not argparse.SUPPRESS:
+        raise TypeError(f"{parser.prog}: create the subparser with argument_default=argparse.SUPPRESS")
+    if not dataclasses.is_dataclass(schema):
+        raise TypeError(f"schema must be a dataclass, got {schema!r}")
+    parser.add_argument("--config", metavar="FILE.yaml", default=None,
+                        help="read settings from a YAML file (flags and key=value items override it)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", default=[],
+                        help="settings in OmegaConf dotlist form, applied last, e.g. nfe=[5,6] seed=1")
+    parser.set_defaults(config_schema=schema)
+
+
+def split_overrides(argv: Sequence[str], schema: type) -> tuple[list[str], list[str]]:
+    """Separate ``key=value`` items (``key`` a field of ``schema``) from the rest of ``argv``.
+
+    This lets overrides stand anywhere, even after a flag that takes several values
+    (``--solvers ddim unipc nfe=[4]``). An argument such as a prompt that happens to
+    start with ``<key>=`` can be passed as ``--prompt=...``.
+    """
+    keys = {f.name for f in dataclasses.fields(schema)}
+    rest, overrides = [], []
+    for item in argv:
+        m = _OVERRIDE.match(item)
+        (overrides if m and m.group(1) in keys else rest).append(item)
+    return rest, overrides
+
+
+def _format_omegaconf_error(exc: Exception, source: str) -> str:
+    lines = str(exc).splitlines()
+    key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.strip().startswith("full_key:")), "")
+    msg = lines[0] if lines else type(exc).__name__
+    msg = msg.replace("AnyNode is not a ListConfig, TupleConfig, list, or tuple", "expected a list")
+    return f"{source}: {msg}" + (f" (key '{key}')" if key and f"'{key}'" not in msg else "")
+
+
+def _list_keys(schema: type) -> set[str]:
+    hints = typing.get_type_hints(schema)
+    out = set()
+    for f in dataclasses.fields(schema):
+        tp = hints[f.name]
+        args = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) is typing.Union else [tp]
+        if any(typing.get_origin(a) in (list, tuple) for a in args):
+            out.add(f.name)
+    return out
+
+
+def _parse_overrides(overrides: Iterable[str], schema: type) -> Any:
+    from omegaconf import OmegaConf
+
+    overrides = list(overrides)
+    bad = [o for o in overrides if "=" not in o or not _OVERRIDE.match(o)]
+    if bad:
+        raise ValueError(f"expected key=value, got {bad[0]!r}")
+    try:
+        dot = OmegaConf.from_dotlist(overrides)
+    except Exception as exc:  # the YAML parser's own error types
+        raise ValueError(f"cannot parse {' '.join(overrides)!r}: {str(exc).splitlines()[0]}") from None
+    for key in _list_keys(schema) & set(dot.keys()):
+        value = dot[key]
+        if value is not None and not OmegaConf.is_list(value):
+            dot[key] = [value]  # nfe=8 means [8]
+    return dot
+
+
+def load_config(schema: type[T], path: str | Path | None = None, flags: dict[str, Any] | None = None,
+                overrides: Iterable[str] = ()) -> T:
+    """Build a validated ``schema`` instance from the layers (no argparse needed).
+
+    Args:
+        schema: The command's dataclass.
+        path: Optional YAML file (a mapping of schema keys).
+        flags: Values of the flags that were given, keyed by schema key.
+        overrides: OmegaConf dotlist items, applied last.
+
+    Returns:
+        An instance of ``schema`` (its ``__post_init__`` has run).
+
+    Raises:
+        ValueError: unreadable or malformed file, unknown key, wrong type, missing value,
+            or whatever ``__post_init__`` rejects; the message names the file and key.
+        OSError: the file cannot be read.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    merged = OmegaConf.structured(schema)
+    layers = []
+    if path is not None:
+        path = Path(path)
+        text = path.read_text(encoding="utf-8")  # OSError names the file
+        try:
+            data = OmegaConf.create(text) if text.strip() else OmegaConf.create({})
+        except Exception as exc:  # yaml's own error types
+            raise ValueError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
+        if not OmegaConf.is_dict(data):
+            raise ValueError(f"{path} must hold a mapping of settings (key: value), got a {type(data).__name__}")
+        layers.append((str(path), data))
+    if flags:
+        layers.append(("command line", OmegaConf.create(dict(flags))))
+    overrides = list(overrides)
+    if overrides:
+        layers.append(("key=value overrides", _parse_overrides(overrides, schema)))
+    for source, layer in layers:
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as exc:
+            raise ValueError(_format_omegaconf_error(exc, source)) from None
+    try:
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise ValueError(_format_omegaconf_error(exc, "config")) from None
+    except TypeError as exc:  # __post_init__ type checks
+        raise ValueError(str(exc)) from None
+
+
+def resolve_config(schema: type[T], args: argparse.Namespace) -> T:
+    """The validated config of a command: defaults < ``--config`` < given flags < overrides.
+
+    Args:
+        schema: The command's dataclass (the one passed to :func:`add_config_arguments`).
+        args: The parsed namespace.
+
+    Returns:
+        An instance of ``schema``.
+
+    Raises:
+        ValueError: see :func:`load_config`.
+    """
+    keys = {f.name for f in dataclasses.fields(schema)}
+    flags = {k: v for k, v in vars(args).items() if k not in _RESERVED}
+    stray = sorted(set(flags) - keys)
+    if stray:  # a programming error in the parser, not a user mistake
+        raise RuntimeError(f"flags {stray} have no key in {schema.__name__}")
+    return load_config(schema, getattr(args, "config", None), flags, getattr(args, "overrides", ()))
+
+
+def save_config(cfg: Any, directory: str | Path, name: str = CONFIG_NAME) -> Path:
+    """Write the resolved config atomically as YAML beside a run's results.
+
+    Returns:
+        The path written (``directory/config.yaml``).
+    """
+    from omegaconf import OmegaConf
+
+    from .eval.io import atomic_write_bytes
+
+    path = Path(directory) / name
+    atomic_write_bytes(path, OmegaConf.to_yaml(OmegaConf.structured(cfg)).encode())
+    return path
+
+
+def resolve_device(name: str):
+    """A ``torch.device`` for a ``--device`` value, checked before any work starts.
+
+    Raises:
+        ValueError: not a device name, or the device is not usable here (a CUDA request on a
+            CPU-only torch build says so).
+    """
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {name!r} is not a device name; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if torch.version.cuda is None and torch.version.hip is None:
+            raise ValueError(f"device {name!r}: this torch build ({torch.__version__}) has no CUDA support; "
+                             "install a CUDA build of torch (see the README's Install section) or use cpu")
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r}: torch was built with CUDA but finds no usable GPU "
+                             "(driver or CUDA_VISIBLE_DEVICES); use cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device {name!r}: MPS is not available on this machine; use cpu")
+    elif device.type != "cpu":
+        raise ValueError(f"device {name!r} is not supported; use cpu, cuda, cuda:N or mps")
+    return device
