@@ -1,5 +1,6 @@
 """The solver core: schedules, grids, conversion, solvers, the functional loop and the diffusers adapter."""
 
+from .artifacts import Artifact, ArtifactError, ArtifactMeta, model_fingerprint
 from .plan import PlanExecutor, SolverPlan
 from .prediction import PREDICTIONS, Clip, DynamicThreshold, cfg_combine
 from .registry import get_solver, list_solvers, register_solver, solver_class
@@ -17,6 +18,7 @@ from .sampling import StepInfo, make_plan, sample
 from .timesteps import SPACINGS, GridSpec, TimeGrid, build_grid
 
 __all__ = [
+    "Artifact", "ArtifactError", "ArtifactMeta", "model_fingerprint",
     "Clip", "ContinuousVPSchedule", "DiscreteVPSchedule", "DynamicThreshold", "FlowSchedule", "GridSpec",
     "NoiseSchedule", "Option", "PREDICTIONS", "PlanExecutor", "SPACINGS", "Solver", "SolverPlan", "StepInfo",
     "TimeGrid", "VESchedule", "build_grid", "cfg_combine", "get_solver", "list_solvers", "make_plan",

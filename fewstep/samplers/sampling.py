@@ -7,6 +7,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .artifacts import Artifact
 from .plan import PlanExecutor, SolverPlan
 from .prediction import Clip, DynamicThreshold, cfg_combine, check_prediction
 from .registry import get_solver
@@ -164,8 +165,12 @@ def sample(
                      final_sigma=final_sigma, timesteps=timesteps, sigmas=sigmas, shift=shift, mu=mu)
     if plan is None:
         defaults = dict(schedule="linear", solver="unipc", prediction="epsilon")
-        plan = make_plan(**{k: (defaults[k] if v is None and k in defaults else v) for k, v in grid_args.items()},
-                         **solver_options)
+        grid_args = {k: (defaults[k] if v is None and k in defaults else v) for k, v in grid_args.items()}
+        grid_args["solver"] = get_solver(grid_args["solver"], **solver_options)
+        for value in grid_args["solver"].config.values():
+            if isinstance(value, Artifact):
+                value.check_model(model)  # warns when tuned on another model
+        plan = make_plan(**grid_args)
     else:
         given = sorted(k for k, v in {**grid_args, **solver_options}.items() if v is not None)
         if given:

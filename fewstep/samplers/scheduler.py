@@ -13,8 +13,10 @@ both understood. The solver's coefficient table is built once in ``set_timesteps
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -23,6 +25,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
+from .artifacts import Artifact
 from .diffusers_config import (
     COMPATIBLE_SCHEDULERS,
     SCHEDULE_KEYS_IN_KWARGS,
@@ -246,13 +249,28 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path=None, subfolder=None, return_unused_kwargs=False,
                         **kwargs):
-        """Load a saved scheduler config (diffusers' ``from_pretrained``); errors name the config's location."""
+        """Load a saved scheduler (diffusers' ``from_pretrained``), with the artifact files saved beside it.
+
+        Errors name the config's location.
+        """
+        where = str(pretrained_model_name_or_path) + (f"/{subfolder}" if subfolder else "")
+        hub_kwargs = dict(kwargs)
         try:
-            return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder,
-                                           return_unused_kwargs=return_unused_kwargs, **kwargs)
+            config, kwargs = cls.load_config(pretrained_model_name_or_path, subfolder=subfolder,
+                                             return_unused_kwargs=True, **kwargs)
+            if isinstance(config, Mapping):
+                config = _resolve_artifact_files(dict(config), str(pretrained_model_name_or_path), subfolder,
+                                                 hub_kwargs)
+            return cls.from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
         except (TypeError, ValueError) as exc:
-            where = str(pretrained_model_name_or_path) + (f"/{subfolder}" if subfolder else "")
             raise type(exc)(f"scheduler config in {where}: {exc}") from None
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> None:
+        """diffusers' ``save_pretrained``, plus the file-backed artifacts (e.g. EMS) next to the config."""
+        for value in self.solver.config.values():
+            if isinstance(value, Artifact) and value.file_backed:
+                value.save(Path(save_directory) / value.filename)
+        super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
     # ------------------------------------------------------------------ diffusers API
     @property
@@ -519,7 +537,40 @@ def _check_config_values(values: dict[str, Any], is_flow: bool) -> None:
 
 
 def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
+    def entry(v: Any) -> Any:
+        if isinstance(v, Artifact):
+            return v.to_config()  # inline record, or a reference to the file save_pretrained writes
+        return list(v) if isinstance(v, tuple) else v
+
+    return {k: entry(v) for k, v in options.items()}
+
+
+def _resolve_artifact_files(config: dict[str, Any], source: str, subfolder: str | None,
+                            hub_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Point the file references in ``solver_options`` at the folder the config came from."""
+    options = config.get("solver_options")
+    if not isinstance(options, Mapping):
+        return config
+    resolved = {}
+    for key, value in options.items():
+        if isinstance(value, Mapping) and "file" in value and set(value) <= {"file", "sha256"}:
+            value = {**value, "file": _artifact_path(source, subfolder, str(value["file"]), hub_kwargs)}
+        resolved[key] = value
+    return {**config, "solver_options": resolved}
+
+
+def _artifact_path(source: str, subfolder: str | None, filename: str, hub_kwargs: dict[str, Any]) -> str:
+    folder = os.path.join(source, subfolder) if subfolder else source
+    if os.path.isdir(source):
+        return os.path.join(folder, filename)
+    from huggingface_hub import hf_hub_download  # a hub id or cache: the same place diffusers read the config
+
+    allowed = {k: v for k, v in hub_kwargs.items()
+               if k in ("cache_dir", "force_download", "local_files_only", "token", "revision", "proxies")}
+    try:
+        return hf_hub_download(source, filename, subfolder=subfolder, **allowed)
+    except Exception:  # not on the hub/cache: the option loader reports the missing file by name
+        return os.path.join(folder, filename)
 
 
 class DDIMSolverScheduler(FewstepScheduler):

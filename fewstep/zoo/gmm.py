@@ -9,6 +9,7 @@ ODE can be integrated to near machine precision for reference solutions.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Sequence
 
@@ -199,6 +200,15 @@ class GMMModel:
         self.schedule = make_schedule(schedule)
         self.prediction = check_prediction(prediction, self.schedule)
         self.calls = 0
+
+    def fingerprint(self) -> str:
+        """Identifies the mixture and parameterisation (used by tuned artifacts)."""
+        h = hashlib.sha256(self.prediction.encode())
+        for t in (self.mixture.log_weights, self.mixture.means, self.mixture.stds):
+            h.update(t.numpy().tobytes())
+        if self.mixture.classes is not None:
+            h.update(self.mixture.classes.numpy().tobytes())
+        return "gmm:" + h.hexdigest()[:20]
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         self.calls += 1

@@ -26,7 +26,8 @@ class Option:
     doc: str
     choices: tuple | None = None
     bounds: tuple[float, float] | None = None
-    kind: str = "any"  # "int", "float", "bool", "int_list", "any"
+    kind: str = "any"  # "int", "float", "bool", "int_list", "artifact", "any"
+    artifact: type | None = None  # the Artifact subclass of kind="artifact" options
 
     def validate(self, solver: str, name: str, value: Any) -> Any:
         """Return ``value`` normalised, or raise ValueError naming the option and what is allowed."""
@@ -45,6 +46,10 @@ class Option:
             value = float(value)
             if not math.isfinite(value):
                 raise ValueError(f"{where} must be finite")
+        elif self.kind == "artifact":
+            if value is None:
+                return None
+            return self.artifact.coerce(value, f"option {name} of solver {solver!r}")
         elif self.kind == "int_list":
             try:
                 value = check_index_list(name, value)
