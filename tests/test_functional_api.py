@@ -19,7 +19,8 @@ def x_T(n=4):
 
 
 def test_list_and_get_solvers():
-    assert fewstep.list_solvers() == ["ddim", "dpmpp", "unipc"]
+    assert fewstep.list_solvers() == ["ddim", "dpmpp", "unipc", "usf"]
+    assert fewstep.list_solvers(runnable=True) == ["ddim", "dpmpp", "unipc"]  # usf needs a solver schedule
     s = fewstep.get_solver("unipc", order=3, variant="bh1")
     assert s.config["order"] == 3 and s.history_size == 4
     assert fewstep.get_solver(s) is s
@@ -31,7 +32,7 @@ def test_list_and_get_solvers():
         (dict(solver="heun"), ValueError, "unknown solver 'heun'; available solvers: ddim, dpmpp, unipc"),
         (dict(solver="dpmpp", order=4), ValueError, "order=4 of solver 'dpmpp' is out of range; allowed: 1 to 3"),
         (dict(solver="dpmpp", order=2.0), ValueError, "order=2.0 of solver 'dpmpp' must be a whole number"),
-        (dict(solver="ddim", order=2), ValueError, r"unknown option\(s\) \['order'\] for solver 'ddim'; allowed: none"),
+        (dict(solver="ddim", order=2), ValueError, r"unknown option\(s\) \['order'\] for solver 'ddim'; allowed: solver_schedule"),
         (dict(solver="unipc", bogus=1), ValueError, r"unknown option\(s\) \['bogus'\].*allowed: corrector"),
         (dict(nfe=0), ValueError, "nfe=0 is out of range; allowed: 1 to 100000"),
         (dict(prediction="eps"), ValueError, "unknown prediction type 'eps'"),

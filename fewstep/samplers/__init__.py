@@ -12,7 +12,8 @@ from .schedules import (
     VESchedule,
     make_schedule,
 )
-from .solvers import ddim, dpmpp, unipc  # noqa: F401  (registers the solvers)
+from .solver_schedule import SolverSchedule, StepStrategy, load_solver_schedule
+from .solvers import ddim, dpmpp, unipc, usf  # noqa: F401  (registers the solvers)
 from .solvers.base import Option, Solver
 from .sampling import StepInfo, make_plan, sample
 from .timesteps import SPACINGS, GridSpec, TimeGrid, build_grid
@@ -20,7 +21,7 @@ from .timesteps import SPACINGS, GridSpec, TimeGrid, build_grid
 __all__ = [
     "Artifact", "ArtifactError", "ArtifactMeta", "model_fingerprint",
     "Clip", "ContinuousVPSchedule", "DiscreteVPSchedule", "DynamicThreshold", "FlowSchedule", "GridSpec",
-    "NoiseSchedule", "Option", "PREDICTIONS", "PlanExecutor", "SPACINGS", "Solver", "SolverPlan", "StepInfo",
-    "TimeGrid", "VESchedule", "build_grid", "cfg_combine", "get_solver", "list_solvers", "make_plan",
-    "make_schedule", "register_solver", "sample", "solver_class",
+    "NoiseSchedule", "Option", "PREDICTIONS", "PlanExecutor", "SPACINGS", "Solver", "SolverPlan", "SolverSchedule",
+    "StepInfo", "StepStrategy", "TimeGrid", "VESchedule", "build_grid", "cfg_combine", "get_solver", "list_solvers",
+    "load_solver_schedule", "make_plan", "make_schedule", "register_solver", "sample", "solver_class",
 ]

@@ -45,6 +45,21 @@ def get_solver(name: "str | Solver", **options: Any) -> Solver:
     return solver_class(name)(**options)
 
 
-def list_solvers() -> list[str]:
-    """Names of all registered solvers, sorted."""
-    return sorted(_REGISTRY)
+def list_solvers(*, runnable: bool = False) -> list[str]:
+    """Names of all registered solvers, sorted.
+
+    Args:
+        runnable: Keep only the solvers that run with their default options (leaving out
+            those that need a tuned artifact first, such as ``usf`` and its solver schedule).
+    """
+    names = sorted(_REGISTRY)
+    if not runnable:
+        return names
+    out = []
+    for name in names:
+        try:
+            _REGISTRY[name]()
+        except ValueError:
+            continue
+        out.append(name)
+    return out

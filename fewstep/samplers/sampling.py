@@ -12,6 +12,7 @@ from .plan import PlanExecutor, SolverPlan
 from .prediction import Clip, DynamicThreshold, cfg_combine, check_prediction
 from .registry import get_solver
 from .schedules import NoiseSchedule, make_schedule
+from .solver_schedule import apply_solver_schedule
 from .solvers.base import Solver
 from .timesteps import GridSpec, TimeGrid, build_grid
 from .validation import check_bool, check_real
@@ -71,7 +72,9 @@ def make_plan(
     prediction = check_prediction(prediction, schedule)
     spec = _grid_spec(spacing, solver, schedule, final_sigma=final_sigma, timesteps=timesteps, sigmas=sigmas,
                       shift=shift, mu=mu)
-    if nfe is None and spec.timesteps is None and spec.sigmas is None:
+    if solver.config.get("solver_schedule") is not None:
+        spec, nfe = apply_solver_schedule(solver, spec, schedule, nfe=nfe), None
+    elif nfe is None and spec.timesteps is None and spec.sigmas is None:
         nfe = DEFAULT_NFE
     return solver.plan(build_grid(schedule, nfe, spec), prediction)
 
@@ -112,7 +115,7 @@ def sample(
         solver: A registered solver name (see :func:`list_solvers`) or a solver instance
             (default ``"unipc"``).
         nfe: Number of model evaluations (default 10, or the number of explicit
-            timesteps/sigmas); each CFG step counts once.
+            timesteps/sigmas, or the solver schedule's); each CFG step counts once.
         prediction: ``epsilon`` (default), ``sample``, ``v_prediction`` or ``flow``.
         spacing: A spacing name (see :data:`SPACINGS`; default: the schedule's) or a
             :class:`GridSpec`.
@@ -130,7 +133,8 @@ def sample(
         progress: Show a tqdm progress bar.
         plan: A prebuilt plan (from :func:`make_plan`); it fixes schedule, solver, grid and
             prediction, so none of those may be passed with it.
-        **solver_options: Options of the chosen solver (e.g. ``order=3``, ``variant="bh1"``).
+        **solver_options: Options of the chosen solver (e.g. ``order=3``, ``variant="bh1"``, or
+            ``solver_schedule="steps.json"``: tuned timesteps for any solver, strategies for ``usf``).
 
     Returns:
         The sample at the terminal point, in ``x_T``'s dtype.
@@ -189,6 +193,10 @@ def sample(
             raise ValueError(f"cond/uncond batch sizes must equal the sample batch {batch}")
         cond2 = _cat(uncond, cond)
 
+    # A step whose plan ignores the model output (USF's analytical first step) costs no evaluation.
+    evaluated = (plan.x0_coef[:, 1] != 0).tolist()
+    if plan.predict_raw is not None:
+        evaluated = [e or bool(plan.predict_raw[i].ne(0).any()) for i, e in enumerate(evaluated)]
     x = x_T
     steps = range(grid.n)
     if progress:
@@ -197,7 +205,9 @@ def sample(
         steps = tqdm(steps, desc="sampling", leave=False)
     for i in steps:
         t = ts[i].expand(batch)
-        if guidance is None:
+        if not evaluated[i]:
+            out = torch.zeros_like(x)
+        elif guidance is None:
             out = model(x, t) if cond is None else model(x, t, cond)
         else:
             both = _model_output(model(torch.cat([x, x]), t.repeat(2), cond2), (2 * batch, *x.shape[1:]))

@@ -39,6 +39,7 @@ from .prediction import Clip, DynamicThreshold, check_prediction
 from .registry import get_solver, solver_class
 from .sampling import compute_dtype
 from .schedules import DiscreteVPSchedule, FlowSchedule, NoiseSchedule
+from .solver_schedule import apply_solver_schedule
 from .timesteps import MAX_NFE, SPACINGS, GridSpec, TimeGrid, build_grid
 from .validation import as_real_vector, check_bool, check_choice, check_int, check_real
 
@@ -48,6 +49,7 @@ __all__ = [
     "DDIMSolverScheduler",
     "DPMSolverPPScheduler",
     "UniPCScheduler",
+    "USFScheduler",
 ]
 
 # diffusers' names for solver options, accepted as keyword arguments of from_config.
@@ -142,7 +144,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             raise TypeError(f"solver_options must be a mapping of option names to values, got {solver_options!r}")
         self.solver = get_solver(name, **(solver_options or {}))
         # Record the resolved solver and its full option set, so saved configs are explicit.
-        self.register_to_config(solver=name, solver_options=_jsonable(self.solver.config))
+        self.register_to_config(solver=name, solver_options=_jsonable(self.solver))
         is_flow = prediction_type in ("flow", "flow_prediction")
         _check_config_values(locals(), is_flow)
         if timestep_spacing is None:
@@ -307,7 +309,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         """Place the timesteps and build the solver's coefficient table.
 
         Args:
-            num_inference_steps: Number of model evaluations.
+            num_inference_steps: Number of model evaluations (with a ``solver_schedule``: its
+                number of steps, or None).
             device: Where ``self.timesteps`` lives.
             sigmas: Custom diffusers sigmas (flow sigmas are shifted, as FlowMatchEuler does).
             mu: Dynamic shift, required when ``use_dynamic_shifting`` (Flux / SD3).
@@ -319,7 +322,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         cfg = self.config
         if sigmas is not None and timesteps is not None:
             raise ValueError("pass either sigmas or timesteps, not both")
-        if num_inference_steps is None and sigmas is None and timesteps is None:
+        has_schedule = self.solver.config.get("solver_schedule") is not None
+        if num_inference_steps is None and sigmas is None and timesteps is None and not has_schedule:
             raise ValueError("set_timesteps needs num_inference_steps, sigmas or timesteps")
         if num_inference_steps is not None:
             num_inference_steps = check_int("num_inference_steps", num_inference_steps, 1, MAX_NFE)
@@ -349,6 +353,9 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             sigmas=None if sigmas is None else tuple(as_real_vector("sigmas", sigmas)),
             convention=self.solver.diffusers_convention,
         )
+        if has_schedule:  # the solver schedule fixes the grid (and checks the step count)
+            spec = apply_solver_schedule(self.solver, spec, self.schedule, steps=num_inference_steps)
+            num_inference_steps = None
         grid = build_grid(self.schedule, num_inference_steps, spec)
         plan = self.solver.plan(grid, self.prediction)
         self.grid, self.plan = grid, plan  # only once both succeeded: a failed call changes nothing
@@ -536,13 +543,14 @@ def _check_config_values(values: dict[str, Any], is_flow: bool) -> None:
                              "(prediction_type='flow_prediction'), not to this VP config")
 
 
-def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
+def _jsonable(solver: Any) -> dict[str, Any]:
     def entry(v: Any) -> Any:
         if isinstance(v, Artifact):
             return v.to_config()  # inline record, or a reference to the file save_pretrained writes
         return list(v) if isinstance(v, tuple) else v
 
-    return {k: entry(v) for k, v in options.items()}
+    # An unset artifact option (no tuned file) is the default: nothing to record.
+    return {k: entry(v) for k, v in solver.config.items() if not (v is None and solver.options[k].kind == "artifact")}
 
 
 def _resolve_artifact_files(config: dict[str, Any], source: str, subfolder: str | None,
@@ -590,3 +598,8 @@ class UniPCScheduler(FewstepScheduler):
 
     default_solver = "unipc"
 
+
+class USFScheduler(FewstepScheduler):
+    """USF solver schedules as a drop-in scheduler: ``USFScheduler.from_config(cfg, solver_schedule=PATH)``."""
+
+    default_solver = "usf"

@@ -12,10 +12,12 @@ import torch
 
 from ..plan import SolverPlan
 from ..prediction import x0_coefficients
+from ..solver_schedule import SolverSchedule
 from ..timesteps import TimeGrid
 from ..validation import check_index_list
 
-__all__ = ["Option", "Solver", "SPACE_OPTION", "StepGeometry", "ei_coefficients", "usable_order", "empty_tables"]
+__all__ = ["Option", "Solver", "SPACE_OPTION", "SOLVER_SCHEDULE_OPTION", "StepGeometry", "ei_coefficients",
+           "usable_order", "empty_tables"]
 
 
 @dataclass(frozen=True)
@@ -63,11 +65,19 @@ class Option:
         return value
 
 
+SOLVER_SCHEDULE_OPTION = Option(
+    None, "solver schedule (file, record or SolverSchedule) fixing the timesteps; usf also reads its strategies",
+    kind="artifact", artifact=SolverSchedule)
+
+
 class Solver(ABC):
     """A diffusion ODE solver: turns a time grid into a :class:`SolverPlan` once.
 
     Subclasses declare ``name``, ``paper``, ``summary`` and ``options`` and implement
-    :meth:`plan`. Construct them through :func:`fewstep.get_solver`.
+    :meth:`plan`. Construct them through :func:`fewstep.get_solver`. Every solver also gets
+    the ``solver_schedule`` option: tuned timesteps are a grid-level input that the grid
+    layer applies for any solver (:func:`~fewstep.samplers.solver_schedule.apply_solver_schedule`);
+    per-step strategies in a schedule are read only by solvers with ``runs_step_strategies``.
     """
 
     name: ClassVar[str]
@@ -76,6 +86,13 @@ class Solver(ABC):
     options: ClassVar[dict[str, Option]] = {}
     # Which diffusers scheduler's integer timestep spacings this solver reproduces.
     diffusers_convention: ClassVar[str] = "multistep"
+    # Whether plan() executes the per-step strategies of a solver schedule (USF).
+    runs_step_strategies: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "solver_schedule" not in cls.options:
+            cls.options = {**cls.options, "solver_schedule": SOLVER_SCHEDULE_OPTION}
 
     def __init__(self, **options: Any):
         unknown = sorted(set(options) - set(self.options))
@@ -85,6 +102,10 @@ class Solver(ABC):
         self.config = {
             key: opt.validate(self.name, key, options.get(key, opt.default)) for key, opt in self.options.items()
         }
+        schedule = self.config.get("solver_schedule")
+        if schedule is not None and schedule.has_strategies and not self.runs_step_strategies:
+            raise ValueError(f"the solver schedule holds per-step strategies, which only solver 'usf' runs; use "
+                             f"solver='usf', or a schedule holding only timesteps for solver {self.name!r}")
         self._check_config()
 
     def _check_config(self) -> None:
