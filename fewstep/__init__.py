@@ -10,7 +10,8 @@ __version__ = "0.1.0"
 # Loaded on first use: the diffusers adapter imports diffusers (slow), the subpackages pull
 # in models and evaluation code that plain sampling does not need.
 _SCHEDULERS = ["FewstepScheduler", "DDIMSolverScheduler", "DPMSolverPPScheduler", "UniPCScheduler", "USFScheduler"]
-_SUBMODULES = ["config", "eval", "zoo"]
+_SUBMODULES = ["config", "eval", "zoo", "search"]
+_SEARCHES = ["search_usf", "search_timesteps"]
 
 
 def __getattr__(name):
@@ -18,13 +19,17 @@ def __getattr__(name):
         from .samplers import scheduler
 
         return getattr(scheduler, name)
+    if name in _SEARCHES:
+        from . import search
+
+        return getattr(search, name)
     if name in _SUBMODULES:
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'fewstep' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_SCHEDULERS) | set(_SUBMODULES))
+    return sorted(set(globals()) | set(_SCHEDULERS) | set(_SUBMODULES) | set(_SEARCHES))
 
 
-__all__ = list(_samplers_all) + _SCHEDULERS
+__all__ = list(_samplers_all) + _SCHEDULERS + _SEARCHES

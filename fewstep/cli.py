@@ -3,6 +3,7 @@
 Commands:
   solvers   list the registered solvers and their options
   compare   benchmark solvers at low NFE against a high-NFE reference
+  search    search solver schedules: S3 over USF strategies (usf), tuned timesteps (timesteps)
 
 Every command prints one "fewstep <command>: error: ..." line for a user mistake (bad
 setting, unreadable or malformed file) and exits with status 2; Ctrl-C exits with 130
@@ -64,6 +65,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     """The ``fewstep`` parser and its subcommands."""
     from . import __version__
     from .eval.compare import add_compare_parser
+    from .search.cli import add_search_parser
 
     parser = argparse.ArgumentParser(prog="fewstep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -76,7 +78,21 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     p.set_defaults(func=cmd_solvers)
 
     add_compare_parser(sub)
+    add_search_parser(sub)
     return parser, sub
+
+
+def _schema_of(argv: list[str], command: str | None, sub: argparse._SubParsersAction) -> type | None:
+    """The config schema of the (sub)command in ``argv``, whose ``key=value`` items are split off."""
+    chosen = sub.choices.get(command) if command else None
+    if chosen is None:
+        return None
+    schema = chosen.get_default("config_schema")
+    nested = getattr(chosen, "fewstep_schemas", None)  # commands with subcommands (fewstep search usf)
+    if schema is None and nested:
+        words = [a for a in argv[argv.index(command) + 1:] if not a.startswith("-")]
+        schema = nested.get(words[0]) if words else None
+    return schema
 
 
 def _message(exc: BaseException) -> str:
@@ -107,8 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv = list(sys.argv[1:] if argv is None else argv)
         command = next((a for a in argv if not a.startswith("-")), None)
         overrides: list[str] = []
-        if command in sub.choices and sub.choices[command].get_default("config_schema") is not None:
-            argv, overrides = split_overrides(argv, sub.choices[command].get_default("config_schema"))
+        schema = _schema_of(argv, command, sub)
+        if schema is not None:
+            argv, overrides = split_overrides(argv, schema)
         args = parser.parse_args(argv)
         if overrides:
             args.overrides = [*getattr(args, "overrides", []), *overrides]

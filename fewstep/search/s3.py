@@ -1,0 +1,373 @@
+"""``fewstep search usf``: S3, the solver-schedule search of Liu et al. (ICLR 2024).
+
+Evolutionary search over USF solver schedules with a fixed NFE. The population starts from
+the hand-set solvers spelled out as schedules (UniPC-2/3 and DPM-Solver++(2M) on five
+spacings) plus a few random schedules. Each generation proposes a pool of children of the
+best schedules so far (crossover with probability 0.3, then mutation); with the predictor
+on, an MLP trained on every evaluation so far ranks the pool and only the top few are
+sampled in full; with it off, the first few are (the plain evolutionary search of the
+released code). Every ``polish_every``-th generation is instead a compass step on the
+timesteps of the best schedule (each gap logit moved by +-step, strategies kept; the step
+halves when a round brings no improvement): at a few NFE the grid matters as much as the
+strategies, and random timestep mutations find good grids slowly. Fitness: MSE to the
+cached high-NFE reference on the search batch (seeds 100000 and up), or the digits-FD.
+The run folder keeps the evaluation log and the random and polish state after every
+proposal, so a killed search resumes and ends with the same result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+from ..config import save_config
+from ..eval.compare import DEFAULT_REFERENCE
+from ..eval.io import clean_temp_files, lock_directory, write_json
+from ..eval.testbeds import Testbed, make_testbed
+from ..samplers import GridSpec, SolverSchedule, load_solver_schedule, make_plan
+from ..samplers.solvers.usf import spell_out
+from .fitness import METRICS, SEARCH_SEED, Fitness
+from .predictor import FitnessPredictor
+from .runlog import SearchLog, check_identity, save_state
+from .space import Candidate, LogSNRAxis, SearchSpace
+
+__all__ = ["USFSearchConfig", "search_usf", "run_usf_search", "HAND_SET"]
+
+# The hand-set solvers the population starts from, each on every spacing of HAND_SET_SPACINGS.
+HAND_SET = (("unipc", {}), ("unipc", {"order": 3}), ("dpmpp", {}))
+HAND_SET_SPACINGS = ("logsnr", "time_uniform", "time_quadratic", "linspace", "karras")
+
+
+@dataclass
+class USFSearchConfig:
+    """Settings of ``fewstep search usf`` (also the schema of ``configs/search/usf*.yaml``).
+
+    Attributes:
+        model: ``digits``, ``gmm``, ``gmm-flow`` or a local diffusers pipeline folder.
+        nfe: Model evaluations of the schedule.
+        guidance: CFG scale (None: the model's default).
+        budget: Full evaluations (schedules sampled on the whole search batch), the
+            initial population included.
+        predictor: Rank each generation's pool with the learned predictor.
+        out: The solver schedule file written at the end (.json or .yaml).
+        run_dir: Log, state and reference of the search (None: ``out`` without suffix + ``.run``).
+        seed: Seed of the search's own random choices.
+        num_samples: Search batch size (None: 256).
+        data_seed: Noise seed of the first search sample (>= 100000 keeps it apart from the
+            evaluation seeds 0..N-1).
+        metric: ``mse`` (to the reference) or ``fd``.
+        pool: Children proposed per generation.
+        per_generation: Children evaluated per generation.
+        warmup: Evaluations before the predictor is trusted.
+        parents: Size of the elite that parents are drawn from.
+        crossover: Probability that a child starts as a crossover of two parents.
+        random_init: Random schedules added to the initial population.
+        polish_every: Every this many generations, a compass step on the best schedule's
+            timesteps instead of an evolutionary one (0: never).
+        polish_step: First compass step (in gap logits); halved when a round does not improve.
+        polish_min_step: No more compass rounds once the step is below this.
+        analytic_first_step: Allow the analytical first step.
+        max_order: Highest Taylor order.
+        init: Extra schedule files to start from (a warm start).
+        reference: Solver spec of the reference (the GMM's is exact).
+        reference_nfe: Its steps (None: the model's default).
+        cache_dir: Reference cache (None: ``$FEWSTEP_CACHE/references``).
+        device: ``cpu``, ``cuda``, ...
+        threads: Torch CPU threads.
+        progress: Show a progress bar.
+    """
+
+    model: str = "digits"
+    nfe: int = 5
+    guidance: Optional[float] = None
+    budget: int = 200
+    predictor: bool = True
+    out: str = "runs/usf-schedule.json"
+    run_dir: Optional[str] = None
+    seed: int = 0
+    num_samples: Optional[int] = None
+    data_seed: int = SEARCH_SEED
+    metric: str = "mse"
+    pool: int = 64
+    per_generation: int = 4
+    warmup: int = 32
+    parents: int = 10
+    crossover: float = 0.3
+    random_init: int = 8
+    polish_every: int = 3
+    polish_step: float = 0.5
+    polish_min_step: float = 0.02
+    analytic_first_step: bool = True
+    max_order: int = 4
+    init: List[str] = field(default_factory=list)
+    reference: str = DEFAULT_REFERENCE
+    reference_nfe: Optional[int] = None
+    cache_dir: Optional[str] = None
+    device: str = "cpu"
+    threads: int = 1
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check_common(self)
+        for key, lo in (("pool", 1), ("per_generation", 1), ("warmup", 2), ("parents", 2)):
+            if getattr(self, key) < lo:
+                raise ValueError(f"{key} must be >= {lo}, got {getattr(self, key)}")
+        if self.per_generation > self.pool:
+            raise ValueError(f"per_generation ({self.per_generation}) cannot exceed pool ({self.pool})")
+        if not 0 <= self.crossover <= 1:
+            raise ValueError(f"crossover must be a probability in [0, 1], got {self.crossover}")
+        if not 1 <= self.max_order <= 4:
+            raise ValueError(f"max_order must be 1 to 4, got {self.max_order}")
+        if self.random_init < 0:
+            raise ValueError(f"random_init must be >= 0, got {self.random_init}")
+        if self.polish_every < 0:
+            raise ValueError(f"polish_every must be >= 0 (0: no compass rounds), got {self.polish_every}")
+        if not 0 < self.polish_min_step <= self.polish_step:
+            raise ValueError(f"need 0 < polish_min_step <= polish_step, got {self.polish_min_step}, "
+                             f"{self.polish_step}")
+
+    def identity(self, testbed: Testbed, guidance: float | None) -> dict[str, Any]:
+        """What determines the result (budget and how to run excluded: a larger budget continues)."""
+        skip = {"budget", "out", "run_dir", "cache_dir", "device", "threads", "progress", "guidance", "model"}
+        return {"model": testbed.fingerprint(), "guidance": guidance,
+                **{k: v for k, v in dataclasses.asdict(self).items() if k not in skip}}
+
+
+def _check_common(cfg: Any) -> None:
+    """Checks shared by the search configs."""
+    if cfg.nfe < 1:
+        raise ValueError(f"nfe must be >= 1, got {cfg.nfe}")
+    if cfg.budget < 1:
+        raise ValueError(f"budget (full evaluations) must be >= 1, got {cfg.budget}")
+    if cfg.num_samples is not None and cfg.num_samples < 2:
+        raise ValueError(f"num_samples must be >= 2, got {cfg.num_samples}")
+    if cfg.data_seed < 0:
+        raise ValueError(f"data_seed must be >= 0, got {cfg.data_seed}")
+    if cfg.metric not in METRICS:
+        raise ValueError(f"metric {cfg.metric!r} is not one of {', '.join(METRICS)}")
+    if cfg.guidance is not None and not (math.isfinite(cfg.guidance) and cfg.guidance >= 0):
+        raise ValueError(f"guidance must be a finite number >= 0, got {cfg.guidance}")
+    if Path(cfg.out).suffix not in (".json", ".yaml", ".yml"):
+        raise ValueError(f"out={cfg.out!r} must name a .json or .yaml solver schedule file")
+    if cfg.threads < 1:
+        raise ValueError(f"threads must be >= 1, got {cfg.threads}")
+
+
+def run_dir_of(cfg: Any) -> Path:
+    return Path(cfg.run_dir) if cfg.run_dir else Path(cfg.out).with_suffix(".run")
+
+
+def _initial(space: SearchSpace, fitness: Fitness, cfg: USFSearchConfig, rng: random.Random
+             ) -> list[tuple[Candidate, str]]:
+    out = []
+    for spacing in HAND_SET_SPACINGS:
+        for solver, options in HAND_SET:
+            try:
+                grid = make_plan(fitness.schedule, solver, nfe=cfg.nfe,
+                                 spacing=GridSpec(spacing=spacing, convention="multistep"), **options).grid
+            except ValueError:  # a spacing this schedule does not have
+                continue
+            label = f"{solver}{''.join(f',{k}={v}' for k, v in options.items())}@{spacing}"
+            out.append((space.candidate(SolverSchedule.from_grid(grid, spell_out(solver, grid, **options))), label))
+    for path in cfg.init:
+        s = load_solver_schedule(path)
+        if s.nfe != cfg.nfe:
+            raise ValueError(f"init schedule {path} has NFE {s.nfe}, the search {cfg.nfe}")
+        out.append((space.candidate(s), f"init:{path}"))
+    out += [(space.random(rng), "random") for _ in range(cfg.random_init)]
+    seen, unique = set(), []
+    for c, label in out:
+        if c.key() not in seen:
+            seen.add(c.key())
+            unique.append((c, label))
+    return unique
+
+
+def _propose(space: SearchSpace, cfg: USFSearchConfig, rng: random.Random, population: list[tuple[Candidate, float]],
+             seen: set[str]) -> list[tuple[Candidate, str]]:
+    ranked = sorted(range(len(population)), key=lambda i: (population[i][1], i))
+    elite = [population[i][0] for i in ranked[: cfg.parents] if math.isfinite(population[i][1])]
+    elite = elite or [population[ranked[0]][0]]
+    pool, keys = [], set()
+    for _ in range(20 * cfg.pool):
+        if len(pool) == cfg.pool:
+            break
+        if len(elite) > 1 and rng.random() < cfg.crossover:
+            a, b = rng.sample(elite, 2)
+            child, origin = space.mutate(rng, space.crossover(rng, a, b)), "crossover"
+        else:
+            child, origin = space.mutate(rng, rng.choice(elite)), "mutation"
+        if child.key() not in seen and child.key() not in keys:
+            keys.add(child.key())
+            pool.append((child, origin))
+    return pool
+
+
+def run_usf_search(cfg: USFSearchConfig, testbed: Testbed | None = None, log: Callable[[str], None] = print
+                   ) -> SolverSchedule:
+    """Run (or resume) S3 and write ``cfg.out``; returns the best schedule found.
+
+    Raises:
+        ValueError: bad settings, a run folder holding another search, or a corrupt log.
+    """
+    testbed = testbed or make_testbed(cfg.model, cfg.device)
+    guidance = cfg.guidance if cfg.guidance is not None else testbed.default_guidance
+    run_dir = run_dir_of(cfg)
+    with lock_directory(run_dir, "another fewstep search"):
+        clean_temp_files(run_dir, all_stale=True)
+        identity = cfg.identity(testbed, guidance)
+        state = check_identity(run_dir / "state.json", identity)
+        save_config(cfg, run_dir)
+        fitness = Fitness(testbed, cfg.nfe, guidance, cfg.num_samples or 256, cfg.data_seed, cfg.metric, run_dir,
+                          cfg.reference, cfg.reference_nfe, cfg.cache_dir, log)
+        space = SearchSpace(LogSNRAxis(fitness.schedule), cfg.nfe, "zero",
+                            cfg.analytic_first_step and fitness.analytic_first_step_allowed, cfg.max_order)
+        records = SearchLog(run_dir / "search_log.jsonl")
+        rng = random.Random(cfg.seed)
+        population = [(Candidate.from_dict(e["candidate"]), _fitness(e)) for e in records.entries]
+        seen = {c.key() for c, _ in population}
+        if state is None:
+            pending = [(c, origin, None) for c, origin in _initial(space, fitness, cfg, rng)]
+            state = _save(run_dir, identity, rng, 0, len(records), pending, {"step": cfg.polish_step, "best": None})
+        rng.setstate(_rng_state(state["rng"]))
+        generation, polish = state["generation"], state["polish"]
+        pending = [(Candidate.from_dict(p["candidate"]), p["origin"], p["predicted"]) for p in state["pending"]]
+        done = records.entries[state["logged"]:]
+        if len(done) > len(pending) or any(e["candidate"] != c.to_dict() for e, (c, _, _) in zip(done, pending)):
+            raise ValueError(f"{records.path} does not continue {run_dir / 'state.json'}; the run folder is "
+                             "inconsistent (delete it to start over)")
+        pending = pending[len(done):]
+        if len(records):
+            log(f"resuming: {len(records)} of {cfg.budget} evaluations already in {records.path}")
+        from tqdm.auto import tqdm
+
+        clock = time.perf_counter()
+        with tqdm(total=cfg.budget, initial=min(len(records), cfg.budget), desc=f"S3 NFE {cfg.nfe}",
+                  unit="eval", disable=not cfg.progress) as bar:
+            while len(records) < cfg.budget:
+                if not pending:
+                    generation += 1
+                    pending = _polish_round(space, cfg, population, seen, polish, generation)
+                    if not pending:
+                        pool = _propose(space, cfg, rng, population, seen)
+                        if not pool:
+                            log("the search space is exhausted around the elite: stopping early")
+                            break
+                        pending = _select(pool, population, cfg, space, generation)
+                    _save(run_dir, identity, rng, generation, len(records), pending, polish)
+                cand, origin, predicted = pending.pop(0)
+                start = time.perf_counter()
+                value = fitness("usf", {"solver_schedule": space.schedule(cand)})
+                now = time.perf_counter()
+                records.append({"i": len(records), "generation": generation, "origin": origin, "fitness": value,
+                                "predicted": predicted, "seconds": now - start, "elapsed": now - clock,
+                                "candidate": cand.to_dict()})
+                clock = now
+                population.append((cand, value))
+                seen.add(cand.key())
+                best = min(v for _, v in population)
+                bar.set_postfix_str(f"best {cfg.metric} {best:.4g}")
+                bar.update()
+        return _finish(cfg, run_dir, records, population, space, fitness, log)
+
+
+def _polish_round(space: SearchSpace, cfg: USFSearchConfig, population: list[tuple[Candidate, float]],
+                  seen: set[str], polish: dict[str, Any], generation: int) -> list[tuple[Candidate, str, None]]:
+    """The compass stencil around the best schedule, on polish generations (updates ``polish``)."""
+    if not cfg.polish_every or generation % cfg.polish_every or polish["step"] < cfg.polish_min_step:
+        return []
+    best_i = min(range(len(population)), key=lambda i: (population[i][1], i))
+    best_c, best_v = population[best_i]
+    if polish["best"] is not None and not best_v < polish["best"]:
+        polish["step"] /= 2  # the last round (and everything since) found nothing better
+        if polish["step"] < cfg.polish_min_step:
+            return []
+    polish["best"] = best_v
+    moves, keys = [], set()
+    for c in space.polish_moves(best_c, polish["step"]):
+        if c.key() not in seen and c.key() not in keys:
+            keys.add(c.key())
+            moves.append((c, f"polish {polish['step']:g}", None))
+    return moves
+
+
+def _select(pool: list[tuple[Candidate, str]], population: list[tuple[Candidate, float]], cfg: USFSearchConfig,
+            space: SearchSpace, generation: int) -> list[tuple[Candidate, str, float | None]]:
+    if not cfg.predictor or len(population) < cfg.warmup:
+        return [(c, origin, None) for c, origin in pool[: cfg.per_generation]]
+    predictor = FitnessPredictor(space.nfe + 1, seed=cfg.seed).fit([c for c, _ in population],
+                                                                   [v for _, v in population], generation)
+    scores = predictor.predict([c for c, _ in pool])
+    order = sorted(range(len(pool)), key=lambda i: (scores[i], i))
+    return [(pool[i][0], pool[i][1], math.exp(scores[i])) for i in order[: cfg.per_generation]]
+
+
+def _save(run_dir: Path, identity: dict[str, Any], rng: random.Random, generation: int, logged: int,
+          pending: list[tuple[Candidate, str, float | None]], polish: dict[str, Any]) -> dict[str, Any]:
+    version, internal, gauss = rng.getstate()
+    state = {"identity": identity, "rng": [version, list(internal), gauss], "generation": generation,
+             "polish": polish, "logged": logged, "pending": [{"candidate": c.to_dict(), "origin": o, "predicted": p}
+                                           for c, o, p in pending]}
+    save_state(run_dir / "state.json", state)
+    return state
+
+
+def _rng_state(saved: list) -> tuple:
+    return saved[0], tuple(saved[1]), saved[2]
+
+
+def _fitness(entry: dict[str, Any]) -> float:
+    v = entry.get("fitness")
+    return math.inf if v is None else float(v)
+
+
+def _finish(cfg: USFSearchConfig, run_dir: Path, records: SearchLog, population: list[tuple[Candidate, float]],
+            space: SearchSpace, fitness: Fitness, log: Callable[[str], None]) -> SolverSchedule:
+    values = [v for _, v in population]
+    if not any(math.isfinite(v) for v in values):
+        raise ValueError("every evaluated schedule diverged; check the model and the guidance")
+    best_i = min(range(len(values)), key=lambda i: (values[i], i))
+    init_best = min((v for e, v in zip(records.entries, values) if e["generation"] == 0), default=math.inf)
+    summary = {
+        "best_fitness": values[best_i], "metric": cfg.metric, "evaluations": len(values),
+        "evaluations_to_best": best_i + 1, "best_origin": records.entries[best_i]["origin"],
+        "initial_population_best": init_best, "predictor": cfg.predictor,
+        "seconds": sum(e.get("elapsed", 0.0) for e in records.entries),
+        "search_seeds": [cfg.data_seed, cfg.data_seed + (cfg.num_samples or 256)],
+    }
+    sched = space.schedule(population[best_i][0], fitness.meta("usf", search=summary))
+    sched.save(cfg.out)
+    write_json(run_dir / "result.json", {**summary, "schedule": str(cfg.out)})
+    log(f"best {cfg.metric} {values[best_i]:.5g} after {len(values)} evaluations (found at evaluation {best_i + 1}, "
+        f"{summary['best_origin']}); hand-set start: {init_best:.5g}; wrote {cfg.out}")
+    return sched
+
+
+def search_usf(model: "str | Testbed" = "digits", nfe: int = 5, guidance: float | None = None, budget: int = 200,
+               out: str = "runs/usf-schedule.json", *, predictor: bool = True, log: Callable[[str], None] = print,
+               **settings: Any) -> SolverSchedule:
+    """Search a USF solver schedule with S3 and write it to ``out``.
+
+    Args:
+        model: ``digits``, ``gmm``, ``gmm-flow``, a pipeline folder, or a testbed object.
+        nfe: Model evaluations of the schedule.
+        guidance: CFG scale (None: the model's default).
+        budget: Full evaluations.
+        out: The schedule file (.json / .yaml); the run folder is ``out`` without suffix + ``.run``.
+        predictor: Rank candidates with the learned predictor.
+        log: Where messages go.
+        **settings: Any other field of :class:`USFSearchConfig` (``seed``, ``num_samples``, ...).
+
+    Returns:
+        The best schedule found (``fewstep.sample(..., solver="usf", solver_schedule=...)``).
+    """
+    testbed = model if isinstance(model, Testbed) else None
+    name = testbed.name if testbed is not None else str(model)
+    cfg = USFSearchConfig(model=name, nfe=nfe, guidance=guidance, budget=budget, out=str(out), predictor=predictor,
+                          **settings)
+    return run_usf_search(cfg, testbed, log)

@@ -1,0 +1,218 @@
+"""S3 and the timestep search on the exact GMM: determinism, crash/resume equality, files, CLI."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import fewstep
+from fewstep.cli import main
+from fewstep.eval.testbeds import GMMTestbed
+from fewstep.search import search_timesteps, search_usf
+from fewstep.search.fitness import Fitness
+from fewstep.search.predictor import FitnessPredictor
+from fewstep.search.space import Candidate, LogSNRAxis, SearchSpace, logits_from_positions, positions_from_logits
+
+# Small but complete: initial population, predictor rounds, polish rounds.
+S3 = dict(nfe=4, budget=34, num_samples=24, pool=12, per_generation=3, warmup=14, random_init=3, progress=False)
+QUIET = dict(log=lambda msg: None)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def reference_cache(tmp_path_factory):
+    """Searches on the same batch share their reference through the cache (kept out of ~/.cache)."""
+    old = os.environ.get("FEWSTEP_CACHE")
+    os.environ["FEWSTEP_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        del os.environ["FEWSTEP_CACHE"]
+    else:
+        os.environ["FEWSTEP_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def gmm():
+    return GMMTestbed()
+
+
+def _log(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "search_log.jsonl").read_text().splitlines()]
+
+
+def _core(s):
+    """What a schedule runs (its provenance, with wall times and paths, differs between runs)."""
+    return s.timesteps, s.steps, s.analytic_first_step, s.final_sigma, s.meta.extra["search"]["best_fitness"]
+
+
+def _strip(entries):
+    return [{k: v for k, v in e.items() if k not in ("seconds", "elapsed")} for e in entries]
+
+
+@pytest.fixture(scope="module")
+def reference_run(gmm, tmp_path_factory):
+    out = tmp_path_factory.mktemp("s3") / "ref.json"
+    sched = search_usf(gmm, out=out, seed=7, **S3, **QUIET)
+    return sched, out
+
+
+def test_s3_is_deterministic_and_its_file_reproduces_the_logged_fitness(gmm, reference_run, tmp_path):
+    sched, out = reference_run
+    again = search_usf(gmm, out=tmp_path / "again.json", seed=7, **S3, **QUIET)
+    assert _core(again) == _core(sched) and fewstep.load_solver_schedule(out) == sched
+    assert _strip(_log(tmp_path / "again.run")) == _strip(_log(out.with_suffix(".run")))
+    origins = {e["origin"].split()[0] for e in _log(out.with_suffix(".run"))}
+    assert {"mutation", "polish"} <= origins and any("@" in o for o in origins)  # every phase ran
+    assert any(e["predicted"] is not None for e in _log(out.with_suffix(".run")))
+    # The written file is the schedule that was scored: re-scoring it gives the logged best.
+    x, cond = gmm.initial_noise(S3["num_samples"], 100000)
+    ref = gmm.reference(x, cond, 2.0, None, None, None, None)
+    y = gmm.generate("usf", {"solver_schedule": str(out)}, S3["nfe"], x, cond, 2.0, None)
+    best = min(e["fitness"] for e in _log(out.with_suffix(".run")) if e["fitness"] is not None)
+    assert (y - ref).pow(2).flatten(1).mean(1).mean().item() == pytest.approx(best, rel=1e-6)
+    assert sched.meta.extra["search"]["best_fitness"] == pytest.approx(best)
+    assert sched.meta.nfe == S3["nfe"] and sched.meta.solver == "usf" and sched.meta.guidance == 2.0
+    search_usf(gmm, out=tmp_path / "s8.json", seed=8, **{**S3, "budget": 20}, **QUIET)
+    assert _strip(_log(tmp_path / "s8.run")) != _strip(_log(out.with_suffix(".run"))[:20])
+
+
+def test_s3_resumes_after_a_crash_to_the_same_result(gmm, reference_run, tmp_path, monkeypatch):
+    sched, out = reference_run
+    calls = {"n": 0}
+    real = GMMTestbed.generate
+
+    def crashing(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 21:  # mid-search, after the initial population
+            raise RuntimeError("simulated crash")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(GMMTestbed, "generate", crashing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        search_usf(gmm, out=tmp_path / "r.json", seed=7, **S3, **QUIET)
+    monkeypatch.setattr(GMMTestbed, "generate", real)
+    log_path = tmp_path / "r.run" / "search_log.jsonl"
+    assert len(_log(tmp_path / "r.run")) == 20
+    with open(log_path, "a") as f:
+        f.write('{"i": 20, "generation": 3, "fitn')  # a torn last line, as a kill -9 mid-write leaves
+    messages = []
+    resumed = search_usf(gmm, out=tmp_path / "r.json", seed=7, **S3, log=messages.append)
+    assert any("resuming: 20 of 34" in m for m in messages)
+    assert _core(resumed) == _core(sched)
+    assert _strip(_log(tmp_path / "r.run")) == _strip(_log(out.with_suffix(".run")))
+    # A larger budget continues the finished search instead of starting over.
+    more = search_usf(gmm, out=tmp_path / "r.json", seed=7, **{**S3, "budget": 40}, **QUIET)
+    assert len(_log(tmp_path / "r.run")) == 40 and more.meta.extra["search"]["best_fitness"] <= \
+        sched.meta.extra["search"]["best_fitness"]
+    with pytest.raises(ValueError, match=r"holds a search with other settings \(differs in: \['seed'\]\)"):
+        search_usf(gmm, out=tmp_path / "r.json", seed=9, **S3, **QUIET)
+
+
+@pytest.mark.slow
+def test_s3_resumes_after_kill_9(reference_run, tmp_path):
+    sched, _ = reference_run
+    out = tmp_path / "k.json"
+    args = [sys.executable, "-m", "fewstep.cli", "search", "usf", "--model", "gmm", "--out", str(out), "--seed", "7",
+            *[f"{k}={v}" for k, v in S3.items()]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log_path = tmp_path / "k.run" / "search_log.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not log_path.exists() or len(log_path.read_text().splitlines()) < 18):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 18 <= len(log_path.read_text().splitlines()) < S3["budget"]
+    assert subprocess.run(args, env=env, capture_output=True).returncode == 0
+    assert _core(fewstep.load_solver_schedule(out)) == _core(sched)
+
+
+def test_predictor_off_is_the_plain_evolutionary_search(gmm, tmp_path):
+    search_usf(gmm, out=tmp_path / "off.json", seed=7, predictor=False, **S3, **QUIET)
+    entries = _log(tmp_path / "off.run")
+    assert len(entries) == S3["budget"] and all(e["predicted"] is None for e in entries)
+
+
+def test_predictor_ranks_unseen_schedules(gmm, tmp_path):
+    """Trained on 110 evaluated schedules, it ranks 50 unseen ones clearly better than chance."""
+    import random
+
+    fitness = Fitness(gmm, 4, 2.0, 16, 100000, "mse", tmp_path, log=lambda m: None)
+    space = SearchSpace(LogSNRAxis(fitness.schedule), 4)
+    rng = random.Random(0)
+    cands = [space.random(rng) for _ in range(6)]
+    while len(cands) < 160:
+        cands.append(space.mutate(rng, rng.choice(cands[-20:])))
+    fit = [fitness("usf", {"solver_schedule": space.schedule(c)}) for c in cands]
+    p = FitnessPredictor(5, seed=0).fit(cands[:110], fit[:110])
+    pred, truth = torch.tensor(p.predict(cands[110:])), torch.tensor(fit[110:])
+    rank = lambda v: v.argsort().argsort().double()  # noqa: E731
+    rho = torch.corrcoef(torch.stack([rank(pred), rank(truth)]))[0, 1].item()
+    assert rho > 0.3, rho
+
+
+def test_search_space_moves_stay_valid():
+    import random
+
+    space = SearchSpace(LogSNRAxis(fewstep.make_schedule("linear")), nfe=5)
+    rng = random.Random(0)
+    pop = [space.random(rng) for _ in range(10)]
+    for _ in range(300):
+        c = space.mutate(rng, space.crossover(rng, rng.choice(pop), rng.choice(pop)))
+        s = space.schedule(c)  # validates every strategy at its position
+        assert s.nfe == 5 and c.u[0] == 0.0 and all(b > a for a, b in zip(c.u, c.u[1:]))
+        pop.append(c)
+    for z in ([0.3, -1.2, 2.0], [0.0, 0.0, 0.0]):
+        u = positions_from_logits(z)
+        assert logits_from_positions(u) == pytest.approx(z, abs=1e-12)
+
+
+def test_timestep_search_improves_and_resumes_by_replay(gmm, tmp_path):
+    kw = dict(nfe=3, num_samples=16, progress=False, **QUIET)
+    full = search_timesteps(gmm, "unipc", out=tmp_path / "full.json", budget=24, **kw)
+    info = full.meta.extra["search"]
+    assert info["best_fitness"] < info["start_fitness"] and not full.has_strategies
+    assert full.meta.solver == "unipc" and full.timesteps[0] == 999.0
+    part = search_timesteps(gmm, "unipc", out=tmp_path / "part.json", budget=12, **kw)
+    assert part.meta.extra["search"]["evaluations"] == 12
+    cont = search_timesteps(gmm, "unipc", out=tmp_path / "part.json", budget=24, **kw)
+    assert cont.timesteps == full.timesteps
+    y = fewstep.sample(gmm.model, torch.zeros(2, 16, dtype=torch.float64), schedule=gmm.schedule, solver="unipc",
+                       solver_schedule=tmp_path / "full.json")
+    assert torch.isfinite(y).all()
+
+
+def test_cli_end_to_end_and_one_line_errors(tmp_path, capsys):
+    out = tmp_path / "t.yaml"
+    rc = main(["search", "timesteps", "--model", "gmm", "--solver", "dpmpp", "--out", str(out), "--no-progress",
+               "nfe=3", "budget=8", "num_samples=8"])
+    assert rc == 0 and fewstep.load_solver_schedule(out).meta.solver == "dpmpp"
+    assert (tmp_path / "t.run" / "config.yaml").is_file()
+    rc = main(["search", "usf", "--model", "gmm", "--out", str(tmp_path / "u.json"), "--predictor", "off",
+               "--no-progress", "nfe=2", "budget=5", "num_samples=8", "random_init=0"])
+    assert rc == 0 and fewstep.load_solver_schedule(tmp_path / "u.json").has_strategies
+    capsys.readouterr()
+    for argv, match in [
+        (["search", "usf", "--nfe", "0"], "nfe must be >= 1, got 0"),
+        (["search", "usf", "--out", "x.txt"], "must name a .json or .yaml solver schedule file"),
+        (["search", "timesteps", "--solver", "usf"], "search them with `fewstep search usf`"),
+        (["search", "usf", "budget=many"], "budget"),
+    ]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("fewstep search: error:") and match in err[0], err
+
+
+def test_bad_settings_fail_before_any_work():
+    with pytest.raises(ValueError, match="per_generation \\(9\\) cannot exceed pool \\(4\\)"):
+        search_usf("gmm", pool=4, per_generation=9)
+    with pytest.raises(ValueError, match="metric 'psnr' is not one of mse, fd"):
+        search_usf("gmm", metric="psnr")
+    with pytest.raises(TypeError):
+        search_usf("gmm", bogus=1)
