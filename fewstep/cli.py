@@ -31,6 +31,8 @@ def _describe_option(opt) -> str:
         allowed = "|".join(map(str, opt.choices))
     elif opt.bounds is not None:
         allowed = f"{opt.bounds[0]:g}..{opt.bounds[1]:g}"
+    elif opt.kind == "artifact":
+        allowed = f"{opt.artifact.kind} file"
     else:
         allowed = {"bool": "true|false", "int_list": "list of step indices"}.get(opt.kind, opt.kind)
     return allowed

@@ -18,10 +18,12 @@ from fewstep.eval.testbeds import GMMTestbed
 from fewstep.search import search_timesteps, search_usf
 from fewstep.search.fitness import Fitness
 from fewstep.search.predictor import FitnessPredictor
+from fewstep.search.runlog import SearchLog
 from fewstep.search.space import Candidate, LogSNRAxis, SearchSpace, logits_from_positions, positions_from_logits
 
 # Small but complete: initial population, predictor rounds, polish rounds.
-S3 = dict(nfe=4, budget=34, num_samples=24, pool=12, per_generation=3, warmup=14, random_init=3, progress=False)
+S3 = dict(nfe=4, budget=34, num_samples=24, init_screen=8, init_size=8, init_spacings=["time_quadratic"], pool=12,
+          per_generation=3, warmup=10, random_init=3, progress=False)
 QUIET = dict(log=lambda msg: None)
 
 
@@ -78,25 +80,23 @@ def test_s3_is_deterministic_and_its_file_reproduces_the_logged_fitness(gmm, ref
     assert (y - ref).pow(2).flatten(1).mean(1).mean().item() == pytest.approx(best, rel=1e-6)
     assert sched.meta.extra["search"]["best_fitness"] == pytest.approx(best)
     assert sched.meta.nfe == S3["nfe"] and sched.meta.solver == "usf" and sched.meta.guidance == 2.0
-    search_usf(gmm, out=tmp_path / "s8.json", seed=8, **{**S3, "budget": 20}, **QUIET)
-    assert _strip(_log(tmp_path / "s8.run")) != _strip(_log(out.with_suffix(".run"))[:20])
+    search_usf(gmm, out=tmp_path / "s8.json", seed=8, **{**S3, "budget": 14}, **QUIET)
+    assert _strip(_log(tmp_path / "s8.run")) != _strip(_log(out.with_suffix(".run"))[:14])
 
 
 def test_s3_resumes_after_a_crash_to_the_same_result(gmm, reference_run, tmp_path, monkeypatch):
     sched, out = reference_run
-    calls = {"n": 0}
-    real = GMMTestbed.generate
+    real = SearchLog.append
 
-    def crashing(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 21:  # mid-search, after the initial population
+    def crashing(self, entry):
+        if len(self) == 20:  # mid-search: the evaluation in flight is lost
             raise RuntimeError("simulated crash")
-        return real(self, *args, **kwargs)
+        real(self, entry)
 
-    monkeypatch.setattr(GMMTestbed, "generate", crashing)
+    monkeypatch.setattr(SearchLog, "append", crashing)
     with pytest.raises(RuntimeError, match="simulated crash"):
         search_usf(gmm, out=tmp_path / "r.json", seed=7, **S3, **QUIET)
-    monkeypatch.setattr(GMMTestbed, "generate", real)
+    monkeypatch.setattr(SearchLog, "append", real)
     log_path = tmp_path / "r.run" / "search_log.jsonl"
     assert len(_log(tmp_path / "r.run")) == 20
     with open(log_path, "a") as f:
@@ -160,17 +160,20 @@ def test_predictor_ranks_unseen_schedules(gmm, tmp_path):
 def test_search_space_moves_stay_valid():
     import random
 
-    space = SearchSpace(LogSNRAxis(fewstep.make_schedule("linear")), nfe=5)
-    rng = random.Random(0)
-    pop = [space.random(rng) for _ in range(10)]
-    for _ in range(300):
-        c = space.mutate(rng, space.crossover(rng, rng.choice(pop), rng.choice(pop)))
-        s = space.schedule(c)  # validates every strategy at its position
-        assert s.nfe == 5 and c.u[0] == 0.0 and all(b > a for a, b in zip(c.u, c.u[1:]))
-        pop.append(c)
-    for z in ([0.3, -1.2, 2.0], [0.0, 0.0, 0.0]):
-        u = positions_from_logits(z)
-        assert logits_from_positions(u) == pytest.approx(z, abs=1e-12)
+    for free_start in (False, True):
+        space = SearchSpace(LogSNRAxis(fewstep.make_schedule("linear")), nfe=5, free_start=free_start)
+        rng = random.Random(0)
+        pop = [space.random(rng) for _ in range(10)]
+        for _ in range(300):
+            c = space.mutate(rng, space.crossover(rng, rng.choice(pop), rng.choice(pop)))
+            s = space.schedule(c)  # validates every strategy at its position
+            assert s.nfe == 5 and all(b > a for a, b in zip(c.u, c.u[1:])) and 0 <= c.u[0] and c.u[-1] < 1
+            assert free_start or c.u[0] == 0.0
+            pop.append(c)
+        assert free_start == any(c.u[0] > 0 for c in pop)
+        for z in ([0.3, -1.2, 2.0], [0.0, 0.0, 0.0]):
+            u = positions_from_logits(z, free_start)
+            assert len(u) == 4 - free_start and logits_from_positions(u, free_start) == pytest.approx(z, abs=1e-12)
 
 
 def test_timestep_search_improves_and_resumes_by_replay(gmm, tmp_path):
@@ -178,7 +181,9 @@ def test_timestep_search_improves_and_resumes_by_replay(gmm, tmp_path):
     full = search_timesteps(gmm, "unipc", out=tmp_path / "full.json", budget=24, **kw)
     info = full.meta.extra["search"]
     assert info["best_fitness"] < info["start_fitness"] and not full.has_strategies
-    assert full.meta.solver == "unipc" and full.timesteps[0] == 999.0
+    assert full.meta.solver == "unipc"
+    interior = search_timesteps(gmm, "unipc", out=tmp_path / "interior.json", budget=12, free_start=False, **kw)
+    assert interior.timesteps[0] == 999.0  # only the interior timesteps moved
     part = search_timesteps(gmm, "unipc", out=tmp_path / "part.json", budget=12, **kw)
     assert part.meta.extra["search"]["evaluations"] == 12
     cont = search_timesteps(gmm, "unipc", out=tmp_path / "part.json", budget=24, **kw)
@@ -195,7 +200,7 @@ def test_cli_end_to_end_and_one_line_errors(tmp_path, capsys):
     assert rc == 0 and fewstep.load_solver_schedule(out).meta.solver == "dpmpp"
     assert (tmp_path / "t.run" / "config.yaml").is_file()
     rc = main(["search", "usf", "--model", "gmm", "--out", str(tmp_path / "u.json"), "--predictor", "off",
-               "--no-progress", "nfe=2", "budget=5", "num_samples=8", "random_init=0"])
+               "--no-progress", "nfe=2", "budget=5", "num_samples=8", "random_init=0", "init_spacings=[logsnr]"])
     assert rc == 0 and fewstep.load_solver_schedule(tmp_path / "u.json").has_strategies
     capsys.readouterr()
     for argv, match in [
@@ -216,3 +221,22 @@ def test_bad_settings_fail_before_any_work():
         search_usf("gmm", metric="psnr")
     with pytest.raises(TypeError):
         search_usf("gmm", bogus=1)
+
+
+def test_shipped_search_configs_load(tmp_path):
+    from fewstep.config import load_config
+    from fewstep.search import TimestepSearchConfig, USFSearchConfig
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "search"
+    files = sorted(root.glob("*.yaml"))
+    assert {f.name for f in files} >= {"usf-gmm.yaml", "usf-digits.yaml", "timesteps-gmm.yaml", "timesteps-digits.yaml"}
+    for f in files:
+        schema = USFSearchConfig if f.name.startswith("usf") else TimestepSearchConfig
+        cfg = load_config(schema, f, overrides=[f"out={tmp_path / 'x.json'}"])
+        assert cfg.nfe == 5 and cfg.budget >= 100
+
+
+def test_fd_fitness(gmm, tmp_path):
+    sched = search_timesteps(gmm, "ddim", nfe=3, budget=4, num_samples=64, metric="fd", out=tmp_path / "fd.json",
+                             progress=False, **QUIET)
+    assert sched.meta.extra["search"]["metric"] == "fd" and sched.meta.extra["search"]["best_fitness"] > 0

@@ -3,7 +3,7 @@
 Liu et al. (ICLR 2024) rank candidate schedules with a predictor trained on the schedules
 evaluated so far, so that only the promising ones are sampled in full. Here the encoding
 is a fixed-length vector (per step: position, gap to the next point, prediction type, order,
-difference points, relaxation, corrector; plus the analytical-first-step flag), the target
+difference points, relaxation, corrector; plus the analytical-first-step and end-point flags), the target
 is the standardised log of the metric, and a small ensemble is retrained from scratch, with
 seeded initialisation, whenever it is used.
 """
@@ -36,7 +36,7 @@ def encode(c: Candidate, max_steps: int) -> list[float]:
                 *[float(s.order == k) for k in range(1, 5)], s.points / 3.0,
                 relax if isinstance(relax, float) else 0.0, float(relax == "bh1"), float(relax == "bh2"),
                 float(s.corrector == "pseudo")]
-    return out + [float(c.afs)]
+    return out + [float(c.afs), float(c.final == "min")]
 
 
 class FitnessPredictor:

@@ -1,8 +1,10 @@
 """``fewstep search usf``: S3, the solver-schedule search of Liu et al. (ICLR 2024).
 
 Evolutionary search over USF solver schedules with a fixed NFE. The population starts from
-the hand-set solvers spelled out as schedules (UniPC-2/3 and DPM-Solver++(2M) on five
-spacings) plus a few random schedules. Each generation proposes a pool of children of the
+the hand-set solvers spelled out as schedules (DDIM, DPM-Solver++(2M), Taylor-3M and UniPC
+1-3 in both spaces, on seven spacings, ending on clean data or at t_min): all of them are
+scored on the first 32 search samples and the best 24 are evaluated in full, with a few
+random schedules. Each generation proposes a pool of children of the
 best schedules so far (crossover with probability 0.3, then mutation); with the predictor
 on, an MLP trained on every evaluation so far ranks the pool and only the top few are
 sampled in full; with it off, the first few are (the plain evolutionary search of the
@@ -17,103 +19,85 @@ proposal, so a killed search resumes and ends with the same result.
 
 from __future__ import annotations
 
-import dataclasses
+import itertools
 import math
 import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List
 
 from ..config import save_config
-from ..eval.compare import DEFAULT_REFERENCE
-from ..eval.io import clean_temp_files, lock_directory, write_json
+from ..eval.io import clean_temp_files, lock_directory, read_json, write_json
 from ..eval.testbeds import Testbed, make_testbed
 from ..samplers import GridSpec, SolverSchedule, load_solver_schedule, make_plan
 from ..samplers.solvers.usf import spell_out
-from .fitness import METRICS, SEARCH_SEED, Fitness
+from .fitness import Fitness
 from .predictor import FitnessPredictor
 from .runlog import SearchLog, check_identity, save_state
+from .settings import SearchSettings
 from .space import Candidate, LogSNRAxis, SearchSpace
 
-__all__ = ["USFSearchConfig", "search_usf", "run_usf_search", "HAND_SET"]
+__all__ = ["USFSearchConfig", "search_usf", "run_usf_search", "hand_set_solvers"]
 
-# The hand-set solvers the population starts from, each on every spacing of HAND_SET_SPACINGS.
-HAND_SET = (("unipc", {}), ("unipc", {"order": 3}), ("dpmpp", {}))
-HAND_SET_SPACINGS = ("logsnr", "time_uniform", "time_quadratic", "linspace", "karras")
+# The spacings the hand-set solvers of the initial population are spelled out on (with both end points).
+HAND_SET_SPACINGS = ("linspace", "leading", "trailing", "logsnr", "time_uniform", "time_quadratic", "karras")
 
 
 @dataclass
-class USFSearchConfig:
+class USFSearchConfig(SearchSettings):
     """Settings of ``fewstep search usf`` (also the schema of ``configs/search/usf*.yaml``).
 
+    Besides those of :class:`~fewstep.search.settings.SearchSettings` (model, nfe, guidance,
+    budget, out, search batch, reference, how to run; the budget counts the initial population):
+
     Attributes:
-        model: ``digits``, ``gmm``, ``gmm-flow`` or a local diffusers pipeline folder.
-        nfe: Model evaluations of the schedule.
-        guidance: CFG scale (None: the model's default).
-        budget: Full evaluations (schedules sampled on the whole search batch), the
-            initial population included.
         predictor: Rank each generation's pool with the learned predictor.
-        out: The solver schedule file written at the end (.json or .yaml).
-        run_dir: Log, state and reference of the search (None: ``out`` without suffix + ``.run``).
         seed: Seed of the search's own random choices.
-        num_samples: Search batch size (None: 256).
-        data_seed: Noise seed of the first search sample (>= 100000 keeps it apart from the
-            evaluation seeds 0..N-1).
-        metric: ``mse`` (to the reference) or ``fd``.
         pool: Children proposed per generation.
         per_generation: Children evaluated per generation.
         warmup: Evaluations before the predictor is trusted.
         parents: Size of the elite that parents are drawn from.
         crossover: Probability that a child starts as a crossover of two parents.
+        init_screen: Samples (the first of the search batch) on which every hand-set solver
+            (each spelled out on seven spacings and both end points) is screened; the best
+            ``init_size`` are evaluated in full as the initial population (0: all of them are).
+        init_size: Hand-set schedules kept after the screen.
+        init_spacings: The spacings the hand-set solvers are spelled out on.
         random_init: Random schedules added to the initial population.
         polish_every: Every this many generations, a compass step on the best schedule's
             timesteps instead of an evolutionary one (0: never).
         polish_step: First compass step (in gap logits); halved when a round does not improve.
         polish_min_step: No more compass rounds once the step is below this.
         analytic_first_step: Allow the analytical first step.
+        free_start: Let the first timestep move below the noisiest time (the released search
+            keeps it at T; diffusers' ``leading`` spacing does not).
         max_order: Highest Taylor order.
         init: Extra schedule files to start from (a warm start).
-        reference: Solver spec of the reference (the GMM's is exact).
-        reference_nfe: Its steps (None: the model's default).
-        cache_dir: Reference cache (None: ``$FEWSTEP_CACHE/references``).
-        device: ``cpu``, ``cuda``, ...
-        threads: Torch CPU threads.
-        progress: Show a progress bar.
     """
 
-    model: str = "digits"
-    nfe: int = 5
-    guidance: Optional[float] = None
-    budget: int = 200
-    predictor: bool = True
     out: str = "runs/usf-schedule.json"
-    run_dir: Optional[str] = None
+    predictor: bool = True
     seed: int = 0
-    num_samples: Optional[int] = None
-    data_seed: int = SEARCH_SEED
-    metric: str = "mse"
     pool: int = 64
     per_generation: int = 4
     warmup: int = 32
     parents: int = 10
     crossover: float = 0.3
+    init_screen: int = 32
+    init_size: int = 24
+    init_spacings: List[str] = field(default_factory=lambda: list(HAND_SET_SPACINGS))
     random_init: int = 8
     polish_every: int = 3
     polish_step: float = 0.5
     polish_min_step: float = 0.02
     analytic_first_step: bool = True
+    free_start: bool = True
     max_order: int = 4
     init: List[str] = field(default_factory=list)
-    reference: str = DEFAULT_REFERENCE
-    reference_nfe: Optional[int] = None
-    cache_dir: Optional[str] = None
-    device: str = "cpu"
-    threads: int = 1
-    progress: bool = True
 
     def __post_init__(self) -> None:
-        _check_common(self)
+        super().__post_init__()
         for key, lo in (("pool", 1), ("per_generation", 1), ("warmup", 2), ("parents", 2)):
             if getattr(self, key) < lo:
                 raise ValueError(f"{key} must be >= {lo}, got {getattr(self, key)}")
@@ -123,6 +107,12 @@ class USFSearchConfig:
             raise ValueError(f"crossover must be a probability in [0, 1], got {self.crossover}")
         if not 1 <= self.max_order <= 4:
             raise ValueError(f"max_order must be 1 to 4, got {self.max_order}")
+        if self.init_screen < 0 or self.init_screen == 1 or self.init_size < 1:
+            raise ValueError(f"need init_screen = 0 or >= 2 and init_size >= 1, got {self.init_screen}, "
+                             f"{self.init_size}")
+        bad = [sp for sp in self.init_spacings if sp not in HAND_SET_SPACINGS]
+        if bad:
+            raise ValueError(f"init_spacings {bad} are not among {', '.join(HAND_SET_SPACINGS)}")
         if self.random_init < 0:
             raise ValueError(f"random_init must be >= 0, got {self.random_init}")
         if self.polish_every < 0:
@@ -131,49 +121,37 @@ class USFSearchConfig:
             raise ValueError(f"need 0 < polish_min_step <= polish_step, got {self.polish_min_step}, "
                              f"{self.polish_step}")
 
-    def identity(self, testbed: Testbed, guidance: float | None) -> dict[str, Any]:
-        """What determines the result (budget and how to run excluded: a larger budget continues)."""
-        skip = {"budget", "out", "run_dir", "cache_dir", "device", "threads", "progress", "guidance", "model"}
-        return {"model": testbed.fingerprint(), "guidance": guidance,
-                **{k: v for k, v in dataclasses.asdict(self).items() if k not in skip}}
+
+def hand_set_solvers():
+    """Every hand-set solver usf can spell out: DDIM, DPM-Solver++(2M) and Taylor (3M), UniPC 1-3."""
+    yield "ddim", {}
+    for space in ("data", "noise"):
+        for variant in ("midpoint", "heun"):
+            yield "dpmpp", {"space": space, "variant": variant}
+        yield "dpmpp", {"order": 3, "third_order": "taylor", "space": space}
+        for order, variant, corrector in itertools.product((1, 2, 3), ("bh1", "bh2"), (True, False)):
+            yield "unipc", {"order": order, "variant": variant, "space": space, "corrector": corrector}
 
 
-def _check_common(cfg: Any) -> None:
-    """Checks shared by the search configs."""
-    if cfg.nfe < 1:
-        raise ValueError(f"nfe must be >= 1, got {cfg.nfe}")
-    if cfg.budget < 1:
-        raise ValueError(f"budget (full evaluations) must be >= 1, got {cfg.budget}")
-    if cfg.num_samples is not None and cfg.num_samples < 2:
-        raise ValueError(f"num_samples must be >= 2, got {cfg.num_samples}")
-    if cfg.data_seed < 0:
-        raise ValueError(f"data_seed must be >= 0, got {cfg.data_seed}")
-    if cfg.metric not in METRICS:
-        raise ValueError(f"metric {cfg.metric!r} is not one of {', '.join(METRICS)}")
-    if cfg.guidance is not None and not (math.isfinite(cfg.guidance) and cfg.guidance >= 0):
-        raise ValueError(f"guidance must be a finite number >= 0, got {cfg.guidance}")
-    if Path(cfg.out).suffix not in (".json", ".yaml", ".yml"):
-        raise ValueError(f"out={cfg.out!r} must name a .json or .yaml solver schedule file")
-    if cfg.threads < 1:
-        raise ValueError(f"threads must be >= 1, got {cfg.threads}")
-
-
-def run_dir_of(cfg: Any) -> Path:
-    return Path(cfg.run_dir) if cfg.run_dir else Path(cfg.out).with_suffix(".run")
-
-
-def _initial(space: SearchSpace, fitness: Fitness, cfg: USFSearchConfig, rng: random.Random
-             ) -> list[tuple[Candidate, str]]:
-    out = []
-    for spacing in HAND_SET_SPACINGS:
-        for solver, options in HAND_SET:
+def _initial(space: SearchSpace, fitness: Fitness, cfg: USFSearchConfig, rng: random.Random, run_dir: Path,
+             log: Callable[[str], None]) -> list[tuple[Candidate, str]]:
+    """Hand-set solvers on every spacing and end point (screened on a few samples), init files, random draws."""
+    hand = {}
+    for spacing, final in itertools.product(cfg.init_spacings, space.finals):
+        for solver, options in hand_set_solvers():
             try:
-                grid = make_plan(fitness.schedule, solver, nfe=cfg.nfe,
-                                 spacing=GridSpec(spacing=spacing, convention="multistep"), **options).grid
-            except ValueError:  # a spacing this schedule does not have
+                grid = make_plan(fitness.schedule, solver, nfe=cfg.nfe, spacing=GridSpec(
+                    spacing=spacing, final_sigma=final, convention="multistep"), **options).grid
+                c = space.candidate(SolverSchedule.from_grid(grid, spell_out(solver, grid, **options)))
+            except ValueError:  # a spacing this schedule does not have, or no usable stencil
                 continue
-            label = f"{solver}{''.join(f',{k}={v}' for k, v in options.items())}@{spacing}"
-            out.append((space.candidate(SolverSchedule.from_grid(grid, spell_out(solver, grid, **options))), label))
+            label = f"{solver}({','.join(f'{k}={v}' for k, v in options.items())})@{spacing}/{final}"
+            hand.setdefault(c.key(), (c, label))
+    hand = list(hand.values())
+    if cfg.init_screen and len(hand) > cfg.init_size:
+        screen = _screen(space, fitness, cfg, hand, run_dir, log)
+        hand = sorted(hand, key=lambda cl: (screen[cl[1]], cl[1]))[: cfg.init_size]
+    out = hand
     for path in cfg.init:
         s = load_solver_schedule(path)
         if s.nfe != cfg.nfe:
@@ -186,6 +164,27 @@ def _initial(space: SearchSpace, fitness: Fitness, cfg: USFSearchConfig, rng: ra
             seen.add(c.key())
             unique.append((c, label))
     return unique
+
+
+def _screen(space: SearchSpace, fitness: Fitness, cfg: USFSearchConfig, hand: list[tuple[Candidate, str]],
+            run_dir: Path, log: Callable[[str], None]) -> dict[str, float]:
+    """Fitness of every hand-set candidate on the first ``init_screen`` samples (kept in screen.json)."""
+    path = run_dir / "screen.json"
+    record = read_json(path) if path.exists() else {"scores": {}, "seconds": 0.0}
+    scores = record["scores"]
+    cheap = Fitness(fitness.testbed, cfg.nfe, fitness.guidance, cfg.init_screen, cfg.data_seed, cfg.metric,
+                    run_dir / "screen", cfg.reference, cfg.reference_nfe, cfg.cache_dir, log)
+    todo = [(c, label) for c, label in hand if label not in scores]
+    if todo:
+        log(f"screening {len(hand)} hand-set schedules on {cfg.init_screen} samples "
+            f"(the best {cfg.init_size} start the search)")
+    for n, (c, label) in enumerate(todo):
+        start = time.perf_counter()
+        scores[label] = cheap("usf", {"solver_schedule": space.schedule(c)})
+        record["seconds"] += time.perf_counter() - start
+        if n % 25 == 24 or n == len(todo) - 1:
+            write_json(path, record)
+    return {k: (math.inf if v is None else v) for k, v in scores.items()}
 
 
 def _propose(space: SearchSpace, cfg: USFSearchConfig, rng: random.Random, population: list[tuple[Candidate, float]],
@@ -217,22 +216,23 @@ def run_usf_search(cfg: USFSearchConfig, testbed: Testbed | None = None, log: Ca
     """
     testbed = testbed or make_testbed(cfg.model, cfg.device)
     guidance = cfg.guidance if cfg.guidance is not None else testbed.default_guidance
-    run_dir = run_dir_of(cfg)
+    run_dir = cfg.run_path
     with lock_directory(run_dir, "another fewstep search"):
         clean_temp_files(run_dir, all_stale=True)
         identity = cfg.identity(testbed, guidance)
         state = check_identity(run_dir / "state.json", identity)
         save_config(cfg, run_dir)
-        fitness = Fitness(testbed, cfg.nfe, guidance, cfg.num_samples or 256, cfg.data_seed, cfg.metric, run_dir,
+        fitness = Fitness(testbed, cfg.nfe, guidance, cfg.samples, cfg.data_seed, cfg.metric, run_dir,
                           cfg.reference, cfg.reference_nfe, cfg.cache_dir, log)
-        space = SearchSpace(LogSNRAxis(fitness.schedule), cfg.nfe, "zero",
-                            cfg.analytic_first_step and fitness.analytic_first_step_allowed, cfg.max_order)
+        space = SearchSpace(LogSNRAxis(fitness.schedule), cfg.nfe,
+                            cfg.analytic_first_step and fitness.analytic_first_step_allowed, cfg.max_order,
+                            free_start=cfg.free_start)
         records = SearchLog(run_dir / "search_log.jsonl")
         rng = random.Random(cfg.seed)
         population = [(Candidate.from_dict(e["candidate"]), _fitness(e)) for e in records.entries]
         seen = {c.key() for c, _ in population}
         if state is None:
-            pending = [(c, origin, None) for c, origin in _initial(space, fitness, cfg, rng)]
+            pending = [(c, origin, None) for c, origin in _initial(space, fitness, cfg, rng, run_dir, log)]
             state = _save(run_dir, identity, rng, 0, len(records), pending, {"step": cfg.polish_step, "best": None})
         rng.setstate(_rng_state(state["rng"]))
         generation, polish = state["generation"], state["polish"]
@@ -333,12 +333,16 @@ def _finish(cfg: USFSearchConfig, run_dir: Path, records: SearchLog, population:
         raise ValueError("every evaluated schedule diverged; check the model and the guidance")
     best_i = min(range(len(values)), key=lambda i: (values[i], i))
     init_best = min((v for e, v in zip(records.entries, values) if e["generation"] == 0), default=math.inf)
+    screen = read_json(run_dir / "screen.json") if (run_dir / "screen.json").exists() else {"scores": {}, "seconds": 0}
+    num_samples = cfg.samples
     summary = {
         "best_fitness": values[best_i], "metric": cfg.metric, "evaluations": len(values),
+        "screened": len(screen["scores"]), "screen_seconds": screen["seconds"],
+        "screen_in_full_evaluations": len(screen["scores"]) * cfg.init_screen / num_samples,
         "evaluations_to_best": best_i + 1, "best_origin": records.entries[best_i]["origin"],
         "initial_population_best": init_best, "predictor": cfg.predictor,
-        "seconds": sum(e.get("elapsed", 0.0) for e in records.entries),
-        "search_seeds": [cfg.data_seed, cfg.data_seed + (cfg.num_samples or 256)],
+        "seconds": sum(e.get("elapsed", 0.0) for e in records.entries) + screen["seconds"],
+        "search_seeds": [cfg.data_seed, cfg.data_seed + num_samples],
     }
     sched = space.schedule(population[best_i][0], fitness.meta("usf", search=summary))
     sched.save(cfg.out)

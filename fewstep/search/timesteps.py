@@ -1,10 +1,11 @@
 """``fewstep search timesteps``: tuned timesteps for any registered solver (the baseline S3 must beat).
 
 In the spirit of DMN / LD3 (optimise the timesteps against a high-NFE teacher on a few
-samples), derivative-free: the ``nfe - 1`` interior points are a softmax of gaps along the
-log-SNR axis (the first point stays at the noisiest time, the run ends on clean data), the
-search starts from the best of the standard spacings and moves one logit at a time (compass
-search with a halving step). The result is a solver schedule holding only timesteps, for the
+samples), derivative-free: the evaluated points are a softmax of gaps along the log-SNR axis
+(the first point may leave the noisiest time, as diffusers' ``leading`` spacing does, unless
+``free_start=False``), the search starts from the best of the standard spacings, each ending
+on clean data or at t_min, and moves one logit at a time (compass search with a halving step),
+keeping that end point. The result is a solver schedule holding only timesteps, for the
 solver it was tuned with: ``fewstep.sample(..., solver="unipc", solver_schedule=PATH)``.
 Every evaluation is logged; a rerun replays the log, so a killed search resumes where it
 stopped and ends with the same timesteps.
@@ -12,75 +13,60 @@ stopped and ends with the same timesteps.
 
 from __future__ import annotations
 
-import dataclasses
+import itertools
 import json
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, ClassVar, List
 
 import numpy as np
 
 from ..config import save_config
-from ..eval.compare import DEFAULT_REFERENCE, Method
+from ..eval.compare import Method
 from ..eval.io import clean_temp_files, lock_directory, write_json
 from ..eval.testbeds import Testbed, make_testbed
 from ..samplers import GridSpec, SolverSchedule, make_plan, solver_class
-from .fitness import SEARCH_SEED, Fitness
+from .fitness import Fitness
 from .runlog import SearchLog, check_identity, save_state
-from .s3 import _check_common, run_dir_of
+from .settings import SearchSettings
 from .space import LogSNRAxis, logits_from_positions, positions_from_logits
 
 __all__ = ["TimestepSearchConfig", "search_timesteps", "run_timestep_search", "START_SPACINGS"]
 
-START_SPACINGS = ("linspace", "logsnr", "time_uniform", "time_quadratic", "karras")
+START_SPACINGS = ("linspace", "leading", "trailing", "logsnr", "time_uniform", "time_quadratic", "karras")
 
 
 @dataclass
-class TimestepSearchConfig:
+class TimestepSearchConfig(SearchSettings):
     """Settings of ``fewstep search timesteps`` (also the schema of ``configs/search/timesteps*.yaml``).
 
+    Besides those of :class:`~fewstep.search.settings.SearchSettings` (the budget counts the
+    start spacings; the default search batch is 128 samples):
+
     Attributes:
-        model: ``digits``, ``gmm``, ``gmm-flow`` or a local diffusers pipeline folder.
         solver: Solver spec whose timesteps are tuned (``unipc:order=3,variant=bh1``).
-        nfe: Model evaluations.
-        guidance: CFG scale (None: the model's default).
-        budget: Full evaluations (the start spacings included).
-        out: The solver schedule file written at the end (.json or .yaml).
-        run_dir: Log, state and reference (None: ``out`` without suffix + ``.run``).
-        num_samples: Search batch size (None: 128).
-        data_seed: Noise seed of the first search sample (>= 100000: apart from evaluation seeds).
-        metric: ``mse`` (to the reference) or ``fd``.
         step: First step of the compass search, in logits of the gaps.
         min_step: The search stops when the step falls below this.
-        reference, reference_nfe: The reference solver and its steps (the GMM's is exact).
-        cache_dir: Reference cache (None: ``$FEWSTEP_CACHE/references``).
-        device, threads, progress: How to run.
+        starts: Spacings the search may start from.
+        finals: End points the starts may use: ``zero`` (clean data) and/or ``min`` (t_min).
+        free_start: Let the first timestep move below the noisiest time too (as diffusers'
+            ``leading`` spacing does); False tunes only the interior timesteps.
     """
 
-    model: str = "digits"
-    solver: str = "unipc"
-    nfe: int = 5
-    guidance: Optional[float] = None
     budget: int = 150
     out: str = "runs/timesteps.json"
-    run_dir: Optional[str] = None
-    num_samples: Optional[int] = None
-    data_seed: int = SEARCH_SEED
-    metric: str = "mse"
+    solver: str = "unipc"
     step: float = 0.5
     min_step: float = 0.02
     starts: List[str] = field(default_factory=lambda: list(START_SPACINGS))
-    reference: str = DEFAULT_REFERENCE
-    reference_nfe: Optional[int] = None
-    cache_dir: Optional[str] = None
-    device: str = "cpu"
-    threads: int = 1
-    progress: bool = True
+    finals: List[str] = field(default_factory=lambda: ["zero", "min"])
+    free_start: bool = True
+
+    default_samples: ClassVar[int] = 128
 
     def __post_init__(self) -> None:
-        _check_common(self)
+        super().__post_init__()
         name = str(self.solver).partition(":")[0].strip()
         if solver_class(name).runs_step_strategies:
             raise ValueError(f"solver {name!r} runs per-step strategies: search them with "
@@ -91,15 +77,12 @@ class TimestepSearchConfig:
         bad = [s for s in self.starts if s not in START_SPACINGS]
         if bad or not self.starts:
             raise ValueError(f"starts must be spacings among {', '.join(START_SPACINGS)}, got {self.starts}")
+        if not self.finals or any(f not in ("zero", "min") for f in self.finals):
+            raise ValueError(f"finals must be among zero, min, got {self.finals}")
 
     @property
     def method(self) -> Method:
         return self._method
-
-    def identity(self, testbed: Testbed, guidance: float | None) -> dict[str, Any]:
-        skip = {"budget", "out", "run_dir", "cache_dir", "device", "threads", "progress", "guidance", "model", "solver"}
-        return {"model": testbed.fingerprint(), "guidance": guidance, "solver": self.method.label,
-                **{k: v for k, v in dataclasses.asdict(self).items() if k not in skip}}
 
 
 class _Objective:
@@ -109,27 +92,27 @@ class _Objective:
         self.fitness, self.method, self.axis, self.records = fitness, method, axis, records
         self.cached = {e["key"]: e for e in records.entries}
         self.budget, self.bar, self.calls = budget, bar, 0
-        self.best = (math.inf, None)
+        self.best = (math.inf, None, None)
 
-    def __call__(self, u: list[float], phase: str) -> float:
+    def __call__(self, u: list[float], final: str, phase: str) -> float:
         if self.calls >= self.budget:
             raise _BudgetSpent
         ts = self.axis.timesteps(u)
-        key = json.dumps([round(t, 6) for t in ts])
+        key = json.dumps([[round(t, 6) for t in ts], final])
         self.calls += 1
         if key in self.cached:
             value = math.inf if self.cached[key]["fitness"] is None else float(self.cached[key]["fitness"])
         else:
             start = time.perf_counter()
-            sched = SolverSchedule(ts, "zero")
+            sched = SolverSchedule(ts, final)
             value = self.fitness(self.method.solver, {**self.method.option_dict, "solver_schedule": sched})
             entry = {"i": len(self.records), "phase": phase, "fitness": value, "seconds": time.perf_counter() - start,
-                     "timesteps": ts, "key": key}
+                     "timesteps": ts, "final": final, "key": key}
             self.records.append(entry)
             self.cached[key] = entry
             self.bar.update()
         if value < self.best[0]:
-            self.best = (value, ts)
+            self.best = (value, ts, final)
             self.bar.set_postfix_str(f"best {value:.4g}")
         return value
 
@@ -138,14 +121,15 @@ class _BudgetSpent(Exception):
     pass
 
 
-def _compass(objective: _Objective, z: np.ndarray, value: float, step: float, min_step: float) -> None:
+def _compass(objective: _Objective, z: np.ndarray, final: str, free_start: bool, value: float, step: float,
+             min_step: float) -> None:
     while step >= min_step:
         improved = False
         for k in range(len(z)):
             for sign in (1.0, -1.0):
                 trial = z.copy()
                 trial[k] += sign * step
-                v = objective(positions_from_logits(trial), f"step {step:g}")
+                v = objective(positions_from_logits(trial, free_start), final, f"step {step:g}")
                 if v < value:
                     z, value, improved = trial, v, True
                     break
@@ -158,14 +142,14 @@ def run_timestep_search(cfg: TimestepSearchConfig, testbed: Testbed | None = Non
     """Run (or resume) the timestep search and write ``cfg.out``; returns the tuned schedule."""
     testbed = testbed or make_testbed(cfg.model, cfg.device)
     guidance = cfg.guidance if cfg.guidance is not None else testbed.default_guidance
-    run_dir = run_dir_of(cfg)
+    run_dir = cfg.run_path
     with lock_directory(run_dir, "another fewstep search"):
         clean_temp_files(run_dir, all_stale=True)
-        identity = cfg.identity(testbed, guidance)
+        identity = cfg.identity(testbed, guidance, solver=cfg.method.label)
         if check_identity(run_dir / "state.json", identity) is None:
             save_state(run_dir / "state.json", {"identity": identity})
         save_config(cfg, run_dir)
-        fitness = Fitness(testbed, cfg.nfe, guidance, cfg.num_samples or 128, cfg.data_seed, cfg.metric, run_dir,
+        fitness = Fitness(testbed, cfg.nfe, guidance, cfg.samples, cfg.data_seed, cfg.metric, run_dir,
                           cfg.reference, cfg.reference_nfe, cfg.cache_dir, log)
         axis = LogSNRAxis(fitness.schedule)
         records = SearchLog(run_dir / "search_log.jsonl")
@@ -178,32 +162,33 @@ def run_timestep_search(cfg: TimestepSearchConfig, testbed: Testbed | None = Non
             objective = _Objective(fitness, cfg.method, axis, records, cfg.budget, bar)
             starts = {}
             try:
-                for spacing in cfg.starts:
+                for spacing, final in itertools.product(cfg.starts, cfg.finals):
                     try:
-                        grid = make_plan(fitness.schedule, cfg.method.solver, nfe=cfg.nfe,
-                                         spacing=GridSpec(spacing=spacing, convention="multistep"),
-                                         **cfg.method.option_dict).grid
+                        grid = make_plan(fitness.schedule, cfg.method.solver, nfe=cfg.nfe, spacing=GridSpec(
+                            spacing=spacing, final_sigma=final, convention="multistep"), **cfg.method.option_dict).grid
                     except ValueError:  # a spacing this schedule does not have
                         continue
                     u = axis.positions(grid.model_timesteps.tolist())
-                    starts[spacing] = (objective(u, f"start {spacing}"), u)
+                    starts[f"{spacing}/{final}"] = (objective(u, final, f"start {spacing}/{final}"), u, final)
                 if not starts:
                     raise ValueError(f"none of the start spacings {cfg.starts} applies to this model's schedule")
                 name = min(starts, key=lambda k: starts[k][0])
-                if cfg.nfe > 1:
-                    _compass(objective, logits_from_positions(starts[name][1]), starts[name][0], cfg.step, cfg.min_step)
+                if cfg.nfe > 1 or cfg.free_start:
+                    value, u, final = starts[name]
+                    _compass(objective, logits_from_positions(u, cfg.free_start), final, cfg.free_start, value,
+                             cfg.step, cfg.min_step)
             except _BudgetSpent:
                 pass
         name = min(starts, key=lambda k: starts[k][0])
-        value, ts = objective.best
+        value, ts, final = objective.best
         if ts is None or not math.isfinite(value):
             raise ValueError("no finite evaluation: every timestep choice diverged (check the model and guidance)")
         summary = {"best_fitness": value, "metric": cfg.metric, "evaluations": objective.calls,
                    "start": name, "start_fitness": starts[name][0],
-                   "starts": {k: v for k, (v, _) in starts.items()},
+                   "starts": {k: v for k, (v, _, _) in starts.items()},
                    "seconds": sum(e["seconds"] for e in records.entries),
-                   "search_seeds": [cfg.data_seed, cfg.data_seed + (cfg.num_samples or 128)]}
-        sched = SolverSchedule(ts, "zero", meta=fitness.meta(cfg.method.solver, search=summary,
+                   "search_seeds": [cfg.data_seed, cfg.data_seed + cfg.samples]}
+        sched = SolverSchedule(ts, final, meta=fitness.meta(cfg.method.solver, search=summary,
                                                               solver_options=cfg.method.option_dict))
         sched.save(cfg.out)
         write_json(run_dir / "result.json", {**summary, "schedule": str(cfg.out), "timesteps": ts})

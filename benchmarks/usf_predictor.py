@@ -1,0 +1,97 @@
+"""Does S3's learned predictor save full evaluations? Several seeds, with and without it.
+
+For each seed, S3 runs with the same budget twice (``predictor=True`` / ``False``) on the GMM
+(cheap and exact; NFE 5, guidance 2, 1024 search samples). The target is the median final
+best (search-batch MSE) of the runs without the predictor; we report, per run, the full
+evaluations until its best-so-far first reaches the target (the screen of the initial
+population is the same for both and not counted), and the wall time of the search.
+
+  python benchmarks/usf_predictor.py [--seeds 0 1 2 3 4] [--budget 200]
+
+Writes benchmarks/results/usf/predictor.{json,md}; runs live under runs/usf-bench/predictor/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fewstep.eval.io import write_json  # noqa: E402
+from fewstep.eval.testbeds import make_testbed  # noqa: E402
+from fewstep.search import search_usf  # noqa: E402
+
+RUNS = ROOT / "runs" / "usf-bench" / "predictor"
+RESULTS = ROOT / "benchmarks" / "results" / "usf"
+
+
+def best_so_far(run_dir: Path) -> list[float]:
+    out, best = [], math.inf
+    for line in (run_dir / "search_log.jsonl").read_text().splitlines():
+        v = json.loads(line)["fitness"]
+        best = min(best, math.inf if v is None else v)
+        out.append(best)
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="gmm")
+    p.add_argument("--guidance", type=float, default=2.0)
+    p.add_argument("--nfe", type=int, default=5)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    p.add_argument("--budget", type=int, default=200)
+    p.add_argument("--num-samples", type=int, default=1024)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    testbed = make_testbed(args.model)
+    runs = {}
+    for seed in args.seeds:
+        for predictor in (True, False):
+            tag = f"{args.model}-nfe{args.nfe}-seed{seed}-{'on' if predictor else 'off'}"
+            run = RUNS / tag
+            search_usf(testbed, args.nfe, args.guidance, args.budget, out=str(run / "schedule.json"),
+                       run_dir=str(run), predictor=predictor, seed=seed, num_samples=args.num_samples,
+                       progress=False, log=lambda m: None)
+            result = json.loads((run / "result.json").read_text())
+            runs[tag] = {"seed": seed, "predictor": predictor, "curve": best_so_far(run),
+                         "seconds": result["seconds"], "best": result["best_fitness"]}
+    target = statistics.median(r["best"] for r in runs.values() if not r["predictor"])
+    for r in runs.values():
+        r["evaluations_to_target"] = next((i + 1 for i, v in enumerate(r["curve"]) if v <= target), None)
+    summary = {"target": target, "budget": args.budget, "model": args.model, "nfe": args.nfe,
+               "guidance": args.guidance, "num_samples": args.num_samples, "runs": runs}
+    lines = [f"Target: median final best of the runs without the predictor, MSE {target:.4g} "
+             f"({args.model}, NFE {args.nfe}, budget {args.budget} full evaluations, {args.num_samples} search samples).",
+             "", "| seed | predictor | final best | evaluations to target | wall time (s) |", "|---:|---|---:|---:|---:|"]
+    for r in runs.values():
+        reached = r["evaluations_to_target"]
+        lines.append(f"| {r['seed']} | {'on' if r['predictor'] else 'off'} | {r['best']:.4g} | "
+                     f"{'not reached' if reached is None else reached} | {r['seconds']:.0f} |")
+    for predictor in (True, False):
+        rs = [r for r in runs.values() if r["predictor"] == predictor]
+        reached = [r["evaluations_to_target"] for r in rs if r["evaluations_to_target"] is not None]
+        summary[f"{'on' if predictor else 'off'}_summary"] = {
+            "median_best": statistics.median(r["best"] for r in rs), "reached": len(reached), "runs": len(rs),
+            "median_evaluations_to_target": statistics.median(reached) if reached else None,
+            "median_seconds": statistics.median(r["seconds"] for r in rs)}
+        s = summary[f"{'on' if predictor else 'off'}_summary"]
+        lines.append(f"| all | {'on' if predictor else 'off'} | median {s['median_best']:.4g} | "
+                     f"{s['reached']}/{s['runs']} reached, median {s['median_evaluations_to_target']} | "
+                     f"median {s['median_seconds']:.0f} |")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    write_json(RESULTS / f"predictor-{args.model}.json", summary)
+    (RESULTS / f"predictor-{args.model}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Settings every search shares (the base of the ``fewstep search`` config schemas)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Optional
+
+from ..eval.compare import DEFAULT_REFERENCE
+from .fitness import METRICS, SEARCH_SEED
+
+__all__ = ["SearchSettings"]
+
+
+@dataclass
+class SearchSettings:
+    """What, against what, and how a search runs.
+
+    Attributes:
+        model: ``digits``, ``gmm``, ``gmm-flow`` or a local diffusers pipeline folder.
+        nfe: Model evaluations of the schedule.
+        guidance: CFG scale (None: the model's default).
+        budget: Full evaluations (schedules sampled on the whole search batch).
+        out: The solver schedule file written at the end (.json or .yaml).
+        run_dir: Log, state and reference of the search (None: ``out`` without suffix + ``.run``).
+        num_samples: Search batch size (None: the search's default).
+        data_seed: Noise seed of the first search sample (>= 100000 keeps the batch apart from
+            the evaluation seeds 0..N-1).
+        metric: ``mse`` (to the reference, same noise) or ``fd`` (the model's FD).
+        reference: Solver spec of the reference (the GMM's is its exact ODE solution).
+        reference_nfe: Its steps (None: the model's default).
+        cache_dir: Reference cache (None: ``$FEWSTEP_CACHE/references``).
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+        threads: Torch CPU threads.
+        progress: Show a progress bar.
+    """
+
+    model: str = "digits"
+    nfe: int = 5
+    guidance: Optional[float] = None
+    budget: int = 200
+    out: str = "runs/search.json"
+    run_dir: Optional[str] = None
+    num_samples: Optional[int] = None
+    data_seed: int = SEARCH_SEED
+    metric: str = "mse"
+    reference: str = DEFAULT_REFERENCE
+    reference_nfe: Optional[int] = None
+    cache_dir: Optional[str] = None
+    device: str = "cpu"
+    threads: int = 1
+    progress: bool = True
+
+    default_samples: ClassVar[int] = 256
+    # Settings that say how to run, not what is found (a larger budget continues a search).
+    _HOW = ("budget", "out", "run_dir", "cache_dir", "device", "threads", "progress")
+
+    def __post_init__(self) -> None:
+        if self.nfe < 1:
+            raise ValueError(f"nfe must be >= 1, got {self.nfe}")
+        if self.budget < 1:
+            raise ValueError(f"budget (full evaluations) must be >= 1, got {self.budget}")
+        if self.num_samples is not None and self.num_samples < 2:
+            raise ValueError(f"num_samples must be >= 2, got {self.num_samples}")
+        if self.data_seed < 0:
+            raise ValueError(f"data_seed must be >= 0, got {self.data_seed}")
+        if self.metric not in METRICS:
+            raise ValueError(f"metric {self.metric!r} is not one of {', '.join(METRICS)}")
+        if self.guidance is not None and not (math.isfinite(self.guidance) and self.guidance >= 0):
+            raise ValueError(f"guidance must be a finite number >= 0, got {self.guidance}")
+        if Path(self.out).suffix not in (".json", ".yaml", ".yml"):
+            raise ValueError(f"out={self.out!r} must name a .json or .yaml solver schedule file")
+        if self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+
+    @property
+    def samples(self) -> int:
+        """The search batch size."""
+        return self.num_samples or self.default_samples
+
+    @property
+    def run_path(self) -> Path:
+        """The run folder."""
+        return Path(self.run_dir) if self.run_dir else Path(self.out).with_suffix(".run")
+
+    def identity(self, testbed: Any, guidance: float | None, **resolved: Any) -> dict[str, Any]:
+        """What determines the result: the model's fingerprint, the resolved guidance and the settings."""
+        skip = set(self._HOW) | {"model", "guidance"} | set(resolved)
+        return {"model": testbed.fingerprint(), "guidance": guidance, **resolved,
+                **{k: v for k, v in dataclasses.asdict(self).items() if k not in skip}}
