@@ -169,6 +169,8 @@ def run_timestep_search(cfg: TimestepSearchConfig, testbed: Testbed | None = Non
                     except ValueError:  # a spacing this schedule does not have
                         continue
                     u = axis.positions(grid.model_timesteps.tolist())
+                    if u[0] > 0 and not cfg.free_start:  # leading: starts below the noisiest time
+                        continue
                     starts[f"{spacing}/{final}"] = (objective(u, final, f"start {spacing}/{final}"), u, final)
                 if not starts:
                     raise ValueError(f"none of the start spacings {cfg.starts} applies to this model's schedule")
