@@ -3,10 +3,10 @@
 Stages (each resumable; rerun the same command after an interruption):
 
   handset    every registered solver x options x spacing x terminal point (deduplicated by
-             plan), scored on the first 32 search samples; the best 20 rescored on the whole
-             search batch (256 digits, 1024 GMM samples); the best 5 kept as timesteps-only
-             schedule files of their grids.
-  timesteps  `fewstep search timesteps` for UniPC and for the best hand-set solver.
+             plan), scored on the first --screen-samples search samples; the best 20 rescored
+             on the whole search batch (128 digits, 1024 GMM samples); the best 5 kept as
+             timesteps-only schedule files of their grids.
+  timesteps  `fewstep search timesteps` for the best hand-set solver (and UniPC).
   s3         `fewstep search usf` with the predictor (and, at NFE 5, without it).
   evaluate   `fewstep compare` on the evaluation seeds 0..N-1 (disjoint from the search seeds
              100000+): the 5 hand-set finalists, the tuned timesteps and the S3 schedules.
@@ -45,10 +45,9 @@ SETTINGS = {"gmm": ("gmm", 2.0), "digits-g3": ("digits", 3.0), "digits-g7.5": ("
 SPACINGS = ("linspace", "leading", "trailing", "logsnr", "time_uniform", "time_quadratic", "karras")
 RESULTS = ROOT / "benchmarks" / "results" / "usf"
 RUNS = ROOT / "runs" / "usf-bench"
-SCREEN = 32  # search samples (seeds 100000...) of the first hand-set screen
 # Search samples (seeds 100000...) of the rescreen and of both searches. The GMM's MSE has a heavy
 # tail (samples near a boundary between components), so its cheap exact model gets a larger batch.
-SEARCH = {"gmm": 1024, "digits": 256}
+SEARCH = {"gmm": 1024, "digits": 128}
 
 
 def handset_options():
@@ -78,10 +77,13 @@ def _plan_key(plan) -> str:
     return h.hexdigest()
 
 
-def stage_handset(testbed, name, guidance, nfe, out, run, log):
+def stage_handset(testbed, name, guidance, nfe, out, run, log, screen_samples):
     screen_path = out / "handset.json"
     screen = read_json(screen_path) if screen_path.exists() else {"configs": {}, "rescreen": {}}
-    fit32 = Fitness(testbed, nfe, guidance, SCREEN, 100000, "mse", run / "handset32", log=log)
+    if screen.get("screen_samples", screen_samples) != screen_samples:
+        raise ValueError(f"{screen_path} was screened on {screen['screen_samples']} samples; delete it to rescreen")
+    screen["screen_samples"] = screen_samples
+    fit32 = Fitness(testbed, nfe, guidance, screen_samples, 100000, "mse", run / f"handset{screen_samples}", log=log)
     configs, seen = {}, set()
     for (solver, options), spacing, final in itertools.product(list(handset_options()), SPACINGS, ("zero", "min")):
         try:
@@ -128,12 +130,13 @@ def _spec(solver, options, path):
     return f"{solver}:{opts + ',' if opts else ''}solver_schedule={path}"
 
 
-def stage_timesteps(testbed, name, guidance, nfe, out, run, log, budget):
+def stage_timesteps(testbed, name, guidance, nfe, out, run, log, budget, which):
     best = read_json(out / "handset.json")["finalists"][0]
-    solvers = {"unipc": "unipc"}
     opts = ",".join(f"{k}={json.dumps(v)}" for k, v in best["options"].items())
-    solvers["best-handset"] = f"{best['solver']}:{opts}" if opts else best["solver"]
+    solvers = {"unipc": "unipc", "best-handset": f"{best['solver']}:{opts}" if opts else best["solver"]}
     for tag, spec in solvers.items():
+        if tag not in which:
+            continue
         search_timesteps(testbed, spec, nfe, guidance, budget, out=out / f"timesteps-{tag}.json",
                          run_dir=str(run / f"timesteps-{tag}"), num_samples=SEARCH[testbed.name], progress=False,
                          log=log)
@@ -227,6 +230,9 @@ def main():
                    choices=["handset", "timesteps", "s3", "evaluate", "report"])
     p.add_argument("--s3-budget", type=int, default=200, help="full evaluations per S3 search")
     p.add_argument("--timesteps-budget", type=int, default=150, help="full evaluations per timestep search")
+    p.add_argument("--timesteps-solvers", nargs="+", default=["best-handset", "unipc"],
+                   choices=["best-handset", "unipc"], help="whose timesteps to tune")
+    p.add_argument("--screen-samples", type=int, default=32, help="samples of the first hand-set screen")
     p.add_argument("--no-predictor-nfe", nargs="*", type=int, default=[5],
                    help="NFEs at which S3 also runs without the predictor")
     p.add_argument("--eval-samples", type=int, default=1000, help="evaluation samples (seeds 0..N-1)")
@@ -246,9 +252,10 @@ def main():
             for stage in stages:
                 t = time.perf_counter()
                 if stage == "handset":
-                    stage_handset(testbed, name, guidance, nfe, out, run, log)
+                    stage_handset(testbed, name, guidance, nfe, out, run, log, args.screen_samples)
                 elif stage == "timesteps":
-                    stage_timesteps(testbed, name, guidance, nfe, out, run, log, args.timesteps_budget)
+                    stage_timesteps(testbed, name, guidance, nfe, out, run, log, args.timesteps_budget,
+                                    args.timesteps_solvers)
                 elif stage == "s3":
                     stage_s3(testbed, name, guidance, nfe, out, run, log, args.s3_budget,
                              nfe in args.no_predictor_nfe)

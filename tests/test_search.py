@@ -140,21 +140,22 @@ def test_predictor_off_is_the_plain_evolutionary_search(gmm, tmp_path):
 
 
 def test_predictor_ranks_unseen_schedules(gmm, tmp_path):
-    """Trained on 110 evaluated schedules, it ranks 50 unseen ones clearly better than chance."""
+    """Trained on 80 evaluated schedules, it ranks 40 unseen ones clearly better than chance."""
     import random
 
     fitness = Fitness(gmm, 4, 2.0, 16, 100000, "mse", tmp_path, log=lambda m: None)
     space = SearchSpace(LogSNRAxis(fitness.schedule), 4)
     rng = random.Random(0)
     cands = [space.random(rng) for _ in range(6)]
-    while len(cands) < 160:
+    while len(cands) < 120:
         cands.append(space.mutate(rng, rng.choice(cands[-20:])))
     fit = [fitness("usf", {"solver_schedule": space.schedule(c)}) for c in cands]
-    p = FitnessPredictor(5, seed=0).fit(cands[:110], fit[:110])
-    pred, truth = torch.tensor(p.predict(cands[110:])), torch.tensor(fit[110:])
+    p = FitnessPredictor(5, seed=0).fit(cands[:80], fit[:80])
+    pred, truth = torch.tensor(p.predict(cands[80:])), torch.tensor(fit[80:])
     rank = lambda v: v.argsort().argsort().double()  # noqa: E731
     rho = torch.corrcoef(torch.stack([rank(pred), rank(truth)]))[0, 1].item()
     assert rho > 0.3, rho
+    print(f"predictor rank correlation on unseen schedules: {rho:.2f}")
 
 
 def test_search_space_moves_stay_valid():
@@ -237,6 +238,6 @@ def test_shipped_search_configs_load(tmp_path):
 
 
 def test_fd_fitness(gmm, tmp_path):
-    sched = search_timesteps(gmm, "ddim", nfe=3, budget=4, num_samples=64, metric="fd", out=tmp_path / "fd.json",
+    sched = search_timesteps(gmm, "ddim", nfe=3, budget=3, num_samples=24, metric="fd", out=tmp_path / "fd.json",
                              progress=False, **QUIET)
     assert sched.meta.extra["search"]["metric"] == "fd" and sched.meta.extra["search"]["best_fitness"] > 0

@@ -59,7 +59,10 @@ class LogSNRAxis:
         self.schedule = schedule
         f64 = torch.float64
         lam = schedule.lambda_(torch.tensor([schedule.t_max, schedule.grid_end], dtype=f64))
-        if not math.isfinite(float(lam[0])):  # flow: pure noise at t_max; start the axis at sigma = 1 - 1/N
+        # Flow models start from pure noise (alpha = 0, log-SNR -inf): the axis then starts at
+        # sigma = 1 - 1/N, and u = 0 is the pure-noise point itself.
+        self.pure_noise_start = not math.isfinite(float(lam[0]))
+        if self.pure_noise_start:
             n = getattr(schedule, "num_train_timesteps", 1000)
             lam[0] = schedule.lambda_(torch.tensor(schedule.t_max - 1.0 / n, dtype=f64))
         self.lo, self.hi = float(lam[0]), float(lam[1])
@@ -167,9 +170,15 @@ class SearchSpace:
         for i in range(len(u) - 1, 0, -1):  # pushed to or past the end: pack the tail backwards
             u[i] = min(u[i], 1.0 - (len(u) - i) * _MIN_GAP)
         out, last = [], len(steps) - 1
+        # From pure noise no stencil may reach back to the first point (its log-SNR is -inf),
+        # and only a data-space step without a corrector can leave it.
+        noise_first = self.axis.pure_noise_start and u[0] == 0.0
         for i, s in enumerate(steps):
-            if s.order > min(i + 1, self.max_order):
-                s = s.replace(order=min(i + 1, self.max_order))
+            usable = min(i + 1 - noise_first if i else 1, self.max_order)
+            if s.order > usable:
+                s = s.replace(order=usable)
+            if i == 0 and noise_first and (s.space != "data" or s.corrector != "none"):
+                s = s.replace(space="data", corrector="none")
             if i == last:
                 if s.corrector != "none":
                     s = s.replace(corrector="none")
