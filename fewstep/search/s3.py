@@ -9,9 +9,9 @@ best schedules so far (crossover with probability 0.3, then mutation); with the 
 on, an MLP trained on every evaluation so far ranks the pool and only the top few are
 sampled in full; with it off, the first few are (the plain evolutionary search of the
 released code). Every ``polish_every``-th generation is instead a compass step on the
-timesteps of the best schedule (each gap logit moved by +-step, strategies kept; the step
-halves when a round brings no improvement): at a few NFE the grid matters as much as the
-strategies, and random timestep mutations find good grids slowly. Fitness: MSE to the
+timesteps of the best schedule (each gap logit in turn moved by +-step, strategies kept,
+until a move improves; the step halves when a whole round brings nothing): at a few NFE the
+grid matters as much as the strategies, and random timestep mutations find good grids slowly. Fitness: MSE to the
 cached high-NFE reference on the search batch (seeds 100000 and up), or the digits-FD.
 The run folder keeps the evaluation log and the random and polish state after every
 proposal, so a killed search resumes and ends with the same result.
@@ -233,7 +233,8 @@ def run_usf_search(cfg: USFSearchConfig, testbed: Testbed | None = None, log: Ca
         seen = {c.key() for c, _ in population}
         if state is None:
             pending = [(c, origin, None) for c, origin in _initial(space, fitness, cfg, rng, run_dir, log)]
-            state = _save(run_dir, identity, rng, 0, len(records), pending, {"step": cfg.polish_step, "best": None})
+            state = _save(run_dir, identity, rng, 0, len(records), pending,
+                          {"step": cfg.polish_step, "best": None, "round": 0})
         rng.setstate(_rng_state(state["rng"]))
         generation, polish = state["generation"], state["polish"]
         pending = [(Candidate.from_dict(p["candidate"]), p["origin"], p["predicted"]) for p in state["pending"]]
@@ -242,6 +243,8 @@ def run_usf_search(cfg: USFSearchConfig, testbed: Testbed | None = None, log: Ca
             raise ValueError(f"{records.path} does not continue {run_dir / 'state.json'}; the run folder is "
                              "inconsistent (delete it to start over)")
         pending = pending[len(done):]
+        for e in done:
+            pending = _after_polish_move(pending, polish, e["origin"], _fitness(e))
         if len(records):
             log(f"resuming: {len(records)} of {cfg.budget} evaluations already in {records.path}")
         from tqdm.auto import tqdm
@@ -270,6 +273,7 @@ def run_usf_search(cfg: USFSearchConfig, testbed: Testbed | None = None, log: Ca
                 clock = now
                 population.append((cand, value))
                 seen.add(cand.key())
+                pending = _after_polish_move(pending, polish, origin, value)
                 best = min(v for _, v in population)
                 bar.set_postfix_str(f"best {cfg.metric} {best:.4g}")
                 bar.update()
@@ -288,12 +292,23 @@ def _polish_round(space: SearchSpace, cfg: USFSearchConfig, population: list[tup
         if polish["step"] < cfg.polish_min_step:
             return []
     polish["best"] = best_v
+    stencil = space.polish_moves(best_c, polish["step"])
+    first = 2 * (polish["round"] % (len(stencil) // 2))  # coordinates in turn, as a cyclic compass search
+    polish["round"] += 1
     moves, keys = [], set()
-    for c in space.polish_moves(best_c, polish["step"]):
+    for c in stencil[first:] + stencil[:first]:
         if c.key() not in seen and c.key() not in keys:
             keys.add(c.key())
             moves.append((c, f"polish {polish['step']:g}", None))
     return moves
+
+
+def _after_polish_move(pending: list[tuple[Candidate, str, float | None]], polish: dict[str, Any], origin: str,
+                       value: float) -> list[tuple[Candidate, str, float | None]]:
+    """Greedy compass: the first move that beats the round's start ends the round."""
+    if origin.startswith("polish") and polish["best"] is not None and value < polish["best"]:
+        return [p for p in pending if not p[1].startswith("polish")]
+    return pending
 
 
 def _select(pool: list[tuple[Candidate, str]], population: list[tuple[Candidate, float]], cfg: USFSearchConfig,
