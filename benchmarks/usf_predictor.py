@@ -8,7 +8,8 @@ population is the same for both and not counted), and the wall time of the searc
 
   python benchmarks/usf_predictor.py [--seeds 0 1 2 3 4] [--budget 200]
 
-Writes benchmarks/results/usf/predictor.{json,md}; runs live under runs/usf-bench/predictor/.
+Writes benchmarks/results/usf/predictor-<model>.{json,md}; runs live under runs/usf-bench/predictor/
+(delete that folder after changing the search code: finished runs are reused).
 """
 
 from __future__ import annotations

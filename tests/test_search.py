@@ -80,6 +80,7 @@ def test_s3_is_deterministic_and_its_file_reproduces_the_logged_fitness(gmm, ref
     assert (y - ref).pow(2).flatten(1).mean(1).mean().item() == pytest.approx(best, rel=1e-6)
     assert sched.meta.extra["search"]["best_fitness"] == pytest.approx(best)
     assert sched.meta.nfe == S3["nfe"] and sched.meta.solver == "usf" and sched.meta.guidance == 2.0
+    assert sched.meta.extra["search"]["search_seeds"] == [100000, 100000 + S3["num_samples"]]
     search_usf(gmm, out=tmp_path / "s8.json", seed=8, **{**S3, "budget": 14}, **QUIET)
     assert _strip(_log(tmp_path / "s8.run")) != _strip(_log(out.with_suffix(".run"))[:14])
 
@@ -209,6 +210,7 @@ def test_cli_end_to_end_and_one_line_errors(tmp_path, capsys):
         (["search", "usf", "--out", "x.txt"], "must name a .json or .yaml solver schedule file"),
         (["search", "timesteps", "--solver", "usf"], "search them with `fewstep search usf`"),
         (["search", "usf", "budget=many"], "budget"),
+        (["search", "timesteps", "--data-seed", "7"], "data_seed must be >= 100000"),
     ]:
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
@@ -222,6 +224,10 @@ def test_bad_settings_fail_before_any_work():
         search_usf("gmm", metric="psnr")
     with pytest.raises(TypeError):
         search_usf("gmm", bogus=1)
+    # Search data never overlaps the evaluation seeds 0..N-1.
+    for search in (search_usf, search_timesteps):
+        with pytest.raises(ValueError, match=r"data_seed must be >= 100000 \(seeds below are evaluation seeds\), got 0"):
+            search("gmm", data_seed=0)
 
 
 def test_shipped_search_configs_load(tmp_path):

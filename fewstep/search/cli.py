@@ -35,7 +35,8 @@ def _common(p: argparse.ArgumentParser, default_out: str, default_budget: int, d
     p.add_argument("--num-samples", dest="num_samples", type=int, metavar="N",
                    help=f"search samples (default: {default_samples})")
     p.add_argument("--data-seed", dest="data_seed", type=int, metavar="N",
-                   help="noise seed of the first search sample (default: 100000, apart from evaluation seeds 0..)")
+                   help="noise seed of the first search sample, >= 100000 so the batch never meets the "
+                        "evaluation seeds 0..N-1 (default: 100000)")
     p.add_argument("--metric", choices=["mse", "fd"], help="fitness: MSE to the reference (default) or the FD")
     p.add_argument("--cache-dir", dest="cache_dir", metavar="DIR",
                    help="reference cache (default: $FEWSTEP_CACHE/references or ~/.cache/fewstep/references)")

@@ -8,7 +8,8 @@ random schedules. Each generation proposes a pool of children of the
 best schedules so far (crossover with probability 0.3, then mutation); with the predictor
 on, an MLP trained on every evaluation so far ranks the pool and only the top few are
 sampled in full; with it off, the first few are (the plain evolutionary search of the
-released code). Every ``polish_every``-th generation is instead a compass step on the
+released code). Right after the initial population (until the step has halved twice) and
+then every ``polish_every``-th generation, a generation is instead a compass step on the
 timesteps of the best schedule (each gap logit in turn moved by +-step, strategies kept,
 until a move improves; the step halves when a whole round brings nothing): at a few NFE the
 grid matters as much as the strategies, and random timestep mutations find good grids slowly. Fitness: MSE to the
@@ -67,6 +68,8 @@ class USFSearchConfig(SearchSettings):
         random_init: Random schedules added to the initial population.
         polish_every: Every this many generations, a compass step on the best schedule's
             timesteps instead of an evolutionary one (0: never).
+        polish_first: Compass rounds only, right after the initial population, until the step
+            has halved twice: the grid first, then the strategies.
         polish_step: First compass step (in gap logits); halved when a round does not improve.
         polish_min_step: No more compass rounds once the step is below this.
         analytic_first_step: Allow the analytical first step.
@@ -89,6 +92,7 @@ class USFSearchConfig(SearchSettings):
     init_spacings: List[str] = field(default_factory=lambda: list(HAND_SET_SPACINGS))
     random_init: int = 8
     polish_every: int = 3
+    polish_first: bool = True
     polish_step: float = 0.5
     polish_min_step: float = 0.02
     analytic_first_step: bool = True
@@ -283,7 +287,10 @@ def run_usf_search(cfg: USFSearchConfig, testbed: Testbed | None = None, log: Ca
 def _polish_round(space: SearchSpace, cfg: USFSearchConfig, population: list[tuple[Candidate, float]],
                   seen: set[str], polish: dict[str, Any], generation: int) -> list[tuple[Candidate, str, None]]:
     """The compass stencil around the best schedule, on polish generations (updates ``polish``)."""
-    if not cfg.polish_every or generation % cfg.polish_every or polish["step"] < cfg.polish_min_step:
+    first_phase = cfg.polish_first and polish["step"] > cfg.polish_step / 4
+    if not first_phase and (not cfg.polish_every or generation % cfg.polish_every):
+        return []
+    if polish["step"] < cfg.polish_min_step:
         return []
     best_i = min(range(len(population)), key=lambda i: (population[i][1], i))
     best_c, best_v = population[best_i]

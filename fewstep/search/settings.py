@@ -26,8 +26,8 @@ class SearchSettings:
         out: The solver schedule file written at the end (.json or .yaml).
         run_dir: Log, state and reference of the search (None: ``out`` without suffix + ``.run``).
         num_samples: Search batch size (None: the search's default).
-        data_seed: Noise seed of the first search sample (>= 100000 keeps the batch apart from
-            the evaluation seeds 0..N-1).
+        data_seed: Noise seed of the first search sample; at least 100000, so the search batch
+            never overlaps the evaluation seeds 0..N-1 of ``fewstep compare``.
         metric: ``mse`` (to the reference, same noise) or ``fd`` (the model's FD).
         reference: Solver spec of the reference (the GMM's is its exact ODE solution).
         reference_nfe: Its steps (None: the model's default).
@@ -64,8 +64,9 @@ class SearchSettings:
             raise ValueError(f"budget (full evaluations) must be >= 1, got {self.budget}")
         if self.num_samples is not None and self.num_samples < 2:
             raise ValueError(f"num_samples must be >= 2, got {self.num_samples}")
-        if self.data_seed < 0:
-            raise ValueError(f"data_seed must be >= 0, got {self.data_seed}")
+        if self.data_seed < SEARCH_SEED:
+            raise ValueError(f"data_seed must be >= {SEARCH_SEED} (seeds below are evaluation seeds), "
+                             f"got {self.data_seed}")
         if self.metric not in METRICS:
             raise ValueError(f"metric {self.metric!r} is not one of {', '.join(METRICS)}")
         if self.guidance is not None and not (math.isfinite(self.guidance) and self.guidance >= 0):
