@@ -218,6 +218,14 @@ def stage_report(settings, nfes):
         lines.append(f"| {name} | {nfe} | {e['best_handset']} ({e['best_handset_mse']:.3e}) | "
                      f"{e['best_tuned']} ({e['best_tuned_mse']:.3e}) | {'' if s3 is None else format(s3, '.3e')} | "
                      f"{ratio('s3_vs_handset')} | {ratio('s3_vs_tuned')} |")
+    lines += ["", "| model | NFE | search | search-batch MSE | held-out MSE | full evaluations to best (of budget) | "
+              "search wall time (s) |", "|---|---:|---|---:|---:|---:|---:|"]
+    for name, nfe, e in rows:
+        for tag in ("s3", "s3-nopredictor"):
+            r = e.get(f"{tag}_search")
+            if r:
+                lines.append(f"| {name} | {nfe} | {tag} | {r['best_fitness']:.3e} | {e[f'{tag}_mse']:.3e} | "
+                             f"{r['evaluations_to_best']} (of {r['evaluations']}) | {r['seconds']:.0f} |")
     (RESULTS / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
