@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -40,6 +41,8 @@ class FiniteMonitor:
         self.roles: list[tuple[tuple[int, ...], ...] | None] = [None] * n
         self.checked = 0
         self._cells: list[Sequence[torch.Tensor] | None] = [None] * n
+        self._rows = self.sums.unbind(0)
+        self._dims: tuple[int, ...] = ()
         self._pinned = self.device.type == "cuda"
         self._host: list[torch.Tensor] | None = None
         self._events: dict[int, torch.cuda.Event] = {}
@@ -70,10 +73,14 @@ class FiniteMonitor:
         """Record step ``i`` with reductions written in place (device ops only, no temporaries)."""
         if not self.enabled:
             return
-        cells = self.cells(i)
-        for col, t in ((INPUT, x_in), (MODEL, out), (SAMPLE, x_next)):
-            if t is not None:
-                torch.sum(t, tuple(range(t.dim())), dtype=self.sums.dtype, out=cells[col])
+        cells = self._cells[i] or self.cells(i)
+        if len(self._dims) != x_next.dim():
+            self._dims = tuple(range(x_next.dim()))
+        dims, dtype = self._dims, self.sums.dtype
+        if x_in is not None:
+            torch.sum(x_in, dims, dtype=dtype, out=cells[INPUT])
+        torch.sum(out, dims, dtype=dtype, out=cells[MODEL])
+        torch.sum(x_next, dims, dtype=dtype, out=cells[SAMPLE])
 
     def _publish(self, upto: int) -> int:
         """Start pinned copies of the rows not yet copied (CUDA); returns how many are readable."""
@@ -110,23 +117,27 @@ class FiniteMonitor:
             flags = self._host[1][self.checked:ready] if len(self._host) > 1 else None
         elif self.device.type == "cpu" or wait:
             ready = upto
-            sums = self.sums[self.checked:ready].cpu()
-            flags = None if self.flags is None else self.flags[self.checked:ready].cpu()
+            sums = self._rows[ready - 1] if ready == self.checked + 1 else self.sums[self.checked:ready]
+            flags = None if self.flags is None else self.flags[self.checked:ready]
         else:
             return  # no cheap way to peek on this accelerator: checked when the run ends
         if ready <= self.checked:
             return
-        bad = ~torch.isfinite(sums)
-        flagged = flags is not None and bool(flags.any())
-        if flagged or bool(bad.any()):
-            for j, i in enumerate(range(self.checked, ready)):
-                causes = bad[j].tolist()
-                roles = self.roles[i]
-                if flagged and roles is not None:
-                    row = flags[j].tolist()
-                    causes = [causes[k] or any(row[c] for c in cols) for k, cols in enumerate(roles)]
-                if any(causes):
-                    self._raise(i, causes)
+        # Plain Python on the host copy: no tensor ops (and no allocations) per check.
+        rows = sums.tolist()
+        if sums.dim() == 1:
+            rows = [rows]
+        flag_rows = None if flags is None else flags.tolist()
+        for j, row in enumerate(rows):
+            flagged = flag_rows is not None and any(flag_rows[j])
+            if math.isfinite(sum(row)) and not flagged:  # NaN or Inf anywhere makes the sum non-finite
+                continue
+            i = self.checked + j
+            causes = [not math.isfinite(v) for v in row]
+            if flagged and self.roles[i] is not None:
+                causes = [c or any(flag_rows[j][col] for col in cols) for c, cols in zip(causes, self.roles[i])]
+            if any(causes):
+                self._raise(i, causes)
         self.checked = ready
 
     def _raise(self, i: int, bad: list[bool]) -> None:

@@ -256,18 +256,18 @@ class PlanExecutor:
         self._buffer_shape = shape
         self._pool = []
         self._zeros = torch.zeros(shape, device=self.device, dtype=self.dtype)
-        self._scratch: torch.Tensor | None = None
+        self._scratch = None
         self._hist = [self._zeros] * len(self._hist)
         self._prev = self._zeros
         self._prev_spare = self._hist_spare = None
 
-    def _buffer(self, like: torch.Tensor | None = None) -> torch.Tensor:
-        if like is not None and like is not self._zeros:
-            return like
-        return self._pool.pop() if self._pool else torch.empty_like(self._zeros)
-
     # ------------------------------------------------------------------ validation
     def _check_inputs(self, i: int, x: torch.Tensor, model_output: torch.Tensor) -> None:
+        if (i == self.next_step and self.shape is not None and isinstance(x, torch.Tensor)
+                and isinstance(model_output, torch.Tensor) and x.shape == self.shape
+                and model_output.shape == self._output_shape and x.is_floating_point()
+                and model_output.is_floating_point() and model_output.device == x.device):
+            return  # the common case, in one condition; the checks below name what is wrong
         if i != self.next_step:
             raise RuntimeError(f"steps must be taken in order: expected step {self.next_step}, got {i}")
         for name, t in (("sample", x), ("model output", model_output)):
@@ -282,7 +282,7 @@ class PlanExecutor:
             raise ValueError(f"model output shape {tuple(model_output.shape)} does not match {what}sample shape "
                              f"{tuple(expected) if self.guidance is not None else tuple(x.shape)}")
         if self.shape is None:
-            self.shape = x.shape
+            self.shape, self._output_shape = x.shape, model_output.shape
             if self._buffer_shape != x.shape:
                 self._allocate(x.shape)
         elif x.shape != self.shape:
@@ -339,38 +339,51 @@ class PlanExecutor:
             self._prev_spare = None if functional or old is self._zeros else old
         self.next_step = i + 1
 
-    def _targets(self, st: _Step, functional: bool) -> list:
-        targets = [None] * 4
-        if functional:
-            return targets
-        slots = {o.slot for o in st.outputs} | set(st.block_slots)
-        if D0 in slots:
-            targets[D0] = self._buffer(self._hist_spare)
-        if PREV in slots:
-            targets[PREV] = self._buffer(self._prev_spare)
-        return targets
+    def _target(self, slot: int) -> torch.Tensor:
+        """Where a step writes d0 (the slot the history drops) or prev (the other of two buffers)."""
+        spare = self._hist_spare if slot == D0 else self._prev_spare
+        if spare is not None and spare is not self._zeros:
+            return spare
+        return self._pool.pop() if self._pool else torch.empty_like(self._zeros)
 
     def _run_torch(self, st: _Step, regs: list, x: torch.Tensor, want_x0: bool, functional: bool) -> list:
+        """The step as in-place accumulation chains (the PyTorch reference of the fused kernel)."""
+        dtype = self.dtype
         if st.pre is not None:
-            x0 = _combine(st.pre, regs, self.dtype, None)
+            x0 = _reference.accumulate(st.pre.coefs, [regs[k] for k in st.pre.regs], None, dtype, None)
             regs[self._x0_reg] = self.transform(x0)
-        targets = self._targets(st, functional)
+        cast = x.dtype != dtype
         results = [None] * 4
         for o in st.outputs:
-            if o.slot == X0 and not want_x0:
+            slot = o.slot
+            if slot == X0 and not want_x0:
                 continue
-            if o.slot in (X_NEXT, X0) and x.dtype != self.dtype:
-                into = None if functional else self._scratch_buffer()
-                results[o.slot] = _combine(o, regs, self.dtype, into).to(x.dtype)
+            if functional:
+                into = None
+            elif slot == D0 or slot == PREV:
+                into = self._target(slot)
+            elif cast:
+                into = self._scratch if self._scratch is not None else self._new_scratch()
             else:
-                results[o.slot] = _combine(o, regs, self.dtype, targets[o.slot])
+                into = None
+            ks, cs = o.regs, o.coefs
+            t0 = regs[ks[0]]
+            if t0.dtype == dtype:
+                acc = torch.mul(t0, cs[0]) if into is None else torch.mul(t0, cs[0], out=into)
+            else:  # mul(half, fp32 scalar) would compute in half: upcast first
+                acc = t0.to(dtype) if into is None else into.copy_(t0)
+                acc.mul_(cs[0])
+            for j in range(1, len(ks)):
+                acc.addcmul_(regs[ks[j]], cs[j])
+            if o.bias is not None:
+                acc.add_(o.bias)
+            results[slot] = acc.to(x.dtype) if cast and slot in (X_NEXT, X0) else acc
         if want_x0 and st.x0_copies_d0:
-            results[X0] = results[D0].to(x.dtype, copy=True)
+            results[X0] = results[D0].to(x.dtype) if cast else results[D0].clone()
         return results
 
-    def _scratch_buffer(self) -> torch.Tensor:
-        if self._scratch is None:
-            self._scratch = torch.empty_like(self._zeros)
+    def _new_scratch(self) -> torch.Tensor:
+        self._scratch = torch.empty_like(self._zeros)
         return self._scratch
 
     def _run_fused(self, i: int, st: _Step, regs: list, x: torch.Tensor, want_x0: bool) -> list:
@@ -380,9 +393,8 @@ class PlanExecutor:
             x0 = torch.empty_like(self._zeros)
             triton_lincomb.combine(st.pre_block, [regs[k] for k in st.pre_regs], None, [x0], self.dtype)
             regs[self._x0_reg] = self.transform(x0)
-        targets = self._targets(st, functional=False)
         slots = st.block_slots if want_x0 else st.block_slots[:-1]
-        outs = [targets[s] if s in (D0, PREV) else torch.empty_like(x) for s in slots]
+        outs = [self._target(s) if s in (D0, PREV) else torch.empty_like(x) for s in slots]
         inputs = [regs[k] for k in st.block_regs]
         flags = None
         if self.monitor is not None:
@@ -489,10 +501,6 @@ def _freeze(nested):
 def _structure_of(folded: FoldedPlan, plan: SolverPlan) -> tuple:
     return (folded.registers, plan.n, folded.coefficient_shape, folded.bias is not None, _freeze(folded.needed),
             _freeze(folded.active), _freeze(folded.pre_active), tuple(folded.x0_is_d0))
-
-
-def _combine(o: _Output, regs: list, acc_dtype: torch.dtype, into: torch.Tensor | None) -> torch.Tensor:
-    return _reference.accumulate(o.coefs, [regs[k] for k in o.regs], o.bias, acc_dtype, into)
 
 
 def _accumulate_all(row: torch.Tensor, regs: list, acc_dtype: torch.dtype, bias: torch.Tensor | None = None):
