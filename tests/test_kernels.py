@@ -250,11 +250,11 @@ def test_auto_picks_triton_only_for_cuda_without_autograd(monkeypatch):
     import fewstep.kernels.lincomb as lincomb
 
     monkeypatch.setattr(lincomb, "_triton_importable", lambda: True)
-    assert lincomb._pick_backend("auto", torch.device("cuda"), False) == "triton"
-    assert lincomb._pick_backend("auto", torch.device("cuda"), True) == "torch"
-    assert [lincomb._pick_backend("auto", torch.device(d), False) for d in ("cpu", "meta", "mps")] == ["torch"] * 3
+    assert lincomb.pick_backend("auto", torch.device("cuda"), False) == "triton"
+    assert lincomb.pick_backend("auto", torch.device("cuda"), True) == "torch"
+    assert [lincomb.pick_backend("auto", torch.device(d), False) for d in ("cpu", "meta", "mps")] == ["torch"] * 3
     monkeypatch.setattr(lincomb, "_triton_importable", lambda: False)
-    assert lincomb._pick_backend("auto", torch.device("cuda"), False) == "torch"
+    assert lincomb.pick_backend("auto", torch.device("cuda"), False) == "torch"
 
 
 def test_forced_triton_on_cpu_needs_the_interpreter(monkeypatch):
