@@ -101,6 +101,15 @@ class FoldedPlan:
     def coefficient_shape(self) -> tuple[int, ...]:
         return tuple(self.rows.shape[3:])
 
+    def structure(self) -> tuple:
+        """Everything but the coefficient values: plans with equal structures run the same launches."""
+        return (self.registers, self.n, self.coefficient_shape, self.bias is not None, _freeze(self.needed),
+                _freeze(self.active), _freeze(self.pre_active), tuple(self.x0_is_d0))
+
+
+def _freeze(nested):
+    return tuple(_freeze(v) for v in nested) if isinstance(nested, list) else nested
+
 
 def _nonzero(t: torch.Tensor, lead: int) -> torch.Tensor:
     """Which entries of the first ``lead`` dims are non-zero anywhere in the trailing dims."""

@@ -77,10 +77,9 @@ class FiniteMonitor:
         if len(self._dims) != x_next.dim():
             self._dims = tuple(range(x_next.dim()))
         dims, dtype = self._dims, self.sums.dtype
-        if x_in is not None:
-            torch.sum(x_in, dims, dtype=dtype, out=cells[INPUT])
-        torch.sum(out, dims, dtype=dtype, out=cells[MODEL])
-        torch.sum(x_next, dims, dtype=dtype, out=cells[SAMPLE])
+        for col, t in ((INPUT, x_in), (MODEL, out), (SAMPLE, x_next)):
+            if t is not None:
+                torch.sum(t.detach() if t.requires_grad else t, dims, dtype=dtype, out=cells[col])
 
     def _publish(self, upto: int) -> int:
         """Start pinned copies of the rows not yet copied (CUDA); returns how many are readable."""

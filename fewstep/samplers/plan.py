@@ -189,8 +189,9 @@ class PlanExecutor:
                         if check_finite else None)
         if self._fused and self.monitor is not None:
             self.monitor.use_flags(len(OUTPUTS) + len(self._names))
-        self._buffer_shape: torch.Size | None = None
-        self._pool: list[torch.Tensor] = []
+        self._buffer_shape: torch.Size | None = None  # buffers are allocated at the first step
+        self._hist: list[torch.Tensor] = []
+        self._prev = self._prev_spare = self._hist_spare = None
         self.reset()
 
     # ------------------------------------------------------------------ tables
@@ -207,16 +208,20 @@ class PlanExecutor:
         Two plans with the same structure run the same launches: :meth:`load` swaps one's
         coefficients for the other's in place, which is what a captured CUDA graph replays.
         """
-        return _structure_of(self.folded, self.plan)
+        return self.folded.structure()
 
-    def load(self, plan: SolverPlan) -> None:
+    def load(self, plan: SolverPlan, folded: FoldedPlan | None = None) -> None:
         """Take ``plan``'s coefficients, written into this executor's device tables in place.
+
+        Args:
+            plan: A plan with the same :meth:`structure` (e.g. other timesteps, same NFE and orders).
+            folded: ``plan`` already folded with this executor's transform and guidance, if at hand.
 
         Raises:
             ValueError: when ``plan`` has another :meth:`structure` (build a new executor).
         """
-        folded = fold_plan(plan, self.transform is not None, self.guidance)
-        if _structure_of(folded, plan) != self.structure():
+        folded = folded or fold_plan(plan, self.transform is not None, self.guidance)
+        if folded.structure() != self.structure():
             raise ValueError("the plan's structure differs from the executor's (other orders, terms or shapes): "
                              "build a new PlanExecutor for it")
         with torch.no_grad():
@@ -235,40 +240,42 @@ class PlanExecutor:
     # ------------------------------------------------------------------ run state
     def reset(self) -> None:
         """Forget the history so the plan can run again from step 0 (no allocation, no device work)."""
-        spares = [getattr(self, name, None) for name in ("_prev", "_prev_spare", "_hist_spare")]
-        for t in [*getattr(self, "_hist", ()), *spares]:
-            if t is not None and t is not getattr(self, "_zeros", None) and self._buffer_shape is not None \
-                    and t.shape == self._buffer_shape and not self._grad:
-                self._pool.append(t)
-        h = self.folded.registers.history
-        zeros = getattr(self, "_zeros", None)
-        self._hist: list[torch.Tensor | None] = [zeros] * (h - 1)
-        self._prev: torch.Tensor | None = zeros
-        self._prev_spare: torch.Tensor | None = None
-        self._hist_spare: torch.Tensor | None = None
+        if self._buffer_shape is not None:
+            for t in (*self._hist, self._prev, self._prev_spare, self._hist_spare):
+                if t is not None and id(t) in self._owned:
+                    self._pool.append(t)
+            self._hist, self._prev = list(self._placeholders[0]), self._placeholders[1]
+        self._prev_spare = self._hist_spare = None
         self.next_step = 0
         self.shape: torch.Size | None = None
         if self.monitor is not None:
             self.monitor.reset()
 
     def _allocate(self, shape: torch.Size) -> None:
-        """Buffers for samples of ``shape``: a zero placeholder for entries not yet written."""
+        """Buffers for samples of ``shape``: zeros standing in for history entries not yet written.
+
+        They are distinct tensors (never written) so that a compiled step sees the same
+        aliasing at every step; d0 and prev are written into buffers of the executor's own.
+        """
         self._buffer_shape = shape
-        self._pool = []
-        self._zeros = torch.zeros(shape, device=self.device, dtype=self.dtype)
-        self._scratch = None
-        self._hist = [self._zeros] * len(self._hist)
-        self._prev = self._zeros
+        self._pool, self._owned, self._scratch = [], set(), None
+        h = self.folded.registers.history
+        zeros = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(h)]
+        self._placeholders = (zeros[1:], zeros[0])
+        self._hist, self._prev = list(zeros[1:]), zeros[0]
         self._prev_spare = self._hist_spare = None
 
     # ------------------------------------------------------------------ validation
     def _check_inputs(self, i: int, x: torch.Tensor, model_output: torch.Tensor) -> None:
-        if (i == self.next_step and self.shape is not None and isinstance(x, torch.Tensor)
+        # Under torch.compile the step order is the caller's to keep (the adapter and fewstep.sample
+        # check it outside the graph): comparing i with next_step would tie two symbols together.
+        in_order = torch.compiler.is_compiling() or i == self.next_step
+        if (in_order and self.shape is not None and isinstance(x, torch.Tensor)
                 and isinstance(model_output, torch.Tensor) and x.shape == self.shape
                 and model_output.shape == self._output_shape and x.is_floating_point()
                 and model_output.is_floating_point() and model_output.device == x.device):
             return  # the common case, in one condition; the checks below name what is wrong
-        if i != self.next_step:
+        if not in_order:
             raise RuntimeError(f"steps must be taken in order: expected step {self.next_step}, got {i}")
         for name, t in (("sample", x), ("model output", model_output)):
             if not isinstance(t, torch.Tensor) or not t.is_floating_point():
@@ -331,20 +338,27 @@ class PlanExecutor:
         if self._hist:
             dropped = self._hist.pop()
             d0 = results[D0]
-            self._hist.insert(0, self._zeros if d0 is None else d0)
-            # The dropped entry is the next step's destination for d0.
-            self._hist_spare = None if functional or dropped is self._zeros else dropped
+            if d0 is None:  # no later step reads this step's entry: keep the buffer in its place
+                self._hist.insert(0, dropped)
+            else:
+                self._hist.insert(0, d0)
+                # The dropped entry is the next step's destination for d0 (functional steps write none).
+                self._hist_spare = None if functional or id(dropped) not in self._owned else dropped
         if self.folded.registers.prev and results[PREV] is not None:
             old, self._prev = self._prev, results[PREV]
-            self._prev_spare = None if functional or old is self._zeros else old
+            self._prev_spare = None if functional or id(old) not in self._owned else old
         self.next_step = i + 1
 
     def _target(self, slot: int) -> torch.Tensor:
         """Where a step writes d0 (the slot the history drops) or prev (the other of two buffers)."""
         spare = self._hist_spare if slot == D0 else self._prev_spare
-        if spare is not None and spare is not self._zeros:
+        if spare is not None:
             return spare
-        return self._pool.pop() if self._pool else torch.empty_like(self._zeros)
+        if self._pool:
+            return self._pool.pop()
+        buffer = torch.empty_like(self._placeholders[1])
+        self._owned.add(id(buffer))
+        return buffer
 
     def _run_torch(self, st: _Step, regs: list, x: torch.Tensor, want_x0: bool, functional: bool) -> list:
         """The step as in-place accumulation chains (the PyTorch reference of the fused kernel)."""
@@ -383,14 +397,14 @@ class PlanExecutor:
         return results
 
     def _new_scratch(self) -> torch.Tensor:
-        self._scratch = torch.empty_like(self._zeros)
+        self._scratch = torch.empty_like(self._placeholders[1])
         return self._scratch
 
     def _run_fused(self, i: int, st: _Step, regs: list, x: torch.Tensor, want_x0: bool) -> list:
         from ..kernels import triton_lincomb
 
         if st.pre is not None:
-            x0 = torch.empty_like(self._zeros)
+            x0 = torch.empty_like(self._placeholders[1])
             triton_lincomb.combine(st.pre_block, [regs[k] for k in st.pre_regs], None, [x0], self.dtype)
             regs[self._x0_reg] = self.transform(x0)
         slots = st.block_slots if want_x0 else st.block_slots[:-1]
@@ -419,7 +433,8 @@ class PlanExecutor:
         if self.folded.registers.prev:
             regs.append(self._prev)
         if self._pre is not None:
-            x0 = _accumulate_all(self._pre[i, : self._x0_reg], regs[: self._x0_reg], self.dtype)
+            pre = self._pre[i][: self._x0_reg]  # not [i, :k], which makes torch.compile specialise i
+            x0 = _accumulate_all(pre, regs[: self._x0_reg], self.dtype)
             regs[self._x0_reg] = self.transform(x0)
         rows = self._rows[i]
         bias = None if self._bias is None else self._bias[i]
@@ -436,7 +451,7 @@ class PlanExecutor:
                                                                                                   self.dtype)
             results[X0] = x0.to(x.dtype, copy=True)
         if self.monitor is not None:
-            self.monitor.sums[i] = torch.stack([t.sum(dtype=self.dtype) for t in (x, model_output, xn)])
+            self.monitor.sums[i] = torch.stack([t.detach().sum(dtype=self.dtype) for t in (x, model_output, xn)])
         self._advance_state(i, results, functional=True)
         return results[X_NEXT], results[X0]
 
@@ -490,17 +505,6 @@ class PlanExecutor:
     def raise_if_nonfinite(self) -> None:
         """Check every step taken so far, waiting for the device if needed."""
         self.check_finite_upto(self.next_step, wait=True)
-
-
-def _freeze(nested):
-    if isinstance(nested, list):
-        return tuple(_freeze(v) for v in nested)
-    return nested
-
-
-def _structure_of(folded: FoldedPlan, plan: SolverPlan) -> tuple:
-    return (folded.registers, plan.n, folded.coefficient_shape, folded.bias is not None, _freeze(folded.needed),
-            _freeze(folded.active), _freeze(folded.pre_active), tuple(folded.x0_is_d0))
 
 
 def _accumulate_all(row: torch.Tensor, regs: list, acc_dtype: torch.dtype, bias: torch.Tensor | None = None):

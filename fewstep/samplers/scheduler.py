@@ -449,6 +449,21 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                 raise ValueError("variance_type='learned*' needs samples with a channel dimension [B, C, ...]")
             if model_output.shape[1] == 2 * sample.shape[1]:
                 model_output = model_output[:, : sample.shape[1]]  # drop the predicted variance channels
+        if torch.compiler.is_compiling():
+            ex, local = self._begin_step_outside_graph(timestep, sample)
+        else:
+            ex, local = self._begin_step(timestep, sample)
+        prev_sample, x0 = ex.step(local, sample, model_output)
+        if torch.compiler.is_compiling():
+            self._end_step_outside_graph(ex, local)
+        else:
+            self._end_step(ex, local)
+        if not return_dict:
+            return (prev_sample, x0)
+        return FewstepSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+
+    def _begin_step(self, timestep: float | torch.Tensor, sample: torch.Tensor) -> tuple[PlanExecutor, int]:
+        """The executor and the step index within its run (host bookkeeping)."""
         if self._index < 0:
             if self._begin_index is not None:
                 self._index = self._begin_index
@@ -464,22 +479,16 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             if ex is not None and ex.next_step != 0:
                 raise ValueError("the sample moved device or dtype in the middle of a run")
             ex = self._executor = self._start_run(i, sample)
-        local = i - self._run_start
-        prev_sample, x0 = ex.step(local, sample, model_output)
-        self._index = i + 1
-        if torch.compiler.is_compiling():
-            self._check_finite_outside_graph(ex, local + 1)
-        else:
-            self._check_finite(ex, local + 1)
-        if not return_dict:
-            return (prev_sample, x0)
-        return FewstepSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+        return ex, i - self._run_start
 
-    def _check_finite(self, ex: PlanExecutor, upto: int) -> None:
-        ex.check_finite_upto(upto, wait=upto + self._run_start == self.grid.n)
+    def _end_step(self, ex: PlanExecutor, local: int) -> None:
+        self._index = self._run_start + local + 1
+        ex.check_finite_upto(local + 1, wait=self._index == self.grid.n)
 
-    # Host-side bookkeeping, kept out of torch.compile's graphs (it reads flags on the host).
-    _check_finite_outside_graph = torch.compiler.disable(_check_finite)
+    # Under torch.compile the bookkeeping runs outside the graph: the traced step then only
+    # sees tensors and the step index, and compiles twice (the index becomes dynamic) in all.
+    _begin_step_outside_graph = torch.compiler.disable(_begin_step)
+    _end_step_outside_graph = torch.compiler.disable(_end_step)
 
     def raise_if_nonfinite(self) -> None:
         """Check every step of the current run so far (one device sync).
@@ -493,7 +502,6 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         if self._executor is not None:
             self._executor.raise_if_nonfinite()
 
-    @torch.compiler.disable
     def _start_run(self, start: int, sample: torch.Tensor) -> PlanExecutor:
         """The executor of this grid for a run from ``start`` on this device and dtype (built once, then reset)."""
         dtype = compute_dtype(sample.dtype)
