@@ -97,7 +97,7 @@ def captured_sample(step: Callable, model: Callable, plan: SolverPlan, x_T: torc
 
     if cond is not None and not isinstance(cond, torch.Tensor):
         raise TypeError("graph=True needs tensor cond/uncond (they are copied into the captured buffers)")
-    folded = fold_plan(plan, transform is not None, guidance)
+    folded = fold_plan(plan, transform is not None, guidance, fold_corrector=compute_dtype(x_T.dtype) == x_T.dtype)
     key = (folded.structure(), tuple(x_T.shape), x_T.dtype, x_T.device,
            None if cond is None else (tuple(cond.shape), cond.dtype), guidance is None, transform, check_finite, step)
     try:
@@ -109,7 +109,8 @@ def captured_sample(step: Callable, model: Callable, plan: SolverPlan, x_T: torc
         runs.move_to_end(key)
         run.load(plan, x_T, ts, cond, folded)
         return run.replay()
-    runner = PlanExecutor(plan, x_T.device, compute_dtype(x_T.dtype), transform, check_finite, guidance=guidance)
+    runner = PlanExecutor(plan, x_T.device, compute_dtype(x_T.dtype), transform, check_finite, guidance=guidance,
+                          sample_dtype=x_T.dtype)
     run = CapturedRun(step, model, runner, x_T, ts, cond)
     first = run.capture()
     runs[key] = run

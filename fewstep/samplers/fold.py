@@ -116,14 +116,14 @@ def _nonzero(t: torch.Tensor, lead: int) -> torch.Tensor:
     return t.detach().reshape(*t.shape[:lead], -1).ne(0).any(-1)
 
 
-def _corrector_steps(plan) -> tuple[list[bool], list[bool]]:
+def _corrector_steps(plan, fold: bool) -> tuple[list[bool], list[bool]]:
     """(corrected, folded) per step: whether step i corrects its sample, and without ``prev``."""
     n, h = plan.n, plan.history
     if plan.correct is None:
         return [False] * n, [False] * n
     corrected = _nonzero(plan.correct, 1)
-    if n == 1:
-        return corrected.tolist(), [False]
+    if n == 1 or not fold:
+        return corrected.tolist(), [False] * n
     p, c = plan.predict.detach(), plan.correct.detach()
     same_x = (c[1:, 0] == p[:-1, 0]).reshape(n - 1, -1).all(1) & _nonzero(p[:-1, 0], 1)
     no_x = ~_nonzero(c[1:, 0], 1)  # the corrector does not read x_prev at all
@@ -136,7 +136,8 @@ def _corrector_steps(plan) -> tuple[list[bool], list[bool]]:
     return corrected, [c and f for c, f in zip(corrected, foldable)]
 
 
-def fold_plan(plan, transform: bool = False, guidance: float | None = None) -> FoldedPlan:
+def fold_plan(plan, transform: bool = False, guidance: float | None = None, fold_corrector: bool = True
+              ) -> FoldedPlan:
     """Compose the stages of ``plan`` into rows over registers (see the module docstring).
 
     Args:
@@ -144,13 +145,17 @@ def fold_plan(plan, transform: bool = False, guidance: float | None = None) -> F
         transform: Whether a non-linear x0 transform runs between conversion and the rest.
         guidance: Classifier-free guidance scale folded into the rows (model outputs are then
             the two halves of the doubled batch), or None.
+        fold_corrector: Fold correctors through the x_prev identity where it holds. The fold
+            starts the correction from the sample passed in; without it the corrected sample
+            is kept in the compute dtype (a ``prev`` register), which matters when samples are
+            half precision: the fold then rounds the corrector's base to the sample's dtype.
 
     Raises:
         ValueError: for a plan whose step reads a history entry or a previous sample that no
             earlier step wrote.
     """
     n, h = plan.n, plan.history
-    corrected, folded = _corrector_steps(plan)
+    corrected, folded = _corrector_steps(plan, fold_corrector)
     if corrected[0]:
         raise ValueError("solver plan corrects step 0, which has no previous sample (bad plan)")
     regs = Registers(h, guidance is not None, transform, any(c and not f for c, f in zip(corrected, folded)))

@@ -159,6 +159,9 @@ class PlanExecutor:
         step_offset: Added to step indices in messages (img2img runs start part-way).
         guidance: Classifier-free guidance scale folded into the update; ``model_output`` is
             then the model's output on the doubled batch ``(x, x)``, unconditional half first.
+        sample_dtype: dtype of the samples (default ``dtype``). For half-precision samples
+            the corrected sample is kept in ``dtype`` between steps (one more register) instead
+            of being refolded from the rounded sample: UniPC then loses no accuracy to bfloat16.
     """
 
     def __init__(
@@ -170,6 +173,7 @@ class PlanExecutor:
         check_finite: bool = True,
         step_offset: int = 0,
         guidance: float | None = None,
+        sample_dtype: torch.dtype | None = None,
     ):
         self.plan = plan
         self.device, self.dtype = torch.device(device), dtype
@@ -177,7 +181,9 @@ class PlanExecutor:
         self.check_finite = check_finite
         self.step_offset = step_offset
         self.guidance = guidance
-        self.folded = fold_plan(plan, transform is not None, guidance)
+        self.sample_dtype = sample_dtype or dtype
+        self._fold_corrector = self.sample_dtype == dtype
+        self.folded = fold_plan(plan, transform is not None, guidance, self._fold_corrector)
         regs = self.folded.registers
         self._names = regs.names
         self._x0_reg = regs.index("x0") if regs.transform else None
@@ -220,7 +226,7 @@ class PlanExecutor:
         Raises:
             ValueError: when ``plan`` has another :meth:`structure` (build a new executor).
         """
-        folded = folded or fold_plan(plan, self.transform is not None, self.guidance)
+        folded = folded or fold_plan(plan, self.transform is not None, self.guidance, self._fold_corrector)
         if folded.structure() != self.structure():
             raise ValueError("the plan's structure differs from the executor's (other orders, terms or shapes): "
                              "build a new PlanExecutor for it")

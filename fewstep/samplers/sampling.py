@@ -214,7 +214,8 @@ def sample(
         return captured_sample(step, model, plan, x_T, ts, cond, guidance, thresholding, check_finite)
 
     # Guidance is folded into the solver update: the executor reads both halves of the output.
-    runner = PlanExecutor(plan, device, compute_dtype(x_T.dtype), thresholding, check_finite, guidance=guidance)
+    runner = PlanExecutor(plan, device, compute_dtype(x_T.dtype), thresholding, check_finite, guidance=guidance,
+                          sample_dtype=x_T.dtype)
     x = x_T
     steps = range(grid.n)
     if progress:

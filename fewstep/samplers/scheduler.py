@@ -475,7 +475,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         if i >= self.grid.n:
             raise ValueError(f"all {self.grid.n} steps have been taken; call set_timesteps again")
         ex = self._executor
-        if ex is None or ex.device != sample.device or ex.dtype != compute_dtype(sample.dtype):
+        if ex is None or (ex.next_step == 0 and ex.sample_dtype != sample.dtype) \
+                or ex.device != sample.device or ex.dtype != compute_dtype(sample.dtype):
             if ex is not None and ex.next_step != 0:
                 raise ValueError("the sample moved device or dtype in the middle of a run")
             ex = self._executor = self._start_run(i, sample)
@@ -505,13 +506,14 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     def _start_run(self, start: int, sample: torch.Tensor) -> PlanExecutor:
         """The executor of this grid for a run from ``start`` on this device and dtype (built once, then reset)."""
         dtype = compute_dtype(sample.dtype)
-        key = (start, sample.device, dtype, bool(self.check_finite))
+        key = (start, sample.device, sample.dtype, bool(self.check_finite))
         ex = self._run.executors.get(key)
         if ex is None:
             # A run that starts part-way (img2img) has no history: rebuild the plan from there
             # so the warm-up orders restart, as diffusers' multistep schedulers do.
             plan = self.plan if start == 0 else self.solver.plan(self.grid.subgrid(start), self.prediction)
-            ex = PlanExecutor(plan, sample.device, dtype, self.transform, self.check_finite, step_offset=start)
+            ex = PlanExecutor(plan, sample.device, dtype, self.transform, self.check_finite, step_offset=start,
+                              sample_dtype=sample.dtype)
             self._run.executors[key] = ex
         else:
             ex.reset()
