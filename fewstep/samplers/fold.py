@@ -31,6 +31,7 @@ coefficients are torch functions of parameters (DC-Solver's calibration).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -49,7 +50,7 @@ class Registers:
     transform: bool = False
     prev: bool = False
 
-    @property
+    @cached_property
     def names(self) -> tuple[str, ...]:
         names = ["x", *(("out_u", "out_c") if self.guided else ("out",))]
         if self.transform:
@@ -217,39 +218,39 @@ def fold_plan(plan, transform: bool = False, guidance: float | None = None, fold
     bias = None if plan.predict_bias is None else plan.predict_bias.to(device=device, dtype=f64)
     pre = x0_raw.reshape(n, K, -1)[:, :, 0] if transform else None
 
-    # Host-side structure, from one read of the whole table.
-    nz = _nonzero(rows, 3)  # [n, 4, K]
+    # Host-side structure, from a few reads of whole tables.
+    nz = _nonzero(rows, 3).cpu()  # [n, 4, K]
+    needed = _needed_outputs(regs, nz, corrected, folded)
+    _check_reads(regs, nz, needed)
     same = (rows[:, D0] == rows[:, X0]).reshape(n, -1).all(1)
-    host = [nz.tolist(), same.tolist(), None if pre is None else _nonzero(pre, 2).tolist()]
-    active, x0_is_d0, pre_active = host
-    needed = _needed_outputs(regs, active, corrected, folded)
-    _check_reads(regs, active, needed)
-    return FoldedPlan(regs, rows, bias, pre, needed, active, pre_active, x0_is_d0)
+    pre_active = None if pre is None else _nonzero(pre, 2).tolist()
+    return FoldedPlan(regs, rows, bias, pre, needed.tolist(), nz.tolist(), pre_active, same.tolist())
 
 
-def _needed_outputs(regs: Registers, active, corrected, folded) -> list[list[bool]]:
-    """Which outputs each step must write: d0 when a later step reads it, prev when the next
-    step's corrector reads it, always x_next and x0."""
-    n, names = len(active), regs.names
-    needed = [[False, True, False, True] for _ in range(n)]
-    for i in range(n):
-        if i + 1 < n and corrected[i + 1] and not folded[i + 1]:
-            needed[i][PREV] = True
-        for j in range(1, regs.history):
-            k = names.index(f"d{j}")
-            if i + j < n and any(active[i + j][m][k] for m in (D0, X_NEXT, PREV)):
-                needed[i][D0] = True
+def _needed_outputs(regs: Registers, nz: torch.Tensor, corrected, folded) -> torch.Tensor:
+    """[n, 4] which outputs each step must write: d0 when a later step reads it, prev when the
+    next step's corrector reads it, always x_next and x0."""
+    n = nz.shape[0]
+    needed = torch.zeros(n, 4, dtype=torch.bool)
+    needed[:, X_NEXT] = needed[:, X0] = True
+    reads = nz[:, :X0].any(1)  # [n, K]: registers read by d0, x_next or prev
+    for j in range(1, min(regs.history, n)):
+        needed[: n - j, D0] |= reads[j:, regs.index(f"d{j}")]
+    unfolded = torch.tensor([c and not f for c, f in zip(corrected, folded)], dtype=torch.bool)
+    needed[:-1, PREV] = unfolded[1:]
     return needed
 
 
-def _check_reads(regs: Registers, active, needed) -> None:
-    names = regs.names
-    for i, step in enumerate(active):
-        for m, row in enumerate(step):
-            if not needed[i][m]:
-                continue
-            for k, used in enumerate(row):
-                name = names[k]
-                unwritten = (name.startswith("d") and int(name[1:]) > i) or (name == "prev" and i == 0)
-                if used and unwritten:
-                    raise ValueError(f"solver plan step {i} reads {name}, which no earlier step wrote (bad plan)")
+def _check_reads(regs: Registers, nz: torch.Tensor, needed: torch.Tensor) -> None:
+    n, names = nz.shape[0], regs.names
+    steps = torch.arange(n)[:, None]
+    unwritten = torch.zeros(n, len(names), dtype=torch.bool)  # [n, K]: registers step i cannot read yet
+    for k, name in enumerate(names):
+        if name.startswith("d"):
+            unwritten[:, k] = steps[:, 0] < int(name[1:])
+        elif name == "prev":
+            unwritten[0, k] = True
+    bad = nz & needed[:, :, None] & unwritten[:, None, :]
+    if bool(bad.any()):
+        i, _, k = (int(v) for v in bad.nonzero()[0])
+        raise ValueError(f"solver plan step {i} reads {names[k]}, which no earlier step wrote (bad plan)")

@@ -196,7 +196,8 @@ class PlanExecutor:
         if self._fused and self.monitor is not None:
             self.monitor.use_flags(len(OUTPUTS) + len(self._names))
         self._buffer_shape: torch.Size | None = None  # buffers are allocated at the first step
-        self._hist: list[torch.Tensor] = []
+        self._placeholders = None
+        self._hist: list[torch.Tensor | None] = [None] * (self.folded.registers.history - 1)
         self._prev = self._prev_spare = self._hist_spare = None
         self.reset()
 
@@ -250,7 +251,6 @@ class PlanExecutor:
             for t in (*self._hist, self._prev, self._prev_spare, self._hist_spare):
                 if t is not None and id(t) in self._owned:
                     self._pool.append(t)
-            self._hist, self._prev = list(self._placeholders[0]), self._placeholders[1]
         self._prev_spare = self._hist_spare = None
         self.next_step = 0
         self.shape: torch.Size | None = None
@@ -258,18 +258,26 @@ class PlanExecutor:
             self.monitor.reset()
 
     def _allocate(self, shape: torch.Size) -> None:
-        """Buffers for samples of ``shape``: zeros standing in for history entries not yet written.
-
-        They are distinct tensors (never written) so that a compiled step sees the same
-        aliasing at every step; d0 and prev are written into buffers of the executor's own.
-        """
+        """Start using buffers for samples of ``shape`` (allocated on demand)."""
         self._buffer_shape = shape
         self._pool, self._owned, self._scratch = [], set(), None
-        h = self.folded.registers.history
-        zeros = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(h)]
-        self._placeholders = (zeros[1:], zeros[0])
-        self._hist, self._prev = list(zeros[1:]), zeros[0]
-        self._prev_spare = self._hist_spare = None
+        self._placeholders = None
+
+    def _start_history(self) -> None:
+        """Zeros standing in for the history entries (and previous sample) not yet written.
+
+        Never written, and read only by compiled steps, which run dense over every register.
+        Eagerly they are expanded scalars (no memory); a compiled run gets full-size distinct
+        tensors, so that every step traces with the same strides and aliasing (one graph).
+        """
+        full = torch.compiler.is_compiling()
+        if self._placeholders is None or self._placeholders[2] != full:
+            shape, h = self._buffer_shape, self.folded.registers.history
+            make = (lambda: torch.zeros(shape, device=self.device, dtype=self.dtype)) if full else \
+                (lambda: torch.zeros((), device=self.device, dtype=self.dtype).expand(shape))
+            zeros = [make() for _ in range(h)]
+            self._placeholders = (zeros[1:], zeros[0], full)
+        self._hist, self._prev = list(self._placeholders[0]), self._placeholders[1]
 
     # ------------------------------------------------------------------ validation
     def _check_inputs(self, i: int, x: torch.Tensor, model_output: torch.Tensor) -> None:
@@ -298,6 +306,7 @@ class PlanExecutor:
             self.shape, self._output_shape = x.shape, model_output.shape
             if self._buffer_shape != x.shape:
                 self._allocate(x.shape)
+            self._start_history()
         elif x.shape != self.shape:
             raise ValueError(
                 f"the sample's shape changed mid-run, from {tuple(self.shape)} at step {self.step_offset} to "
@@ -362,9 +371,20 @@ class PlanExecutor:
             return spare
         if self._pool:
             return self._pool.pop()
-        buffer = torch.empty_like(self._placeholders[1])
+        buffer = self._new_buffer()
         self._owned.add(id(buffer))
         return buffer
+
+    def _new_buffer(self) -> torch.Tensor:
+        return torch.empty(self._buffer_shape, device=self.device, dtype=self.dtype)
+
+    def release_buffers(self) -> None:
+        """Free the sample-sized buffers (reallocated by the next run's first step)."""
+        self._buffer_shape = self._placeholders = None
+        self._pool, self._owned, self._scratch = [], set(), None
+        self._hist, self._prev = [None] * len(self._hist), None
+        self._prev_spare = self._hist_spare = None
+        self.shape = None
 
     def _run_torch(self, st: _Step, regs: list, x: torch.Tensor, want_x0: bool, functional: bool) -> list:
         """The step as in-place accumulation chains (the PyTorch reference of the fused kernel)."""
@@ -403,14 +423,14 @@ class PlanExecutor:
         return results
 
     def _new_scratch(self) -> torch.Tensor:
-        self._scratch = torch.empty_like(self._placeholders[1])
+        self._scratch = self._new_buffer()
         return self._scratch
 
     def _run_fused(self, i: int, st: _Step, regs: list, x: torch.Tensor, want_x0: bool) -> list:
         from ..kernels import triton_lincomb
 
         if st.pre is not None:
-            x0 = torch.empty_like(self._placeholders[1])
+            x0 = self._new_buffer()
             triton_lincomb.combine(st.pre_block, [regs[k] for k in st.pre_regs], None, [x0], self.dtype)
             regs[self._x0_reg] = self.transform(x0)
         slots = st.block_slots if want_x0 else st.block_slots[:-1]

@@ -508,6 +508,9 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         dtype = compute_dtype(sample.dtype)
         key = (start, sample.device, sample.dtype, bool(self.check_finite))
         ex = self._run.executors.get(key)
+        for other in (e for entry in self._cache.values() for e in entry.executors.values()):
+            if other is not ex:
+                other.release_buffers()  # only the running executor keeps sample-sized buffers
         if ex is None:
             # A run that starts part-way (img2img) has no history: rebuild the plan from there
             # so the warm-up orders restart, as diffusers' multistep schedulers do.
