@@ -14,7 +14,8 @@ identity (the model output is the sample itself), so only the scheduler is measu
 Both schedulers are built from the same Stable Diffusion config and get identical tensors
 (SD latents [B, 4, H/8, W/8]). The two loops run interleaved in one process (A B B A A B ...),
 repeated; the table reports the medians and the median of the per-repeat ratios
-fewstep/diffusers (robust to a shared machine's drift). Allocations per step are counted
+fewstep/diffusers (robust to a shared machine's drift); each sample repeats the loop for ~5 ms.
+Allocations per step are counted
 with a dispatch mode (every op output that got new storage), on a separate untimed run.
 On CUDA each loop ends with a synchronize.
 """
@@ -104,13 +105,19 @@ def measure(solver: Solver, batch: int, size: int, nfe: int, repeats: int, devic
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     loops = {"fewstep": fs, "diffusers": df}
     outputs = {k: run_loop(s, x, nfe, sync) for k, s in loops.items()}  # warm-up, and the results to compare
+    # Each sample repeats the loop until it lasts ~5 ms, so one preemption on a shared machine
+    # spoils a fraction of a sample rather than a whole one.
+    t0 = time.perf_counter()
+    run_loop(fs, x, nfe, sync)
+    inner = max(1, round(5e-3 / (time.perf_counter() - t0)))
     times: dict[str, list[float]] = {k: [] for k in loops}
     for r in range(repeats):
         order = list(loops) if r % 2 == 0 else list(loops)[::-1]
         for k in order:
             t0 = time.perf_counter()
-            run_loop(loops[k], x, nfe, sync)
-            times[k].append(time.perf_counter() - t0)
+            for _ in range(inner):
+                run_loop(loops[k], x, nfe, sync)
+            times[k].append((time.perf_counter() - t0) / inner)
     allocs = {}
     for k, s in loops.items():
         counter = AllocationCounter()

@@ -355,3 +355,21 @@ def test_cached_runs_equal_fresh_ones():
     results = [run(s, n) for n in (6, 9, 6, 9)]
     assert torch.equal(results[0], results[2]) and torch.equal(results[1], results[3])
     assert torch.equal(results[0], run(DPMSolverPPScheduler.from_config(SD, order=3), 6))
+
+
+def test_reset_twice_reuses_each_buffer_once():
+    plan = fewstep.make_plan("scaled_linear", "unipc", 6, order=3)
+    ex = PlanExecutor(plan, "cpu", torch.float32)
+    x = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(8))
+
+    def run():
+        y = x
+        for i in range(plan.n):
+            y, _ = ex.step(i, y, torch.tanh(y))
+        return y
+
+    first = run()
+    ex.reset()
+    ex.reset()
+    assert len({id(t) for t in ex._pool}) == len(ex._pool)
+    assert torch.equal(run(), first)

@@ -112,8 +112,6 @@ def _check_table(name: str, table: torch.Tensor, lead: tuple[int, ...]) -> None:
         raise ValueError(f"{name} must have leading shape {lead}, got {tuple(table.shape)}")
 
 
-
-
 @dataclass
 class _Output:
     """One output of one step on the PyTorch path: the non-zero terms of its row."""
@@ -246,11 +244,12 @@ class PlanExecutor:
 
     # ------------------------------------------------------------------ run state
     def reset(self) -> None:
-        """Forget the history so the plan can run again from step 0 (no allocation, no device work)."""
+        """Forget the history so the plan can run again from step 0 (buffers are kept for reuse)."""
         if self._buffer_shape is not None:
             for t in (*self._hist, self._prev, self._prev_spare, self._hist_spare):
                 if t is not None and id(t) in self._owned:
                     self._pool.append(t)
+        self._hist, self._prev = [None] * len(self._hist), None
         self._prev_spare = self._hist_spare = None
         self.next_step = 0
         self.shape: torch.Size | None = None
