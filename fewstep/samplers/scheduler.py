@@ -386,7 +386,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         plan = self.solver.plan(grid, self.prediction)
         ts = grid.model_timesteps
         return _CachedGrid(grid, plan, ts.round().long() if grid.integer_timesteps else ts.float(),
-                           grid.diffusers_sigmas().float())
+                           grid.diffusers_sigmas().float(), ts.tolist())
 
     def index_for_timestep(self, timestep: float | torch.Tensor, schedule_timesteps: torch.Tensor | None = None) -> int:
         """Position of ``timestep`` in the schedule (looked up on the host, in float64).
@@ -397,15 +397,16 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         if schedule_timesteps is None:
             if self.grid is None:
                 raise ValueError("call set_timesteps before step")
-            schedule_timesteps = self.grid.model_timesteps
+            values = self._run.timestep_values  # the grid's float64 model timesteps, as Python floats
         elif schedule_timesteps.device.type == "meta":
             raise ValueError("cannot look up timesteps on the meta device; call set_begin_index first")
+        else:
+            values = schedule_timesteps.detach().cpu().double().tolist()
         value = _host_scalar("timestep", timestep)
-        hits = torch.nonzero(torch.isclose(schedule_timesteps.detach().cpu().double(),
-                                           torch.tensor(value, dtype=torch.float64), rtol=0, atol=1e-4))
-        if len(hits) == 0:
-            raise ValueError(f"timestep {value:g} is not one of the {len(schedule_timesteps)} scheduled timesteps")
-        return int(hits[0])
+        for i, v in enumerate(values):
+            if abs(v - value) <= 1e-4:
+                return i
+        raise ValueError(f"timestep {value:g} is not one of the {len(values)} scheduled timesteps")
 
     def step(
         self,
@@ -562,6 +563,7 @@ class _CachedGrid:
     plan: SolverPlan
     timesteps: torch.Tensor
     sigmas: torch.Tensor
+    timestep_values: list[float]
     executors: dict = field(default_factory=dict)
 
 
