@@ -117,8 +117,8 @@ def test_fused_steps_with_thresholding_and_folded_guidance(solver, options):
 
 
 def test_half_precision_samples_keep_the_corrected_sample_in_float32():
-    # Folding would restart UniPC's corrector from the bf16-rounded sample (4x the error of an fp32
-    # base at NFE 8 on the Gaussian mixture); for half samples the corrected sample stays a register.
+    # Folding would restart UniPC's corrector from the bf16-rounded sample; for half samples the
+    # corrected sample stays an fp32 register, as in the staged definition.
     plan = fewstep.make_plan("scaled_linear", "unipc", 6, order=3)
     x = torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(7))
     assert not PlanExecutor(plan, "cpu", torch.float32, sample_dtype=torch.float32).folded.registers.prev
