@@ -174,12 +174,14 @@ class FiniteMonitor:
                 ready += 1
             flags = self._host[self.checked:ready]
         else:
-            flags = self.flags[self.checked:ready].cpu()
+            flags = self.flags[self.checked:ready]
+            if flags.device.type != "cpu":
+                flags = flags.cpu()  # an accelerator without events: only reached with wait=True
         if ready <= self.checked:
             return
-        bad = (~flags).any(1).nonzero()
-        if len(bad):
-            self._raise(self.checked + int(bad[0]), flags[int(bad[0])].tolist())
+        if not bool(flags.all()):  # one reduction in the common (all finite) case
+            bad = int((~flags).any(1).nonzero()[0])
+            self._raise(self.checked + bad, flags[bad].tolist())
         self.checked = ready
 
     def _raise(self, i: int, flags: list[bool]) -> None:
