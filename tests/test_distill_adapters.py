@@ -136,11 +136,17 @@ def test_base_stays_frozen_and_bitwise_untouched_while_adapters_train(digits):
         assert set(base.state_dict()) == set(before)  # adapters are not submodules of the base
         initial = {k: v.clone() for k, v in adapters.state_dict().items()}
         optimizer = torch.optim.AdamW(adapters.parameter_groups(weight_decay=0.01), lr=1e-2)
-        target = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+        w = torch.tensor([1.5, 3.0, 6.0])
         for _ in range(3):
+            # The CFG teacher is the same network with the adapters switched off.
+            with torch.no_grad(), adapters.disabled() as teacher:
+                x, t = (torch.cat([a, a]) for a in args)
+                labels = torch.cat([kwargs["class_labels"], torch.full((3,), NULL_LABEL)])
+                cond, uncond = teacher(x, t, class_labels=labels).sample.chunk(2)
+            assert adapters.enabled
             optimizer.zero_grad()
-            eps = adapters(*args, guidance_scale=torch.tensor([1.5, 3.0, 6.0]), **kwargs).sample
-            torch.nn.functional.mse_loss(eps, target).backward()
+            eps = adapters(*args, guidance_scale=w, **kwargs).sample
+            torch.nn.functional.mse_loss(eps, uncond + w[:, None, None, None] * (cond - uncond)).backward()
             assert all(p.grad is None for p in base.parameters())
             optimizer.step()
         changed = {k for k, v in adapters.state_dict().items() if not torch.equal(v, initial[k])}
@@ -243,6 +249,8 @@ def test_adapters_load_onto_a_finetune_and_nothing_else(sd, sd3, digits, tmp_pat
         plain = finetune(*args, **kwargs).sample
         loaded.enable()
     assert not torch.equal(guided, plain)
+
+    load_adapters(copy.deepcopy(base).to(torch.bfloat16), tmp_path)  # another dtype is the same architecture
 
     wider = UNet2DConditionModel(**{**dict(base.config), "block_out_channels": (32, 96)})
     with pytest.raises(ValueError, match=r"differs in: down_blocks.1 \(parameter shapes differ\), mid_block"):
@@ -374,6 +382,9 @@ def test_text_pipelines_run_one_forward_per_step_and_disable_restores_cfg(kind, 
         assert not torch.equal(guided, _text(pipe, guidance_scale=2.0))  # w reaches the adapters
         # Negative prompts are dropped with the unconditional half while the adapters are on.
         assert torch.equal(_text(pipe, guidance_scale=w, negative_prompt=["blurry", "dark"]), guided)
+        if kind == "sd3":
+            with pytest.raises(NotImplementedError, match="skip-layer guidance"):
+                _text(pipe, guidance_scale=w, skip_guidance_layers=[0], num_inference_steps=10)
 
         rows.clear()
         disable_guidance_adapters(pipe)

@@ -15,10 +15,11 @@ Per forward pass:
 2. Hooks capture the frozen embeddings of the base that the adapters condition on (timestep
    embedding, optionally class / pooled-prompt embedding and prompt tokens); shared linear
    maps turn them, with the guidance embedding, into a few conditioning tokens.
-3. At every injection point (see :mod:`fewstep.distill.architectures`) an
-   :class:`AttentionAdapter` lets the attention module's input tokens cross-attend to the
-   conditioning tokens and adds the result, through a zero-initialised projection, to the
-   module's output. An untrained adapter set therefore leaves the model exactly unchanged.
+3. At every injection point (see :mod:`fewstep.distill.architectures`) a
+   :class:`BlockAdapter` lets the attention module's input tokens cross-attend to the
+   conditioning tokens, passes the result through a per-token MLP and adds it, through a
+   zero-initialised projection, to the module's output. An untrained adapter set therefore
+   leaves the model exactly unchanged.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from torch import nn
 
 from .architectures import CONDITIONS, Architecture, describe
 
-__all__ = ["AdapterConfig", "GuidanceEmbedding", "ConditionTokens", "AttentionAdapter", "GuidanceAdapters"]
+__all__ = ["AdapterConfig", "GuidanceEmbedding", "ConditionTokens", "BlockAdapter", "GuidanceAdapters"]
 
 _ATTACHED = "_fewstep_guidance_adapters"  # key in the base model's __dict__
 
@@ -186,13 +187,18 @@ class ConditionTokens(nn.Module):
         return torch.cat([torch.stack(vectors, dim=1), *sequences], dim=1)
 
 
-class AttentionAdapter(nn.Module):
-    """Cross-attention from a block's tokens to the conditioning tokens, zero-initialised output.
+class BlockAdapter(nn.Module):
+    """One adapter: cross-attention to the conditioning tokens, a per-token MLP, zero-initialised output.
+
+    ``h = silu(q + attention(q, tokens))`` with ``q = to_q(norm(x))``, then
+    ``to_out(silu(to_hidden(h)))``. The official adapter stops after the attention read-out,
+    which leaves every token's correction inside the convex hull of a few value vectors per
+    head; the MLP lets it depend on the token and the conditions jointly.
 
     Args:
         width: Channels of the block (query input and output).
-        hidden: Attention width of the adapter.
-        heads: Number of heads (divides ``hidden``).
+        hidden: Width of the adapter.
+        heads: Number of attention heads (divides ``hidden``).
         embed_dim: Width of the conditioning tokens.
     """
 
@@ -202,9 +208,10 @@ class AttentionAdapter(nn.Module):
         # The injected module's input may be a raw residual stream (UNet2DModel) or an
         # already normalised one (transformer blocks); a parameter-free norm fits both.
         self.norm = nn.LayerNorm(width, elementwise_affine=False)
-        self.to_q = nn.Linear(width, hidden, bias=False)
+        self.to_q = nn.Linear(width, hidden)
         self.to_k = nn.Linear(embed_dim, hidden, bias=False)
         self.to_v = nn.Linear(embed_dim, hidden, bias=False)
+        self.to_hidden = nn.Linear(hidden, hidden)
         self.to_out = nn.Linear(hidden, width)
         nn.init.zeros_(self.to_out.weight)
         nn.init.zeros_(self.to_out.bias)
@@ -215,8 +222,10 @@ class AttentionAdapter(nn.Module):
         def split(t: torch.Tensor) -> torch.Tensor:
             return t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
 
-        q, k, v = split(self.to_q(self.norm(x))), split(self.to_k(tokens)), split(self.to_v(tokens))
-        return self.to_out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+        q = self.to_q(self.norm(x))
+        read = F.scaled_dot_product_attention(split(q), split(self.to_k(tokens)), split(self.to_v(tokens)))
+        h = F.silu(q + read.transpose(1, 2).flatten(2))
+        return self.to_out(F.silu(self.to_hidden(h)))
 
 
 def _guidance_tensor(guidance_scale: Any, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -294,7 +303,7 @@ class GuidanceAdapters(nn.Module):
                 features=config.fourier_features, scale=config.fourier_scale, mlp_ratio=config.mlp_ratio,
             )
             self.blocks = nn.ModuleList(
-                AttentionAdapter(p.width, hidden, heads, embed_dim) for p, (heads, hidden) in zip(arch.points, layout)
+                BlockAdapter(p.width, hidden, heads, embed_dim) for p, (heads, hidden) in zip(arch.points, layout)
             )
         self.to(device)
 
@@ -315,6 +324,11 @@ class GuidanceAdapters(nn.Module):
     def base(self) -> nn.Module:
         """The frozen base network the adapters are attached to."""
         return self.__dict__["_base"]
+
+    @property
+    def device(self) -> torch.device:
+        """Where the adapter weights are."""
+        return self.tokens.guidance.frequencies.device
 
     @staticmethod
     def attached_to(model: nn.Module) -> GuidanceAdapters | None:
@@ -361,6 +375,21 @@ class GuidanceAdapters(nn.Module):
         self._pending, self._guidance, self._captured = None, None, {}
         return self
 
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[nn.Module]:
+        """Context in which the base runs without adapters (e.g. as the CFG teacher).
+
+        Yields:
+            The base network.
+        """
+        was_enabled = self.enabled
+        self.disable()
+        try:
+            yield self.base
+        finally:
+            if was_enabled:
+                self.enable()
+
     def remove(self) -> None:
         """Disables the adapters for good and restores the base's ``requires_grad`` flags."""
         self.disable()
@@ -381,8 +410,8 @@ class GuidanceAdapters(nn.Module):
             TypeError / ValueError: On a non-number, a non-real tensor, a tensor with more
                 than one dimension, or a non-finite number.
         """
-        param = self.tokens.guidance.frequencies
-        self._pending = _guidance_tensor(guidance_scale, param.device, param.dtype)
+        buffer = self.tokens.guidance.frequencies
+        self._pending = _guidance_tensor(guidance_scale, buffer.device, buffer.dtype)
 
     @property
     def pending_guidance_scale(self) -> torch.Tensor | None:

@@ -62,7 +62,7 @@ class _OneForward:
     def __init__(self, denoiser: nn.Module) -> None:
         self.denoiser = denoiser
         self.pipe: weakref.ref | None = None
-        self.keep = slice(None)
+        self.conditional_first = False
         self.active = False  # the current call was cut in half
         self.handles = [
             # Prepended, so the cut happens before the adapters' own hook reads the inputs.
@@ -92,18 +92,15 @@ class _OneForward:
             raise NotImplementedError("skip-layer guidance needs real CFG; disable the guidance adapters to use it")
         w = pipe.guidance_scale
         guided = getattr(pipe, "do_classifier_free_guidance", w > 1)
+        sample = args[0] if args else next(iter(kwargs.values()))
         if guided:
-            sample = args[0] if args else next(iter(kwargs.values()))
             rows = sample.shape[0]
             if rows % 2:
                 raise RuntimeError(f"expected a doubled CFG batch, got {rows} rows")
             keep = slice(None, rows // 2) if self.conditional_first else slice(rows // 2, None)
             args, kwargs = _half(args, rows, keep), _half(kwargs, rows, keep)
-            sample = args[0] if args else next(iter(kwargs.values()))
-        else:
-            sample = args[0] if args else next(iter(kwargs.values()))
         # The pipeline may have moved the denoiser (pipe.to, offloading); the adapters follow.
-        if adapters.tokens.guidance.frequencies.device != sample.device:
+        if adapters.device != sample.device:
             adapters.to(sample.device)
         adapters.set_guidance_scale(float(w))
         self.active = guided
