@@ -409,12 +409,12 @@ def test_digits_pipeline_with_adapters_equals_a_manual_one_forward_loop(schedule
     labels, steps = torch.tensor([0, 5, 9]), 6
     noise = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
 
-    cfg = pipe(labels, guidance_scale=2.5, num_inference_steps=steps, latents=noise).images
+    cfg = pipe(labels, guidance_scale=2.5, num_inference_steps=steps, latents=noise, output_type="pt").images
     adapters = enable_guidance_adapters(pipe, tmp_path)
     try:
         for w in (2.5, 1.0):  # at w <= 1 the pipeline does not double the batch; the adapters still get w
             rows, handle = _count_calls(pipe.unet)
-            images = pipe(labels, guidance_scale=w, num_inference_steps=steps, latents=noise).images
+            images = pipe(labels, guidance_scale=w, num_inference_steps=steps, latents=noise, output_type="pt").images
             handle.remove()
             assert rows == [3] * steps
 
@@ -430,7 +430,8 @@ def test_digits_pipeline_with_adapters_equals_a_manual_one_forward_loop(schedule
             assert not torch.equal(images, cfg)
     finally:
         disable_guidance_adapters(pipe, remove=True)
-    assert torch.equal(pipe(labels, guidance_scale=2.5, num_inference_steps=steps, latents=noise).images, cfg)
+    assert torch.equal(pipe(labels, guidance_scale=2.5, num_inference_steps=steps, latents=noise,
+                            output_type="pt").images, cfg)
 
 
 # ------------------------------------------------------------------------ data parallel
