@@ -153,7 +153,7 @@ def clean_temp_files(directory: str | Path, *, all_stale: bool = False) -> list[
     removed = []
     try:
         names = os.listdir(directory)
-    except (FileNotFoundError, NotADirectoryError):
+    except OSError:  # missing, not a folder, unreadable: nothing we may clean
         return removed
     for name in names:
         m = _TEMP_NAME.match(name)
@@ -166,7 +166,7 @@ def clean_temp_files(directory: str | Path, *, all_stale: bool = False) -> list[
         try:
             path.unlink()
             removed.append(path)
-        except FileNotFoundError:
+        except OSError:  # gone already, or a read-only folder
             pass
     return removed
 
