@@ -222,7 +222,10 @@ class CompareConfig:
 def _load_results(path: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
     if not path.exists():
         return None
-    old = read_json(path)
+    try:
+        old = read_json(path)
+    except ValueError as exc:
+        raise ValueError(f"{exc}; delete it or choose another output folder") from None
     entries = old.get("entries") if isinstance(old, dict) else None
     if (not isinstance(old, dict) or not isinstance(old.get("config"), dict) or not isinstance(entries, list)
             or not all(isinstance(e, dict) and isinstance(e.get("method"), str) and isinstance(e.get("nfe"), int)
