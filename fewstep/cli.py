@@ -109,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if overrides:
             args.overrides = [*getattr(args, "overrides", []), *overrides]
-        return args.func(args)
+        return args.func(args)  # a command may set args.resume_hint for the Ctrl-C message
     except KeyboardInterrupt:
         hint = getattr(args, "resume_hint", None)
         print(f"\nfewstep {command}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)

@@ -394,7 +394,7 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
             "resumes, and adding solvers or NFEs only computes the new ones."
         ),
         epilog=(
-            "Defaults that depend on the model (so a run takes minutes):\n"
+            "Defaults that depend on the model:\n"
             "  num samples     1000 for digits and gmm, 16 for pipelines\n"
             "  reference NFE   200 for digits, 100 for pipelines (gmm: exact ODE solution)\n"
             "  guidance        1.5 digits, 2.0 gmm, 7.5 pipelines\n"
