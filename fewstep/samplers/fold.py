@@ -26,6 +26,14 @@ predictor's ``x`` coefficient (UniPC): then ``x_prev = (x - sum_j p_j d_{j+1}) /
 exact function of the registers, and the corrected sample folds into ``x_next``. The fold is
 written as ``c_x / p_x`` times that expression, so it stays exact under autograd when the
 coefficients are torch functions of parameters (DC-Solver's calibration).
+
+Adding a plan field: validate it in ``SolverPlan.__post_init__``; compose it here in
+:func:`fold_plan` with torch ops only (through ``per_step``, so elementwise tables broadcast
+and gradients flow); if it changes what ``x_next`` reads besides ``x_prev``'s identity, list it
+with ``predict_bias``/``predict_raw`` in :func:`_corrector_steps`; a new register goes into
+:class:`Registers` (and the register lists in ``PlanExecutor.advance``/``_step_dense``),
+a new per-step table into :class:`FoldedPlan`, ``FoldedPlan.structure`` and
+``PlanExecutor._load_tables``/``load`` (in-place reload for captured graphs).
 """
 
 from __future__ import annotations
