@@ -253,6 +253,14 @@ def test_analytic_first_step_skips_one_model_evaluation(gmm, x_T):
     y = fewstep.sample(model, x_T, schedule=LINEAR, solver="usf", solver_schedule=sched)
     assert len(calls) == 5 and calls[0] == pytest.approx(sched.timesteps[1])
     torch.testing.assert_close(y, eager_usf(gmm, x_T, sched), rtol=1e-10, atol=1e-10)
+    # With guidance (doubled batch, folded into the update) the first step skips the model too;
+    # a model that ignores its conditioning makes guided and unguided runs coincide.
+    calls.clear()
+    cond = torch.zeros(x_T.shape[0], dtype=torch.long)
+    guided = fewstep.sample(lambda x, t, c: model(x, t), x_T, schedule=LINEAR, solver="usf", solver_schedule=sched,
+                            cond=cond, uncond=cond, guidance=4.0)
+    assert len(calls) == 5
+    torch.testing.assert_close(guided, y, rtol=1e-10, atol=1e-10)
     with pytest.raises(ArtifactError, match=r"made for NFE 5 \(its first step is analytic"):
         fewstep.sample(model, x_T, schedule=LINEAR, solver="usf", solver_schedule=sched, nfe=6)
     # A diffusers pipeline evaluates the model at every timestep: the first output is ignored.
