@@ -22,7 +22,7 @@ import torch
 
 __all__ = [
     "atomic_write_bytes", "write_json", "read_json", "save_tensors", "load_tensors", "clean_temp_files",
-    "lock_directory", "DirectoryLockedError",
+    "lock_directory", "DirectoryLockedError", "finite_json",
 ]
 
 _TEMP_NAME = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")
@@ -66,20 +66,20 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def _finite_json(obj: Any) -> Any:
-    # JSON has no NaN/Infinity; a non-finite number is written as null (no value).
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by None (JSON has no NaN/Infinity: null, no value)."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
-        return {k: _finite_json(v) for k, v in obj.items()}
+        return {k: finite_json(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite_json(v) for v in obj]
+        return [finite_json(v) for v in obj]
     return obj
 
 
 def write_json(path: str | Path, obj: Any) -> None:
     """Atomically write ``obj`` as indented, standard JSON (non-finite floats become null)."""
-    text = json.dumps(_finite_json(obj), indent=2, allow_nan=False)
+    text = json.dumps(finite_json(obj), indent=2, allow_nan=False)
     atomic_write_bytes(path, (text + "\n").encode())
 
 

@@ -9,24 +9,13 @@ random state at the last proposal, written atomically.
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
 
-from ..eval.io import atomic_write_bytes, read_json, write_json
+from ..eval.io import atomic_write_bytes, finite_json, read_json, write_json
 
 __all__ = ["SearchLog", "check_identity"]
-
-
-def _finite(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 class SearchLog:
@@ -53,14 +42,14 @@ class SearchLog:
             self._rewrite()
 
     def _rewrite(self) -> None:
-        text = "".join(json.dumps(_finite(e)) + "\n" for e in self.entries)
+        text = "".join(json.dumps(finite_json(e)) + "\n" for e in self.entries)
         atomic_write_bytes(self.path, text.encode())
 
     def append(self, entry: dict[str, Any]) -> None:
         """Add one entry durably."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(_finite(entry)) + "\n")
+            f.write(json.dumps(finite_json(entry)) + "\n")
             f.flush()
             os.fsync(f.fileno())
         self.entries.append(entry)
@@ -82,8 +71,8 @@ def check_identity(state_path: str | Path, identity: dict[str, Any]) -> dict[str
     if not isinstance(state, dict) or not isinstance(state.get("identity"), dict):
         raise ValueError(f"{path} is not a fewstep search state; delete the run folder to start over")
     old = state["identity"]
-    if old != _finite(identity):
-        differs = sorted(k for k in set(old) | set(identity) if old.get(k) != _finite(identity).get(k))
+    if old != finite_json(identity):
+        differs = sorted(k for k in set(old) | set(identity) if old.get(k) != finite_json(identity).get(k))
         raise ValueError(f"{path.parent} holds a search with other settings (differs in: {differs}); "
                          "choose another run folder or delete it")
     return state
@@ -91,4 +80,4 @@ def check_identity(state_path: str | Path, identity: dict[str, Any]) -> dict[str
 
 def save_state(path: str | Path, state: dict[str, Any]) -> None:
     """Write the state atomically."""
-    write_json(path, _finite(state))
+    write_json(path, state)
