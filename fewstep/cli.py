@@ -3,6 +3,7 @@
 Commands:
   solvers   list the registered solvers and their options
   compare   benchmark solvers at low NFE against a high-NFE reference
+  calibrate tune solver artifacts for a model (dc: DC-Solver ratios / CPR coefficients)
 
 Every command prints one "fewstep <command>: error: ..." line for a user mistake (bad
 setting, unreadable or malformed file) and exits with status 2; Ctrl-C exits with 130
@@ -63,6 +64,7 @@ def cmd_solvers(args: argparse.Namespace) -> int:
 def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     """The ``fewstep`` parser and its subcommands."""
     from . import __version__
+    from .eval.calibrate import add_calibrate_parser
     from .eval.compare import add_compare_parser
 
     parser = argparse.ArgumentParser(prog="fewstep", description=__doc__,
@@ -76,6 +78,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     p.set_defaults(func=cmd_solvers)
 
     add_compare_parser(sub)
+    add_calibrate_parser(sub)
     return parser, sub
 
 

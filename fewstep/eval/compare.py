@@ -31,7 +31,7 @@ from typing import Any, Callable, List, Optional
 import torch
 
 from ..config import add_config_arguments, resolve_config, resolve_device, save_config
-from ..samplers import get_solver, list_solvers
+from ..samplers import TimeShift, get_solver, list_solvers, solver_class
 from ..samplers.timesteps import SPACINGS
 from .io import atomic_write_bytes, clean_temp_files, load_tensors, lock_directory, read_json, save_tensors, write_json
 from .report import markdown_report, pivot_tables, plot_quality, sample_grid, time_label
@@ -49,9 +49,31 @@ GRID_SAMPLES = 10
 _LOCK_HOLDER = "another fewstep compare"
 
 
+# Options of fewstep.sample that a spec may carry besides the solver's own (e.g. ddim:time_shift=[20,300]).
+SAMPLING_OPTIONS = ("time_shift",)
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split ``a=1,b=[2,3]`` on the commas outside brackets and braces."""
+    items, depth, start = [], 0, 0
+    for k, ch in enumerate(text):
+        if ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            items.append(text[start:k])
+            start = k + 1
+    return items + [text[start:]]
+
+
 @dataclass(frozen=True)
 class Method:
-    """A solver with fixed options, written ``name`` or ``name:key=value,key=value``."""
+    """A solver with fixed options, written ``name`` or ``name:key=value,key=value``.
+
+    Values are JSON where they parse as JSON (lists keep their commas: ``dc:ratios=[1,1,0.9]``);
+    ``time_shift`` is passed to :func:`fewstep.sample` rather than to the solver.
+    """
 
     solver: str
     options: tuple[tuple[str, Any], ...] = ()
@@ -65,7 +87,7 @@ class Method:
         """
         name, _, rest = str(spec).partition(":")
         options: dict[str, Any] = {}
-        for item in filter(None, rest.split(",")):
+        for item in filter(None, _split_top_level(rest)):
             key, eq, value = item.partition("=")
             key = key.strip()
             if not eq or not key:
@@ -76,7 +98,9 @@ class Method:
                 options[key] = json.loads(value)
             except json.JSONDecodeError:
                 options[key] = value.strip()
-        get_solver(name.strip(), **options)  # validates name and options now, not mid-run
+        # validates name and options now, not mid-run
+        get_solver(name.strip(), **{k: v for k, v in options.items() if k not in SAMPLING_OPTIONS})
+        TimeShift.coerce(options.get("time_shift"))
         return cls(name.strip(), tuple(sorted(options.items())))
 
     @property
@@ -86,8 +110,10 @@ class Method:
     @property
     def canonical(self) -> tuple:
         """The solver with every option resolved: equal for specs that sample identically."""
-        config = get_solver(self.solver, **self.option_dict).config
-        return self.solver, tuple(sorted(config.items()))
+        options = self.option_dict
+        sampling = tuple((k, repr(options.pop(k))) for k in SAMPLING_OPTIONS if k in options)
+        config = get_solver(self.solver, **options).config
+        return self.solver, tuple(sorted(config.items())) + sampling
 
     @property
     def label(self) -> str:
@@ -109,7 +135,8 @@ class CompareConfig:
 
     Attributes:
         model: ``digits``, ``gmm``, ``gmm-flow`` or a local diffusers pipeline folder.
-        solvers: Solver specs (``unipc:order=3,variant=bh1``); None: every registered solver.
+        solvers: Solver specs (``unipc:order=3,variant=bh1``); None: every registered solver that
+            runs without tuned artifacts (``dc`` needs its ratios: name it).
         nfe: Model evaluations per sample to compare (duplicates are dropped).
         num_samples: Samples per run (sample i uses noise seed ``seed + i``).
         seed: First noise seed.
@@ -172,7 +199,8 @@ class CompareConfig:
         if self.prompts is not None and not self.prompts:
             raise ValueError("prompts must hold at least one prompt (or be null for the defaults)")
         resolve_device(self.device)  # a CUDA request on a CPU-only build fails here, before any work
-        specs = list_solvers() if self.solvers is None else list(self.solvers)
+        specs = ([s for s in list_solvers() if not solver_class(s).requires_tuning] if self.solvers is None
+                 else list(self.solvers))
         if not specs:
             raise ValueError("no solvers to compare")
         methods, kept, seen = [], [], set()
@@ -509,8 +537,8 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", metavar="NAME|DIR", help="digits (default), gmm, gmm-flow, or a diffusers pipeline folder")
     p.add_argument("--solvers", nargs="+", metavar="SPEC",
-                   help="solvers, e.g. ddim unipc:order=3,variant=bh1 (default: every registered solver; "
-                        "see 'fewstep solvers')")
+                   help="solvers, e.g. ddim unipc:order=3,variant=bh1 (default: every registered solver that "
+                        "needs no tuned file; see 'fewstep solvers')")
     p.add_argument("--nfe", nargs="+", type=int, metavar="N", help="model evaluations per sample (default: 5 6 8 10)")
     p.add_argument("--guidance", type=float, metavar="W", help="classifier-free guidance scale (default: per model, see below)")
     p.add_argument("--num-samples", dest="num_samples", type=int, metavar="N", help="samples per run (default: per model)")

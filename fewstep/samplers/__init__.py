@@ -12,9 +12,12 @@ from .schedules import (
     VESchedule,
     make_schedule,
 )
-from .solvers import ddim, dpmpp, unipc  # noqa: F401  (registers the solvers)
+from .solvers import dc, ddim, dpmpp, unipc  # noqa: F401  (registers the solvers)
 from .solvers.base import Option, Solver
 from .sampling import StepInfo, make_plan, sample
+from .dc_artifacts import DCCPR, DCRatios, fit_cpr
+from .timeshift import TimeShift, time_shift
+from .calibrate import calibrate_dc
 from .timesteps import SPACINGS, GridSpec, TimeGrid, build_grid
 
 __all__ = [
@@ -23,4 +26,5 @@ __all__ = [
     "NoiseSchedule", "Option", "PREDICTIONS", "PlanExecutor", "SPACINGS", "Solver", "SolverPlan", "StepInfo",
     "TimeGrid", "VESchedule", "build_grid", "cfg_combine", "get_solver", "list_solvers", "make_plan",
     "make_schedule", "register_solver", "sample", "solver_class",
+    "DCRatios", "DCCPR", "fit_cpr", "TimeShift", "time_shift", "calibrate_dc",
 ]

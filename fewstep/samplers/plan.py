@@ -235,8 +235,8 @@ class PlanExecutor:
             e = torch.stack([1 / g.sigma[:n], -g.alpha[:n] / g.sigma[:n]], 1)
             e = on_device(e)
             self._eps = [(e[i, 0], e[i, 1]) for i in range(n)]
-        self._predict = self._stages(plan.predict, on_device(plan.predict))
-        self._correct = self._stages(plan.correct, on_device(plan.correct), skip_if_zero=True)
+        self._predict = self._stages(plan.predict, on_device(plan.predict), first_history=1)
+        self._correct = self._stages(plan.correct, on_device(plan.correct), skip_if_zero=True, first_history=1)
         self._compensate = self._stages(plan.compensate, on_device(plan.compensate), skip_identity=True)
         bias = on_device(plan.predict_bias)
         self._bias = [None] * n if bias is None else [bias[i] for i in range(n)]
@@ -247,17 +247,23 @@ class PlanExecutor:
         self.reset()
 
     @staticmethod
-    def _stages(table64, table, skip_if_zero=False, skip_identity=False) -> list[_Stage | None]:
+    def _stages(table64, table, skip_if_zero=False, skip_identity=False, first_history=0) -> list[_Stage | None]:
         if table is None:
             return []
+        # A table that requires grad is a function of parameters being tuned (DC calibration): its
+        # zero coefficients keep their terms, whose gradients are not zero (history entries the
+        # step can read, i.e. D_j with j <= i, sitting at first_history + j in the registers).
+        tuned = table.requires_grad
         stages: list[_Stage | None] = []
         for i in range(table64.shape[0]):
             terms = _active(table64[i])
-            identity = skip_identity and terms == (0,) and bool(table64[i, 0].eq(1).all())
+            identity = skip_identity and not tuned and terms == (0,) and bool(table64[i, 0].eq(1).all())
             if (skip_if_zero and not terms) or identity:
                 stages.append(None)
-            else:
-                stages.append(_Stage(terms, [table[i, k] for k in terms]))
+                continue
+            if tuned:
+                terms = tuple(k for k in range(table64.shape[1]) if k in terms or first_history <= k <= first_history + i)
+            stages.append(_Stage(terms, [table[i, k] for k in terms]))
         return stages
 
     def reset(self) -> None:

@@ -10,9 +10,10 @@ import torch
 from .artifacts import Artifact
 from .plan import PlanExecutor, SolverPlan
 from .prediction import Clip, DynamicThreshold, cfg_combine, check_prediction
-from .registry import get_solver
+from .registry import get_solver, solver_class
 from .schedules import NoiseSchedule, make_schedule
 from .solvers.base import Solver
+from .timeshift import TimeShift
 from .timesteps import GridSpec, TimeGrid, build_grid
 from .validation import check_bool, check_real
 
@@ -94,6 +95,7 @@ def sample(
     cond: Any = None,
     uncond: Any = None,
     thresholding: "DynamicThreshold | Clip | Callable[[torch.Tensor], torch.Tensor] | None" = None,
+    time_shift: "TimeShift | dict | Sequence[float] | None" = None,
     callback: Callable[[StepInfo], None] | None = None,
     check_finite: bool = True,
     progress: bool = False,
@@ -124,6 +126,9 @@ def sample(
             doubled batch ``(x, x)`` with conditioning ``(uncond, cond)`` concatenated on dim 0.
         cond, uncond: Conditioning tensors for the model (``uncond`` only with guidance).
         thresholding: :class:`DynamicThreshold`, :class:`Clip` or any callable applied to x0.
+        time_shift: :class:`TimeShift` (or ``{"window": W, "cutoff": C}``): feed the model
+            per-sample timesteps matched to each sample's variance (Li et al., ICLR 2024);
+            the solver keeps its coefficients.
         callback: Called with a :class:`StepInfo` after every step.
         check_finite: Raise FloatingPointError naming the first step whose model output
             was NaN/Inf (checked once, at the end, without per-step host syncs).
@@ -131,6 +136,7 @@ def sample(
         plan: A prebuilt plan (from :func:`make_plan`); it fixes schedule, solver, grid and
             prediction, so none of those may be passed with it.
         **solver_options: Options of the chosen solver (e.g. ``order=3``, ``variant="bh1"``).
+            A solver with a ``guidance`` option (``dc`` with ``cpr``) receives ``guidance``.
 
     Returns:
         The sample at the terminal point, in ``x_T``'s dtype.
@@ -163,9 +169,12 @@ def sample(
         )
     grid_args = dict(schedule=schedule, solver=solver, nfe=nfe, prediction=prediction, spacing=spacing,
                      final_sigma=final_sigma, timesteps=timesteps, sigmas=sigmas, shift=shift, mu=mu)
+    time_shift = TimeShift.coerce(time_shift)
     if plan is None:
         defaults = dict(schedule="linear", solver="unipc", prediction="epsilon")
         grid_args = {k: (defaults[k] if v is None and k in defaults else v) for k, v in grid_args.items()}
+        if isinstance(grid_args["solver"], str) and "guidance" in solver_class(grid_args["solver"]).options:
+            solver_options = {"guidance": guidance, **solver_options}  # plans that depend on the CFG scale
         grid_args["solver"] = get_solver(grid_args["solver"], **solver_options)
         for value in grid_args["solver"].config.values():
             if isinstance(value, Artifact):
@@ -184,6 +193,7 @@ def sample(
     batch = x_T.shape[0]
     # Model timesteps for the whole run, moved to the device once.
     ts = grid.model_timesteps.to(device=device, dtype=torch.float32)
+    shifts = time_shift.for_grid(grid, device) if time_shift is not None else [None] * grid.n
     if guidance is not None:
         if _batch_of(cond) != batch or _batch_of(uncond) != batch:
             raise ValueError(f"cond/uncond batch sizes must equal the sample batch {batch}")
@@ -196,7 +206,7 @@ def sample(
 
         steps = tqdm(steps, desc="sampling", leave=False)
     for i in steps:
-        t = ts[i].expand(batch)
+        t = ts[i].expand(batch) if shifts[i] is None else TimeShift.select(x, *shifts[i])
         if guidance is None:
             out = model(x, t) if cond is None else model(x, t, cond)
         else:

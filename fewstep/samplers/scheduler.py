@@ -48,6 +48,7 @@ __all__ = [
     "DDIMSolverScheduler",
     "DPMSolverPPScheduler",
     "UniPCScheduler",
+    "DCSolverScheduler",
 ]
 
 # diffusers' names for solver options, accepted as keyword arguments of from_config.
@@ -590,3 +591,13 @@ class UniPCScheduler(FewstepScheduler):
 
     default_solver = "unipc"
 
+
+
+class DCSolverScheduler(FewstepScheduler):
+    """DC-Solver (UniPC + dynamic compensation) as a drop-in scheduler.
+
+    ``from_config(config, ratios=[...])``, ``cpr=PATH, guidance=7.5`` or ``dc_file=PATH``; the
+    ratios / CPR coefficients are stored inline in the config, so ``save_pretrained`` carries them.
+    """
+
+    default_solver = "dc"

@@ -76,6 +76,9 @@ class Solver(ABC):
     options: ClassVar[dict[str, Option]] = {}
     # Which diffusers scheduler's integer timestep spacings this solver reproduces.
     diffusers_convention: ClassVar[str] = "multistep"
+    # True for solvers that need tuned artifacts to differ from a simpler solver (DC-Solver):
+    # `fewstep compare` runs them only when asked for by name.
+    requires_tuning: ClassVar[bool] = False
 
     def __init__(self, **options: Any):
         unknown = sorted(set(options) - set(self.options))
