@@ -131,18 +131,22 @@ def calibrate_dc(
     chunks = [slice(i, i + (batch_size or n)) for i in range(0, n, batch_size or n)]
     conds, unconds = ([None if a is None else a[c] for c in chunks] for a in (cond, uncond))
 
+    def watched(x: torch.Tensor, *args: Any) -> torch.Tensor:
+        out = model(x, *args)
+        if x.requires_grad and isinstance(out, torch.Tensor) and not out.requires_grad:
+            raise ValueError("the model's output does not depend differentiably on its input: it must not run under "
+                             "torch.no_grad / inference_mode (calibration backpropagates through it)")
+        return out
+
     def loss_and_grad(free: torch.Tensor, grad: bool) -> tuple[float, torch.Tensor | None]:
         free = free.detach().requires_grad_(grad)
         plan = dc.compensated(base, torch.cat([torch.ones(dc_order, dtype=torch.float64), free]))
         total = 0.0
         for c, cc, uc in zip(chunks, conds, unconds):
             with torch.set_grad_enabled(grad):
-                x = sample(model, x_T[c], plan=plan, guidance=guidance, cond=cc, uncond=uc)
+                x = sample(watched, x_T[c], plan=plan, guidance=guidance, cond=cc, uncond=uc)
                 loss = (x.double() - reference[c].double()).pow(2).sum() / (n * x[0].numel())
             if grad:
-                if not loss.requires_grad:
-                    raise ValueError("the samples do not depend differentiably on the ratios: the model must not run "
-                                     "under torch.no_grad / inference_mode (calibration backpropagates through it)")
                 loss.backward()
             total += float(loss.detach())
         return total, (free.grad if grad else None)

@@ -72,8 +72,8 @@ class TimeShift:
     def active(self) -> bool:
         return self.window // 2 > 0
 
-    def candidates(self, schedule: NoiseSchedule, t: torch.Tensor, lambdas: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    def candidates(self, schedule: NoiseSchedule, t: torch.Tensor, lambdas: torch.Tensor | None = None,
+                   bounds: tuple[float, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Candidate model timesteps around ``t`` and their noise variances sigma^2 (float64).
 
         Args:
@@ -81,13 +81,15 @@ class TimeShift:
             t: Model timesteps, any shape S, on any device.
             lambdas: For discrete VP schedules, lambda at the integer timesteps on ``t``'s
                 device (see :func:`_lambda_table`); computed here if omitted.
+            bounds: The schedule's model-timestep range (see :func:`_model_time_range`).
 
         Returns:
-            (tau, var), both [*S, 2 * (window // 2) + 1].
+            (tau, var), both [*S, 2 * (window // 2) + 1]. Tensor ops only, given ``lambdas``
+            and ``bounds``.
         """
         half = self.window // 2
         offsets = torch.arange(-half, half + 1, dtype=torch.float64, device=t.device)
-        lo, hi = (float(schedule.model_time(torch.tensor(v))) for v in (schedule.t_min, schedule.t_max))
+        lo, hi = bounds or _model_time_range(schedule)
         tau = (t.double()[..., None] + offsets).clamp(lo, hi)
         if isinstance(schedule, DiscreteVPSchedule):
             # The schedule's own rule (lambda linear between integer timesteps), on the device.
@@ -126,6 +128,10 @@ class TimeShift:
         return out
 
 
+def _model_time_range(schedule: NoiseSchedule) -> tuple[float, float]:
+    return tuple(float(schedule.model_time(torch.tensor(v))) for v in (schedule.t_min, schedule.t_max))
+
+
 def _lambda_table(schedule: DiscreteVPSchedule, device: torch.device) -> torch.Tensor:
     return schedule.lambda_(torch.arange(schedule.num_train_timesteps, dtype=torch.float64)).to(device)
 
@@ -138,6 +144,7 @@ class TimeShiftHook:
             raise ValueError("this denoiser is already time-shifted; call .remove() on that hook first")
         self.denoiser, self.schedule, self.rule = denoiser, schedule, rule
         self._tables: dict[torch.device, torch.Tensor] = {}
+        self._bounds = _model_time_range(schedule)
         self._handle = denoiser.register_forward_pre_hook(self._hook, with_kwargs=True)
         denoiser._fewstep_time_shift = self
 
@@ -157,7 +164,7 @@ class TimeShiftHook:
             if x.device not in self._tables:
                 self._tables[x.device] = _lambda_table(self.schedule, x.device)
             lambdas = self._tables[x.device]
-        tau, var = self.rule.candidates(self.schedule, nominal, lambdas)
+        tau, var = self.rule.candidates(self.schedule, nominal, lambdas, self._bounds)
         shifted = torch.where(nominal.double() > self.rule.cutoff, TimeShift.select(x, tau, var), nominal.double())
         shifted = shifted.to(t.dtype if t.is_floating_point() else torch.float32)
         if in_args:

@@ -128,6 +128,9 @@ class DynamicCompensation:
             raise ValueError(f"solver {self.name!r} takes ratios or cpr, not both")
         if cfg["guidance"] is not None:
             cfg["guidance"] = check_real("guidance", cfg["guidance"])
+        ratios = cfg["ratios"]
+        if ratios is not None and ratios.meta.solver is None and ratios.dc_order != cfg["dc_order"]:
+            cfg["ratios"] = DCRatios(ratios.ratios, cfg["dc_order"], ratios.meta)  # a bare list takes the solver's
         artifact = cfg["ratios"] or cfg["cpr"]
         if artifact is not None and artifact.dc_order != cfg["dc_order"]:
             raise ValueError(f"the {artifact.kind} were made with dc_order={artifact.dc_order}, but solver "
