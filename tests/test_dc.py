@@ -213,6 +213,8 @@ def test_mismatched_solver_nfe_guidance_and_options_are_rejected(tmp_path):
                        uncond=torch.full_like(cond, -1))
     with pytest.raises(ValueError, match="with cpr needs guidance=<CFG scale>"):
         fewstep.get_solver("dc", cpr=DCCPR([0.0] * 36))
+    with pytest.raises(ValueError, match="with cpr needs guidance=<CFG scale>"):  # an unguided run
+        fewstep.sample(MODEL, x, solver="dc", nfe=5, cpr=DCCPR([0.0] * 36))
     with pytest.raises(ValueError, match="takes ratios or cpr, not both"):
         fewstep.get_solver("dc", cpr=DCCPR([0.0] * 36), ratios=[1, 1], guidance=2.0)
     with pytest.raises(ValueError, match="made with dc_order=3, but solver 'dc' has dc_order=2"):
@@ -247,6 +249,15 @@ def test_cpr_matches_the_nested_cascade_and_fit_recovers_it():
         fit_cpr(data[:8])
     with pytest.raises(ValueError, match="needs meta.guidance"):
         fit_cpr([DCRatios([1, 1, 1])])
+
+
+def test_sample_evaluates_cpr_at_its_own_guidance():
+    cpr = DCCPR((0.02 * np.cos(np.arange(36))).tolist())
+    cond = torch.arange(6) % 3
+    run = dict(nfe=6, guidance=4.0, cond=cond, uncond=torch.full_like(cond, -1))
+    via_cpr = fewstep.sample(MODEL, x_T(), solver="dc", cpr=cpr, **run)
+    assert torch.equal(via_cpr, fewstep.sample(MODEL, x_T(), solver="dc", ratios=cpr.ratios(6, 4.0), **run))
+    assert not torch.equal(via_cpr, fewstep.sample(MODEL, x_T(), solver="dc", ratios=cpr.ratios(6, 2.0), **run))
 
 
 def test_scheduler_carries_ratios_and_cpr_through_save_pretrained(tmp_path):
@@ -352,22 +363,32 @@ def test_calibration_rejects_bad_setups():
         fewstep.calibrate_dc(frozen, x_T(), schedule="linear", nfe=5, iterations=1, reference=x_T())
 
 
-def test_calibrate_cli_single_pair_and_grid(tmp_path, capsys):
-    common = ["--model", "gmm", "--num-samples", "4", "--iterations", "2", "--reference-nfe", "30", "--no-progress"]
-    assert main(["calibrate", "dc", *common, "--nfe", "4", "--guidance", "2.5", "--out", str(tmp_path / "r.json")]) == 0
+CLI = ["calibrate", "dc", "--model", "gmm", "--num-samples", "2", "--iterations", "1", "--reference-nfe", "10",
+       "--no-progress"]
+
+
+def test_calibrate_cli_single_pair(tmp_path, capsys):
+    assert main([*CLI, "--nfe", "4", "--guidance", "2.5", "--out", str(tmp_path / "r.json")]) == 0
     r = DCRatios.load(tmp_path / "r.json")
     assert r.nfe == 4 and r.meta.guidance == 2.5 and r.meta.extra["seed"] == 100000
-    out = tmp_path / "cpr.yaml"
-    assert main(["calibrate", "dc", *common, "--grid", "nfe=3,4,5", "guidance=2,3,4", "--out", str(out)]) == 0
-    cpr = DCCPR.load(out)
-    assert len(cpr.meta.extra["pairs"]) == 9 and cpr.meta.fingerprint == r.meta.fingerprint
-    assert sorted(p.name for p in (tmp_path / "cpr.calibration").glob("ratios-*.json"))[0] == "ratios-nfe3-g2.json"
+    assert r.meta.extra["reference"] == "ddim, 10 steps"
     capsys.readouterr()
-    assert main(["calibrate", "dc", *common, "--iterations", "3", "--nfe", "4", "--out", str(tmp_path / "r.json")]) == 2
+    assert main([*CLI, "--iterations", "2", "--nfe", "4", "--out", str(tmp_path / "r.json")]) == 2
     assert "holds a calibration with other settings (differs in: ['iterations'])" in capsys.readouterr().err
-    assert main(["calibrate", "dc", "--model", "gmm", "--grid", "nfe=4,5", "guidance=2,3,4", "--no-progress",
-                 "--out", str(tmp_path / "c2.json")]) == 2
+    assert main([*CLI, "--grid", "nfe=4,5", "guidance=2,3,4", "--out", str(tmp_path / "c2.json")]) == 2
     assert "needs at least 3 of each" in capsys.readouterr().err
+    assert main([*CLI, "--nfe", "4", "5", "--out", str(tmp_path / "c3.json")]) == 2
+    assert "several NFE or guidance values need --grid" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_calibrate_cli_grid_fits_cpr(tmp_path):
+    out = tmp_path / "cpr.yaml"
+    assert main([*CLI, "--grid", "nfe=3,4,5", "guidance=2,3,4", "--out", str(out)]) == 0
+    cpr = DCCPR.load(out)
+    pairs = sorted(p.name for p in (tmp_path / "cpr.calibration").glob("ratios-*.json"))
+    assert len(cpr.meta.extra["pairs"]) == 9 == len(pairs) and pairs[0] == "ratios-nfe3-g2.json"
+    assert cpr.meta.fingerprint == DCRatios.load(tmp_path / "cpr.calibration" / pairs[0]).meta.fingerprint
 
 
 def test_compare_runs_dc_from_a_file(tmp_path, monkeypatch):
@@ -402,3 +423,25 @@ def test_calibrate_cli_survives_kill_9(tmp_path):
     assert not (tmp_path / "cut.json").exists()
     subprocess.run([*args, "--out", str(tmp_path / "cut.json")], check=True, env=env, capture_output=True)
     assert DCRatios.load(tmp_path / "cut.json").ratios == DCRatios.load(tmp_path / "whole.json").ratios
+
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "samplers").glob("*.yaml")), ids=lambda p: p.name)
+def test_sampler_presets_load_with_their_commands_schema(path, monkeypatch):
+    from fewstep.config import load_config
+    from fewstep.eval.calibrate import CalibrateDCConfig
+    from fewstep.eval.compare import CompareConfig
+
+    monkeypatch.chdir(ROOT)  # presets name files relative to the repository root
+    cfg = load_config(CalibrateDCConfig if "calibrate" in path.name else CompareConfig, path)
+    if "calibrate" not in path.name:
+        assert any(m.solver.startswith("dc") or "time_shift" in m.option_dict for m in cfg.methods)
+
+
+def test_calibrate_preset_runs_with_overrides(tmp_path):
+    out = tmp_path / "g.json"
+    assert main(["calibrate", "dc", "--config", str(ROOT / "configs" / "samplers" / "dc-calibrate-gmm.yaml"),
+                 "iterations=1", "num_samples=2", "reference_nfe=10", f"out={out}", "--no-progress"]) == 0
+    assert DCRatios.load(out).meta.extra["iterations"] == 1

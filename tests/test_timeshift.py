@@ -145,3 +145,15 @@ def test_pipeline_hook_equals_the_functional_time_shift_and_is_undone(digits_pip
                            guidance=3.0, cond=labels, uncond=torch.full_like(labels, 10),
                            time_shift=TimeShift(40, 200))
     torch.testing.assert_close(x.clamp(-1, 1), shifted, rtol=1e-5, atol=1e-5)
+
+
+def test_compare_runs_time_shift_specs(tmp_path, monkeypatch):
+    from fewstep.cli import main
+
+    monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
+    assert main(["compare", "--model", "gmm", "--solvers", "ddim", "ddim:time_shift=[40,0]", "ddim:time_shift=[0,0]",
+                 "--nfe", "6", "--num-samples", "8", "--out", str(tmp_path / "run"), "--no-progress", "--no-plot"]) == 0
+    import json
+
+    entries = {e["method"]: e["mse"] for e in json.loads((tmp_path / "run" / "results.json").read_text())["entries"]}
+    assert entries["ddim"] == entries["ddim(time_shift=[0, 0])"] != entries["ddim(time_shift=[40, 0])"]

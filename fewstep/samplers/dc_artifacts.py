@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -63,7 +63,26 @@ def _number_list(name: str, value: Any) -> list[float]:
     return out
 
 
-class DCRatios(Artifact):
+class _DCArtifact(Artifact):
+    """A list of numbers (``values_field``) and the ``dc_order`` it was made with."""
+
+    values_field: ClassVar[str]
+    dc_order: int
+
+    def payload(self) -> dict[str, Any]:
+        return {self.values_field: list(getattr(self, self.values_field)), "dc_order": self.dc_order}
+
+    @classmethod
+    def from_payload(cls, payload, meta, tensors=None):
+        unknown = sorted(set(payload) - {cls.values_field, "dc_order"})
+        if unknown:
+            raise ValueError(f"unknown field(s) {unknown}")
+        if cls.values_field not in payload:
+            raise ValueError(f"missing field {cls.values_field!r}")
+        return cls(payload[cls.values_field], payload.get("dc_order", DEFAULT_DC_ORDER), meta)
+
+
+class DCRatios(_DCArtifact):
     """Per-step compensation ratios rho_i of DC-Solver for one NFE.
 
     Args:
@@ -78,6 +97,7 @@ class DCRatios(Artifact):
     """
 
     kind = "dc_ratios"
+    values_field = "ratios"
 
     def __init__(self, ratios: Sequence[float], dc_order: int = DEFAULT_DC_ORDER, meta: ArtifactMeta | None = None):
         super().__init__(meta)
@@ -89,18 +109,6 @@ class DCRatios(Artifact):
                              f"must be 1 (compensation needs dc_order + 1 = {self.dc_order + 1} model outputs)")
         if self.meta.nfe is not None and self.meta.nfe != len(self.ratios):
             raise ValueError(f"ratios has {len(self.ratios)} entries but meta.nfe is {self.meta.nfe}")
-
-    def payload(self) -> dict[str, Any]:
-        return {"ratios": list(self.ratios), "dc_order": self.dc_order}
-
-    @classmethod
-    def from_payload(cls, payload, meta, tensors=None):
-        unknown = sorted(set(payload) - {"ratios", "dc_order"})
-        if unknown:
-            raise ValueError(f"unknown field(s) {unknown}")
-        if "ratios" not in payload:
-            raise ValueError("missing field 'ratios'")
-        return cls(payload["ratios"], payload.get("dc_order", DEFAULT_DC_ORDER), meta)
 
     @classmethod
     def coerce(cls, value: Any, what: str = "artifact") -> "DCRatios":
@@ -128,7 +136,7 @@ def cpr_features(nfe: int, guidance: float, steps: Sequence[int]) -> np.ndarray:
     return (xk[:, :, None, None] * gm[None, None, :, None] * nl[None, None, None, :]).reshape(len(x), CPR_SIZE)
 
 
-class DCCPR(Artifact):
+class DCCPR(_DCArtifact):
     """Cascade polynomial regression: DC ratios for any NFE and guidance scale from 36 numbers.
 
     Args:
@@ -138,6 +146,7 @@ class DCCPR(Artifact):
     """
 
     kind = "dc_cpr"
+    values_field = "coefficients"
 
     def __init__(self, coefficients: Sequence[float], dc_order: int = DEFAULT_DC_ORDER,
                  meta: ArtifactMeta | None = None):
@@ -146,18 +155,6 @@ class DCCPR(Artifact):
         if len(self.coefficients) != CPR_SIZE:
             raise ValueError(f"coefficients must hold {CPR_SIZE} numbers (4 x 3 x 3), got {len(self.coefficients)}")
         self.dc_order = _dc_order(dc_order)
-
-    def payload(self) -> dict[str, Any]:
-        return {"coefficients": list(self.coefficients), "dc_order": self.dc_order}
-
-    @classmethod
-    def from_payload(cls, payload, meta, tensors=None):
-        unknown = sorted(set(payload) - {"coefficients", "dc_order"})
-        if unknown:
-            raise ValueError(f"unknown field(s) {unknown}")
-        if "coefficients" not in payload:
-            raise ValueError("missing field 'coefficients'")
-        return cls(payload["coefficients"], payload.get("dc_order", DEFAULT_DC_ORDER), meta)
 
     def ratios(self, nfe: int, guidance: float) -> list[float]:
         """The predicted ratio of every step (the first ``dc_order`` are 1)."""
