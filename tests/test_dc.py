@@ -212,7 +212,7 @@ def test_mismatched_solver_nfe_guidance_and_options_are_rejected(tmp_path):
         fewstep.sample(MODEL, x, solver="dc", nfe=5, ratios=path, guidance=5.0, cond=cond,
                        uncond=torch.full_like(cond, -1))
     with pytest.raises(ValueError, match="with cpr needs guidance=<CFG scale>"):
-        fewstep.get_solver("dc", cpr=DCCPR([0.0] * 36))
+        fewstep.make_plan("linear", fewstep.get_solver("dc", cpr=DCCPR([0.0] * 36)), 5)
     with pytest.raises(ValueError, match="with cpr needs guidance=<CFG scale>"):  # an unguided run
         fewstep.sample(MODEL, x, solver="dc", nfe=5, cpr=DCCPR([0.0] * 36))
     with pytest.raises(ValueError, match="takes ratios or cpr, not both"):
@@ -274,8 +274,8 @@ def test_scheduler_carries_ratios_and_cpr_through_save_pretrained(tmp_path):
     c.save_pretrained(tmp_path / "c")
     assert torch.equal(run_scheduler(DCSolverScheduler.from_pretrained(tmp_path / "c")), run_scheduler(c))
     assert c.plan.info["dc_ratios"] == DCCPR.load(cpr_path).ratios(6, 7.5)
-    with pytest.raises(ValueError, match="with cpr needs guidance"):
-        DCSolverScheduler.from_config({}, cpr=str(cpr_path))
+    with pytest.raises(ValueError, match="with cpr needs guidance"):  # pipelines never pass one
+        DCSolverScheduler.from_config({}, cpr=str(cpr_path)).set_timesteps(6)
     # img2img: the run restarts part-way and keeps the ratios of the absolute steps
     assert torch.isfinite(run_scheduler(s, start=2)).all()
 
@@ -445,3 +445,20 @@ def test_calibrate_preset_runs_with_overrides(tmp_path):
     assert main(["calibrate", "dc", "--config", str(ROOT / "configs" / "samplers" / "dc-calibrate-gmm.yaml"),
                  "iterations=1", "num_samples=2", "reference_nfe=10", f"out={out}", "--no-progress"]) == 0
     assert DCRatios.load(out).meta.extra["iterations"] == 1
+
+
+@pytest.mark.slow
+def test_calibrate_cli_on_a_unet_pipeline_folder(tmp_path):
+    from fewstep.zoo.tiny import build_tiny_sd_pipeline
+
+    pipe = build_tiny_sd_pipeline(tmp_path / "sd")
+    out = tmp_path / "r.json"
+    assert main(["calibrate", "dc", "--model", str(tmp_path / "sd"), "--nfe", "4", "--guidance", "3",
+                 "--num-samples", "2", "--iterations", "2", "--reference-nfe", "8", "--height", "32", "--width", "32",
+                 "--out", str(out), "--no-progress"]) == 0
+    r = DCRatios.load(out)
+    assert r.meta.fingerprint == fewstep.model_fingerprint(pipe) and r.meta.extra["spacing"].startswith("spacing=leading")
+    pipe.scheduler = DCSolverScheduler.from_config(pipe.scheduler.config, dc_file=str(out))
+    latents = pipe(["a red cube"], num_inference_steps=4, guidance_scale=3.0, height=32, width=32,
+                   output_type="latent").images
+    assert latents.shape == (1, 4, 4, 4) and torch.isfinite(latents).all()

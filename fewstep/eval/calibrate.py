@@ -23,7 +23,7 @@ from typing import Any, Callable, List, Optional
 import torch
 
 from ..config import add_config_arguments, resolve_config, resolve_device, save_config
-from ..samplers import GridSpec, sample
+from ..samplers import GridSpec, model_fingerprint, sample
 from ..samplers.calibrate import DEFAULT_ITERATIONS, DEFAULT_LR, DEFAULT_REFERENCE_NFE, calibrate_dc
 from ..samplers.dc_artifacts import DCRatios, fit_cpr
 from ..samplers.solvers.dc import DynamicCompensation
@@ -114,6 +114,19 @@ class CalibrateDCConfig:
         return out.with_name(out.stem + ".calibration")
 
 
+class _Denoiser:
+    """A testbed's network as ``model(x, t, cond)``, differentiable, fingerprinted by its weights."""
+
+    def __init__(self, fn: Callable[..., torch.Tensor], module: torch.nn.Module):
+        self.fn, self.module = fn, module
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        return self.fn(x, t, cond)
+
+    def fingerprint(self) -> str | None:
+        return model_fingerprint(self.module)
+
+
 def calibration_inputs(testbed: Testbed, guidance: float | None, num_samples: int, seed: int,
                        spacing: str | None) -> dict[str, Any]:
     """Keyword arguments of :func:`fewstep.calibrate_dc` for a testbed: a differentiable model,
@@ -131,10 +144,7 @@ def calibration_inputs(testbed: Testbed, guidance: float | None, num_samples: in
     grid = _common_grid(spacing, schedule) if schedule is not None else None
     if isinstance(testbed, DigitsTestbed):
         unet = testbed.unet
-
-        def model(x, t, c):
-            return unet(x, t, class_labels=c).sample
-
+        model = _Denoiser(lambda x, t, c: unet(x, t, class_labels=c).sample, unet)
         args.update(model=model, cond=labels, uncond=torch.full_like(labels, testbed.null_label) if guided else None)
     elif isinstance(testbed, GMMTestbed):
         args.update(model=testbed.model, cond=labels, uncond=torch.full_like(labels, -1) if guided else None)
@@ -147,10 +157,7 @@ def calibration_inputs(testbed: Testbed, guidance: float | None, num_samples: in
         with torch.no_grad():
             cond, uncond = pipe.encode_prompt(prompts, pipe.device, 1, True)[:2]
         unet, dtype = pipe.unet, pipe.unet.dtype
-
-        def model(x, t, c):
-            return unet(x.to(dtype), t, encoder_hidden_states=c).sample.to(x.dtype)
-
+        model = _Denoiser(lambda x, t, c: unet(x.to(dtype), t, encoder_hidden_states=c).sample.to(x.dtype), unet)
         args.update(model=model, cond=cond, uncond=uncond if guided else None)
         # The grid DCSolverScheduler.from_config(pipe.scheduler.config) samples on (VP configs).
         from ..samplers.scheduler import DCSolverScheduler

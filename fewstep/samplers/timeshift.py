@@ -4,8 +4,8 @@ Exposure bias leaves a sample at step i noisier or cleaner than the grid says. T
 Time-Shift sampler feeds the network, instead of the grid's timestep t_i, the timestep t_s
 in a window around t_i whose noise variance sigma(t_s)^2 (1 - alphā for VP models) is
 closest to the sample's own variance (over all its elements), for t_i above a cutoff; the
-solver keeps its own coefficients. Which variant of the official code (Mingxiao-Li/TS-DPM)
-this follows, and where they differ, is written up in the README ("Time-Shift sampler").
+solver keeps its own coefficients. The README ("Time-Shift sampler") has the rule's
+measured effect on the built-in digits model.
 
 Two ways in, one rule (:class:`TimeShift`):
 

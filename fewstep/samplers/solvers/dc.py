@@ -135,9 +135,6 @@ class DynamicCompensation:
         if artifact is not None and artifact.dc_order != cfg["dc_order"]:
             raise ValueError(f"the {artifact.kind} were made with dc_order={artifact.dc_order}, but solver "
                              f"{self.name!r} has dc_order={cfg['dc_order']}; pass dc_order={artifact.dc_order}")
-        if cfg["cpr"] is not None and cfg["guidance"] is None:
-            raise ValueError(f"solver {self.name!r} with cpr needs guidance=<CFG scale>: the ratios depend on it "
-                             "(fewstep.sample passes its guidance; a scheduler needs it in from_config)")
 
     def ratio_tensor(self, grid: TimeGrid) -> torch.Tensor:
         """float64 ratios of every step of the whole run (``grid.start + grid.n``), checked against the grid."""
@@ -154,6 +151,9 @@ class DynamicCompensation:
             if len(values) != total:
                 raise ArtifactError(f"dc_ratios has {len(values)} ratios, but this grid has {total} steps")
         elif cpr is not None:
+            if guidance is None:  # checked here, not in the options: fewstep.sample passes its guidance late
+                raise ValueError(f"solver {self.name!r} with cpr needs guidance=<CFG scale>: the ratios depend on it "
+                                 "(fewstep.sample passes its guidance; a scheduler needs it in from_config)")
             cpr.check(schedule=grid.schedule, solver=self.name)
             values = cpr.ratios(total, guidance)
         else:
