@@ -30,8 +30,8 @@ from fewstep.eval.testbeds import DigitsTestbed  # noqa: E402
 GUIDANCES = (1.5, 3.0, 5.0, 7.5)
 NFES = (5, 6, 8, 10)
 # Sample-count study: (guidance, NFE), sizes and how many disjoint draws of each.
-STUDY = ((7.5, 5),)
-DRAWS = {10: 1, 32: 2, 128: 1}
+STUDY = ((7.5, 5), (1.5, 5), (3.0, 5))
+DRAWS = {10: 3, 32: 2, 128: 1}
 
 
 def draw_seed(k: int) -> int:
