@@ -67,6 +67,7 @@ def cmd_solvers(args: argparse.Namespace) -> int:
 def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     """The ``fewstep`` parser and its subcommands."""
     from . import __version__
+    from .eval.calibrate import add_calibrate_parser
     from .eval.compare import add_compare_parser
     from .search.cli import add_search_parser
 
@@ -82,6 +83,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
 
     add_compare_parser(sub)
     add_search_parser(sub)
+    add_calibrate_parser(sub)
     return parser, sub
 
 

@@ -29,7 +29,7 @@ from typing import Any, Callable, List, Optional
 import torch
 
 from ..config import add_config_arguments, resolve_config, resolve_device, save_config
-from ..samplers import get_solver, list_solvers
+from ..samplers import TimeShift, get_solver, list_solvers
 from ..samplers.timesteps import SPACINGS
 from .io import atomic_write_bytes, clean_temp_files, load_tensors, lock_directory, read_json, save_tensors, write_json
 from .reference import ReferenceStore, default_cache_dir, timed
@@ -48,9 +48,31 @@ GRID_SAMPLES = 10
 _LOCK_HOLDER = "another fewstep compare"
 
 
+# Options of fewstep.sample that a spec may carry besides the solver's own (e.g. ddim:time_shift=[20,300]).
+SAMPLING_OPTIONS = ("time_shift",)
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split ``a=1,b=[2,3]`` on the commas outside brackets and braces."""
+    items, depth, start = [], 0, 0
+    for k, ch in enumerate(text):
+        if ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            items.append(text[start:k])
+            start = k + 1
+    return items + [text[start:]]
+
+
 @dataclass(frozen=True)
 class Method:
-    """A solver with fixed options, written ``name`` or ``name:key=value,key=value``."""
+    """A solver with fixed options, written ``name`` or ``name:key=value,key=value``.
+
+    Values are JSON where they parse as JSON (lists keep their commas: ``dc:ratios=[1,1,0.9]``);
+    ``time_shift`` is passed to :func:`fewstep.sample` rather than to the solver.
+    """
 
     solver: str
     options: tuple[tuple[str, Any], ...] = ()
@@ -64,7 +86,7 @@ class Method:
         """
         name, _, rest = str(spec).partition(":")
         options: dict[str, Any] = {}
-        for item in filter(None, rest.split(",")):
+        for item in filter(None, _split_top_level(rest)):
             key, eq, value = item.partition("=")
             key = key.strip()
             if not eq or not key:
@@ -75,7 +97,9 @@ class Method:
                 options[key] = json.loads(value)
             except json.JSONDecodeError:
                 options[key] = value.strip()
-        get_solver(name.strip(), **options)  # validates name and options now, not mid-run
+        # validates name and options now, not mid-run
+        get_solver(name.strip(), **{k: v for k, v in options.items() if k not in SAMPLING_OPTIONS})
+        TimeShift.coerce(options.get("time_shift"))
         return cls(name.strip(), tuple(sorted(options.items())))
 
     @property
@@ -85,8 +109,10 @@ class Method:
     @property
     def canonical(self) -> tuple:
         """The solver with every option resolved: equal for specs that sample identically."""
-        config = get_solver(self.solver, **self.option_dict).config
-        return self.solver, tuple(sorted(config.items()))
+        options = self.option_dict
+        sampling = tuple((k, repr(options.pop(k))) for k in SAMPLING_OPTIONS if k in options)
+        config = get_solver(self.solver, **options).config
+        return self.solver, tuple(sorted(config.items())) + sampling
 
     @property
     def label(self) -> str:
@@ -109,7 +135,8 @@ class CompareConfig:
     Attributes:
         model: ``digits``, ``gmm``, ``gmm-flow`` or a local diffusers pipeline folder.
         solvers: Solver specs (``unipc:order=3,variant=bh1``); None: every registered solver that
-            runs with its default options.
+            runs with its default options and needs no tuned file (``dc`` needs its ratios:
+            name it).
         nfe: Model evaluations per sample to compare (duplicates are dropped).
         num_samples: Samples per run (sample i uses noise seed ``seed + i``).
         seed: First noise seed.

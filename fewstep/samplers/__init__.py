@@ -13,9 +13,12 @@ from .schedules import (
     make_schedule,
 )
 from .solver_schedule import SolverSchedule, StepStrategy, load_solver_schedule
-from .solvers import ddim, dpmpp, unipc, usf  # noqa: F401  (registers the solvers)
+from .solvers import dc, ddim, dpmpp, unipc, usf  # noqa: F401  (registers the solvers)
 from .solvers.base import Option, Solver
 from .sampling import StepInfo, make_plan, sample
+from .dc_artifacts import DCCPR, DCRatios, fit_cpr
+from .timeshift import TimeShift, time_shift
+from .calibrate import calibrate_dc
 from .timesteps import SPACINGS, GridSpec, TimeGrid, build_grid
 
 __all__ = [
@@ -24,4 +27,5 @@ __all__ = [
     "NoiseSchedule", "Option", "PREDICTIONS", "PlanExecutor", "SPACINGS", "Solver", "SolverPlan", "SolverSchedule",
     "StepInfo", "StepStrategy", "TimeGrid", "VESchedule", "build_grid", "cfg_combine", "get_solver", "list_solvers",
     "load_solver_schedule", "make_plan", "make_schedule", "register_solver", "sample", "solver_class",
+    "DCRatios", "DCCPR", "fit_cpr", "TimeShift", "time_shift", "calibrate_dc",
 ]

@@ -228,9 +228,15 @@ def fold_plan(plan, transform: bool = False, guidance: float | None = None, fold
 
     # Host-side structure, from a few reads of whole tables.
     nz = _nonzero(rows, 3).cpu()  # [n, 4, K]
+    if rows.requires_grad:
+        # Coefficients that are functions of tuned parameters (DC calibration): a zero can have a
+        # non-zero gradient (rho = 1 gives compensation weights (1, 0, 0)), and the corrector fold
+        # differentiates through every predictor coefficient, so every register a step can read
+        # stays a term; x0 keeps its own row (equal values, different gradients).
+        nz = nz | ~_unwritten(regs, n)[:, None, :]
     needed = _needed_outputs(regs, nz, corrected, folded)
     _check_reads(regs, nz, needed)
-    same = (rows[:, D0] == rows[:, X0]).reshape(n, -1).all(1)
+    same = (rows[:, D0] == rows[:, X0]).reshape(n, -1).all(1) & (not rows.requires_grad)
     pre_active = None if pre is None else _nonzero(pre, 2).tolist()
     return FoldedPlan(regs, rows, bias, pre, needed.tolist(), nz.tolist(), pre_active, same.tolist())
 
@@ -249,16 +255,21 @@ def _needed_outputs(regs: Registers, nz: torch.Tensor, corrected, folded) -> tor
     return needed
 
 
-def _check_reads(regs: Registers, nz: torch.Tensor, needed: torch.Tensor) -> None:
-    n, names = nz.shape[0], regs.names
-    steps = torch.arange(n)[:, None]
-    unwritten = torch.zeros(n, len(names), dtype=torch.bool)  # [n, K]: registers step i cannot read yet
-    for k, name in enumerate(names):
+def _unwritten(regs: Registers, n: int) -> torch.Tensor:
+    """[n, K]: the registers step i cannot read yet (history entries and prev no earlier step wrote)."""
+    steps = torch.arange(n)
+    unwritten = torch.zeros(n, len(regs.names), dtype=torch.bool)
+    for k, name in enumerate(regs.names):
         if name.startswith("d"):
-            unwritten[:, k] = steps[:, 0] < int(name[1:])
+            unwritten[:, k] = steps < int(name[1:])
         elif name == "prev":
             unwritten[0, k] = True
-    bad = nz & needed[:, :, None] & unwritten[:, None, :]
+    return unwritten
+
+
+def _check_reads(regs: Registers, nz: torch.Tensor, needed: torch.Tensor) -> None:
+    names = regs.names
+    bad = nz & needed[:, :, None] & _unwritten(regs, nz.shape[0])[:, None, :]
     if bool(bad.any()):
         i, _, k = (int(v) for v in bad.nonzero()[0])
         raise ValueError(f"solver plan step {i} reads {names[k]}, which no earlier step wrote (bad plan)")

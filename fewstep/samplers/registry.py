@@ -49,14 +49,18 @@ def list_solvers(*, runnable: bool = False) -> list[str]:
     """Names of all registered solvers, sorted.
 
     Args:
-        runnable: Keep only the solvers that run with their default options (leaving out
-            those that need a tuned artifact first, such as ``usf`` and its solver schedule).
+        runnable: Keep only the solvers that run as themselves with their default options,
+            leaving out those that need a tuned artifact first: ``usf`` (which cannot run
+            without a solver schedule) and solvers marked ``requires_tuning`` (``dc`` without
+            ratios is plain UniPC).
     """
     names = sorted(_REGISTRY)
     if not runnable:
         return names
     out = []
     for name in names:
+        if _REGISTRY[name].requires_tuning:
+            continue
         try:
             _REGISTRY[name]()
         except ValueError:

@@ -10,10 +10,11 @@ import torch
 from .artifacts import Artifact
 from .plan import PlanExecutor, SolverPlan
 from .prediction import Clip, DynamicThreshold, check_prediction
-from .registry import get_solver
+from .registry import get_solver, solver_class
 from .schedules import NoiseSchedule, make_schedule
 from .solver_schedule import apply_solver_schedule
 from .solvers.base import Solver
+from .timeshift import TimeShift
 from .timesteps import GridSpec, TimeGrid, build_grid
 from .validation import check_bool, check_real
 
@@ -97,6 +98,7 @@ def sample(
     cond: Any = None,
     uncond: Any = None,
     thresholding: "DynamicThreshold | Clip | Callable[[torch.Tensor], torch.Tensor] | None" = None,
+    time_shift: "TimeShift | dict | Sequence[float] | None" = None,
     callback: Callable[[StepInfo], None] | None = None,
     check_finite: bool = True,
     progress: bool = False,
@@ -129,6 +131,9 @@ def sample(
             doubled batch ``(x, x)`` with conditioning ``(uncond, cond)`` concatenated on dim 0.
         cond, uncond: Conditioning tensors for the model (``uncond`` only with guidance).
         thresholding: :class:`DynamicThreshold`, :class:`Clip` or any callable applied to x0.
+        time_shift: :class:`TimeShift` (or ``{"window": W, "cutoff": C}``): feed the model
+            per-sample timesteps matched to each sample's variance (Li et al., ICLR 2024);
+            the solver keeps its coefficients.
         callback: Called with a :class:`StepInfo` after every step.
         check_finite: Raise FloatingPointError naming the first step whose model output
             was NaN/Inf (checked once, at the end, without per-step host syncs).
@@ -150,6 +155,7 @@ def sample(
             plan ignores that output: same result, one evaluation more than eager).
         **solver_options: Options of the chosen solver (e.g. ``order=3``, ``variant="bh1"``, or
             ``solver_schedule="steps.json"``: tuned timesteps for any solver, strategies for ``usf``).
+            A solver with a ``guidance`` option (``dc`` with ``cpr``) receives ``guidance``.
 
     Returns:
         The sample at the terminal point, in ``x_T``'s dtype.
@@ -189,9 +195,14 @@ def sample(
         )
     grid_args = dict(schedule=schedule, solver=solver, nfe=nfe, prediction=prediction, spacing=spacing,
                      final_sigma=final_sigma, timesteps=timesteps, sigmas=sigmas, shift=shift, mu=mu)
+    time_shift = TimeShift.coerce(time_shift)
+    if graph and time_shift is not None and time_shift.active:
+        raise ValueError("graph=True replays the grid's timesteps; time_shift picks them per sample: drop one of them")
     if plan is None:
         defaults = dict(schedule="linear", solver="unipc", prediction="epsilon")
         grid_args = {k: (defaults[k] if v is None and k in defaults else v) for k, v in grid_args.items()}
+        if isinstance(grid_args["solver"], str) and "guidance" in solver_class(grid_args["solver"]).options:
+            solver_options = {"guidance": guidance, **solver_options}  # plans that depend on the CFG scale
         grid_args["solver"] = get_solver(grid_args["solver"], **solver_options)
         for value in grid_args["solver"].config.values():
             if isinstance(value, Artifact):
@@ -209,6 +220,7 @@ def sample(
     batch = x_T.shape[0]
     # Model timesteps for the whole run, moved to the device once.
     ts = grid.model_timesteps.to(device=device, dtype=torch.float32)
+    shifts = time_shift.for_grid(grid, device) if time_shift is not None else [None] * grid.n
     if guidance is not None:
         if _batch_of(cond) != batch or _batch_of(uncond) != batch:
             raise ValueError(f"cond/uncond batch sizes must equal the sample batch {batch}")
@@ -235,7 +247,8 @@ def sample(
         if skipped[i]:
             x, denoised = runner.advance(i, x, x.new_zeros(out_shape), callback is not None)
         else:
-            x, denoised = step(model, runner, i, x, ts[i].expand(batch), cond, callback is not None)
+            t = ts[i].expand(batch) if shifts[i] is None else TimeShift.select(x, *shifts[i])
+            x, denoised = step(model, runner, i, x, t, cond, callback is not None)
         runner.check_finite_upto(i + 1)  # reads flags only when that needs no device sync
         if callback is not None:
             callback(StepInfo(i, float(grid.model_timesteps[i]), float(grid.sigma[i]), x, denoised))

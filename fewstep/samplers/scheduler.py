@@ -51,6 +51,7 @@ __all__ = [
     "DPMSolverPPScheduler",
     "UniPCScheduler",
     "USFScheduler",
+    "DCSolverScheduler",
 ]
 
 # diffusers' names for solver options, accepted as keyword arguments of from_config.
@@ -678,3 +679,13 @@ class USFScheduler(FewstepScheduler):
     """USF solver schedules as a drop-in scheduler: ``USFScheduler.from_config(cfg, solver_schedule=PATH)``."""
 
     default_solver = "usf"
+
+
+class DCSolverScheduler(FewstepScheduler):
+    """DC-Solver (UniPC + dynamic compensation) as a drop-in scheduler.
+
+    ``from_config(config, ratios=[...])``, ``cpr=PATH, guidance=7.5`` or ``dc_file=PATH``; the
+    ratios / CPR coefficients are stored inline in the config, so ``save_pretrained`` carries them.
+    """
+
+    default_solver = "dc"

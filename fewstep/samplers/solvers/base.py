@@ -93,6 +93,9 @@ class Solver(ABC):
         super().__init_subclass__(**kwargs)
         if "solver_schedule" not in cls.options:
             cls.options = {**cls.options, "solver_schedule": SOLVER_SCHEDULE_OPTION}
+    # True for solvers that need tuned artifacts to differ from a simpler solver (DC-Solver):
+    # `fewstep compare` runs them only when asked for by name.
+    requires_tuning: ClassVar[bool] = False
 
     def __init__(self, **options: Any):
         unknown = sorted(set(options) - set(self.options))

@@ -1,0 +1,339 @@
+"""``fewstep calibrate dc``: DC-Solver ratios (or CPR coefficients) for a model, resumably.
+
+One (NFE, guidance) pair writes a ``dc_ratios`` file; ``--grid`` calibrates every pair of
+the NFE and guidance lists and fits the 36 CPR coefficients to them (a ``dc_cpr`` file).
+Beside the output ``OUT`` the folder ``OUT_STEM.calibration/`` holds the resolved config,
+the DDIM references (one per guidance), the optimiser state of the pair in progress
+(rewritten atomically after every iteration) and the ratios of every finished pair: a run
+killed at any point resumes where it stopped when the same command is run again and ends
+with the same files. Calibration noise uses seeds ``seed, seed + 1, ...`` (default 100000,
+disjoint from the evaluation seeds 0, 1, ... of ``fewstep compare``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+import torch
+
+from ..config import add_config_arguments, resolve_config, resolve_device, save_config
+from ..samplers import GridSpec, model_fingerprint, sample
+from ..samplers.calibrate import DEFAULT_ITERATIONS, DEFAULT_LR, DEFAULT_REFERENCE_NFE, calibrate_dc
+from ..samplers.dc_artifacts import DCRatios, fit_cpr
+from ..samplers.solvers.dc import DynamicCompensation
+from .compare import Method
+from .io import clean_temp_files, load_tensors, lock_directory, read_json, save_tensors, write_json
+from .testbeds import BUILTIN_MODELS, DigitsTestbed, GMMTestbed, PipelineTestbed, Testbed, make_testbed
+
+__all__ = ["CalibrateDCConfig", "run_calibrate_dc", "calibration_inputs", "add_calibrate_parser"]
+
+_LOCK_HOLDER = "another fewstep calibrate dc"
+
+
+@dataclass
+class CalibrateDCConfig:
+    """Settings of ``fewstep calibrate dc``; also the schema of its YAML files (``configs/samplers/``).
+
+    Attributes:
+        model: ``digits``, ``gmm``, ``gmm-flow`` or a local diffusers pipeline folder (UNet pipelines).
+        nfe: NFE(s) to calibrate.
+        guidance: CFG scale(s); None: the model's default (<= 1: no guidance).
+        grid: Calibrate every (NFE, guidance) pair and fit the CPR coefficients (out is a dc_cpr file).
+        num_samples: Calibration samples (the paper uses 10).
+        seed: First noise seed (sample i uses ``seed + i``).
+        solver: ``dc`` or ``dc_dpmpp``, with options (``dc:order=3``).
+        spacing: Timestep spacing; None: the model's own (the grid ``fewstep compare`` uses).
+        iterations: Adam iterations per pair.
+        lr: Adam learning rate.
+        reference_nfe: Steps of the DDIM reference.
+        batch_size: Samples per forward/backward pass; None: all at once.
+        prompts, height, width: For pipelines, as in ``fewstep compare``.
+        out: Output file (``.json`` or ``.yaml``).
+        device, threads, progress: How to run.
+    """
+
+    model: str = "digits"
+    nfe: List[int] = field(default_factory=lambda: [5])
+    guidance: Optional[List[float]] = None
+    grid: bool = False
+    num_samples: int = 10
+    seed: int = 100000
+    solver: str = "dc"
+    spacing: Optional[str] = None
+    iterations: int = DEFAULT_ITERATIONS
+    lr: float = DEFAULT_LR
+    reference_nfe: int = DEFAULT_REFERENCE_NFE
+    batch_size: Optional[int] = None
+    prompts: Optional[List[str]] = None
+    height: Optional[int] = None
+    width: Optional[int] = None
+    out: str = "runs/calibrate-dc/ratios.json"
+    device: str = "cpu"
+    threads: int = 1
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.nfe = list(dict.fromkeys(self.nfe))
+        if not self.nfe or any(isinstance(n, bool) or n < 2 for n in self.nfe):
+            raise ValueError(f"nfe values must be whole numbers >= 2, got {self.nfe}")
+        if self.guidance is not None:
+            self.guidance = list(dict.fromkeys(float(g) for g in self.guidance))
+            if not self.guidance:
+                raise ValueError("guidance must hold at least one scale (or be null for the model's default)")
+        for key, low in (("num_samples", 1), ("iterations", 0), ("reference_nfe", 1), ("threads", 1)):
+            if getattr(self, key) < low:
+                raise ValueError(f"{key} must be >= {low}, got {getattr(self, key)}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if Path(self.out).suffix not in (".json", ".yaml", ".yml"):
+            raise ValueError(f"out={self.out!r} must end in .json or .yaml (a ratios or CPR file)")
+        method = Method.parse(self.solver)
+        from ..samplers import get_solver
+
+        if not isinstance(get_solver(method.solver, **method.option_dict), DynamicCompensation):
+            raise ValueError(f"solver {self.solver!r} has no dynamic compensation; use dc or dc_dpmpp[:options]")
+        if any(k in method.option_dict for k in ("ratios", "cpr", "dc_file", "guidance")):
+            raise ValueError(f"solver {self.solver!r}: ratios/cpr/dc_file/guidance are what calibration finds or sets")
+        if not self.grid and len(self.nfe) * len(self.guidance or [0]) > 1:
+            raise ValueError("several NFE or guidance values need --grid (calibrate every pair and fit CPR)")
+        resolve_device(self.device)
+
+    @property
+    def work_dir(self) -> Path:
+        out = Path(self.out)
+        return out.with_name(out.stem + ".calibration")
+
+
+class _Denoiser:
+    """A testbed's network as ``model(x, t, cond)``, differentiable, fingerprinted by its weights."""
+
+    def __init__(self, fn: Callable[..., torch.Tensor], module: torch.nn.Module):
+        self.fn, self.module = fn, module
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        return self.fn(x, t, cond)
+
+    def fingerprint(self) -> str | None:
+        return model_fingerprint(self.module)
+
+
+def calibration_inputs(testbed: Testbed, guidance: float | None, num_samples: int, seed: int,
+                       spacing: str | None) -> dict[str, Any]:
+    """Keyword arguments of :func:`fewstep.calibrate_dc` for a testbed: a differentiable model,
+    its noise, conditioning, schedule and the grid ``fewstep compare`` samples on.
+
+    Raises:
+        ValueError: a pipeline whose denoiser is not a conditional UNet (e.g. SD3).
+    """
+    from .testbeds import _common_grid
+
+    guided = guidance is not None and guidance > 1
+    x_T, labels = testbed.initial_noise(num_samples, seed)
+    args: dict[str, Any] = dict(guidance=guidance if guided else None)
+    schedule, prediction = getattr(testbed, "schedule", None), getattr(testbed, "prediction", None)
+    grid = _common_grid(spacing, schedule) if schedule is not None else None
+    if isinstance(testbed, DigitsTestbed):
+        unet = testbed.unet
+        model = _Denoiser(lambda x, t, c: unet(x, t, class_labels=c).sample, unet)
+        args.update(model=model, cond=labels, uncond=torch.full_like(labels, testbed.null_label) if guided else None)
+    elif isinstance(testbed, GMMTestbed):
+        args.update(model=testbed.model, cond=labels, uncond=torch.full_like(labels, -1) if guided else None)
+    elif isinstance(testbed, PipelineTestbed):
+        pipe = testbed.pipe
+        if getattr(pipe, "unet", None) is None or not hasattr(pipe, "encode_prompt"):
+            raise ValueError(f"calibrate dc supports UNet text-to-image pipelines (SD 1.x/2.x) and the built-in models; "
+                             f"{testbed.path} has {type(pipe).__name__}")
+        prompts = [testbed.prompts[int(i)] for i in labels]
+        with torch.no_grad():
+            cond, uncond = pipe.encode_prompt(prompts, pipe.device, 1, True)[:2]
+        unet, dtype = pipe.unet, pipe.unet.dtype
+        model = _Denoiser(lambda x, t, c: unet(x.to(dtype), t, encoder_hidden_states=c).sample.to(x.dtype), unet)
+        args.update(model=model, cond=cond, uncond=uncond if guided else None)
+        # The grid DCSolverScheduler.from_config(pipe.scheduler.config) samples on (VP configs).
+        from ..samplers.scheduler import DCSolverScheduler
+
+        sched = DCSolverScheduler.from_config(testbed.base_config)
+        schedule, prediction, c = sched.schedule, sched.prediction, sched.config
+        grid = GridSpec(spacing=spacing or c.timestep_spacing, steps_offset=c.steps_offset,
+                        final_sigma="zero" if c.final_sigmas_type == "zero" else "min", convention="multistep")
+    else:
+        raise ValueError(f"calibrate dc cannot drive a {type(testbed).__name__}")
+    return dict(args, x_T=x_T.to(testbed.device), schedule=schedule, prediction=prediction, spacing=grid)
+
+
+def _pair_name(nfe: int, guidance: float) -> str:
+    return f"nfe{nfe}-g{guidance:g}"
+
+
+def _identity(cfg: CalibrateDCConfig, testbed: Testbed) -> dict[str, Any]:
+    from .. import __version__
+
+    model = cfg.model if cfg.model in BUILTIN_MODELS else str(Path(cfg.model).resolve())
+    method = Method.parse(cfg.solver)
+    return {"fewstep": __version__, "model": model, "testbed": testbed.fingerprint(), "num_samples": cfg.num_samples,
+            "seed": cfg.seed, "solver": repr(method.canonical), "spacing": cfg.spacing, "iterations": cfg.iterations,
+            "lr": cfg.lr, "reference_nfe": cfg.reference_nfe, "batch_size": cfg.batch_size, "prompts": cfg.prompts,
+            "height": cfg.height, "width": cfg.width, "device": testbed.device.type}
+
+
+def _reference(work: Path, cfg: CalibrateDCConfig, inputs: dict[str, Any], guidance: float, identity: str
+               ) -> torch.Tensor:
+    path = work / f"reference-g{guidance:g}.safetensors"
+    if path.exists():
+        try:
+            tensors, meta = load_tensors(path, with_metadata=True)
+            if meta.get("identity") == identity and tensors["x"].shape == inputs["x_T"].shape:
+                return tensors["x"].to(inputs["x_T"].device)
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable or stale: recomputed below
+    run = {k: inputs[k] for k in ("schedule", "prediction", "spacing", "guidance", "cond", "uncond")}
+    with torch.no_grad():
+        ref = sample(inputs["model"], inputs["x_T"], solver="ddim", nfe=cfg.reference_nfe, **run)
+    save_tensors(path, {"x": ref}, {"identity": identity})
+    return ref
+
+
+def run_calibrate_dc(testbed: Testbed, cfg: CalibrateDCConfig, log: Callable[[str], None] = print) -> Path:
+    """Run (or resume) a calibration and write ``cfg.out``.
+
+    Returns:
+        The path of the written ratios (single pair) or CPR (``grid``) file.
+
+    Raises:
+        ValueError: the work folder is in use or holds another configuration, or the grid
+            cannot determine CPR (fewer than 3 NFEs or guidance scales, or scales <= 1).
+    """
+    guidances = cfg.guidance or [testbed.default_guidance]
+    if cfg.grid and any(g <= 1 for g in guidances):
+        raise ValueError(f"a CPR grid needs classifier-free guidance scales > 1, got {guidances}")
+    pairs = list(itertools.product(cfg.nfe, guidances))
+    work, out = cfg.work_dir, Path(cfg.out)
+    method = Method.parse(cfg.solver)
+    identity = _identity(cfg, testbed)
+    with lock_directory(work, _LOCK_HOLDER):
+        clean_temp_files(work, all_stale=True)
+        known = work / "identity.json"
+        if known.exists():
+            old = read_json(known)
+            if old != identity:
+                differs = sorted(k for k in identity if not isinstance(old, dict) or old.get(k) != identity[k])
+                raise ValueError(f"{work} holds a calibration with other settings (differs in: {differs}); "
+                                 "choose another out or delete the folder")
+        else:
+            write_json(known, identity)
+        save_config(cfg, work)
+        key = repr(sorted(identity.items()))
+        results: list[DCRatios] = []
+        from tqdm.auto import tqdm
+
+        for nfe, guidance in tqdm(pairs, desc="calibrate dc", unit="pair", disable=not cfg.progress or len(pairs) < 2):
+            name = _pair_name(nfe, guidance)
+            done = work / f"ratios-{name}.json"
+            if done.exists():
+                results.append(DCRatios.load(done))
+                continue
+            inputs = calibration_inputs(testbed, guidance, cfg.num_samples, cfg.seed, cfg.spacing)
+            ref = _reference(work, cfg, inputs, guidance, key)
+            ratios = calibrate_dc(**inputs, nfe=nfe, reference=ref, iterations=cfg.iterations, lr=cfg.lr,
+                                  solver=method.solver, batch_size=cfg.batch_size, checkpoint=work / f"state-{name}.json",
+                                  progress=cfg.progress, **method.option_dict)
+            ratios.meta.extra.update(seed=cfg.seed, model=cfg.model, reference=f"ddim, {cfg.reference_nfe} steps")
+            ratios.save(done)
+            e = ratios.meta.extra
+            log(f"{name}: ratios {[round(r, 4) for r in ratios.ratios]}; calibration MSE "
+                f"{e['loss_uncompensated']:.4g} -> {e['loss']:.4g}")
+            results.append(ratios)
+        if cfg.grid:
+            cpr = fit_cpr(results)
+            cpr.meta.extra.update(model=cfg.model, seed=cfg.seed, num_samples=cfg.num_samples)
+            cpr = type(cpr)(cpr.coefficients, cpr.dc_order, dataclasses.replace(
+                cpr.meta, fingerprint=results[0].meta.fingerprint, schedule=results[0].meta.schedule,
+                solver=results[0].meta.solver))
+            cpr.save(out)
+            log(f"CPR fitted on {len(results)} pairs (rms {cpr.meta.extra['fit_rms']:.3g} in the ratios)")
+        else:
+            results[0].save(out)
+    log(f"wrote {out} (work folder {work})")
+    return out
+
+
+_LIST = re.compile(r"^(nfe|guidance)=([^\[\]]*,[^\[\]]*)$")
+
+
+def add_calibrate_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``fewstep calibrate dc``."""
+    p = sub.add_parser("calibrate", help="tune solver artifacts for a model (dc: DC-Solver ratios / CPR)",
+                       description="Tune solver artifacts for a model.")
+    targets = p.add_subparsers(dest="target", required=True, metavar="TARGET")
+    d = targets.add_parser(
+        "dc",
+        help="DC-Solver compensation ratios (one NFE/guidance) or CPR coefficients (--grid)",
+        description=(
+            "Calibrate DC-Solver's compensation ratios on a few samples against a 200-step DDIM reference\n"
+            "(gradients through the whole sampling run), or with --grid every (NFE, guidance) pair and the\n"
+            "36 cascade-polynomial-regression coefficients. Rerunning the same command resumes."
+        ),
+        epilog=(
+            "Examples:\n"
+            "  fewstep calibrate dc --model digits --nfe 5 --guidance 7.5 --num-samples 10 --out ratios.json\n"
+            "  fewstep calibrate dc --grid nfe=5,6,8,10 guidance=2,4,7.5 --out cpr.json\n"
+            "  fewstep calibrate dc --config configs/samplers/dc-calibrate-digits.yaml iterations=60\n"
+            "Then: fewstep.sample(..., solver='dc', dc_file='ratios.json') or\n"
+            "      fewstep.DCSolverScheduler.from_config(pipe.scheduler.config, dc_file='cpr.json', guidance=7.5)"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+    )
+    d.add_argument("--model", metavar="NAME|DIR", help="digits (default), gmm, gmm-flow or a UNet pipeline folder")
+    d.add_argument("--nfe", nargs="+", type=int, metavar="N", help="NFE (default: 5)")
+    d.add_argument("--guidance", nargs="+", type=float, metavar="W", help="CFG scale (default: the model's)")
+    d.add_argument("--grid", dest="grid", action="store_true",
+                   help="calibrate every (nfe, guidance) pair and fit CPR; takes nfe=A,B,... guidance=A,B,...")
+    d.add_argument("--num-samples", dest="num_samples", type=int, metavar="N", help="calibration samples (default: 10)")
+    d.add_argument("--seed", type=int, metavar="N", help="first noise seed (default: 100000)")
+    d.add_argument("--solver", metavar="SPEC", help="dc (default) or dc_dpmpp, with options: dc:order=3")
+    d.add_argument("--spacing", metavar="NAME", help="timestep spacing (default: the model's own)")
+    d.add_argument("--iterations", type=int, metavar="N", help=f"Adam iterations (default: {DEFAULT_ITERATIONS})")
+    d.add_argument("--lr", type=float, help=f"Adam learning rate (default: {DEFAULT_LR})")
+    d.add_argument("--reference-nfe", dest="reference_nfe", type=int, metavar="N",
+                   help=f"DDIM reference steps (default: {DEFAULT_REFERENCE_NFE})")
+    d.add_argument("--batch-size", dest="batch_size", type=int, metavar="N", help="samples per pass (default: all)")
+    d.add_argument("--prompt", dest="prompts", action="append", metavar="TEXT", help="pipeline prompt, repeatable")
+    d.add_argument("--height", type=int, metavar="PX", help="pipeline image height")
+    d.add_argument("--width", type=int, metavar="PX", help="pipeline image width")
+    d.add_argument("--out", metavar="FILE", help="ratios or CPR file (default: runs/calibrate-dc/ratios.json)")
+    d.add_argument("--device", help="cpu (default), cuda, cuda:N or mps")
+    d.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: 1)")
+    d.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
+    add_config_arguments(d, CalibrateDCConfig)
+    d.set_defaults(func=cmd_calibrate_dc)
+    p.set_defaults(config_schema=CalibrateDCConfig)  # key=value items are split off before parsing
+
+
+def cmd_calibrate_dc(args: argparse.Namespace) -> int:
+    """CLI body of ``fewstep calibrate dc``."""
+    # --grid nfe=5,6,8 guidance=2,4: comma lists are accepted for the two grid keys.
+    args.overrides = [f"{m.group(1)}=[{m.group(2)}]" if (m := _LIST.match(o)) else o
+                      for o in getattr(args, "overrides", [])]
+    vars(args).pop("target", None)  # the subcommand's name, not a setting
+    cfg = resolve_config(CalibrateDCConfig, args)
+    args.resume_hint = f"finished work is kept in {cfg.work_dir}; run the same command again to resume"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        with lock_directory(cfg.work_dir, _LOCK_HOLDER):
+            testbed = make_testbed(cfg.model, cfg.device, cfg.prompts, cfg.height, cfg.width)
+            run_calibrate_dc(testbed, cfg)
+    finally:
+        torch.set_num_threads(threads)
+    return 0
