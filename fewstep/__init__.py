@@ -9,7 +9,8 @@ __version__ = "0.1.0"
 
 # Loaded on first use: the diffusers adapter imports diffusers (slow), the subpackages pull
 # in models and evaluation code that plain sampling does not need.
-_SCHEDULERS = ["FewstepScheduler", "DDIMSolverScheduler", "DPMSolverPPScheduler", "UniPCScheduler"]
+_SCHEDULERS = ["FewstepScheduler", "DDIMSolverScheduler", "DPMSolverPPScheduler", "UniPCScheduler",
+               "DPMSolverV3Scheduler"]
 _SUBMODULES = ["config", "eval", "zoo"]
 
 

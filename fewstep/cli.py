@@ -3,6 +3,7 @@
 Commands:
   solvers   list the registered solvers and their options
   compare   benchmark solvers at low NFE against a high-NFE reference
+  ems       DPM-Solver-v3 empirical model statistics (ems compute)
 
 Every command prints one "fewstep <command>: error: ..." line for a user mistake (bad
 setting, unreadable or malformed file) and exits with status 2; Ctrl-C exits with 130
@@ -64,6 +65,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     """The ``fewstep`` parser and its subcommands."""
     from . import __version__
     from .eval.compare import add_compare_parser
+    from .eval.ems import add_ems_parser
 
     parser = argparse.ArgumentParser(prog="fewstep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -76,6 +78,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     p.set_defaults(func=cmd_solvers)
 
     add_compare_parser(sub)
+    add_ems_parser(sub)
     return parser, sub
 
 

@@ -1,6 +1,8 @@
 """The solver core: schedules, grids, conversion, solvers, the functional loop and the diffusers adapter."""
 
 from .artifacts import Artifact, ArtifactError, ArtifactMeta, model_fingerprint
+from .ems import EMS
+from .ems_compute import compute_ems
 from .plan import PlanExecutor, SolverPlan
 from .prediction import PREDICTIONS, Clip, DynamicThreshold, cfg_combine
 from .registry import get_solver, list_solvers, register_solver, solver_class
@@ -12,13 +14,13 @@ from .schedules import (
     VESchedule,
     make_schedule,
 )
-from .solvers import ddim, dpmpp, unipc  # noqa: F401  (registers the solvers)
+from .solvers import ddim, dpmpp, dpmv3, unipc  # noqa: F401  (registers the solvers)
 from .solvers.base import Option, Solver
 from .sampling import StepInfo, make_plan, sample
 from .timesteps import SPACINGS, GridSpec, TimeGrid, build_grid
 
 __all__ = [
-    "Artifact", "ArtifactError", "ArtifactMeta", "model_fingerprint",
+    "Artifact", "ArtifactError", "ArtifactMeta", "model_fingerprint", "EMS", "compute_ems",
     "Clip", "ContinuousVPSchedule", "DiscreteVPSchedule", "DynamicThreshold", "FlowSchedule", "GridSpec",
     "NoiseSchedule", "Option", "PREDICTIONS", "PlanExecutor", "SPACINGS", "Solver", "SolverPlan", "StepInfo",
     "TimeGrid", "VESchedule", "build_grid", "cfg_combine", "get_solver", "list_solvers", "make_plan",

@@ -4,9 +4,10 @@ A solver turns a :class:`~fewstep.samplers.timesteps.TimeGrid` into a
 :class:`SolverPlan` once, in float64. Every step of every solver is then the same
 four linear stages over a fixed set of registers:
 
-    convert     x0 = c_x x + c_out out;  D = x0 (data space) or e_x x + e_0 x0 (noise space)
+    convert     x0 = c_x x + c_out out;  D = x0 (data space) or e_x x + e_0 x0 (noise space),
+                or h_x x + h_0 x0 when the plan gives its own history row (DPM-Solver-v3)
                 D is pushed into the history D_0 (newest), D_1, ..., D_{H-1}
-    correct     x = a x_prev + sum_j b_j D_j                 (UniC-style correctors)
+    correct     x = a x_prev + sum_j b_j D_j (+ bias)        (UniC-style correctors)
     compensate  D_0 = sum_j w_j D_j                          (DC-Solver's dynamic compensation)
     predict     x_next = a x + sum_j b_j D_j (+ r out) (+ bias) (the multistep predictor)
 
@@ -45,6 +46,11 @@ class SolverPlan:
         predict_bias: [n, *S] additive term of the predictor, or None.
         predict_raw: [n, *S] coefficient of the raw model output in the predictor, or None
             (DDIM uses it to take eps from the raw output when x0 is thresholded).
+        history_coef: [n, 2, *S] (h_x, h_0): the history entry is h_x x + h_0 x0 instead of
+            the space's default, or None. DPM-Solver-v3 stores f = ((1 - l) x - alpha x0) / alpha,
+            which needs the sample of its own step (elementwise l).
+        correct_bias: [n, *S] additive term of the corrector, or None (zero where ``correct``
+            is zero).
         orders: Predictor order used at each step (for inspection and tests).
         info: Free-form per-plan metadata (e.g. corrector orders).
     """
@@ -58,6 +64,8 @@ class SolverPlan:
     compensate: torch.Tensor | None = None
     predict_bias: torch.Tensor | None = None
     predict_raw: torch.Tensor | None = None
+    history_coef: torch.Tensor | None = None
+    correct_bias: torch.Tensor | None = None
     orders: list[int] = field(default_factory=list)
     info: dict = field(default_factory=dict)
 
@@ -71,11 +79,20 @@ class SolverPlan:
             _check_table("correct", self.correct, (n, 1 + h))
         if self.compensate is not None:
             _check_table("compensate", self.compensate, (n, h))
-        for name in ("predict_bias", "predict_raw"):
+        if self.history_coef is not None:
+            _check_table("history_coef", self.history_coef, (n, 2))
+        for name in ("predict_bias", "predict_raw", "correct_bias"):
             table = getattr(self, name)
             if table is not None and (table.shape[0] != n or table.dtype != torch.float64):
                 raise ValueError(f"{name} must be float64 with {n} rows, got {tuple(table.shape)}")
-        for name in ("x0_coef", "predict", "correct", "compensate", "predict_bias", "predict_raw"):
+        if self.correct_bias is not None:
+            if self.correct is None:
+                raise ValueError("correct_bias needs a correct table")
+            uncorrected = ~self.correct.reshape(n, -1).ne(0).any(1)
+            if bool(self.correct_bias.reshape(n, -1)[uncorrected].ne(0).any()):
+                raise ValueError("correct_bias must be zero on steps without a correction")
+        for name in ("x0_coef", "predict", "correct", "compensate", "predict_bias", "predict_raw", "history_coef",
+                     "correct_bias"):
             table = getattr(self, name)
             if table is not None and not bool(torch.isfinite(table).all()):
                 step = int(torch.nonzero(~torch.isfinite(table.reshape(n, -1)).all(1))[0])
@@ -90,6 +107,15 @@ class SolverPlan:
     def coefficient_shape(self) -> tuple[int, ...]:
         """Trailing shape of elementwise coefficients (``()`` for scalar solvers)."""
         return tuple(self.predict.shape[2:])
+
+    def check_sample_shape(self, shape: tuple[int, ...]) -> None:
+        """Raise ValueError unless elementwise coefficients match a sample of ``shape`` [B, *S]."""
+        coef = self.coefficient_shape
+        if coef and tuple(shape[1:]) != coef:
+            raise ValueError(
+                f"this plan's elementwise coefficients have per-sample shape {coef} (e.g. DPM-Solver-v3 "
+                f"statistics), but the sample is {tuple(shape)} (per-sample shape {tuple(shape[1:])})"
+            )
 
     def correct_steps(self) -> list[int]:
         """Indices of the steps whose incoming sample is corrected."""
@@ -235,11 +261,16 @@ class PlanExecutor:
             e = torch.stack([1 / g.sigma[:n], -g.alpha[:n] / g.sigma[:n]], 1)
             e = on_device(e)
             self._eps = [(e[i, 0], e[i, 1]) for i in range(n)]
+        hist = on_device(plan.history_coef)
+        self._hist = None if hist is None else [(hist[i, 0], hist[i, 1]) for i in range(n)]
         self._predict = self._stages(plan.predict, on_device(plan.predict))
         self._correct = self._stages(plan.correct, on_device(plan.correct), skip_if_zero=True)
         self._compensate = self._stages(plan.compensate, on_device(plan.compensate), skip_identity=True)
         bias = on_device(plan.predict_bias)
         self._bias = [None] * n if bias is None else [bias[i] for i in range(n)]
+        cbias = on_device(plan.correct_bias)
+        self._correct_bias = [None] * n if cbias is None else [
+            cbias[i] if bool(plan.correct_bias[i].ne(0).any()) else None for i in range(n)]
         raw = on_device(plan.predict_raw)
         self._raw = [None] * n if raw is None else [
             raw[i] if bool(plan.predict_raw[i].ne(0).any()) else None for i in range(n)]
@@ -291,6 +322,7 @@ class PlanExecutor:
                 f"model output shape {tuple(model_output.shape)} does not match sample shape {tuple(x.shape)}"
             )
         if self.shape is None:
+            self.plan.check_sample_shape(tuple(x.shape))
             self.shape = x.shape
         elif x.shape != self.shape:
             raise ValueError(
@@ -320,7 +352,10 @@ class PlanExecutor:
         x0 = linear_combination((cx, co), (x, out))
         if self.transform is not None:
             x0 = self.transform(x0)
-        if self.plan.space == "noise":
+        if self._hist is not None:
+            hx, h0 = self._hist[i]
+            d = linear_combination((hx, h0), (x, x0))
+        elif self.plan.space == "noise":
             ex, e0 = self._eps[i]
             d = linear_combination((ex, e0), (x, x0))
         else:
@@ -330,7 +365,7 @@ class PlanExecutor:
             self.history.pop()
 
         if self._correct and self._correct[i] is not None:
-            x = self._apply(self._correct[i], [self.x_prev, *self.history])
+            x = self._apply(self._correct[i], [self.x_prev, *self.history], self._correct_bias[i])
         if self._compensate and self._compensate[i] is not None:
             self.history[0] = self._apply(self._compensate[i], self.history)
         x_next = self._apply(self._predict[i], [x, *self.history], self._bias[i])

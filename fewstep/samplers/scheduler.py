@@ -48,6 +48,7 @@ __all__ = [
     "DDIMSolverScheduler",
     "DPMSolverPPScheduler",
     "UniPCScheduler",
+    "DPMSolverV3Scheduler",
 ]
 
 # diffusers' names for solver options, accepted as keyword arguments of from_config.
@@ -349,9 +350,9 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             sigmas=None if sigmas is None else tuple(as_real_vector("sigmas", sigmas)),
             convention=self.solver.diffusers_convention,
         )
-        grid = build_grid(self.schedule, num_inference_steps, spec)
-        plan = self.solver.plan(grid, self.prediction)
-        self.grid, self.plan = grid, plan  # only once both succeeded: a failed call changes nothing
+        plan = self.solver.plan(build_grid(self.schedule, num_inference_steps, spec), self.prediction)
+        # The plan's grid: a solver may move the points (DPM-Solver-v3 snaps them to its EMS grid).
+        self.grid, self.plan = plan.grid, plan  # only once both succeeded: a failed call changes nothing
         ts = self.grid.model_timesteps
         self.timesteps = (ts.round().long() if self.grid.integer_timesteps else ts.float()).to(device)
         self.sigmas = self.grid.diffusers_sigmas().float()
@@ -590,3 +591,12 @@ class UniPCScheduler(FewstepScheduler):
 
     default_solver = "unipc"
 
+
+class DPMSolverV3Scheduler(FewstepScheduler):
+    """DPM-Solver-v3 as a drop-in scheduler; needs the model's EMS: ``from_config(cfg, ems=PATH)``.
+
+    ``save_pretrained`` writes the EMS file next to the scheduler config and
+    ``from_pretrained`` loads it back; timesteps are snapped to the EMS grid.
+    """
+
+    default_solver = "dpmv3"
