@@ -10,7 +10,7 @@ import torch
 
 import fewstep
 from fewstep import EMS, ArtifactError, ArtifactMeta, DPMSolverV3Scheduler
-from fewstep.samplers.solvers.dpmv3 import _Stats, _psi
+from fewstep.samplers.solvers.dpmv3 import _psi
 from fewstep.zoo.gmm import GaussianMixture, GMMModel
 
 MIX = GaussianMixture.random(4, 3, seed=0)
@@ -48,6 +48,34 @@ def test_degenerate_statistics_reproduce_dpm_solver_pp(schedule, prediction, spa
     if order == 3:  # the reference DPM-Solver++(3M) (half the second-difference term) is a different method
         other = fewstep.sample(model, X, solver="dpmpp", order=3, variant="heun", **kw)
         assert float((other - got).abs().max()) > 1e-4
+
+
+def test_flow_grid_from_pure_noise_starts_with_the_exact_step():
+    """A flow grid starting at sigma = 1 (alpha = 0, lambda = -inf): that point gets DPM-Solver++'s exact
+    first step and never enters a stencil, with or without statistics."""
+    model = GMMModel(MIX, "flow", "flow")
+    kw = dict(schedule="flow", prediction="flow", sigmas=[1.0, 0.8, 0.6, 0.4, 0.2, 0.1])
+    expect = fewstep.sample(model, X, solver="dpmpp", variant="heun", **kw)
+    torch.testing.assert_close(fewstep.sample(model, X, solver="dpmv3", degenerate=True, corrector=False, **kw),
+                               expect, rtol=0, atol=1e-12)
+    plan = fewstep.make_plan(solver="dpmv3", ems=synthetic_ems("flow", 200), **kw)
+    assert plan.info["ems_index"][0] is None and plan.orders[:2] == [1, 1] and 1 not in plan.correct_steps()
+    assert torch.isfinite(fewstep.sample(model, X, plan=plan)).all()
+
+
+def test_presets_are_valid_options():
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    presets = sorted((Path(__file__).parent.parent / "configs" / "samplers").glob("dpmv3*.yaml"))
+    assert len(presets) >= 2
+    for path in presets:
+        opts = OmegaConf.to_container(OmegaConf.load(path))
+        assert opts.pop("solver") == "dpmv3"
+        fewstep.get_solver("dpmv3", degenerate=True, **opts)
+        s = fewstep.FewstepScheduler.from_config({}, solver="dpmv3", degenerate=True, **opts)
+        assert s.solver.config["order"] == opts["order"]
 
 
 def test_degenerate_statistics_on_an_ems_grid_reproduce_dpm_solver_pp():
@@ -218,6 +246,15 @@ def test_half_corrector_regions(region, expect):
 def test_sample_shape_must_match_the_statistics():
     with pytest.raises(ValueError, match=r"per-sample shape \(4,\) .* but the sample is \(8, 2, 2\)"):
         fewstep.sample(lambda x, t: x, X.reshape(8, 2, 2), solver="dpmv3", ems=synthetic_ems(n_grid=50), nfe=5)
+
+
+def test_compare_runs_dpmv3_only_when_given_its_ems(tmp_path):
+    from fewstep.eval.compare import CompareConfig
+
+    assert "dpmv3" not in [m.solver for m in CompareConfig(out=str(tmp_path)).methods]
+    path = synthetic_ems(n_grid=50).save(tmp_path / "e.safetensors")
+    methods = CompareConfig(out=str(tmp_path), solvers=[f"dpmv3:ems={path},order=3"]).methods
+    assert methods[0].solver == "dpmv3" and methods[0].option_dict == {"ems": str(path), "order": 3}
 
 
 def test_options_are_validated():

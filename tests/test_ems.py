@@ -238,6 +238,28 @@ def slow_gmm_run(workdir, out, delay):
     ems.save(out)
 
 
+def test_interrupted_run_resumes_to_the_identical_statistics(tmp_path):
+    """A run that dies mid-way (here: the model raises) keeps its finished chunks; the rerun uses them."""
+    model, calls = GMMModel(MIX, SCHED), []
+
+    def failing(x, t):
+        calls.append(1)
+        if len(calls) == 9:
+            raise KeyboardInterrupt
+        return model(x, t)
+
+    kw = dict(n_grid=7, n_data=4, batch_size=2, chunk_size=2, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        compute_ems(failing, mixture_data(0), SCHED, workdir=tmp_path, **kw)
+    assert len(list(tmp_path.glob("chunk_*.safetensors"))) == 1  # 8 calls = one chunk of 2 points x 2 blocks
+    calls.clear()
+    resumed = compute_ems(lambda x, t: calls.append(1) or model(x, t), mixture_data(0), SCHED, workdir=tmp_path, **kw)
+    assert len(calls) == 6 * 2 * 2  # only the 6 unfinished grid points were computed
+    fresh = compute_ems(lambda x, t: model(x, t), mixture_data(0), SCHED, **kw)
+    assert resumed == fresh  # bitwise: tensors and record
+
+
+@pytest.mark.slow
 def test_kill_and_resume_gives_the_identical_file(tmp_path):
     code = f"import sys; sys.path.insert(0, {str(os.path.dirname(__file__))!r}); import torch; " \
            f"torch.set_num_threads(1); from test_ems import slow_gmm_run; " \
@@ -275,6 +297,19 @@ def test_cli_writes_the_ems_and_reports_errors_in_one_line(tmp_path, capsys):
         assert cli_main(["ems", "compute", *argv]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("fewstep ems: error:") and __import__("re").search(match, err[0])
+
+
+def test_cli_presets_load():
+    from pathlib import Path
+
+    from fewstep.config import load_config
+    from fewstep.eval.ems import EMSComputeConfig
+
+    root = Path(__file__).parent.parent / "configs" / "ems"
+    cfg = load_config(EMSComputeConfig, root / "digits.yaml", overrides=["guidance=7.5"])
+    assert (cfg.model, cfg.n_grid, cfg.n_data, cfg.guidance, cfg.data) == ("digits", 100, 256, 7.5, "real")
+    cfg = load_config(EMSComputeConfig, root / "pipeline.yaml", overrides=["device=cpu", "model=x"])
+    assert cfg.data == "samples" and cfg.guidance == 7.5
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ def x_T(n=4):
 
 
 def test_list_and_get_solvers():
-    assert fewstep.list_solvers() == ["ddim", "dpmpp", "unipc"]
+    assert fewstep.list_solvers() == ["ddim", "dpmpp", "dpmv3", "unipc"]
     s = fewstep.get_solver("unipc", order=3, variant="bh1")
     assert s.config["order"] == 3 and s.history_size == 4
     assert fewstep.get_solver(s) is s

@@ -109,7 +109,8 @@ class CompareConfig:
 
     Attributes:
         model: ``digits``, ``gmm``, ``gmm-flow`` or a local diffusers pipeline folder.
-        solvers: Solver specs (``unipc:order=3,variant=bh1``); None: every registered solver.
+        solvers: Solver specs (``unipc:order=3,variant=bh1``); None: every registered solver that
+            runs with its default options (not dpmv3, which needs its model's EMS file).
         nfe: Model evaluations per sample to compare (duplicates are dropped).
         num_samples: Samples per run (sample i uses noise seed ``seed + i``).
         seed: First noise seed.
@@ -172,7 +173,7 @@ class CompareConfig:
         if self.prompts is not None and not self.prompts:
             raise ValueError("prompts must hold at least one prompt (or be null for the defaults)")
         resolve_device(self.device)  # a CUDA request on a CPU-only build fails here, before any work
-        specs = list_solvers() if self.solvers is None else list(self.solvers)
+        specs = default_solvers() if self.solvers is None else list(self.solvers)
         if not specs:
             raise ValueError("no solvers to compare")
         methods, kept, seen = [], [], set()
@@ -218,6 +219,18 @@ class CompareConfig:
             "reference": self._reference.label, "reference_nfe": self.reference_nfe,
             "device": testbed.device.type, "batch_size": testbed.batch_size,
         }
+
+
+def default_solvers() -> list[str]:
+    """The registered solvers that run with their default options (dpmv3 needs its model's EMS)."""
+    names = []
+    for name in list_solvers():
+        try:
+            get_solver(name)
+        except ValueError:
+            continue
+        names.append(name)
+    return names
 
 
 def _digest(obj: Any) -> str:
@@ -509,7 +522,8 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", metavar="NAME|DIR", help="digits (default), gmm, gmm-flow, or a diffusers pipeline folder")
     p.add_argument("--solvers", nargs="+", metavar="SPEC",
-                   help="solvers, e.g. ddim unipc:order=3,variant=bh1 (default: every registered solver; "
+                   help="solvers, e.g. ddim unipc:order=3,variant=bh1 dpmv3:ems=FILE (default: every registered solver "
+                        "that needs no tuned file; "
                         "see 'fewstep solvers')")
     p.add_argument("--nfe", nargs="+", type=int, metavar="N", help="model evaluations per sample (default: 5 6 8 10)")
     p.add_argument("--guidance", type=float, metavar="W", help="classifier-free guidance scale (default: per model, see below)")

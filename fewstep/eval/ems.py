@@ -217,28 +217,25 @@ def _pipeline_source(cfg: EMSComputeConfig, path: Path, device) -> EMSSource:
     shape = (denoiser.config.in_channels, h, w)
     prompts = _read_prompts(cfg.prompts)
     is_unet = getattr(pipe, "unet", None) is not None
-    with torch.no_grad():
+    with torch.no_grad():  # one table of embeddings: row p is prompt p, the last row the empty prompt
         if is_unet:
             pos, neg = pipe.encode_prompt(prompts, device, 1, True, negative_prompt=[""] * len(prompts))
-            table, null = pos, neg
+            table = (torch.cat([pos, neg[:1]]),)
         else:
             pos, neg, pooled, neg_pooled = pipe.encode_prompt(prompts, None, None, device=device,
                                                               num_images_per_prompt=1,
-                                                              do_classifier_free_guidance=True,
-                                                              negative_prompt=[""] * len(prompts))
-            table, null = (pos, pooled), (neg, neg_pooled)
+                                                              do_classifier_free_guidance=True, negative_prompt=[""] * len(prompts))
+            table = (torch.cat([pos, neg[:1]]), torch.cat([pooled, neg_pooled[:1]]))
+    empty = len(prompts)
 
-    def pick(t, idx):
-        return tuple(u[idx] for u in t) if isinstance(t, tuple) else t[idx]
+    def conds(indices):  # conditioning is a prompt index, so batches concatenate like labels
+        return (indices % len(prompts)).to(device), torch.full((indices.numel(),), empty, device=device)
 
-    def conds(indices):
-        idx = (indices % len(prompts)).to(device)
-        return pick(table, idx), pick(null, idx)
-
-    def model(x, t, cond):
+    def model(x, t, idx):
         if is_unet:
-            return denoiser(x, t, encoder_hidden_states=cond).sample
-        return denoiser(hidden_states=x, timestep=t, encoder_hidden_states=cond[0], pooled_projections=cond[1]).sample
+            return denoiser(x, t, encoder_hidden_states=table[0][idx]).sample
+        return denoiser(hidden_states=x, timestep=t, encoder_hidden_states=table[0][idx],
+                        pooled_projections=table[1][idx]).sample
 
     data = _sampled(model, sched.schedule, sched.prediction, shape, cfg, conds, device)
     what = f"{path.name}: own latents (dpmpp-3 taylor, {cfg.sample_nfe} steps, seeds {cfg.seed}+k), {len(prompts)} prompts"

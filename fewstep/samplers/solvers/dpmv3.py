@@ -23,6 +23,7 @@ is ``dpmpp(order=3, third_order="taylor")`` (tests/test_dpmv3.py).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -70,6 +71,27 @@ def _cumulative(values: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.zeros_like(values[:1]), torch.cumsum(steps, 0)])
 
 
+@dataclasses.dataclass(frozen=True)
+class _StepIntegrals:
+    """The EMS integrals of one step s -> t, relative to s (float64, [*S] or scalars).
+
+    Attributes:
+        L_t: int_s^t l.
+        S: int_s^lambda_j s at every point j of the window (from ``lo``).
+        Bt: int_s^lambda_j e^{-S} b at every point of the window.
+        E: E_k = int_s^t e^{L + S} (lambda - lambda_s)^k / k!, k = 0..max_k.
+        K: int_s^t e^{L + S} Bt.
+        lo: First EMS index of the window.
+    """
+
+    L_t: torch.Tensor
+    S: torch.Tensor
+    Bt: torch.Tensor
+    E: list
+    K: torch.Tensor
+    lo: int
+
+
 class _Stats:
     """l, s, b on an increasing log-SNR grid; [M, *S] tensors or [M] for scalar statistics."""
 
@@ -83,36 +105,33 @@ class _Stats:
     def _col(self, v: torch.Tensor) -> torch.Tensor:
         return v.reshape(-1, *([1] * len(self.shape)))
 
-    def step(self, js: int, jt: int, lo: int, max_k: int) -> dict:
-        """Integrals of the step from grid point ``js`` to ``jt`` with history back to ``lo``."""
+    def step(self, js: int, jt: int, lo: int, max_k: int) -> _StepIntegrals:
+        """Integrals of the step from grid point ``js`` to ``jt``; the window reaches back to ``lo``."""
         sl = slice(lo, jt + 1)
         lam, l, s, b = self.lam[sl], self.l[sl], self.s[sl], self.b[sl]
         r = js - lo
         L, S = _cumulative(l, lam), _cumulative(s, lam)
         L, S = L - L[r], S - S[r]
         dlam = self._col(lam[1:] - lam[:-1])
-        # Bt(lambda_j) = int_{lambda_s}^{lambda_j} e^{-S} b, exact for linear -S and b per interval
-        nS = -S
-        p0, p1 = _psi(1, nS[1:] - nS[:-1])
-        pieces = dlam * torch.exp(nS[:-1]) * (b[:-1] * p0 + (b[1:] - b[:-1]) * p1)
+        # Bt(lambda_j), exact for -S and b linear on each interval
+        p0, p1 = _psi(1, S[:-1] - S[1:])
+        pieces = dlam * torch.exp(-S[:-1]) * (b[:-1] * p0 + (b[1:] - b[:-1]) * p1)
         Bt = torch.cat([torch.zeros_like(pieces[:1]), torch.cumsum(pieces, 0)])
         Bt = Bt - Bt[r]
-        # integrals over [lambda_s, lambda_t] of e^{a} (lambda - lambda_s)^k / k! and e^{a} Bt
+        # over [lambda_s, lambda_t]: e^{a} times a polynomial in lambda, a = L + S linear per interval
         a = (L + S)[r:]
-        da = a[1:] - a[:-1]
         h = dlam[r:]
-        d = self._col(lam[r:-1] - lam[r])
-        psi = _psi(max(max_k, 1), da)
+        d = self._col(lam[r:-1] - lam[r])  # interval starts, relative to lambda_s
+        psi = _psi(max(max_k, 1), a[1:] - a[:-1])
         ea = torch.exp(a[:-1])
         E = []
         for k in range(max_k + 1):
-            acc = torch.zeros_like(ea)
-            for i in range(k + 1):
-                acc = acc + d ** (k - i) / math.factorial(k - i) * h ** (i + 1) * psi[i]
-            E.append((ea * acc).sum(0))
+            # (d + u)^k / k! = sum_i d^(k-i) / (k-i)! u^i / i!, and int_0^h e^{a} u^i / i! = e^{a_0} h^(i+1) psi_i
+            poly = sum(d ** (k - i) / math.factorial(k - i) * h ** (i + 1) * psi[i] for i in range(k + 1))
+            E.append((ea * poly).sum(0))
         Bs = Bt[r:]
         K = (ea * h * (Bs[:-1] * psi[0] + (Bs[1:] - Bs[:-1]) * psi[1])).sum(0)
-        return {"L_t": L[-1], "S": S, "Bt": Bt, "E": E, "K": K, "offset": lo}
+        return _StepIntegrals(L[-1], S, Bt, E, K, lo)
 
 
 def _derivative_weights(offsets: list[float], pseudo: bool) -> np.ndarray:
@@ -151,8 +170,6 @@ def snap_to_ems(grid: TimeGrid, lambdas: torch.Tensor) -> tuple[TimeGrid, list[i
         ValueError: a point outside the EMS range (naming the allowed timesteps), or two
             points snapping to one EMS point (the EMS grid is too coarse).
     """
-    import dataclasses
-
     sched = grid.schedule
     lam = grid.lambda_
     spacing = lambdas[1:] - lambdas[:-1]
@@ -264,25 +281,23 @@ class DPMSolverV3(Solver):
 
     def _row(self, stats: _Stats, grid: TimeGrid, index: list, s: int, t: int, points: list[int], pseudo: bool
              ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
-        """(A, [coefficient of f_j for j in points], bias) of the step s -> t with stencil ``points``."""
+        """(A, [coefficient of f_p for p in points], bias) of the step s -> t with stencil ``points``.
+
+        x_t = A x_s - alpha_t e^{-L_t} (sum_k E_k g^(k) + K), g^(k) = sum_p W[k, p] g_p and
+        g_p = e^{-S_p} f_p - Bt_p: linear in the f's plus a constant (the bias).
+        """
         js, jt = index[s], index[t]
-        ej = [index[p] for p in points]
-        offsets = [float(stats.lam[j] - stats.lam[js]) for j in ej]
-        W = _derivative_weights(offsets, pseudo)
-        lo = min(ej + [js])
-        I = stats.step(js, jt, lo, len(points) - 1)
-        alpha_s, alpha_t = float(grid.alpha[s]), float(grid.alpha[t])
-        decay = alpha_t * torch.exp(-I["L_t"])
-        A = alpha_t / alpha_s * torch.exp(-I["L_t"])
-        coefs, bias = [], -alpha_t * torch.exp(-I["L_t"]) * I["K"]
-        for q, j in enumerate(ej):
-            w = I["E"][0] * (1.0 if q == 0 else 0.0)
-            for k in range(1, len(points)):
-                w = w + I["E"][k] * float(W[k - 1, q])
-            coefs.append(-decay * w * torch.exp(-I["S"][j - lo]))
-            # g_j = e^{-S_j} f_j - Bt_j: the constant part of every derivative goes to the bias
-            for k in range(1, len(points)):
-                bias = bias + decay * I["E"][k] * float(W[k - 1, q]) * I["Bt"][j - lo]
+        ems_points = [index[p] for p in points]
+        W = _derivative_weights([float(stats.lam[j] - stats.lam[js]) for j in ems_points], pseudo)
+        ints = stats.step(js, jt, min(ems_points + [js]), len(points) - 1)
+        alpha_t = float(grid.alpha[t])
+        decay = alpha_t * torch.exp(-ints.L_t)
+        A = decay / float(grid.alpha[s])
+        coefs, bias = [], -decay * ints.K
+        for q, j in enumerate(ems_points):
+            w = ints.E[0] * float(q == 0) + sum(ints.E[k] * float(W[k - 1, q]) for k in range(1, len(points)))
+            coefs.append(-decay * w * torch.exp(-ints.S[j - ints.lo]))
+            bias = bias + decay * (w - ints.E[0] * float(q == 0)) * ints.Bt[j - ints.lo]
         return A, coefs, bias
 
     def plan(self, grid: TimeGrid, prediction: str = "epsilon") -> SolverPlan:
