@@ -89,6 +89,26 @@ def test_degenerate_statistics_on_an_ems_grid_reproduce_dpm_solver_pp():
     torch.testing.assert_close(fewstep.sample(model, X, plan=plan), expect, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_noise_prediction_statistics_reproduce_dpm_solver(order):
+    """The paper's other degenerate case, l = 0, s = -1, b = 0 (f = e^{-lambda} eps), is DPM-Solver in noise
+    space; plain zero statistics (s = 0) are not: they hold sigma eps / alpha constant instead of eps."""
+    ems = synthetic_ems(n_grid=300)
+    zeros = torch.zeros_like(ems.l)
+    model = GMMModel(MIX)
+
+    def run(s):
+        plan = fewstep.make_plan("linear", "dpmv3", 8, order=order, corrector=False,
+                                 ems=EMS(ems.lambdas, zeros, s, zeros, ems.meta, 64))
+        return fewstep.sample(model, X, plan=plan), plan.grid.model_timesteps.tolist()
+
+    got, ts = run(-torch.ones_like(zeros))
+    ref = {1: dict(order=1), 2: dict(order=2, variant="heun"), 3: dict(order=3, variant="heun", third_order="taylor")}
+    expect = fewstep.sample(model, X, solver="dpmpp", space="noise", timesteps=ts, **ref[order])
+    torch.testing.assert_close(got, expect, rtol=0, atol=1e-12)
+    assert float((run(zeros)[0] - expect).abs().max()) > 1e-2
+
+
 # ---------------------------------------------------------------------------- the official algorithm
 
 def official_integrals(ems, exact):

@@ -29,7 +29,7 @@ def mixture_data(seed):
     return data
 
 
-def exact_statistics(lam0: float, m: int = 4000):
+def exact_statistics(lam0: float, m: int = 2000):
     """l, s, b at lambda0 from exact Jacobians and total derivatives (autograd on the exact denoiser).
 
     Independent of fewstep's EMS code: the VP identities alpha^2 = sigmoid(2 lambda), d x / d lambda =
@@ -111,7 +111,7 @@ def test_guided_ems_is_the_ems_of_the_guided_function():
     def combined(x, t, labels):
         return model(x, t, -torch.ones_like(labels)) + 3.0 * (model(x, t, labels) - model(x, t, -torch.ones_like(labels)))
 
-    kw = dict(n_grid=6, n_data=8, batch_size=8, progress=False)
+    kw = dict(n_grid=3, n_data=8, batch_size=8, progress=False)
     guided = compute_ems(model, data, "linear", guidance=3.0, **kw)
     plain = compute_ems(combined, lambda i: data(i)[:2], "linear", **kw)
     for k in ("l", "s", "b"):
@@ -121,7 +121,7 @@ def test_guided_ems_is_the_ems_of_the_guided_function():
 
 @pytest.mark.parametrize("prediction", ["v_prediction", "sample"])
 def test_ems_does_not_depend_on_the_parameterisation(prediction):
-    kw = dict(n_grid=6, n_data=8, batch_size=8, progress=False, **T_RANGE)
+    kw = dict(n_grid=3, n_data=8, batch_size=8, progress=False, **T_RANGE)
     ref = compute_ems(GMMModel(MIX, SCHED), mixture_data(0), SCHED, **kw)
     other = compute_ems(GMMModel(MIX, SCHED, prediction), mixture_data(0), SCHED, prediction=prediction, **kw)
     for k in ("l", "s", "b"):
@@ -248,13 +248,13 @@ def test_interrupted_run_resumes_to_the_identical_statistics(tmp_path):
             raise KeyboardInterrupt
         return model(x, t)
 
-    kw = dict(n_grid=7, n_data=4, batch_size=2, chunk_size=2, progress=False)
+    kw = dict(n_grid=3, n_data=4, batch_size=2, chunk_size=2, progress=False)
     with pytest.raises(KeyboardInterrupt):
         compute_ems(failing, mixture_data(0), SCHED, workdir=tmp_path, **kw)
     assert len(list(tmp_path.glob("chunk_*.safetensors"))) == 1  # 8 calls = one chunk of 2 points x 2 blocks
     calls.clear()
     resumed = compute_ems(lambda x, t: calls.append(1) or model(x, t), mixture_data(0), SCHED, workdir=tmp_path, **kw)
-    assert len(calls) == 6 * 2 * 2  # only the 6 unfinished grid points were computed
+    assert len(calls) == 2 * 2 * 2  # only the 2 unfinished grid points were computed
     fresh = compute_ems(lambda x, t: model(x, t), mixture_data(0), SCHED, **kw)
     assert resumed == fresh  # bitwise: tensors and record
 

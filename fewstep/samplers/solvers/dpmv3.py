@@ -18,7 +18,8 @@ Integrals: l, s, b are linear between EMS grid points, L and S exact (trapezoid)
 integrand e^{a} p with a linearly interpolated a and polynomial p is integrated exactly per
 interval (``_psi``). With l = 1, s = b = 0 this is exact, so ``degenerate=True`` reproduces
 DPM-Solver++ to round-off: order 2 is DPM-Solver++(2M) in its Taylor ("heun") form, order 3
-is ``dpmpp(order=3, third_order="taylor")`` (tests/test_dpmv3.py).
+is ``dpmpp(order=3, third_order="taylor")`` (tests/test_dpmv3.py). The paper's noise-prediction
+case, l = 0, s = -1, b = 0, is likewise DPM-Solver in noise space (``dpmpp(space="noise")``).
 """
 
 from __future__ import annotations
