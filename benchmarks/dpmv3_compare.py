@@ -164,8 +164,11 @@ def report(results: dict) -> str:
 
     times = read_json(EMS_TIMES) if EMS_TIMES.exists() else {}
     by: dict = {}
+    fd: dict = {}  # digits-FD of the guided digits runs (the class labels make it meaningful)
     for e in results["entries"]:
         by.setdefault(e["setting"], {}).setdefault(e["method"], {})[e["nfe"]] = e["mse"]
+        if "fd" in e:
+            fd.setdefault(e["setting"], {}).setdefault(e["method"], {})[e["nfe"]] = e["fd"]
     head = "| {} | " + " | ".join(f"NFE {n}" for n in NFES) + " |"
     rule = "|---|" + "---:|" * len(NFES)
 
@@ -187,6 +190,10 @@ def report(results: dict) -> str:
         best = {n: min(rows[m][n] for m in main if n in rows[m]) for n in NFES}
         lines += [f"### {model}, {what} (order {order}; EMS `{setting}`)", "", head.format("solver"), rule]
         lines += [row(m, rows[m], best) for m in main]
+        if setting in fd:
+            lines += ["", head.format("digits-FD (lower is better)"), rule]
+            lines += [f"| {m} | " + " | ".join(f"{fd[setting][m][n]:.3f}" if n in fd[setting].get(m, {}) else "-"
+                                               for n in NFES) + " |" for m in main]
         ablations = [m for m in rows if m not in main and not _is_study(m)]
         if ablations:
             lines += ["", head.format("dpmv3 ablation"), rule] + [row(m[len("dpmv3 "):], rows[m]) for m in ablations]
