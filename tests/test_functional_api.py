@@ -28,7 +28,7 @@ def test_list_and_get_solvers():
 @pytest.mark.parametrize(
     "kwargs,exc,match",
     [
-        (dict(solver="heun"), ValueError, "unknown solver 'heun'; available solvers: ddim, dpmpp, unipc"),
+        (dict(solver="heun"), ValueError, "unknown solver 'heun'; available solvers: ddim, dpmpp, dpmv3, unipc"),
         (dict(solver="dpmpp", order=4), ValueError, "order=4 of solver 'dpmpp' is out of range; allowed: 1 to 3"),
         (dict(solver="dpmpp", order=2.0), ValueError, "order=2.0 of solver 'dpmpp' must be a whole number"),
         (dict(solver="ddim", order=2), ValueError, r"unknown option\(s\) \['order'\] for solver 'ddim'; allowed: none"),
