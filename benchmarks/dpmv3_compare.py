@@ -191,7 +191,7 @@ def report(results: dict) -> str:
         lines += [f"### {model}, {what} (order {order}; EMS `{setting}`)", "", head.format("solver"), rule]
         lines += [row(m, rows[m], best) for m in main]
         if setting in fd:
-            lines += ["", head.format("digits-FD (lower is better)"), rule]
+            lines += ["", head.format(f"{'digits-' if model == 'digits' else ''}FD (lower is better)"), rule]
             lines += [f"| {m} | " + " | ".join(f"{fd[setting][m][n]:.3f}" if n in fd[setting].get(m, {}) else "-"
                                                for n in NFES) + " |" for m in main]
         ablations = [m for m in rows if m not in main and not _is_study(m)]
@@ -205,7 +205,8 @@ def report(results: dict) -> str:
             entries = [(setting, "dpmv3")] + [(f"{setting}-{m.split()[-1]}", m) for m in study]
             for name, method in sorted(entries, key=lambda e: _kn(base, e[0])):
                 k, n = _kn(base, name)
-                cpu = times.get(name, {}).get("cpu_seconds")
+                entry = times.get(name, {})
+                cpu = None if entry.get("resumed") else entry.get("cpu_seconds")  # a resumed run timed its rest only
                 vals = " | ".join(f"{rows[method][x]:.2e}" if x in rows[method] else "-" for x in NFES)
                 lines.append(f"| K={k}, N={n} | {'-' if cpu is None else f'{cpu:.0f}'} | {vals} |")
         lines.append("")

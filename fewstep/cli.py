@@ -5,9 +5,10 @@ Commands:
   compare   benchmark solvers at low NFE against a high-NFE reference
   ems       DPM-Solver-v3 empirical model statistics (ems compute)
 
-Every command prints one "fewstep <command>: error: ..." line for a user mistake (bad
-setting, unreadable or malformed file) and exits with status 2; Ctrl-C exits with 130
-and says how to resume.
+Commands that run jobs read settings from flags, a YAML file (--config FILE.yaml) and
+key=value items, and save the resolved settings beside their results. A user mistake
+(bad setting, unreadable or malformed file) prints one "fewstep <command>: error: ..."
+line and exits with status 2; Ctrl-C exits with 130 and says how to resume.
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if overrides:
             args.overrides = [*getattr(args, "overrides", []), *overrides]
-        return args.func(args)
+        return args.func(args)  # a command may set args.resume_hint for the Ctrl-C message
     except KeyboardInterrupt:
         hint = getattr(args, "resume_hint", None)
         print(f"\nfewstep {command}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)

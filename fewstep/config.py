@@ -121,6 +121,7 @@ def _list_keys(schema: type) -> set[str]:
 
 
 def _parse_overrides(overrides: Iterable[str], schema: type) -> Any:
+    import yaml
     from omegaconf import OmegaConf
 
     overrides = list(overrides)
@@ -129,7 +130,7 @@ def _parse_overrides(overrides: Iterable[str], schema: type) -> Any:
         raise ValueError(f"expected key=value, got {bad[0]!r}")
     try:
         dot = OmegaConf.from_dotlist(overrides)
-    except Exception as exc:  # the YAML parser's own error types
+    except yaml.YAMLError as exc:
         raise ValueError(f"cannot parse {' '.join(overrides)!r}: {str(exc).splitlines()[0]}") from None
     for key in _list_keys(schema) & set(dot.keys()):
         value = dot[key]
@@ -156,6 +157,7 @@ def load_config(schema: type[T], path: str | Path | None = None, flags: dict[str
             or whatever ``__post_init__`` rejects; the message names the file and key.
         OSError: the file cannot be read.
     """
+    import yaml
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -166,7 +168,7 @@ def load_config(schema: type[T], path: str | Path | None = None, flags: dict[str
         text = path.read_text(encoding="utf-8")  # OSError names the file
         try:
             data = OmegaConf.create(text) if text.strip() else OmegaConf.create({})
-        except Exception as exc:  # yaml's own error types
+        except yaml.YAMLError as exc:
             raise ValueError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
         if not OmegaConf.is_dict(data):
             raise ValueError(f"{path} must hold a mapping of settings (key: value), got a {type(data).__name__}")

@@ -264,7 +264,7 @@ def test_half_corrector_regions(region, expect):
 
 
 def test_sample_shape_must_match_the_statistics():
-    with pytest.raises(ValueError, match=r"per-sample shape \(4,\) .* but the sample is \(8, 2, 2\)"):
+    with pytest.raises(ValueError, match=r"per-sample shape \(4,\) .* does not broadcast to the sample \(8, 2, 2\)"):
         fewstep.sample(lambda x, t: x, X.reshape(8, 2, 2), solver="dpmv3", ems=synthetic_ems(n_grid=50), nfe=5)
 
 

@@ -128,13 +128,13 @@ def test_steps_do_no_host_sync(monkeypatch, solver, options):
     # Coefficients live on the sample's device; the meta device has no data at all, so any
     # value read on the host would fail there too.
     ex = PlanExecutor(plan, "meta", torch.float32, fewstep.DynamicThreshold(), check_finite=True)
-    stages = [s for s in ex._predict + ex._correct if s is not None]
-    assert all(c.device.type == "meta" for s in stages for c in s.coefs)
+    assert ex._rows.device.type == "meta"  # the folded coefficient table
     x = torch.empty(2, 4, 8, 8, device="meta")
     with _NoSync(monkeypatch):
         for i in range(plan.n):
             x, _ = ex.step(i, x, torch.empty_like(x))
     assert x.device.type == "meta"
+    assert all(c.device.type == "meta" for st in ex._steps for o in st.outputs for c in o.coefs)
     with _NoSync(monkeypatch), pytest.raises(AssertionError, match="host sync"):
         x.sum().item()  # the guard itself works
 

@@ -250,11 +250,11 @@ def test_auto_picks_triton_only_for_cuda_without_autograd(monkeypatch):
     import fewstep.kernels.lincomb as lincomb
 
     monkeypatch.setattr(lincomb, "_triton_importable", lambda: True)
-    assert lincomb._pick_backend("auto", torch.device("cuda"), False) == "triton"
-    assert lincomb._pick_backend("auto", torch.device("cuda"), True) == "torch"
-    assert [lincomb._pick_backend("auto", torch.device(d), False) for d in ("cpu", "meta", "mps")] == ["torch"] * 3
+    assert lincomb.pick_backend("auto", torch.device("cuda"), False) == "triton"
+    assert lincomb.pick_backend("auto", torch.device("cuda"), True) == "torch"
+    assert [lincomb.pick_backend("auto", torch.device(d), False) for d in ("cpu", "meta", "mps")] == ["torch"] * 3
     monkeypatch.setattr(lincomb, "_triton_importable", lambda: False)
-    assert lincomb._pick_backend("auto", torch.device("cuda"), False) == "torch"
+    assert lincomb.pick_backend("auto", torch.device("cuda"), False) == "torch"
 
 
 def test_forced_triton_on_cpu_needs_the_interpreter(monkeypatch):
@@ -315,7 +315,7 @@ BASE = torch.zeros(7)
         (lambda: linear_combination([C], [X], step=torch.tensor(0)), TypeError, "step= needs coefficients as one tensor"),
         (lambda: linear_combination(torch.zeros(4, 1), [X], step=torch.tensor(0.0)), TypeError, "step must be a 1-element int"),
         (lambda: linear_combination([C], [X], nonfinite=torch.zeros(1)), TypeError, "nonfinite must be an int32 tensor"),
-        (lambda: linear_combination([C], [X], nonfinite=torch.zeros(2, dtype=torch.int32)), ValueError, "one element"),
+        (lambda: linear_combination([C], [X], nonfinite=torch.zeros(3, dtype=torch.int32)), ValueError, "one element"),
         (lambda: linear_combination(torch.zeros(4, 1), [X], step=torch.tensor(0), nonfinite=torch.zeros(1, dtype=torch.int32)),
          ValueError, r"nonfinite must have shape \[n\] = \[4\]"),
         (lambda: linear_combinations([[C]] * 5, [X]), ValueError, "1 to 4 rows, got 5"),
@@ -447,3 +447,23 @@ def test_cuda_graph_replays_current_coefficients():
         graph.replay()
         for m in range(2):
             assert rel_err(outs[m], exact([list(table[i, m])], xs)[0]) <= 1e-6
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, inside the interpreter
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_nonfinite_flags_per_output_and_per_operand(interpret, backend):
+    x, y = randn(4, 33, seed=5).abs() + 1, randn(4, 33, seed=6).abs() + 1
+    table = torch.tensor([[1.0, 0.0], [0.0, 1.0], [3e38, 3e38]])  # out2 overflows float32, out0/out1 do not
+    per_output = torch.zeros(3, dtype=torch.int32)
+    linear_combinations(table, [x, y], nonfinite=per_output, backend=backend)
+    assert per_output.tolist() == [0, 0, 1]
+    per_operand = torch.zeros(5, dtype=torch.int32)  # 3 outputs, then the 2 inputs
+    linear_combinations(table, [x, y], nonfinite=per_operand, backend=backend)
+    assert per_operand.tolist() == [0, 0, 1, 0, 0]  # the update overflowed, no input was bad
+    y[2, 7] = float("nan")  # a bad input reaches every output (0 * nan is nan) and is named itself
+    flags, step = torch.zeros(2, 5, dtype=torch.int32), torch.tensor([1])
+    linear_combinations(torch.stack([table, table]), [x, y], out=[None, None, y], step=step, nonfinite=flags,
+                        backend=backend)
+    assert flags.tolist() == [[0] * 5, [1, 1, 1, 0, 1]]  # input 1 is flagged although out2 overwrote it
+    with pytest.raises(ValueError, match=r"\[M \+ K\] = \[5\]"):
+        linear_combinations(table, [x, y], nonfinite=torch.zeros(4, dtype=torch.int32), backend=backend)

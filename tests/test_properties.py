@@ -14,17 +14,16 @@ from __future__ import annotations
 import math
 import traceback
 
-import pytest
 import torch
 
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+import hypothesis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-import fewstep  # noqa: E402
-from fewstep import FewstepScheduler, GridSpec  # noqa: E402
-from fewstep.samplers.registry import list_solvers, solver_class  # noqa: E402
-from fewstep.samplers.timesteps import SPACINGS  # noqa: E402
+import fewstep
+from fewstep import FewstepScheduler, GridSpec
+from fewstep.samplers.registry import list_solvers, solver_class
+from fewstep.samplers.timesteps import SPACINGS
 
 ERRORS = (ValueError, TypeError, FloatingPointError)
 # Words an error may use to name what was wrong besides the argument's own name.

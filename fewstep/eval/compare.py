@@ -18,12 +18,10 @@ check out, and an unwritable cache only costs a warning.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
 import statistics
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, List, Optional
@@ -34,8 +32,9 @@ from ..config import add_config_arguments, resolve_config, resolve_device, save_
 from ..samplers import get_solver, list_solvers
 from ..samplers.timesteps import SPACINGS
 from .io import atomic_write_bytes, clean_temp_files, load_tensors, lock_directory, read_json, save_tensors, write_json
-from .report import markdown_report, pivot_tables, plot_quality, sample_grid, time_label
-from .testbeds import BUILTIN_MODELS, Testbed, make_testbed
+from .reference import ReferenceStore, default_cache_dir, timed
+from .report import markdown_report, pivot_tables, plot_quality, sample_grid
+from .testbeds import BUILTIN_MODELS, Testbed, check_model, make_testbed
 
 __all__ = ["Method", "CompareConfig", "run_compare", "add_compare_parser", "DEFAULT_NFES", "DEFAULT_THREADS"]
 
@@ -201,7 +200,7 @@ class CompareConfig:
         """A copy with every model default (``None``) filled in from ``testbed``."""
         filled = dict(
             num_samples=testbed.default_num_samples, guidance=testbed.default_guidance,
-            reference_nfe=max(testbed.default_reference_nfe, max(self.nfe)),
+            reference_nfe=max(testbed.default_reference_nfe, max(self.nfe)), spacing=testbed.default_spacing,
         )
         for key in ("prompts", "height", "width"):
             if hasattr(testbed, key):
@@ -233,114 +232,13 @@ def default_solvers() -> list[str]:
     return names
 
 
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:20]
-
-
-def _default_cache_dir() -> Path:
-    return Path(os.environ.get("FEWSTEP_CACHE", Path.home() / ".cache" / "fewstep")) / "references"
-
-
-def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
-    start = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return out, time.perf_counter() - start
-
-
-class _Reference:
-    """The reference samples of one configuration: run-folder copy, cache, or computed in chunks."""
-
-    def __init__(self, testbed: Testbed, cfg: CompareConfig, identity: dict[str, Any], out: Path, cache: Path,
-                 log: Callable[[str], None]):
-        self.testbed, self.cfg, self.log = testbed, cfg, log
-        self.identity = json.dumps(identity, sort_keys=True)
-        slug = "".join(c if c.isalnum() else "_" for c in Path(cfg.model).name) or "model"
-        self.run_copy = out / "reference.safetensors"
-        self.partial = out / "reference.partial.safetensors"
-        self.cached = cache / f"{slug}-{_digest(identity)}.safetensors"
-        self.description = testbed.reference_description(cfg.reference_method.label, cfg.reference_nfe)
-        self.wrote_run_copy = False
-
-    def _read(self, path: Path, shape: torch.Size, partial: bool = False) -> tuple[torch.Tensor, float] | None:
-        """(samples, seconds) if ``path`` holds a usable reference for this configuration."""
-        if not path.exists():
-            return None
-        try:
-            tensors, meta = load_tensors(path, with_metadata=True)
-            samples = tensors.get("samples")
-            if meta.get("identity") != self.identity:
-                problem = "it was made for another configuration"
-            elif samples is None:
-                problem = "it holds no 'samples'"
-            elif (samples.shape[1:] != shape[1:] or samples.shape[0] > shape[0]) if partial else samples.shape != shape:
-                problem = f"its shape {tuple(samples.shape)} does not match {tuple(shape)}"
-            elif not bool(torch.isfinite(samples).all()):
-                problem = "it contains NaN or Inf"
-            else:
-                return samples, float(meta.get("time_s", "nan"))
-        except (OSError, ValueError) as exc:
-            problem = str(exc)
-        self.log(f"reference: ignoring {path}: {problem}")
-        return None
-
-    def _save(self, path: Path, samples: torch.Tensor, seconds: float) -> None:
-        save_tensors(path, {"samples": samples}, {"identity": self.identity, "time_s": repr(seconds)})
-        self.wrote_run_copy |= path == self.run_copy
-
-    def get(self, x_T: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """The reference for ``x_T``, and the seconds it took to compute."""
-        for path in (self.run_copy, self.cached):
-            found = self._read(path, x_T.shape)
-            if found is not None:
-                if path == self.cached:
-                    self.log(f"reference: cached {path}")
-                    self._save(self.run_copy, *found)
-                self.partial.unlink(missing_ok=True)
-                return found
-        samples, seconds = self._compute(x_T, cond)
-        self._save(self.run_copy, samples, seconds)
-        self.partial.unlink(missing_ok=True)
-        try:
-            self._save(self.cached, samples, seconds)
-        except OSError as exc:
-            self.log(f"warning: the reference cache is not writable ({exc}); the reference is kept in {self.run_copy}")
-        return samples, seconds
-
-    def _compute(self, x_T: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, float]:
-        cfg, bs, n = self.cfg, self.testbed.batch_size, x_T.shape[0]
-        found = self._read(self.partial, x_T.shape, partial=True)
-        samples, seconds = found if found is not None else (x_T[:0].float(), 0.0)
-        done = samples.shape[0] // bs * bs
-        samples = samples[:done]
-        self.log(f"reference: {self.description}" + (f", resuming after {done} finished samples" if done else ""))
-        from tqdm.auto import tqdm
-
-        with tqdm(total=n, initial=done, desc="reference", unit="sample", disable=not cfg.progress) as bar:
-            for start in range(done, n, bs):
-                sl = slice(start, start + bs)
-                try:
-                    chunk, dt = _timed(lambda: self.testbed.reference(
-                        x_T[sl], cond[sl], cfg.guidance, cfg.spacing, cfg.reference_method.solver,
-                        cfg.reference_method.option_dict, cfg.reference_nfe), self.testbed.device)
-                except FloatingPointError as exc:
-                    raise ValueError(f"the reference ({self.description}) diverged: {exc}; check the model "
-                                     f"weights and the guidance ({cfg.guidance})") from None
-                if not bool(torch.isfinite(chunk).all()):
-                    raise ValueError(f"the reference ({self.description}) is not finite; check the model weights "
-                                     f"and the guidance ({cfg.guidance})")
-                samples, seconds = torch.cat([samples, chunk.float()]), seconds + dt
-                if samples.shape[0] < n:  # finished chunks survive a crash
-                    self._save(self.partial, samples, seconds)
-                bar.update(chunk.shape[0])
-        return samples, seconds
-
-
 def _load_results(path: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
     if not path.exists():
         return None
-    old = read_json(path)
+    try:
+        old = read_json(path)
+    except ValueError as exc:
+        raise ValueError(f"{exc}; delete it or choose another output folder") from None
     entries = old.get("entries") if isinstance(old, dict) else None
     if (not isinstance(old, dict) or not isinstance(old.get("config"), dict) or not isinstance(entries, list)
             or not all(isinstance(e, dict) and isinstance(e.get("method"), str) and isinstance(e.get("nfe"), int)
@@ -369,7 +267,7 @@ def _run_method(testbed: Testbed, cfg: CompareConfig, method: Method, nfe: int, 
     samples, times = None, []
     for _ in range(cfg.repeats):
         try:
-            samples, seconds = _timed(once, testbed.device)
+            samples, seconds = timed(once, testbed.device)
         except FloatingPointError:  # the model saw a diverged sample: a result, not a crash
             return None, []
         times.append(seconds)
@@ -394,7 +292,7 @@ def run_compare(testbed: Testbed, cfg: CompareConfig, log: Callable[[str], None]
     """
     cfg = cfg.with_defaults(testbed)
     out = Path(cfg.out)
-    cache = Path(cfg.cache_dir) if cfg.cache_dir else _default_cache_dir()
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     identity = cfg.identity(testbed)
     results_path = out / "results.json"
     with lock_directory(out, _LOCK_HOLDER):
@@ -406,17 +304,19 @@ def run_compare(testbed: Testbed, cfg: CompareConfig, log: Callable[[str], None]
         results = _load_results(results_path, identity)
         written = [save_config(cfg, out)]
         x_T, cond = testbed.initial_noise(cfg.num_samples, cfg.seed)
-        reference = _Reference(testbed, cfg, identity, out, cache, log)
-        ref, ref_seconds = reference.get(x_T, cond)
+        reference = ReferenceStore(identity, Path(cfg.model).name, out, cache, log)
+        description = testbed.reference_description(cfg.reference_method.label, cfg.reference_nfe)
+        ref, ref_seconds = reference.get(
+            x_T, lambda sl: testbed.reference(x_T[sl], cond[sl], cfg.guidance, cfg.spacing, cfg.reference_method.solver,
+                                              cfg.reference_method.option_dict, cfg.reference_nfe),
+            testbed.batch_size, description, testbed.device, cfg.progress)
         if reference.wrote_run_copy:
             written.append(reference.run_copy)
         if results is None:
             results = {
                 "config": identity,
                 "fd_name": testbed.fd_name,
-                "reference": {
-                    "description": testbed.reference_description(cfg.reference_method.label, cfg.reference_nfe),
-                    "time_s": ref_seconds, **testbed.evaluate(ref, cond),
+                "reference": {"description": description, "time_s": ref_seconds, **testbed.evaluate(ref, cond),
                 },
                 "floor": testbed.floor(),
                 "entries": [],
@@ -507,7 +407,7 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
             "resumes, and adding solvers or NFEs only computes the new ones."
         ),
         epilog=(
-            "Defaults that depend on the model (so a run takes minutes):\n"
+            "Defaults that depend on the model:\n"
             "  num samples     1000 for digits and gmm, 16 for pipelines\n"
             "  reference NFE   200 for digits, 100 for pipelines (gmm: exact ODE solution)\n"
             "  guidance        1.5 digits, 2.0 gmm, 7.5 pipelines\n"
@@ -556,6 +456,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """CLI body of ``fewstep compare``."""
     cfg = resolve_config(CompareConfig, args)
     args.resume_hint = f"finished results are kept in {cfg.out}; run the same command again to resume"
+    check_model(cfg.model)  # a typo in --model leaves no empty run folder behind
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:

@@ -88,7 +88,7 @@ def read_json(path: str | Path) -> Any:
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}); delete it to start over") from None
+        raise ValueError(f"{path} is not valid JSON ({exc})") from None
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -153,7 +153,7 @@ def clean_temp_files(directory: str | Path, *, all_stale: bool = False) -> list[
     removed = []
     try:
         names = os.listdir(directory)
-    except (FileNotFoundError, NotADirectoryError):
+    except OSError:  # missing, not a folder, unreadable: nothing we may clean
         return removed
     for name in names:
         m = _TEMP_NAME.match(name)
@@ -166,7 +166,7 @@ def clean_temp_files(directory: str | Path, *, all_stale: bool = False) -> list[
         try:
             path.unlink()
             removed.append(path)
-        except FileNotFoundError:
+        except OSError:  # gone already, or a read-only folder
             pass
     return removed
 

@@ -142,7 +142,8 @@ def linear_combinations(
         dtype: Output dtype, one per output, or None (the promoted dtype of the inputs).
         step: Optional 1-element integer device tensor selecting the table row (unchecked).
         nonfinite: Optional int32 device tensor (1 element, or [n] with ``step``) set to 1
-            when any output holds NaN or Inf.
+            when any output holds NaN or Inf; shape [M] ([n, M] with ``step``) keeps one flag
+            per output, [M + K] ([n, M + K]) one per output and then one per input.
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
 
     Returns:
@@ -295,18 +296,31 @@ def _check_outputs(out, dtypes, requested, tensors, others, needs_grad, single) 
     return list(out)
 
 
-def _check_flag(nonfinite, step, table, device) -> None:
+def _check_flag(nonfinite, step, table, M, K, device) -> int:
+    """Validate ``nonfinite``; returns its layout: 0 one flag, 1 one per output, 2 one per operand."""
     if nonfinite is None:
-        return
+        return 0
     if not isinstance(nonfinite, torch.Tensor) or nonfinite.dtype != torch.int32:
         raise TypeError("nonfinite must be an int32 tensor")
     if nonfinite.device != device:
         raise ValueError(f"nonfinite is on {nonfinite.device} but the inputs are on {device}")
-    if step is None and nonfinite.numel() != 1:
-        raise ValueError(f"nonfinite must have one element, got shape {tuple(nonfinite.shape)}")
-    if step is not None and (nonfinite.dim() != 1 or nonfinite.shape[0] != table.shape[0]):
-        raise ValueError(f"with step=, nonfinite must have shape [n] = [{table.shape[0]}] like the table, "
-                         f"got {tuple(nonfinite.shape)}")
+    shape = tuple(nonfinite.shape)
+    if step is None:
+        if shape == (M + K,):
+            return 2
+        if nonfinite.numel() == 1:
+            return 0
+        if shape == (M,):
+            return 1
+        raise ValueError(f"nonfinite must have one element, shape [M] = [{M}] (one flag per output) or "
+                         f"[M + K] = [{M + K}] (per output, then per input), got {shape}")
+    n = table.shape[0]
+    if shape == (n,):
+        return 0
+    if shape in ((n, M), (n, M + K)):
+        return 2 if shape == (n, M + K) else 1
+    raise ValueError(f"with step=, nonfinite must have shape [n] = [{n}] like the table, [n, M] = [{n}, {M}] or "
+                     f"[n, M + K] = [{n}, {M + K}], got {shape}")
 
 
 def _combine(coefficients, tensors, bias, out, dtype, step, nonfinite, backend, single):
@@ -321,7 +335,7 @@ def _combine(coefficients, tensors, bias, out, dtype, step, nonfinite, backend, 
             raise ValueError(f"step is on {step.device} but the inputs are on {device}")
     table, rows, M = _check_coefficients(coefficients, K, shape, device, lead, single)
     bias_table, bias_rows = _check_bias(bias, M, shape, device, lead)
-    _check_flag(nonfinite, step, table, device)
+    flag_mode = _check_flag(nonfinite, step, table, M, K, device)
     coefs = [table] if table is not None else [c for r in rows for c in r]
     biases = [bias_table] if bias_table is not None else [b for b in bias_rows if b is not None]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*tensors, *coefs, *biases))
@@ -333,7 +347,7 @@ def _combine(coefficients, tensors, bias, out, dtype, step, nonfinite, backend, 
     if shape.numel() == 0:
         return tuple(o if o is not None else torch.empty(shape, dtype=dt, device=device) for o, dt in zip(out, dtypes))
 
-    if _pick_backend(backend, device, needs_grad) == "triton":
+    if pick_backend(backend, device, needs_grad) == "triton":
         from . import triton_lincomb
 
         if table is None:
@@ -350,9 +364,15 @@ def _combine(coefficients, tensors, bias, out, dtype, step, nonfinite, backend, 
     if bias_table is not None:
         row_bias = bias_table if step is None else bias_table.index_select(0, step.reshape(1)).squeeze(0)
         bias_rows = row_bias.unbind(0)
+    # Inputs are checked before an output may overwrite one of them.
+    bad_inputs = [reference.nonfinite_any([t]) for t in tensors] if flag_mode == 2 else []
     results = reference.combine(rows, tensors, bias_rows, out, dtypes, acc_dtype)
     if nonfinite is not None:
-        reference.mark_nonfinite(nonfinite, reference.nonfinite_any(results), step)
+        if flag_mode:
+            bad = [reference.nonfinite_any([r]) for r in results] + bad_inputs
+            reference.mark_nonfinite(nonfinite, torch.stack(bad), step)
+        else:
+            reference.mark_nonfinite(nonfinite, reference.nonfinite_any(results), step)
     return tuple(results)
 
 
@@ -384,7 +404,8 @@ def _triton_importable() -> bool:
     return _triton_missing() is None
 
 
-def _pick_backend(backend: str, device: torch.device, needs_grad: bool) -> str:
+def pick_backend(backend: str, device: torch.device, needs_grad: bool) -> str:
+    """The backend ``backend`` resolves to for tensors on ``device`` (raises when it cannot run)."""
     if backend == "torch":
         return "torch"
     if backend == "auto":

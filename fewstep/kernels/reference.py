@@ -15,16 +15,21 @@ import torch
 
 from .layout import overlaps
 
-__all__ = ["combine", "nonfinite_any", "mark_nonfinite"]
+__all__ = ["accumulate", "combine", "nonfinite_any", "mark_nonfinite"]
 
 
-def _accumulate(
+def accumulate(
     coefs: Sequence[torch.Tensor],
     tensors: Sequence[torch.Tensor],
     bias: torch.Tensor | None,
     acc_dtype: torch.dtype,
     into: torch.Tensor | None,
 ) -> torch.Tensor:
+    """``sum_k coefs[k] * tensors[k] (+ bias)`` accumulated in ``acc_dtype``, in ``into`` when given.
+
+    No checks: ``into`` must have the inputs' shape and ``acc_dtype`` and overlap none of them
+    (the plan executor guarantees this once per plan).
+    """
     c0, t0 = _cast(coefs[0], acc_dtype), tensors[0]
     if t0.dtype == acc_dtype:
         acc = torch.mul(t0, c0) if into is None else torch.mul(t0, c0, out=into)
@@ -68,7 +73,7 @@ def combine(
     pending: list[tuple[torch.Tensor, torch.Tensor]] = []
     for coefs, bias, out, dtype in zip(rows, biases, outs, dtypes):
         direct = out is not None and out.dtype == acc_dtype and not any(overlaps(out, t) for t in tensors)
-        acc = _accumulate(coefs, tensors, bias, acc_dtype, out if direct else None)
+        acc = accumulate(coefs, tensors, bias, acc_dtype, out if direct else None)
         if out is None:
             results.append(acc if acc.dtype == dtype else acc.to(dtype))
         else:
@@ -92,6 +97,14 @@ def nonfinite_any(outputs: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def mark_nonfinite(flag: torch.Tensor, bad: torch.Tensor, step: torch.Tensor | None) -> None:
-    """Set ``flag`` (or ``flag[step]``) to 1 where ``bad`` is true, on the device."""
-    index = torch.zeros(1, dtype=torch.long, device=flag.device) if step is None else step.reshape(1).long()
-    flag.view(-1).scatter_reduce_(0, index, bad.reshape(1).to(flag.dtype), "amax")
+    """Set ``flag`` (or ``flag[step]``) to 1 where ``bad`` is true, on the device.
+
+    ``bad`` is 0-dim (one flag: ``flag`` is [1] or [n]) or [M] (one per output: ``flag``
+    is [M] or [n, M]); ``flag`` may be a strided view.
+    """
+    if step is None:
+        flag.copy_(torch.maximum(flag, bad.reshape(flag.shape).to(flag.dtype)))
+        return
+    index = step.reshape(1).long()
+    row = flag.index_select(0, index)
+    flag.index_copy_(0, index, torch.maximum(row, bad.reshape(row.shape).to(flag.dtype)))

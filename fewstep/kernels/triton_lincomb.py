@@ -8,8 +8,10 @@ with ``step`` itself read from a device tensor, so a captured CUDA graph replays
 current values. Strides are passed per operand (after :func:`~fewstep.kernels.layout.coalesce`),
 so transposed, sliced and broadcast operands need no copies. With a flag tensor the kernel
 also records whether any value it stored is non-finite (which covers every input: each
-input enters every output, and ``0 * inf`` is NaN); lanes that see one store 1, the others
-store nothing, so the finite case costs a compare per element.
+input enters every output, and ``0 * inf`` is NaN), for all outputs at once, per output, or
+per operand (outputs and inputs: the executor tells a NaN model output from an overflowing
+update this way); lanes that see one store 1, the others store nothing, so the finite case
+costs a compare per element and value.
 
 This module imports triton; :mod:`fewstep.kernels.lincomb` imports it only when the
 Triton backend is used. Whether kernels compile for the GPU or run in Triton's CPU
@@ -30,7 +32,7 @@ import triton.language as tl
 
 from .layout import coalesce, max_offset
 
-__all__ = ["combine", "launch_arguments", "interpreting", "BLOCK", "NUM_WARPS"]
+__all__ = ["combine", "launch_arguments", "flag_layout", "interpreting", "BLOCK", "NUM_WARPS"]
 
 if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 4):
     # Tuple kernel arguments in the interpreter (3.3) and triton.knobs (3.4); tested with 3.9.
@@ -42,9 +44,9 @@ _INT32_MAX = 2**31 - 1
 
 
 def _lincomb_kernel(
-    xs, outs, coef, coef_lead, bias, bias_lead, step, flag, flag_stride, strides, shape, numel,
+    xs, outs, coef, coef_lead, bias, bias_lead, step, flag, flag_strides, strides, shape, numel,
     COEF_SCALAR: tl.constexpr, BIAS_MODE: tl.constexpr, HAS_STEP: tl.constexpr, HAS_FLAG: tl.constexpr,
-    ACC: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr,
+    FLAG_MODE: tl.constexpr, ACC: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # strides: one R-tuple per operand, in the order outputs (M), inputs (K), coefficients, bias.
     K: tl.constexpr = len(xs)
@@ -83,6 +85,16 @@ def _lincomb_kernel(
         values = values + (tl.load(xs[k] + offs[M + k], mask=mask).to(ACC),)
 
     bad = tl.full([BLOCK], 0, tl.int1)
+    # Only lanes that saw a non-finite value store, all the same value: no atomic, no
+    # reduction, and nothing at all in the normal (finite) case.
+    flag_row = flag + row * flag_strides[0] + tl.full([BLOCK], 0, tl.int32)
+    if HAS_FLAG and FLAG_MODE == 2:  # one flag per operand: outputs, then inputs
+        for k in tl.static_range(K):
+            v = values[k]
+            bad_k = (v != v) | (tl.abs(v) == float("inf"))
+            tl.store(flag_row + (M + k) * flag_strides[1], tl.full([BLOCK], 1, flag.dtype.element_ty),
+                     mask=bad_k & mask)
+
     for m in tl.static_range(M):
         if BIAS_MODE == 0:
             acc = tl.full([BLOCK], 0, ACC)
@@ -101,15 +113,25 @@ def _lincomb_kernel(
         tl.store(outs[m] + offs[m], y, mask=mask)
         if HAS_FLAG:
             yc = y.to(ACC)
-            bad = bad | (yc != yc) | (tl.abs(yc) == float("inf"))
-    if HAS_FLAG:
-        # Only lanes that saw a non-finite value store, all the same value: no atomic, no
-        # reduction, and nothing at all in the normal (finite) case.
-        flag_ptr = flag + row * flag_stride + tl.full([BLOCK], 0, tl.int32)
-        tl.store(flag_ptr, tl.full([BLOCK], 1, flag.dtype.element_ty), mask=bad & mask)
+            bad_m = (yc != yc) | (tl.abs(yc) == float("inf"))
+            if FLAG_MODE > 0:
+                tl.store(flag_row + m * flag_strides[1], tl.full([BLOCK], 1, flag.dtype.element_ty), mask=bad_m & mask)
+            else:
+                bad = bad | bad_m
+    if HAS_FLAG and FLAG_MODE == 0:
+        tl.store(flag_row, tl.full([BLOCK], 1, flag.dtype.element_ty), mask=bad & mask)
 
 
 _KERNELS: dict[bool, object] = {}
+
+
+def flag_layout(flag: torch.Tensor, M: int, K: int, lead: int) -> int:
+    """0: one flag for all outputs ([1], or [n] with a step); 1: one per output ([M] / [n, M]);
+    2: one per operand, the M outputs then the K inputs ([M + K] / [n, M + K])."""
+    width = flag.shape[-1] if flag.dim() == lead + 1 else 0
+    if width == M + K:
+        return 2
+    return 1 if width == M and M > 1 else 0
 
 
 def interpreting() -> bool:
@@ -167,15 +189,18 @@ def launch_arguments(
     # int32 offsets unless some operand (tables included) reaches past 2**31 elements.
     reach = max(max_offset(t.shape, t.stride()) for t in (*outs, *tensors, table))
     reach = max(reach, numel + BLOCK, 0 if bias is None else max_offset(bias.shape, bias.stride()))
+    flag_mode = 0 if flag is None else flag_layout(flag, len(outs), len(tensors), lead)
+    flag_strides = (0, 0)
+    if flag is not None:
+        flag_strides = (flag.stride(0) if lead else 0, flag.stride(-1) if flag_mode else 0)
     args = (
         tuple(tensors), tuple(outs), table, coef_lead, bias_arg, bias_lead,
         tensors[0] if step is None else step, tensors[0] if flag is None else flag,
-        0 if flag is None or step is None else flag.stride(0),
-        tuple(cstrides), cshape, numel,
+        flag_strides, tuple(cstrides), cshape, numel,
     )
     constexprs = dict(
         COEF_SCALAR=coef_scalar, BIAS_MODE=bias_mode, HAS_STEP=step is not None, HAS_FLAG=flag is not None,
-        ACC=_tl_dtype(acc_dtype), INT64=reach > _INT32_MAX, BLOCK=BLOCK,
+        FLAG_MODE=flag_mode, ACC=_tl_dtype(acc_dtype), INT64=reach > _INT32_MAX, BLOCK=BLOCK,
     )
     return args, constexprs, (triton.cdiv(numel, BLOCK),)
 
@@ -199,8 +224,8 @@ def combine(
         acc_dtype: torch.float32 or torch.float64.
         step: Optional 1-element integer tensor selecting the table row (then ``table``,
             ``bias`` and ``flag`` have a leading dimension n).
-        flag: Optional int32 tensor set to 1 (at ``[step]`` when given) if an output
-            value is NaN or Inf.
+        flag: Optional int32 tensor set to 1 (at ``[step]`` when given) where a value is
+            NaN or Inf (see :func:`flag_layout`).
     """
     args, constexprs, grid = launch_arguments(table, tensors, bias, outs, acc_dtype, step, flag)
     device = tensors[0].device

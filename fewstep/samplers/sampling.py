@@ -9,7 +9,7 @@ import torch
 
 from .artifacts import Artifact
 from .plan import PlanExecutor, SolverPlan
-from .prediction import Clip, DynamicThreshold, cfg_combine, check_prediction
+from .prediction import Clip, DynamicThreshold, check_prediction
 from .registry import get_solver
 from .schedules import NoiseSchedule, make_schedule
 from .solvers.base import Solver
@@ -98,6 +98,8 @@ def sample(
     check_finite: bool = True,
     progress: bool = False,
     plan: SolverPlan | None = None,
+    compile: bool | dict = False,
+    graph: bool = False,
     **solver_options: Any,
 ) -> torch.Tensor:
     """Solve the diffusion ODE from ``x_T`` with ``nfe`` model evaluations.
@@ -130,13 +132,25 @@ def sample(
         progress: Show a tqdm progress bar.
         plan: A prebuilt plan (from :func:`make_plan`); it fixes schedule, solver, grid and
             prediction, so none of those may be passed with it.
+        compile: Run each step (model call, guidance and the fused solver update) through
+            ``torch.compile``; True, or a dict of ``torch.compile`` keyword arguments. The step
+            index is not baked in: a run compiles twice (first step, then one graph for all
+            others), and later runs with the same shapes reuse it whatever their timesteps.
+        graph: Capture the whole run as one CUDA graph (CUDA samples only) and replay it:
+            the first call with a given model, shapes, NFE and solver structure runs eagerly
+            and captures; later calls copy the new noise, conditioning, timesteps and solver
+            coefficients into the captured buffers and replay. Limits: fixed shapes and NFE
+            per captured graph, a model that CUDA graphs can capture (no host syncs), tensor
+            ``cond``/``uncond``, no ``callback``; the graph and its memory stay cached per
+            model (:func:`fewstep.samplers.capture.clear_graphs` frees them).
         **solver_options: Options of the chosen solver (e.g. ``order=3``, ``variant="bh1"``).
 
     Returns:
         The sample at the terminal point, in ``x_T``'s dtype.
 
     Raises:
-        ValueError: unknown solver/option/prediction/spacing, bad nfe, shape mismatches.
+        ValueError: unknown solver/option/prediction/spacing, bad nfe, shape mismatches,
+            ``graph=True`` off CUDA or with a callback.
         FloatingPointError: non-finite model output.
     """
     if not callable(model):
@@ -148,6 +162,12 @@ def sample(
         raise ValueError("x_T must have a batch dimension (shape [B, ...]), got a 0-dim tensor")
     check_finite = check_bool("check_finite", check_finite)
     progress = check_bool("progress", progress)
+    graph = check_bool("graph", graph)
+    compile_options = _compile_options(compile)
+    if graph and x_T.device.type != "cuda":
+        raise ValueError(f"graph=True captures the run as a CUDA graph and needs a CUDA sample, got {x_T.device}")
+    if graph and callback is not None:
+        raise ValueError("graph=True replays the whole run at once: a per-step callback cannot run; drop one of them")
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable, got {type(callback).__name__}")
     if guidance is not None:
@@ -180,15 +200,22 @@ def sample(
         raise TypeError(f"plan must be a SolverPlan from fewstep.make_plan, got {type(plan).__name__}")
     grid: TimeGrid = plan.grid
     device = x_T.device
-    runner = PlanExecutor(plan, device, compute_dtype(x_T.dtype), thresholding, check_finite)
     batch = x_T.shape[0]
     # Model timesteps for the whole run, moved to the device once.
     ts = grid.model_timesteps.to(device=device, dtype=torch.float32)
     if guidance is not None:
         if _batch_of(cond) != batch or _batch_of(uncond) != batch:
             raise ValueError(f"cond/uncond batch sizes must equal the sample batch {batch}")
-        cond2 = _cat(uncond, cond)
+        cond = _cat(uncond, cond)
+    step = model_step if compile_options is None else compiled_step(compile_options)
+    if graph:
+        from .capture import captured_sample
 
+        return captured_sample(step, model, plan, x_T, ts, cond, guidance, thresholding, check_finite)
+
+    # Guidance is folded into the solver update: the executor reads both halves of the output.
+    runner = PlanExecutor(plan, device, compute_dtype(x_T.dtype), thresholding, check_finite, guidance=guidance,
+                          sample_dtype=x_T.dtype)
     x = x_T
     steps = range(grid.n)
     if progress:
@@ -196,19 +223,41 @@ def sample(
 
         steps = tqdm(steps, desc="sampling", leave=False)
     for i in steps:
-        t = ts[i].expand(batch)
-        if guidance is None:
-            out = model(x, t) if cond is None else model(x, t, cond)
-        else:
-            both = _model_output(model(torch.cat([x, x]), t.repeat(2), cond2), (2 * batch, *x.shape[1:]))
-            out_u, out_c = both.chunk(2)
-            out = cfg_combine(out_u, out_c, guidance)
-        x, denoised = runner.step(i, x, _model_output(out, x.shape))
+        x, denoised = step(model, runner, i, x, ts[i].expand(batch), cond, callback is not None)
         runner.check_finite_upto(i + 1)  # reads flags only when that needs no device sync
         if callback is not None:
             callback(StepInfo(i, float(grid.model_timesteps[i]), float(grid.sigma[i]), x, denoised))
     runner.raise_if_nonfinite()
     return x
+
+
+def model_step(model: Callable[..., torch.Tensor], runner: PlanExecutor, i: int, x: torch.Tensor, t: torch.Tensor,
+               cond: Any, want_x0: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One step of the functional loop: the model call (on the doubled batch with guidance) and the update."""
+    if runner.guidance is None:
+        out = _model_output(model(x, t) if cond is None else model(x, t, cond), x.shape)
+    else:
+        out = _model_output(model(torch.cat([x, x]), t.repeat(2), cond), (2 * x.shape[0], *x.shape[1:]))
+    return runner.advance(i, x, out, want_x0)
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def compiled_step(options: dict) -> Callable:
+    """:func:`model_step` through ``torch.compile(**options)``, one compiled function per option set."""
+    key = repr(sorted(options.items()))  # options may hold dicts (torch.compile's ``options=``)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(model_step, **options)
+    return _COMPILED[key]
+
+
+def _compile_options(compile: Any) -> dict | None:
+    if isinstance(compile, bool):
+        return {} if compile else None
+    if isinstance(compile, dict) and all(isinstance(k, str) for k in compile):
+        return dict(compile)
+    raise TypeError(f"compile must be True/False or a dict of torch.compile keyword arguments, got {compile!r}")
 
 
 def _model_output(out: Any, shape: tuple[int, ...]) -> torch.Tensor:

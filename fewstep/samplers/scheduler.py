@@ -14,8 +14,9 @@ both understood. The solver's coefficient table is built once in ``set_timesteps
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -66,6 +67,12 @@ class FewstepSchedulerOutput(BaseOutput):
 
     prev_sample: torch.Tensor
     pred_original_sample: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        # BaseOutput's generic field walk, for these two fields (it runs once per step).
+        OrderedDict.__setitem__(self, "prev_sample", self.prev_sample)
+        if self.pred_original_sample is not None:
+            OrderedDict.__setitem__(self, "pred_original_sample", self.pred_original_sample)
 
 
 class FewstepScheduler(SchedulerMixin, ConfigMixin):
@@ -178,9 +185,11 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         self.plan: SolverPlan | None = None
         self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1, dtype=torch.int64)
         self.sigmas: torch.Tensor | None = None
-        self._step_index: int | None = None
+        self._index = -1  # next step; an int from the start, so torch.compile sees one changing int
         self._begin_index: int | None = None
         self._executor: PlanExecutor | None = None
+        self._run: _CachedGrid | None = None
+        self._cache: OrderedDict[tuple, _CachedGrid] = OrderedDict()
 
     # ------------------------------------------------------------------ config translation
     @classmethod
@@ -277,7 +286,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     @property
     def step_index(self) -> int | None:
         """Index of the next step to take (None before the first step)."""
-        return self._step_index
+        return None if self._index < 0 else self._index
 
     @property
     def begin_index(self) -> int | None:
@@ -335,6 +344,30 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             mu = check_real("mu", mu)
         elif is_flow and cfg.use_dynamic_shifting:
             raise ValueError("mu must be passed to set_timesteps when use_dynamic_shifting=True")
+        timesteps = None if timesteps is None else tuple(as_real_vector("timesteps", timesteps).tolist())
+        sigmas = None if sigmas is None else tuple(as_real_vector("sigmas", sigmas).tolist())
+        # Pipelines call set_timesteps with the same arguments for every image: the grid, its
+        # plan and the executors built for it are kept (the config is fixed at construction).
+        key = (num_inference_steps, mu, timesteps, sigmas)
+        entry = self._cache.get(key)
+        if entry is None:
+            entry = self._build_grid(num_inference_steps, mu, timesteps, sigmas, is_flow)
+            self._cache[key] = entry
+            while len(self._cache) > _CACHE_SIZE:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(key)
+        self._run = entry  # only once grid and plan succeeded: a failed call changes nothing
+        self.grid, self.plan = entry.grid, entry.plan
+        self.timesteps = entry.timesteps.to(device=device, copy=True)  # the caller's to keep or modify
+        self.sigmas = entry.sigmas.clone()
+        self.num_inference_steps = entry.grid.n
+        self._index = -1
+        self._begin_index = None
+        self._executor = None
+
+    def _build_grid(self, num_inference_steps, mu, timesteps, sigmas, is_flow) -> "_CachedGrid":
+        cfg = self.config
         final = cfg.final_sigmas_type
         if self.solver.diffusers_convention == "ddim":
             final = "zero" if cfg.set_alpha_to_one else "sigma_min"
@@ -346,20 +379,15 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             mu=mu,
             time_shift_type=cfg.time_shift_type,
             shift_terminal=(cfg.shift_terminal or None) if is_flow else None,
-            timesteps=None if timesteps is None else tuple(as_real_vector("timesteps", timesteps)),
-            sigmas=None if sigmas is None else tuple(as_real_vector("sigmas", sigmas)),
+            timesteps=timesteps,
+            sigmas=sigmas,
             convention=self.solver.diffusers_convention,
         )
         plan = self.solver.plan(build_grid(self.schedule, num_inference_steps, spec), self.prediction)
-        # The plan's grid: a solver may move the points (DPM-Solver-v3 snaps them to its EMS grid).
-        self.grid, self.plan = plan.grid, plan  # only once both succeeded: a failed call changes nothing
-        ts = self.grid.model_timesteps
-        self.timesteps = (ts.round().long() if self.grid.integer_timesteps else ts.float()).to(device)
-        self.sigmas = self.grid.diffusers_sigmas().float()
-        self.num_inference_steps = self.grid.n
-        self._step_index = None
-        self._begin_index = None
-        self._executor = None
+        grid = plan.grid  # a solver may move the points (DPM-Solver-v3 snaps them to its EMS grid)
+        ts = grid.model_timesteps
+        return _CachedGrid(grid, plan, ts.round().long() if grid.integer_timesteps else ts.float(),
+                           grid.diffusers_sigmas().float(), ts.tolist())
 
     def index_for_timestep(self, timestep: float | torch.Tensor, schedule_timesteps: torch.Tensor | None = None) -> int:
         """Position of ``timestep`` in the schedule (looked up on the host, in float64).
@@ -370,15 +398,16 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         if schedule_timesteps is None:
             if self.grid is None:
                 raise ValueError("call set_timesteps before step")
-            schedule_timesteps = self.grid.model_timesteps
+            values = self._run.timestep_values  # the grid's float64 model timesteps, as Python floats
         elif schedule_timesteps.device.type == "meta":
             raise ValueError("cannot look up timesteps on the meta device; call set_begin_index first")
+        else:
+            values = schedule_timesteps.detach().cpu().double().tolist()
         value = _host_scalar("timestep", timestep)
-        hits = torch.nonzero(torch.isclose(schedule_timesteps.detach().cpu().double(),
-                                           torch.tensor(value, dtype=torch.float64), rtol=0, atol=1e-4))
-        if len(hits) == 0:
-            raise ValueError(f"timestep {value:g} is not one of the {len(schedule_timesteps)} scheduled timesteps")
-        return int(hits[0])
+        for i, v in enumerate(values):
+            if abs(v - value) <= 1e-4:
+                return i
+        raise ValueError(f"timestep {value:g} is not one of the {len(values)} scheduled timesteps")
 
     def step(
         self,
@@ -422,28 +451,47 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                 raise ValueError("variance_type='learned*' needs samples with a channel dimension [B, C, ...]")
             if model_output.shape[1] == 2 * sample.shape[1]:
                 model_output = model_output[:, : sample.shape[1]]  # drop the predicted variance channels
-        if self._step_index is None:
-            if self._begin_index is not None:
-                self._step_index = self._begin_index
-            elif isinstance(timestep, torch.Tensor) and timestep.device.type == "meta":
-                self._step_index = 0  # meta tensors hold no values: assume a run from the start
-            else:
-                self._step_index = self.index_for_timestep(timestep)
-        i = self._step_index
-        if i >= self.grid.n:
-            raise ValueError(f"all {self.grid.n} steps have been taken; call set_timesteps again")
-        ex = self._executor
-        if ex is None or ex.device != sample.device or ex.dtype != compute_dtype(sample.dtype):
-            if ex is not None and ex.next_step != 0:
-                raise ValueError("the sample moved device or dtype in the middle of a run")
-            ex = self._executor = self._make_executor(i, sample)
-        local = i - self._run_start
+        if torch.compiler.is_compiling():
+            ex, local = self._begin_step_outside_graph(timestep, sample)
+        else:
+            ex, local = self._begin_step(timestep, sample)
         prev_sample, x0 = ex.step(local, sample, model_output)
-        self._step_index = i + 1
-        ex.check_finite_upto(local + 1, wait=self._step_index == self.grid.n)
+        if torch.compiler.is_compiling():
+            self._end_step_outside_graph(ex, local)
+        else:
+            self._end_step(ex, local)
         if not return_dict:
             return (prev_sample, x0)
         return FewstepSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+
+    def _begin_step(self, timestep: float | torch.Tensor, sample: torch.Tensor) -> tuple[PlanExecutor, int]:
+        """The executor and the step index within its run (host bookkeeping)."""
+        if self._index < 0:
+            if self._begin_index is not None:
+                self._index = self._begin_index
+            elif isinstance(timestep, torch.Tensor) and timestep.device.type == "meta":
+                self._index = 0  # meta tensors hold no values: assume a run from the start
+            else:
+                self._index = self.index_for_timestep(timestep)
+        i = self._index
+        if i >= self.grid.n:
+            raise ValueError(f"all {self.grid.n} steps have been taken; call set_timesteps again")
+        ex = self._executor
+        if ex is None or (ex.next_step == 0 and ex.sample_dtype != sample.dtype) \
+                or ex.device != sample.device or ex.dtype != compute_dtype(sample.dtype):
+            if ex is not None and ex.next_step != 0:
+                raise ValueError("the sample moved device or dtype in the middle of a run")
+            ex = self._executor = self._start_run(i, sample)
+        return ex, i - self._run_start
+
+    def _end_step(self, ex: PlanExecutor, local: int) -> None:
+        self._index = self._run_start + local + 1
+        ex.check_finite_upto(local + 1, wait=self._index == self.grid.n)
+
+    # Under torch.compile the bookkeeping runs outside the graph: the traced step then only
+    # sees tensors and the step index, and compiles twice (the index becomes dynamic) in all.
+    _begin_step_outside_graph = torch.compiler.disable(_begin_step)
+    _end_step_outside_graph = torch.compiler.disable(_end_step)
 
     def raise_if_nonfinite(self) -> None:
         """Check every step of the current run so far (one device sync).
@@ -457,13 +505,25 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         if self._executor is not None:
             self._executor.raise_if_nonfinite()
 
-    def _make_executor(self, start: int, sample: torch.Tensor) -> PlanExecutor:
-        # A run that starts part-way (img2img) has no history: rebuild the plan from there
-        # so the warm-up orders restart, as diffusers' multistep schedulers do.
-        plan = self.plan if start == 0 else self.solver.plan(self.grid.subgrid(start), self.prediction)
+    def _start_run(self, start: int, sample: torch.Tensor) -> PlanExecutor:
+        """The executor of this grid for a run from ``start`` on this device and dtype (built once, then reset)."""
+        dtype = compute_dtype(sample.dtype)
+        key = (start, sample.device, sample.dtype, bool(self.check_finite))
+        ex = self._run.executors.get(key)
+        for other in (e for entry in self._cache.values() for e in entry.executors.values()):
+            if other is not ex:
+                other.release_buffers()  # only the running executor keeps sample-sized buffers
+        if ex is None:
+            # A run that starts part-way (img2img) has no history: rebuild the plan from there
+            # so the warm-up orders restart, as diffusers' multistep schedulers do.
+            plan = self.plan if start == 0 else self.solver.plan(self.grid.subgrid(start), self.prediction)
+            ex = PlanExecutor(plan, sample.device, dtype, self.transform, self.check_finite, step_offset=start,
+                              sample_dtype=sample.dtype)
+            self._run.executors[key] = ex
+        else:
+            ex.reset()
         self._run_start = start
-        return PlanExecutor(plan, sample.device, compute_dtype(sample.dtype), self.transform, self.check_finite,
-                            step_offset=start)
+        return ex
 
     def _alpha_sigma_at(self, timesteps: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = self.schedule.time_from_model(torch.from_numpy(as_real_vector("timesteps", torch.as_tensor(timesteps)
@@ -491,6 +551,21 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
+
+
+_CACHE_SIZE = 8  # grids (with their plans and executors) kept per scheduler
+
+
+@dataclass
+class _CachedGrid:
+    """One set_timesteps result: grid, plan, the public timesteps/sigmas, and executors per run kind."""
+
+    grid: TimeGrid
+    plan: SolverPlan
+    timesteps: torch.Tensor
+    sigmas: torch.Tensor
+    timestep_values: list[float]
+    executors: dict = field(default_factory=dict)
 
 
 def _host_scalar(name: str, value: Any) -> float:

@@ -324,9 +324,24 @@ class DigitsPipeline(DiffusionPipeline):
         scheduler: Any diffusers scheduler.
     """
 
+    # The guided forward pass stacks [conditional, null] (diffusers pipelines stack the
+    # unconditional half first); wrappers that split the batch read this.
+    guidance_batch_order = ("conditional", "unconditional")
+
     def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin) -> None:
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
+        self._guidance_scale = DEFAULT_GUIDANCE_SCALE
+
+    @property
+    def guidance_scale(self) -> float:
+        """The guidance weight of the current (or last) call, as in diffusers pipelines."""
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        """Whether the current call runs the doubled CFG batch."""
+        return self._guidance_scale > 1.0
 
     def _step_kwargs(self, generator) -> dict[str, Any]:
         # Only stochastic schedulers take a generator; UniPC/Euler-style ones reject it.
@@ -376,7 +391,8 @@ class DigitsPipeline(DiffusionPipeline):
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         latents = latents.to(device=device, dtype=self.unet.dtype)
 
-        guided = guidance_scale > 1.0
+        self._guidance_scale = guidance_scale
+        guided = self.do_classifier_free_guidance
         if guided:  # one doubled batch: [conditional, null]
             labels = torch.cat([labels, torch.full_like(labels, NULL_LABEL)])
 

@@ -60,6 +60,9 @@ def export_data(out: str | Path = DATA_PATH) -> Path:
     Returns:
         The path written.
     """
+    from .._extras import import_optional
+
+    import_optional("sklearn", "export-data")  # names the extra to install if it is missing
     from sklearn.datasets import load_digits
 
     digits = load_digits()

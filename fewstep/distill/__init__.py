@@ -1,0 +1,29 @@
+"""Adapter guidance distillation (AGD): fold classifier-free guidance into one forward pass.
+
+Jensen & Sadat. Efficient Distillation of Classifier-Free Guidance using Adapters. TMLR 2025.
+
+- :class:`GuidanceAdapters` / :class:`AdapterConfig`: adapters attached to a frozen diffusers
+  network (``UNet2DConditionModel``, ``UNet2DModel``, ``SD3Transformer2DModel``,
+  ``DiTTransformer2DModel``).
+- :func:`save_adapters` / :func:`load_adapters`: safetensors + JSON, validated against the model.
+- :func:`enable_guidance_adapters` / :func:`disable_guidance_adapters`: one network call per
+  step inside an unmodified diffusers pipeline, and back to real CFG.
+"""
+
+from .adapters import AdapterConfig, GuidanceAdapters
+from .architectures import CONDITIONS, SUPPORTED_MODELS, describe, fingerprint
+from .inference import disable_guidance_adapters, enable_guidance_adapters
+from .saving import load_adapters, save_adapters
+
+__all__ = [
+    "AdapterConfig",
+    "GuidanceAdapters",
+    "CONDITIONS",
+    "SUPPORTED_MODELS",
+    "describe",
+    "fingerprint",
+    "save_adapters",
+    "load_adapters",
+    "enable_guidance_adapters",
+    "disable_guidance_adapters",
+]
