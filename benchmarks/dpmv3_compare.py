@@ -183,7 +183,8 @@ def report(results: dict) -> str:
     lines = ["MSE to the reference (mean over N samples of ||x - x_ref||^2 / D, N = 1000 on the mixture and 500 on "
              "digits; lower is better; bold: best of "
              "the three solvers).", ""]
-    for setting, rows in by.items():
+    for setting in [s for s in SETTINGS if s in by]:
+        rows = by[setting]
         model, guidance, order = SETTINGS[setting]
         what = "unconditional" if guidance is None else f"CFG {guidance:g}"
         main = [m for m in ("dpmpp", "unipc", "dpmv3") if m in rows]
