@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 # Loaded on first use: the diffusers adapter imports diffusers (slow), the subpackages pull
 # in models and evaluation code that plain sampling does not need.
 _SCHEDULERS = ["FewstepScheduler", "DDIMSolverScheduler", "DPMSolverPPScheduler", "UniPCScheduler", "USFScheduler",
-               "DCSolverScheduler"]
+               "DCSolverScheduler", "DPMSolverV3Scheduler"]
 _SUBMODULES = ["config", "eval", "zoo", "search"]
 _SEARCHES = ["search_usf", "search_timesteps"]
 

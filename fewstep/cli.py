@@ -3,7 +3,9 @@
 Commands:
   solvers   list the registered solvers and their options
   compare   benchmark solvers at low NFE against a high-NFE reference
+  calibrate DC-Solver ratio calibration and CPR fits (calibrate dc)
   search    search solver schedules: S3 over USF strategies (usf), tuned timesteps (timesteps)
+  ems       DPM-Solver-v3 empirical model statistics (ems compute)
 
 Commands that run jobs read settings from flags, a YAML file (--config FILE.yaml) and
 key=value items, and save the resolved settings beside their results. A user mistake
@@ -70,6 +72,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     from .eval.calibrate import add_calibrate_parser
     from .eval.compare import add_compare_parser
     from .search.cli import add_search_parser
+    from .eval.ems import add_ems_parser
 
     parser = argparse.ArgumentParser(prog="fewstep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,6 +87,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     add_compare_parser(sub)
     add_search_parser(sub)
     add_calibrate_parser(sub)
+    add_ems_parser(sub)
     return parser, sub
 
 

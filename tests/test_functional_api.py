@@ -19,8 +19,8 @@ def x_T(n=4):
 
 
 def test_list_and_get_solvers():
-    assert fewstep.list_solvers() == ["dc", "dc_dpmpp", "ddim", "dpmpp", "unipc", "usf"]
-    # usf needs a solver schedule; dc / dc_dpmpp without ratios are their base solvers
+    assert fewstep.list_solvers() == ["dc", "dc_dpmpp", "ddim", "dpmpp", "dpmv3", "unipc", "usf"]
+    # usf needs a solver schedule, dpmv3 its EMS; dc / dc_dpmpp without ratios are their base solvers
     assert fewstep.list_solvers(runnable=True) == ["ddim", "dpmpp", "unipc"]
     s = fewstep.get_solver("unipc", order=3, variant="bh1")
     assert s.config["order"] == 3 and s.history_size == 4
@@ -30,7 +30,7 @@ def test_list_and_get_solvers():
 @pytest.mark.parametrize(
     "kwargs,exc,match",
     [
-        (dict(solver="heun"), ValueError, "unknown solver 'heun'; available solvers: dc, dc_dpmpp, ddim, dpmpp, unipc"),
+        (dict(solver="heun"), ValueError, "unknown solver 'heun'; available solvers: dc, dc_dpmpp, ddim, dpmpp, dpmv3, unipc, usf"),
         (dict(solver="dpmpp", order=4), ValueError, "order=4 of solver 'dpmpp' is out of range; allowed: 1 to 3"),
         (dict(solver="dpmpp", order=2.0), ValueError, "order=2.0 of solver 'dpmpp' must be a whole number"),
         (dict(solver="ddim", order=2), ValueError, r"unknown option\(s\) \['order'\] for solver 'ddim'; allowed: solver_schedule"),

@@ -68,7 +68,7 @@ def test_unknown_keyword_and_bad_option_values_are_rejected():
         UniPCScheduler.from_config(SD_CONFIG, variant="bh3")
     with pytest.raises(ValueError, match="UniPCScheduler runs solver 'unipc', not 'ddim'"):
         UniPCScheduler(solver="ddim")
-    with pytest.raises(ValueError, match="unknown solver 'heun'; available solvers: dc, dc_dpmpp, ddim, dpmpp, unipc"):
+    with pytest.raises(ValueError, match="unknown solver 'heun'; available solvers: dc, dc_dpmpp, ddim, dpmpp, dpmv3, unipc, usf"):
         FewstepScheduler(solver="heun")
     with pytest.raises(ValueError, match="timestep_spacing='uniform'"):
         UniPCScheduler(timestep_spacing="uniform")

@@ -28,11 +28,16 @@ def staged(plan, x, model, transform=None, guidance=None, sample_dtype=None):
         x0 = plan.x0_coef[i, 0] * x + plan.x0_coef[i, 1] * out
         if transform is not None:
             x0 = transform(x0)
-        d = x0 if plan.space == "data" else (x - g.alpha[i] * x0) / g.sigma[i]
+        if plan.history_coef is not None:
+            d = plan.history_coef[i, 0] * x + plan.history_coef[i, 1] * x0
+        else:
+            d = x0 if plan.space == "data" else (x - g.alpha[i] * x0) / g.sigma[i]
         hist = [d] + hist[:-1]
         if plan.correct is not None and bool(plan.correct[i].ne(0).any()):
             c = plan.correct[i]
             x = c[0] * x_prev + sum(c[1 + j] * hist[j] for j in range(h) if hist[j] is not None)
+            if plan.correct_bias is not None:
+                x = x + plan.correct_bias[i]
         if plan.compensate is not None:
             w = plan.compensate[i]
             hist[0] = sum(w[j] * hist[j] for j in range(h) if hist[j] is not None)
@@ -159,6 +164,36 @@ def test_elementwise_bias_compensation_and_unfoldable_corrector():
     got, ex = fused(plan, x, model_fn())
     assert ex.folded.registers.prev  # the corrector reads the kept previous sample
     assert_same_run(got, staged(plan, x, model_fn()))
+
+
+@pytest.mark.parametrize("foldable", [True, False])
+def test_history_row_and_corrector_bias(foldable):
+    """DPM-Solver-v3's plan fields: an elementwise history row over (x, x0) and a corrector bias, with the
+    corrector folded through the x_prev identity or (with a predictor bias) kept in the prev register."""
+    base = fewstep.make_plan("scaled_linear", "unipc", 6, order=2)
+    g = torch.Generator().manual_seed(4)
+    n, s = base.n, (4, 1, 1)
+    history_coef = 1 + 0.2 * torch.randn(n, 2, *s, generator=g, dtype=torch.float64)
+    corrected = base.correct.ne(0).reshape(n, -1).any(1).reshape(n, 1, 1, 1).double()
+    correct_bias = 0.03 * torch.randn(n, *s, generator=g, dtype=torch.float64) * corrected
+    bias = 0.01 * torch.randn(n, *s, generator=g, dtype=torch.float64) if not foldable else None
+    predict, correct = (t[..., None, None, None].expand(*t.shape, *s).clone() for t in (base.predict, base.correct))
+    plan = SolverPlan(base.grid, "data", base.history, base.x0_coef, predict, correct=correct, predict_bias=bias,
+                      history_coef=history_coef, correct_bias=correct_bias, orders=base.orders)
+    x = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    got, ex = fused(plan, x, model_fn())
+    assert ex.folded.registers.prev is not foldable
+    assert_same_run(got, staged(plan, x, model_fn()))
+    assert_same_run(fused(plan, x, guided_model, guidance=3.0)[0], staged(plan, x, guided_model, guidance=3.0))
+
+
+def test_dpm_solver_v3_plan_runs_as_defined():
+    from tests.test_dpmv3 import synthetic_ems
+
+    plan = fewstep.make_plan("linear", "dpmv3", 8, ems=synthetic_ems(n_grid=200), order=3)
+    assert plan.history_coef is not None and bool(plan.correct_bias.ne(0).any())
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    assert_same_run(fused(plan, x, model_fn())[0], staged(plan, x, model_fn()))
 
 
 def test_gradients_flow_through_folded_coefficients():
@@ -293,7 +328,10 @@ def test_fused_kernel_path_in_the_interpreter(monkeypatch):
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     x = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(5))
-    for solver, options in [("unipc", {"order": 3}), ("ddim", {}), ("dpmpp", {"space": "noise"})]:
+    from tests.test_dpmv3 import synthetic_ems
+
+    v3 = {"ems": synthetic_ems("scaled_linear", 200, (4, 1, 1)), "order": 3}  # biases on x_next and prev
+    for solver, options in [("unipc", {"order": 3}), ("ddim", {}), ("dpmpp", {"space": "noise"}), ("dpmv3", v3)]:
         plan = fewstep.make_plan("scaled_linear", solver, 6, **options)
         for transform in (None, fewstep.DynamicThreshold()):
             torch_ex = PlanExecutor(plan, "cpu", torch.float32, transform)

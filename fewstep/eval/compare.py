@@ -135,8 +135,8 @@ class CompareConfig:
     Attributes:
         model: ``digits``, ``gmm``, ``gmm-flow`` or a local diffusers pipeline folder.
         solvers: Solver specs (``unipc:order=3,variant=bh1``); None: every registered solver that
-            runs with its default options and needs no tuned file (``dc`` needs its ratios:
-            name it).
+            runs with its default options and needs no tuned file (``dc`` needs its ratios,
+            ``dpmv3`` its model's EMS file, ``usf`` a solver schedule: name them).
         nfe: Model evaluations per sample to compare (duplicates are dropped).
         num_samples: Samples per run (sample i uses noise seed ``seed + i``).
         seed: First noise seed.
@@ -437,7 +437,8 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", metavar="NAME|DIR", help="digits (default), gmm, gmm-flow, or a diffusers pipeline folder")
     p.add_argument("--solvers", nargs="+", metavar="SPEC",
-                   help="solvers, e.g. ddim unipc:order=3,variant=bh1 (default: every registered solver that needs no tuned file; "
+                   help="solvers, e.g. ddim unipc:order=3,variant=bh1 dpmv3:ems=FILE (default: every registered solver "
+                        "that needs no tuned file; "
                         "see 'fewstep solvers')")
     p.add_argument("--nfe", nargs="+", type=int, metavar="N", help="model evaluations per sample (default: 5 6 8 10)")
     p.add_argument("--guidance", type=float, metavar="W", help="classifier-free guidance scale (default: per model, see below)")

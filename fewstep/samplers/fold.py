@@ -17,9 +17,14 @@ so their coefficient rows compose, once per plan, in float64, into rows over a f
 and four *outputs* (the tensors a step writes)::
 
     d0                the new history entry (after DC-Solver's compensation)
-    x_next            the next sample (plus the predictor's bias)
+    x_next            the next sample
     prev              this step's corrected sample, for the next step's corrector
     x0                the data prediction handed to the caller
+
+Each output is its row over the registers plus an optional constant (``bias``): the
+predictor's bias, and the corrector's (DPM-Solver-v3's b terms), which reaches ``prev`` as it
+is and ``x_next`` times the predictor's ``x`` coefficient. The history entry is the space's
+default (x0 or eps) or the plan's own ``history_coef`` row over (x, x0) (DPM-Solver-v3's f).
 
 The corrector needs no ``prev`` register when its ``x_prev`` coefficient equals the previous
 predictor's ``x`` coefficient (UniPC): then ``x_prev = (x - sum_j p_j d_{j+1}) / p_x`` is an
@@ -84,13 +89,14 @@ class FoldedPlan:
     Attributes:
         registers: The register layout.
         rows: [n, 4, K, *S] coefficients of the outputs :data:`OUTPUTS` over the K registers.
-        bias: [n, *S] additive term of ``x_next``, or None.
+        bias: [n, 4, *S] additive terms of the outputs :data:`OUTPUTS`, or None (no step has one).
         pre: [n, K] row of the untransformed x0 (only with a transform; reads x and out).
         needed: [n][4] which outputs step i must write (``x0`` is always listed; callers
             that do not want it skip it).
         active: [n][4][K] which coefficients are non-zero (one host read of the whole table).
         pre_active: [n][K] the same for ``pre``.
         x0_is_d0: [n] whether ``x0`` and ``d0`` have identical rows (then x0 is a copy).
+        bias_active: [n][4] which outputs of step i have a non-zero bias (None without bias).
     """
 
     registers: Registers
@@ -101,6 +107,7 @@ class FoldedPlan:
     active: list[list[list[bool]]]
     pre_active: list[list[bool]] | None
     x0_is_d0: list[bool]
+    bias_active: list[list[bool]] | None = None
 
     @property
     def n(self) -> int:
@@ -112,7 +119,7 @@ class FoldedPlan:
 
     def structure(self) -> tuple:
         """Everything but the coefficient values: plans with equal structures run the same launches."""
-        return (self.registers, self.n, self.coefficient_shape, self.bias is not None, _freeze(self.needed),
+        return (self.registers, self.n, self.coefficient_shape, _freeze(self.bias_active), _freeze(self.needed),
                 _freeze(self.active), _freeze(self.pre_active), tuple(self.x0_is_d0))
 
 
@@ -189,7 +196,9 @@ def fold_plan(plan, transform: bool = False, guidance: float | None = None, fold
     cx, co = per_step(plan.x0_coef[:, 0]), per_step(plan.x0_coef[:, 1])
     x0_raw = cx * unit("x") + co * out_vec
     x0 = unit("x0") if transform else x0_raw
-    if plan.space == "noise":
+    if plan.history_coef is not None:
+        d0 = per_step(plan.history_coef[:, 0]) * unit("x") + per_step(plan.history_coef[:, 1]) * x0
+    elif plan.space == "noise":
         grid = plan.grid
         d0 = per_step(1 / grid.sigma[:n]) * unit("x") + per_step(-grid.alpha[:n] / grid.sigma[:n]) * x0
     else:
@@ -223,7 +232,7 @@ def fold_plan(plan, transform: bool = False, guidance: float | None = None, fold
 
     full = (n, K, *shape)
     rows = torch.stack([t.expand(full) for t in (d0, x_next, x_corr, x0)], 1)
-    bias = None if plan.predict_bias is None else plan.predict_bias.to(device=device, dtype=f64)
+    bias, bias_active = _output_bias(plan, shape, device)
     pre = x0_raw.reshape(n, K, -1)[:, :, 0] if transform else None
 
     # Host-side structure, from a few reads of whole tables.
@@ -238,7 +247,33 @@ def fold_plan(plan, transform: bool = False, guidance: float | None = None, fold
     _check_reads(regs, nz, needed)
     same = (rows[:, D0] == rows[:, X0]).reshape(n, -1).all(1) & (not rows.requires_grad)
     pre_active = None if pre is None else _nonzero(pre, 2).tolist()
-    return FoldedPlan(regs, rows, bias, pre, needed.tolist(), nz.tolist(), pre_active, same.tolist())
+    return FoldedPlan(regs, rows, bias, pre, needed.tolist(), nz.tolist(), pre_active, same.tolist(), bias_active)
+
+
+def _output_bias(plan, shape: tuple[int, ...], device) -> tuple[torch.Tensor | None, list[list[bool]] | None]:
+    """([n, 4, *B] constants of the outputs, which are non-zero): the corrector's bias is in the
+    corrected sample (``prev``) and, times the predictor's x coefficient, in ``x_next``.
+
+    Biases broadcast against the sample like coefficients (aligned on the right); B is the
+    broadcast of their shapes and the coefficient shape S.
+    """
+    tables = [t for t in (plan.predict_bias, plan.correct_bias) if t is not None]
+    if not tables:
+        return None, None
+    n, f64 = plan.n, torch.float64
+    out = torch.broadcast_shapes(shape, *(tuple(t.shape[1:]) for t in tables))
+
+    def table(t):  # [n, *T] -> [n, *B]
+        t = t.to(device=device, dtype=f64)
+        return t.reshape(n, *([1] * (len(out) + 1 - t.dim())), *t.shape[1:]).expand(n, *out)
+
+    zero = torch.zeros(n, *out, dtype=f64, device=device)
+    corr = zero if plan.correct_bias is None else table(plan.correct_bias)
+    x_next = table(plan.predict[:, 0]) * corr
+    if plan.predict_bias is not None:
+        x_next = x_next + table(plan.predict_bias)
+    bias = torch.stack([zero, x_next, corr, zero], 1)
+    return bias, _nonzero(bias, 2).cpu().tolist()
 
 
 def _needed_outputs(regs: Registers, nz: torch.Tensor, corrected, folded) -> torch.Tensor:

@@ -4,9 +4,10 @@ A solver turns a :class:`~fewstep.samplers.timesteps.TimeGrid` into a
 :class:`SolverPlan` once, in float64. Every step of every solver is then the same
 four linear stages over a fixed set of registers:
 
-    convert     x0 = c_x x + c_out out;  D = x0 (data space) or e_x x + e_0 x0 (noise space)
+    convert     x0 = c_x x + c_out out;  D = x0 (data space) or e_x x + e_0 x0 (noise space),
+                or h_x x + h_0 x0 when the plan gives its own history row (DPM-Solver-v3)
                 D is pushed into the history D_0 (newest), D_1, ..., D_{H-1}
-    correct     x = a x_prev + sum_j b_j D_j                 (UniC-style correctors)
+    correct     x = a x_prev + sum_j b_j D_j (+ bias)        (UniC-style correctors)
     compensate  D_0 = sum_j w_j D_j                          (DC-Solver's dynamic compensation)
     predict     x_next = a x + sum_j b_j D_j (+ r out) (+ bias) (the multistep predictor)
 
@@ -51,6 +52,11 @@ class SolverPlan:
         predict_bias: [n, *S] additive term of the predictor, or None.
         predict_raw: [n, *S] coefficient of the raw model output in the predictor, or None
             (DDIM uses it to take eps from the raw output when x0 is thresholded).
+        history_coef: [n, 2, *S] (h_x, h_0): the history entry is h_x x + h_0 x0 instead of
+            the space's default, or None. DPM-Solver-v3 stores f = ((1 - l) x - alpha x0) / alpha,
+            which needs the sample of its own step (elementwise l).
+        correct_bias: [n, *S] additive term of the corrector, or None (zero where ``correct``
+            is zero).
         orders: Predictor order used at each step (for inspection and tests).
         info: Free-form per-plan metadata (e.g. corrector orders).
     """
@@ -64,6 +70,8 @@ class SolverPlan:
     compensate: torch.Tensor | None = None
     predict_bias: torch.Tensor | None = None
     predict_raw: torch.Tensor | None = None
+    history_coef: torch.Tensor | None = None
+    correct_bias: torch.Tensor | None = None
     orders: list[int] = field(default_factory=list)
     info: dict = field(default_factory=dict)
 
@@ -77,11 +85,20 @@ class SolverPlan:
             _check_table("correct", self.correct, (n, 1 + h))
         if self.compensate is not None:
             _check_table("compensate", self.compensate, (n, h))
-        for name in ("predict_bias", "predict_raw"):
+        if self.history_coef is not None:
+            _check_table("history_coef", self.history_coef, (n, 2))
+        for name in ("predict_bias", "predict_raw", "correct_bias"):
             table = getattr(self, name)
             if table is not None and (table.shape[0] != n or table.dtype != torch.float64):
                 raise ValueError(f"{name} must be float64 with {n} rows, got {tuple(table.shape)}")
-        for name in ("x0_coef", "predict", "correct", "compensate", "predict_bias", "predict_raw"):
+        if self.correct_bias is not None:
+            if self.correct is None:
+                raise ValueError("correct_bias needs a correct table")
+            uncorrected = ~self.correct.detach().reshape(n, -1).ne(0).any(1)
+            if bool(self.correct_bias.detach().reshape(n, -1)[uncorrected].ne(0).any()):
+                raise ValueError("correct_bias must be zero on steps without a correction")
+        for name in ("x0_coef", "predict", "correct", "compensate", "predict_bias", "predict_raw", "history_coef",
+                     "correct_bias"):
             table = getattr(self, name)
             if table is not None and not bool(torch.isfinite(table).all()):
                 step = int(torch.nonzero(~torch.isfinite(table.reshape(n, -1)).all(1))[0])
@@ -96,6 +113,19 @@ class SolverPlan:
     def coefficient_shape(self) -> tuple[int, ...]:
         """Trailing shape of elementwise coefficients (``()`` for scalar solvers)."""
         return tuple(self.predict.shape[2:])
+
+    def check_sample_shape(self, shape: tuple[int, ...]) -> None:
+        """Raise ValueError unless elementwise coefficients broadcast to a sample of ``shape`` [B, *S]."""
+        coef, per_sample = self.coefficient_shape, tuple(shape[1:])
+        try:
+            fits = len(coef) <= len(per_sample) and torch.broadcast_shapes(coef, per_sample) == per_sample
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(
+                f"this plan's elementwise coefficients have per-sample shape {coef} (e.g. DPM-Solver-v3 "
+                f"statistics), which does not broadcast to the sample {tuple(shape)} (per-sample shape {per_sample})"
+            )
 
     def correct_steps(self) -> list[int]:
         """Indices of the steps whose incoming sample is corrected."""
@@ -203,7 +233,7 @@ class PlanExecutor:
     def _load_tables(self, folded: FoldedPlan) -> None:
         f = folded
         self._rows = f.rows.to(device=self.device, dtype=self.dtype)  # [n, 4, K, *S]
-        self._bias = None if f.bias is None else f.bias.to(device=self.device, dtype=self.dtype)
+        self._bias = None if f.bias is None else f.bias.to(device=self.device, dtype=self.dtype)  # [n, 4, *S]
         self._pre = None if f.pre is None else f.pre.to(device=self.device, dtype=self.dtype)
         self._x0_is_d0 = all(f.x0_is_d0)
 
@@ -302,6 +332,7 @@ class PlanExecutor:
             raise ValueError(f"model output shape {tuple(model_output.shape)} does not match {what}sample shape "
                              f"{tuple(expected) if self.guidance is not None else tuple(x.shape)}")
         if self.shape is None:
+            self.plan.check_sample_shape(tuple(x.shape))
             self.shape, self._output_shape = x.shape, model_output.shape
             if self._buffer_shape != x.shape:
                 self._allocate(x.shape)
@@ -462,15 +493,15 @@ class PlanExecutor:
             x0 = _accumulate_all(pre, regs[: self._x0_reg], self.dtype)
             regs[self._x0_reg] = self.transform(x0)
         rows = self._rows[i]
-        bias = None if self._bias is None else self._bias[i]
+        bias = [None] * 4 if self._bias is None else self._bias[i]
         f = self.folded
         results: list = [None] * 4
         if f.registers.history > 1:
             results[D0] = _accumulate_all(rows[D0], regs, self.dtype)
-        xn = _accumulate_all(rows[X_NEXT], regs, self.dtype, bias)
+        xn = _accumulate_all(rows[X_NEXT], regs, self.dtype, bias[X_NEXT])
         results[X_NEXT] = xn.to(x.dtype)
         if f.registers.prev:
-            results[PREV] = _accumulate_all(rows[PREV], regs, self.dtype)
+            results[PREV] = _accumulate_all(rows[PREV], regs, self.dtype, bias[PREV])
         if want_x0:
             x0 = results[D0] if self._x0_is_d0 and results[D0] is not None else _accumulate_all(rows[X0], regs,
                                                                                                   self.dtype)
@@ -491,9 +522,7 @@ class PlanExecutor:
             if not f.needed[i][m] or (m == X0 and f.x0_is_d0[i] and f.needed[i][D0]):
                 continue
             regs = tuple(k for k in range(K) if f.active[i][m][k]) or (0,)
-            bias = None
-            if m == X_NEXT and self._bias is not None:
-                bias = self._bias[i]
+            bias = self._bias[i, m] if self._bias is not None and f.bias_active[i][m] else None
             outputs.append(_Output(m, regs, [flat[m * K + k] for k in regs], bias))
         st = _Step(outputs, x0_copies_d0=f.needed[i][D0] and f.x0_is_d0[i])
         if self._pre is not None:
@@ -514,9 +543,8 @@ class PlanExecutor:
         rows = self._rows[i][list(st.block_slots)][:, list(st.block_regs)]
         st.block = rows.contiguous() if st.block is None else st.block.copy_(rows)
         if self._bias is not None:
-            bias = torch.zeros(len(st.block_slots), *self._bias.shape[1:], device=self.device, dtype=self.dtype)
-            bias[st.block_slots.index(X_NEXT)] = self._bias[i]
-            st.block_bias = bias if st.block_bias is None else st.block_bias.copy_(bias)
+            bias = self._bias[i][list(st.block_slots)]
+            st.block_bias = bias.contiguous() if st.block_bias is None else st.block_bias.copy_(bias)
         if st.pre is not None:
             pre = self._pre[i, list(st.pre_regs)].reshape(1, -1)
             st.pre_block = pre.contiguous() if st.pre_block is None else st.pre_block.copy_(pre)

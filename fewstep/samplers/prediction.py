@@ -23,6 +23,7 @@ __all__ = [
     "canonical_prediction",
     "check_prediction",
     "x0_coefficients",
+    "eps_coefficients",
     "DynamicThreshold",
     "Clip",
     "cfg_combine",
@@ -86,6 +87,25 @@ def x0_coefficients(prediction: str, alpha: torch.Tensor, sigma: torch.Tensor) -
         return torch.zeros_like(alpha), torch.ones_like(alpha)
     if prediction == "flow":
         return torch.ones_like(alpha), -sigma
+    raise ValueError(f"unknown prediction type {prediction!r}; choose one of {PREDICTIONS}")
+
+
+def eps_coefficients(prediction: str, alpha: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coefficients (e_x, e_out) with eps = e_x * x + e_out * out, written without cancellation.
+
+    Works on any tensors (float64 or not, under autograd/forward AD).
+
+    Raises:
+        ValueError: for an unknown prediction type.
+    """
+    if prediction == "epsilon":
+        return torch.zeros_like(alpha), torch.ones_like(alpha)
+    if prediction == "v_prediction":  # v = alpha eps - sigma x0, x = alpha x0 + sigma eps (VP)
+        return sigma, alpha
+    if prediction == "sample":
+        return 1 / sigma, -alpha / sigma
+    if prediction == "flow":  # v = eps - x0, x = (1 - sigma) x0 + sigma eps
+        return torch.ones_like(alpha), alpha
     raise ValueError(f"unknown prediction type {prediction!r}; choose one of {PREDICTIONS}")
 
 

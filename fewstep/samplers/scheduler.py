@@ -52,6 +52,7 @@ __all__ = [
     "UniPCScheduler",
     "USFScheduler",
     "DCSolverScheduler",
+    "DPMSolverV3Scheduler",
 ]
 
 # diffusers' names for solver options, accepted as keyword arguments of from_config.
@@ -390,8 +391,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         if self.solver.config.get("solver_schedule") is not None:  # it fixes the grid (and checks the step count)
             spec = apply_solver_schedule(self.solver, spec, self.schedule, steps=num_inference_steps)
             num_inference_steps = None
-        grid = build_grid(self.schedule, num_inference_steps, spec)
-        plan = self.solver.plan(grid, self.prediction)
+        plan = self.solver.plan(build_grid(self.schedule, num_inference_steps, spec), self.prediction)
+        grid = plan.grid  # a solver may move the points (DPM-Solver-v3 snaps them to its EMS grid)
         ts = grid.model_timesteps
         return _CachedGrid(grid, plan, ts.round().long() if grid.integer_timesteps else ts.float(),
                            grid.diffusers_sigmas().float(), ts.tolist())
@@ -689,3 +690,13 @@ class DCSolverScheduler(FewstepScheduler):
     """
 
     default_solver = "dc"
+
+
+class DPMSolverV3Scheduler(FewstepScheduler):
+    """DPM-Solver-v3 as a drop-in scheduler; needs the model's EMS: ``from_config(cfg, ems=PATH)``.
+
+    ``save_pretrained`` writes the EMS file next to the scheduler config and
+    ``from_pretrained`` loads it back; timesteps are snapped to the EMS grid.
+    """
+
+    default_solver = "dpmv3"

@@ -1,0 +1,347 @@
+"""``fewstep ems compute``: DPM-Solver-v3 statistics for the built-in models or a diffusers pipeline.
+
+    fewstep ems compute --model digits --n-grid 250 --n-data 1024 --out ems.safetensors
+    fewstep ems compute --model digits --guidance 7.5 --out ems-cfg7.5.safetensors
+    torchrun --nproc_per_node 2 -m fewstep.cli ems compute --model PIPELINE_DIR --guidance 7.5 \\
+        --prompts prompts.txt --out ems.safetensors --device cuda
+
+Data (``data``): ``real`` uses the model's data (the digits dataset; exact samples of the
+Gaussian mixture), ``samples`` uses the model's own samples (third-order DPM-Solver++ with
+``sample_nfe`` steps, at the same guidance). Pipelines have no dataset, so they use samples.
+All EMS seeds start at 100000, disjoint from the evaluation seeds 0..N-1. Chunks are saved
+in ``OUT.parts/`` as they finish; rerunning the same command resumes, and the folder is
+removed once the EMS file is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+import torch
+
+from ..config import add_config_arguments, resolve_config, resolve_device
+from ..samplers import GridSpec, make_schedule, sample
+from ..samplers.ems import EMS
+from ..samplers.ems_compute import EMS_DATA_SEED, compute_ems
+from .testbeds import BUILTIN_MODELS
+
+__all__ = ["EMSComputeConfig", "EMSSource", "ems_source", "run_ems_compute", "add_ems_parser", "DATA_MODES"]
+
+DATA_MODES = ("real", "samples")
+SAMPLE_SOLVER = dict(solver="dpmpp", order=3, third_order="taylor")
+
+
+@dataclass
+class EMSComputeConfig:
+    """Settings of ``fewstep ems compute`` (also the schema of its YAML files, ``configs/ems/``).
+
+    Attributes:
+        model: ``digits``, ``gmm``, ``gmm-flow`` or a local diffusers pipeline folder.
+        out: The EMS file to write.
+        n_grid: N: grid points are N + 1, uniform in log-SNR over the whole schedule.
+        n_data: K datapoints.
+        guidance: CFG scale of the sampled function; None: the unconditional model (digits:
+            null label). 1.0 is the conditional model without guidance.
+        prompts: Text file with one prompt per line (pipelines; datapoint k uses prompt k mod P).
+        data: ``real`` or ``samples``; None: real for digits/gmm, samples for pipelines.
+        sample_nfe: Steps of the solver that makes the samples (``data=samples``).
+        batch_size: Datapoints per model call (part of the result's identity).
+        chunk_size: Grid points per saved chunk.
+        seed: First EMS seed (datapoint k: data seed + k, noise and Rademacher from (seed, k)).
+        height, width: Pipeline image size (default: the pipeline's own).
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (under torchrun: ``cuda`` means each
+            process's ``LOCAL_RANK`` GPU).
+        threads: Torch CPU threads per process.
+        progress: Show a progress bar.
+    """
+
+    model: str = "digits"
+    out: Optional[str] = None
+    n_grid: int = 250
+    n_data: int = 1024
+    guidance: Optional[float] = None
+    prompts: Optional[str] = None
+    data: Optional[str] = None
+    sample_nfe: int = 100
+    batch_size: int = 128
+    chunk_size: int = 8
+    seed: int = EMS_DATA_SEED
+    height: Optional[int] = None
+    width: Optional[int] = None
+    device: str = "cpu"
+    threads: int = 1
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.out:
+            raise ValueError("out (the EMS file to write) is required: --out ems.safetensors")
+        for key, low in (("n_grid", 1), ("n_data", 2), ("sample_nfe", 1), ("batch_size", 1), ("chunk_size", 1),
+                         ("threads", 1), ("seed", 0)):
+            if getattr(self, key) < low:
+                raise ValueError(f"{key} must be >= {low}, got {getattr(self, key)}")
+        if self.data is not None and self.data not in DATA_MODES:
+            raise ValueError(f"data must be one of {', '.join(DATA_MODES)}, got {self.data!r}")
+        if self.guidance is not None and not (self.guidance == self.guidance and 0 <= self.guidance <= 1e4):
+            raise ValueError(f"guidance must be a number in 0..1e4, got {self.guidance}")
+        resolve_device(self.device)
+
+
+@dataclass
+class EMSSource:
+    """What compute_ems needs from a model: the function, its schedule, data and identity."""
+
+    model: Callable[..., torch.Tensor]
+    schedule: Any
+    prediction: str
+    shape: tuple[int, ...]
+    fingerprint: str | None
+    data_sampler: Callable[[torch.Tensor], Any]
+    description: str
+
+
+def _noise(shape: tuple[int, ...], indices: torch.Tensor, seed: int) -> torch.Tensor:
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + int(k))) for k in indices])
+
+
+def _sampled(model, schedule, prediction, shape, cfg: EMSComputeConfig, conds: Callable, device) -> Callable:
+    """A data sampler drawing the model's own samples (at the EMS guidance) from seeds seed + k."""
+    guided = cfg.guidance is not None
+
+    def sampler(indices: torch.Tensor):
+        cond, uncond = conds(indices)
+        x = sample(model, _noise(shape, indices, cfg.seed).to(device), schedule=schedule, prediction=prediction,
+                   nfe=cfg.sample_nfe, spacing=GridSpec(convention="multistep"), guidance=cfg.guidance if guided else None,
+                   cond=cond, uncond=uncond if guided else None, **SAMPLE_SOLVER)
+        return (x, cond, uncond) if guided else (x, cond)
+
+    return sampler
+
+
+def _digits_source(cfg: EMSComputeConfig, device, path: Path | None) -> EMSSource:
+    from ..zoo import digits
+    from .testbeds import DigitsTestbed
+
+    bed = DigitsTestbed(device, path)
+    unet, null = bed.unet, bed.null_label
+    for p in unet.parameters():
+        p.requires_grad_(False)
+
+    def model(x, t, labels):
+        return unet(x, t, class_labels=labels).sample
+
+    guided = cfg.guidance is not None
+
+    def conds(indices, labels=None):
+        n = indices.numel()
+        labels = (indices % digits.NUM_CLASSES) if labels is None else labels
+        cond = labels.to(device) if guided else torch.full((n,), null, device=device)
+        return cond, torch.full((n,), null, device=device)
+
+    if cfg.data == "samples":
+        data = _sampled(model, bed.schedule, bed.prediction, (1, 8, 8), cfg, conds, device)
+        what = f"digits: own samples (dpmpp-3 taylor, {cfg.sample_nfe} steps, seeds {cfg.seed}+k)"
+    else:
+        images, labels = digits.load_digits_data("all")
+        perm = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
+
+        def data(indices):
+            pick = perm[indices % images.shape[0]]
+            cond, uncond = conds(indices, labels[pick])
+            return (images[pick], cond, uncond) if guided else (images[pick], cond)
+
+        what = f"digits: the 1797 real digits (permutation seed {cfg.seed})"
+    return EMSSource(model, bed.schedule, bed.prediction, (1, 8, 8), None, data, what)
+
+
+def _gmm_source(cfg: EMSComputeConfig, flow: bool) -> EMSSource:
+    from .testbeds import GMMTestbed
+
+    bed = GMMTestbed(schedule="flow" if flow else "linear")
+    mix, guided = bed.mixture, cfg.guidance is not None
+
+    def conds(indices):
+        labels = indices % mix.num_classes
+        return (labels, torch.full_like(labels, -1)) if guided else (None, None)
+
+    if cfg.data == "samples":
+        data = _sampled(bed.model, bed.schedule, bed.prediction, (mix.dim,), cfg, conds, "cpu")
+        what = f"gmm: own samples (dpmpp-3 taylor, {cfg.sample_nfe} steps, seeds {cfg.seed}+k)"
+    else:
+        def data(indices):
+            cond, uncond = conds(indices)
+            x = torch.cat([mix.sample(1, torch.Generator().manual_seed(cfg.seed + int(k)),
+                                      None if cond is None else cond[i:i + 1]) for i, k in enumerate(indices)])
+            return (x, cond, uncond) if guided else (x if cond is None else (x, cond))
+
+        what = f"gmm: exact mixture samples (seeds {cfg.seed}+k)"
+    return EMSSource(bed.model, bed.schedule, bed.prediction, (mix.dim,), bed.model.fingerprint(), data, what)
+
+
+def _read_prompts(path: str | None) -> list[str]:
+    from .testbeds import DEFAULT_PROMPTS
+
+    if path is None:
+        return list(DEFAULT_PROMPTS)
+    prompts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts (one per line)")
+    return prompts
+
+
+def _pipeline_source(cfg: EMSComputeConfig, path: Path, device) -> EMSSource:
+    from ..samplers.artifacts import model_fingerprint
+    from ..samplers.scheduler import FewstepScheduler
+    from ..zoo.tiny import load_tiny_pipeline
+    from .testbeds import check_pipeline_folder
+
+    if cfg.data == "real":
+        raise ValueError("a pipeline has no dataset here: use data=samples (the default for pipelines)")
+    check_pipeline_folder(path)
+    pipe = load_tiny_pipeline(path).to(device)
+    sched = FewstepScheduler.from_config(pipe.scheduler.config)
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    if denoiser is None or not hasattr(pipe, "encode_prompt"):
+        raise ValueError(f"{path}: only text-to-image pipelines with a unet or transformer are supported; "
+                         "use fewstep.compute_ems with your own model function for others")
+    for p in denoiser.parameters():
+        p.requires_grad_(False)
+    factor = getattr(pipe, "vae_scale_factor", 8)
+    h = (cfg.height or denoiser.config.sample_size * factor) // factor
+    w = (cfg.width or denoiser.config.sample_size * factor) // factor
+    shape = (denoiser.config.in_channels, h, w)
+    prompts = _read_prompts(cfg.prompts)
+    is_unet = getattr(pipe, "unet", None) is not None
+    with torch.no_grad():  # one table of embeddings: row p is prompt p, the last row the empty prompt
+        if is_unet:
+            pos, neg = pipe.encode_prompt(prompts, device, 1, True, negative_prompt=[""] * len(prompts))
+            table = (torch.cat([pos, neg[:1]]),)
+        else:
+            pos, neg, pooled, neg_pooled = pipe.encode_prompt(prompts, None, None, device=device,
+                                                              num_images_per_prompt=1,
+                                                              do_classifier_free_guidance=True, negative_prompt=[""] * len(prompts))
+            table = (torch.cat([pos, neg[:1]]), torch.cat([pooled, neg_pooled[:1]]))
+    empty = len(prompts)
+
+    def conds(indices):  # conditioning is a prompt index, so batches concatenate like labels
+        return (indices % len(prompts)).to(device), torch.full((indices.numel(),), empty, device=device)
+
+    def model(x, t, idx):
+        if is_unet:
+            return denoiser(x, t, encoder_hidden_states=table[0][idx]).sample
+        return denoiser(hidden_states=x, timestep=t, encoder_hidden_states=table[0][idx],
+                        pooled_projections=table[1][idx]).sample
+
+    data = _sampled(model, sched.schedule, sched.prediction, shape, cfg, conds, device)
+    what = f"{path.name}: own latents (dpmpp-3 taylor, {cfg.sample_nfe} steps, seeds {cfg.seed}+k), {len(prompts)} prompts"
+    return EMSSource(model, sched.schedule, sched.prediction, shape, model_fingerprint(pipe), data, what)
+
+
+def ems_source(cfg: EMSComputeConfig, device: torch.device) -> EMSSource:
+    """The model, schedule and data of ``cfg.model``.
+
+    Raises:
+        ValueError: unknown model or unusable folder, or a data mode the model lacks.
+    """
+    if cfg.model in ("gmm", "gmm-flow"):
+        if device.type != "cpu":
+            raise ValueError(f"the {cfg.model} model is exact and tiny and runs on the CPU only, not on {device}")
+        return _gmm_source(cfg, cfg.model == "gmm-flow")
+    if cfg.model == "digits":
+        return _digits_source(cfg, device, None)
+    path = Path(cfg.model)
+    if not path.is_dir():
+        raise ValueError(f"model {cfg.model!r} is not one of {', '.join(BUILTIN_MODELS)} or a pipeline folder")
+    from .testbeds import check_pipeline_folder
+
+    if check_pipeline_folder(path)["_class_name"] == "DigitsPipeline":
+        return _digits_source(cfg, device, path)
+    return _pipeline_source(cfg, path, device)
+
+
+def _distributed(device: torch.device) -> tuple[torch.device, bool]:
+    """Join the torchrun / accelerate process group if there is one (gloo on CPU, nccl on CUDA)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
+        return device, False
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, True
+
+
+def run_ems_compute(cfg: EMSComputeConfig, log: Callable[[str], None] = print) -> EMS:
+    """Compute (or resume) the EMS described by ``cfg`` and write it to ``cfg.out``."""
+    device, joined = _distributed(resolve_device(cfg.device))
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    out = Path(cfg.out)
+    parts = out.with_name(out.name + ".parts")
+    try:
+        src = ems_source(cfg, device)
+        start = time.perf_counter()
+        ems = compute_ems(src.model, src.data_sampler, src.schedule, n_grid=cfg.n_grid, n_data=cfg.n_data,
+                          prediction=src.prediction, guidance=cfg.guidance, batch_size=cfg.batch_size,
+                          seed=cfg.seed, workdir=parts, chunk_size=cfg.chunk_size, device=device,
+                          fingerprint=src.fingerprint, data_description=src.description,
+                          progress=cfg.progress)
+        seconds = time.perf_counter() - start
+        if rank == 0:
+            ems.save(out)
+            shutil.rmtree(parts, ignore_errors=True)
+            t_hi, t_lo = ems.meta.extra["timesteps"]
+            log(f"wrote {out}: EMS of {cfg.model} (N={cfg.n_grid}, K={cfg.n_data}, guidance={cfg.guidance}, "
+                f"timesteps {t_lo:g}..{t_hi:g}, shape {ems.sample_shape}) in {seconds:.1f} s")
+        return ems
+    finally:
+        if joined:
+            torch.distributed.destroy_process_group()
+
+
+def add_ems_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``fewstep ems compute``."""
+    ems = sub.add_parser("ems", help="DPM-Solver-v3 empirical model statistics",
+                         description="Empirical model statistics (EMS) for the dpmv3 solver.")
+    ems.set_defaults(config_schema=EMSComputeConfig)  # lets fewstep.cli find key=value overrides
+    inner = ems.add_subparsers(dest="ems_command", required=True, metavar="SUBCOMMAND")
+    p = inner.add_parser(
+        "compute", help="compute EMS for a model (resumable, data-parallel under torchrun)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+    )
+    p.add_argument("--model", metavar="NAME|DIR", help="digits (default), gmm, gmm-flow, or a diffusers pipeline folder")
+    p.add_argument("--out", metavar="FILE", help="the EMS file to write (required)")
+    p.add_argument("--n-grid", dest="n_grid", type=int, metavar="N", help="grid intervals N (default: 250)")
+    p.add_argument("--n-data", dest="n_data", type=int, metavar="K", help="datapoints K (default: 1024)")
+    p.add_argument("--guidance", type=float, metavar="W", help="CFG scale (default: the unconditional model)")
+    p.add_argument("--prompts", metavar="FILE", help="pipeline prompts, one per line (default: four built-in ones)")
+    p.add_argument("--data", choices=DATA_MODES, help="real data or the model's own samples (default: per model)")
+    p.add_argument("--sample-nfe", dest="sample_nfe", type=int, metavar="N", help="steps for data=samples (default: 100)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, metavar="B", help="datapoints per call (default: 128)")
+    p.add_argument("--chunk-size", dest="chunk_size", type=int, metavar="C", help="grid points per saved chunk (default: 8)")
+    p.add_argument("--seed", type=int, metavar="S", help=f"first EMS seed (default: {EMS_DATA_SEED})")
+    p.add_argument("--height", type=int, metavar="PX", help="pipeline image height")
+    p.add_argument("--width", type=int, metavar="PX", help="pipeline image width")
+    p.add_argument("--device", help="cpu (default), cuda, cuda:N or mps")
+    p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads per process (default: 1)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    add_config_arguments(p, EMSComputeConfig)
+    p.set_defaults(func=cmd_ems_compute)
+
+
+def cmd_ems_compute(args: argparse.Namespace) -> int:
+    """CLI body of ``fewstep ems compute``."""
+    del args.ems_command
+    cfg = resolve_config(EMSComputeConfig, args)
+    args.resume_hint = f"finished chunks are kept in {cfg.out}.parts; run the same command again to resume"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        run_ems_compute(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    return 0

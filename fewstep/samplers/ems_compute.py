@@ -1,0 +1,339 @@
+"""Computing DPM-Solver-v3's empirical model statistics for any model (``fewstep.compute_ems``).
+
+For every point lambda_j of the EMS grid and every datapoint k (x0_k, noise z_k and a
+Rademacher vector r_k, all drawn from seeds that depend on k alone):
+
+    x = alpha_j x0_k + sigma_j z_k,       a(x, lambda) = e^{-lambda} eps(x, lambda)
+    (a, J_a r)  = jvp(a, (x, lambda), (r, 0))                     ->  l-term alpha r * (J_a r)
+    (a, da)     = jvp(a, (x, lambda), (dx/dlambda, 1))            ->  the total derivative along the ODE
+
+with dx/dlambda = (d log alpha / d lambda) x - sigma eps. ``eps`` is the function the sampler
+integrates: the converted model output, CFG-combined when ``guidance`` is given. The float64
+sums of :data:`fewstep.samplers.ems.MOMENTS` over the data determine l, s and b in closed form
+(:func:`~fewstep.samplers.ems.ems_from_moments`).
+
+Work is split into fixed blocks of ``batch_size`` datapoints, each always evaluated as one
+batch, and grid chunks of ``chunk_size`` points. Every chunk's sums are written atomically to
+``workdir``; a rerun skips finished chunks, so a killed run resumes and ends with the same
+file. Under ``torchrun`` / ``accelerate launch`` (an initialised ``torch.distributed``
+group) the blocks are dealt round-robin to the processes; each block's float64 sums are
+exchanged exactly (an all-reduce where only the owner contributes a non-zero) and added in
+block order, so any number of processes gives the same statistics, bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .artifacts import ArtifactMeta, model_fingerprint
+from .ems import EMS, MOMENTS, ems_from_moments, ems_lambda_grid
+from .prediction import cfg_combine, check_prediction, eps_coefficients
+from .schedules import NoiseSchedule, make_schedule
+
+__all__ = ["compute_ems", "EMS_DATA_SEED", "forward_ad_workarounds"]
+
+# EMS data, noise and Rademacher seeds start here: evaluation seeds are 0..N-1.
+EMS_DATA_SEED = 100_000
+_FORMAT = 1
+
+
+@contextlib.contextmanager
+def forward_ad_workarounds():
+    """Run diffusers models under forward-mode AD (torch 2.x gaps, found on torch 2.13).
+
+    The fused CPU/GPU attention kernels have no forward-AD formula (the math kernel does), and
+    ``group_norm``'s forward-AD formula views its input, which fails on the non-contiguous
+    tensors attention blocks hand it. Restores everything on exit.
+    """
+    from torch.nn import functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    original = F.group_norm
+
+    def group_norm(input, *args, **kwargs):
+        return original(input.contiguous(), *args, **kwargs)
+
+    F.group_norm = group_norm
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        F.group_norm = original
+
+
+def _stream_seed(seed: int, index: int, stream: int) -> int:
+    return int(np.random.SeedSequence([seed, index, stream]).generate_state(1, np.uint64)[0])
+
+
+def _split_data(item: Any, n: int) -> tuple[torch.Tensor, Any, Any]:
+    x0, cond, uncond = (item, None, None) if isinstance(item, torch.Tensor) else (tuple(item) + (None, None))[:3]
+    if not isinstance(x0, torch.Tensor) or not x0.is_floating_point() or x0.dim() < 1 or x0.shape[0] != n:
+        raise ValueError(f"data_sampler must return x0 (a float tensor [{n}, ...]) or (x0, cond[, uncond]) for "
+                         f"{n} indices; got {type(x0).__name__} {getattr(x0, 'shape', '')}")
+    return x0, cond, uncond
+
+
+def _cat(a: Any, b: Any) -> Any:
+    if isinstance(a, torch.Tensor):
+        return torch.cat([a, b])
+    if isinstance(a, tuple):
+        return tuple(_cat(u, v) for u, v in zip(a, b))
+    if isinstance(a, dict):
+        return {k: _cat(a[k], b[k]) for k in a}
+    return list(a) + list(b)
+
+
+class _Block:
+    """One fixed block of datapoints: data, noise and Rademacher vectors, kept for the whole run."""
+
+    def __init__(self, indices: torch.Tensor, data_sampler: Callable, seed: int, device: torch.device,
+                 guidance: float | None):
+        n = indices.numel()
+        x0, self.cond, self.uncond = _split_data(data_sampler(indices), n)
+        if guidance is not None and (self.cond is None or self.uncond is None):
+            raise ValueError("with guidance, data_sampler must return (x0, cond, uncond)")
+        self.x0 = x0.to(device)
+        shape = tuple(x0.shape[1:])
+        z, r = [], []
+        for k in indices.tolist():
+            z.append(torch.randn(shape, generator=torch.Generator().manual_seed(_stream_seed(seed, k, 0))))
+            g = torch.Generator().manual_seed(_stream_seed(seed, k, 1))
+            r.append(torch.randint(0, 2, shape, generator=g).float() * 2 - 1)
+        self.z = torch.stack(z).to(device=device, dtype=x0.dtype)
+        self.r = torch.stack(r).to(device=device, dtype=x0.dtype)
+
+
+class _Function:
+    """a(x, lambda) = e^{-lambda} eps(x, lambda): the converted (and guided) model output."""
+
+    def __init__(self, model: Callable, schedule: NoiseSchedule, prediction: str, guidance: float | None):
+        self.model, self.schedule, self.prediction, self.guidance = model, schedule, prediction, guidance
+
+    def __call__(self, x: torch.Tensor, lam: torch.Tensor, block: _Block) -> torch.Tensor:
+        sched = self.schedule
+        t = sched.t_from_lambda(lam)
+        alpha, sigma = sched.alpha_sigma(t)
+        model_t = sched.model_time(t).to(x.dtype)
+        if self.guidance is None:
+            out = self.model(x, model_t) if block.cond is None else self.model(x, model_t, block.cond)
+        else:
+            both = self.model(torch.cat([x, x]), torch.cat([model_t, model_t]), _cat(block.uncond, block.cond))
+            out = cfg_combine(*both.chunk(2), self.guidance)
+        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+            raise ValueError(f"the model must return a tensor shaped like its input {tuple(x.shape)}, got "
+                             f"{getattr(out, 'shape', type(out).__name__)}")
+        col = (-1,) + (1,) * (x.dim() - 1)
+        ex, eo = eps_coefficients(self.prediction, alpha, sigma)
+        eps = ex.to(x.dtype).reshape(col) * x + eo.to(x.dtype).reshape(col) * out
+        return torch.exp(-lam).to(x.dtype).reshape(col) * eps
+
+
+def _block_sums(fn: _Function, block: _Block, lam: float, schedule: NoiseSchedule) -> torch.Tensor:
+    """[len(MOMENTS), *S] float64 sums of one block at one grid point."""
+    x0 = block.x0
+    n = x0.shape[0]
+    lam_t = torch.full((n,), lam, dtype=torch.float64, device=x0.device)
+    t = schedule.t_from_lambda(torch.tensor([lam], dtype=torch.float64))
+    alpha, sigma = (float(v) for v in schedule.alpha_sigma(t))
+    # d log(alpha) / d lambda of this schedule, by forward AD through its own formulas
+    _, dlog_alpha = torch.func.jvp(lambda u: torch.log(schedule.alpha_sigma(schedule.t_from_lambda(u))[0]),
+                                   (torch.tensor([lam], dtype=torch.float64),),
+                                   (torch.ones(1, dtype=torch.float64),))
+    x = alpha * x0 + sigma * block.z
+
+    def f(x_, lam_):
+        return fn(x_, lam_, block)
+
+    a, ja = torch.func.jvp(f, (x, lam_t), (block.r, torch.zeros_like(lam_t)))
+    eps = a * math.exp(lam)
+    dx = float(dlog_alpha) * x - sigma * eps
+    _, da = torch.func.jvp(f, (x, lam_t), (dx, torch.ones_like(lam_t)))
+    a, v, da = a.double(), x.double() / alpha, da.double()
+    lr = alpha * block.r.double() * ja.double()
+    terms = (lr, a, v, da, a * a, a * v, v * v, a * da, v * da)
+    return torch.stack([u.sum(0) for u in terms])
+
+
+def _dist() -> tuple[int, int]:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _model_device(model: Any) -> torch.device:
+    module = model if isinstance(model, torch.nn.Module) else getattr(model, "unet", None) or getattr(
+        model, "transformer", None)
+    if isinstance(module, torch.nn.Module):
+        for p in module.parameters():
+            return p.device
+    return torch.device("cpu")
+
+
+def compute_ems(
+    model: Callable[..., torch.Tensor],
+    data_sampler: Callable[[torch.Tensor], Any],
+    schedule: "str | NoiseSchedule",
+    *,
+    n_grid: int = 250,
+    n_data: int = 1024,
+    prediction: str = "epsilon",
+    guidance: float | None = None,
+    batch_size: int = 128,
+    seed: int = EMS_DATA_SEED,
+    t_start: float | None = None,
+    t_end: float | None = None,
+    workdir: "str | Path | None" = None,
+    chunk_size: int = 8,
+    device: "str | torch.device | None" = None,
+    fingerprint: str | None = None,
+    data_description: str = "user data_sampler",
+    progress: bool = True,
+) -> EMS:
+    """Estimate DPM-Solver-v3's EMS (l, s, b) of a model on a log-SNR grid.
+
+    Args:
+        model: ``model(x, t)`` or ``model(x, t, cond)`` returning the raw network output
+            (``prediction`` says what it is); ``t`` is a 1-D tensor of model timesteps. It
+            must support forward-mode AD (``torch.func.jvp``) in ``x`` and ``t``.
+        data_sampler: ``data_sampler(indices)`` for a LongTensor of datapoint indices returns
+            ``x0`` ([n, *S], the model's input space: pixels or latents), ``(x0, cond)``, or
+            with guidance ``(x0, cond, uncond)``. It must be deterministic per index (the
+            same index always gives the same datapoint): real data, or samples of the model.
+        schedule: The model's noise schedule (a name or :class:`NoiseSchedule`).
+        n_grid: N; the grid has N + 1 points uniform in log-SNR.
+        n_data: K datapoints (the paper: K matters more than N).
+        prediction: The model's output type (``epsilon``, ``v_prediction``, ``sample``, ``flow``).
+        guidance: Classifier-free guidance scale; the statistics are then those of the guided
+            noise prediction ``eps_u + w (eps_c - eps_u)``, the function the sampler solves.
+        batch_size: Datapoints per model call (CFG doubles it). Part of the result's identity:
+            batches are fixed so that the sums do not depend on how the work is split.
+        seed: Noise and Rademacher vectors of datapoint k come from ``(seed, k)``; keep it
+            disjoint from evaluation seeds (the default 100000 is).
+        t_start, t_end: The grid's schedule-time range (default: the whole schedule; see
+            :func:`~fewstep.samplers.ems.ems_lambda_grid`).
+        workdir: Folder for per-chunk results; a rerun with the same settings resumes there.
+            None keeps everything in memory.
+        chunk_size: Grid points per saved chunk.
+        device: Where the model runs (default: the device of its parameters, else CPU).
+        fingerprint: Model id recorded in the EMS (default: :func:`model_fingerprint`).
+        data_description: Recorded in the EMS and the resume identity (e.g. ``"digits:real"``).
+        progress: Show a progress bar (on the first process only).
+
+    Returns:
+        The :class:`EMS` (the same on every process).
+
+    Raises:
+        ValueError: bad arguments, a data sampler or model returning the wrong shapes, or a
+            workdir holding chunks of a different run.
+    """
+    from ..eval.io import clean_temp_files, load_tensors, lock_directory, read_json, save_tensors, write_json
+
+    schedule = make_schedule(schedule)
+    prediction = check_prediction(prediction, schedule)
+    for name, value, low in (("n_data", n_data, 2), ("batch_size", batch_size, 1), ("chunk_size", chunk_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name}={value!r} must be a whole number >= {low}")
+    if guidance is not None:
+        from .sampling import check_guidance
+
+        guidance = check_guidance(guidance)
+    lambdas = ems_lambda_grid(schedule, n_grid, t_start, t_end)
+    device = torch.device(device) if device is not None else _model_device(model)
+    rank, world = _dist()
+    n_blocks = math.ceil(n_data / batch_size)
+    mine = [b for b in range(n_blocks) if b % world == rank]
+    blocks = {b: _Block(torch.arange(b * batch_size, min((b + 1) * batch_size, n_data)), data_sampler, seed, device,
+                        guidance) for b in mine}
+    shape = tuple(next(iter(blocks.values())).x0.shape[1:]) if blocks else None
+    if world > 1:
+        shapes: list = [None] * world
+        torch.distributed.all_gather_object(shapes, shape)
+        shape = next(s for s in shapes if s is not None)
+    fingerprint = fingerprint if fingerprint is not None else model_fingerprint(model)
+    identity = {
+        "format": _FORMAT, "fingerprint": fingerprint, "schedule": schedule.to_dict(), "prediction": prediction,
+        "guidance": guidance, "n_grid": n_grid, "n_data": n_data, "batch_size": batch_size, "seed": seed,
+        "chunk_size": chunk_size, "lambda": [float(lambdas[0]), float(lambdas[-1])], "sample_shape": list(shape),
+        "data": data_description,
+    }
+    fn = _Function(model, schedule, prediction, guidance)
+    chunks = [list(range(c, min(c + chunk_size, n_grid + 1))) for c in range(0, n_grid + 1, chunk_size)]
+    workdir = None if workdir is None else Path(workdir)
+    lock = lock_directory(workdir, "another EMS computation") if workdir is not None and rank == 0 else (
+        contextlib.nullcontext())
+    with lock:
+        if workdir is not None and rank == 0:
+            clean_temp_files(workdir, all_stale=True)
+            run_file = workdir / "run.json"
+            if run_file.exists():
+                old = read_json(run_file)
+                if old != identity:
+                    differs = sorted(k for k in identity if not isinstance(old, dict) or old.get(k) != identity[k])
+                    raise ValueError(f"{workdir} holds a partial EMS run with other settings (differs in: {differs}); "
+                                     "delete it or use the same settings to resume")
+            write_json(run_file, identity)
+        _barrier(world)
+
+        def chunk_path(c: int) -> Path:
+            return workdir / f"chunk_{c:05d}.safetensors"
+
+        def finished(c: int) -> torch.Tensor | None:
+            if workdir is None or not chunk_path(c).exists():
+                return None
+            try:
+                tensors, meta = load_tensors(chunk_path(c), with_metadata=True)
+            except (OSError, ValueError):
+                return None  # a corrupt chunk is recomputed
+            sums = tensors.get("sums")
+            expect = (len(chunks[c]), len(MOMENTS), *shape)
+            ok = meta.get("identity") == json.dumps(identity, sort_keys=True) and sums is not None and tuple(
+                sums.shape) == expect and bool(torch.isfinite(sums).all())
+            return sums if ok else None
+
+        done = {c: finished(c) for c in range(len(chunks))}
+        todo = [c for c in done if done[c] is None]
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=sum(len(chunks[c]) for c in todo) * len(mine), desc="EMS", unit="batch",
+                   disable=not progress or rank != 0)
+        with bar, forward_ad_workarounds(), torch.no_grad():
+            for c in todo:
+                per_block = torch.zeros(len(chunks[c]), n_blocks, len(MOMENTS), *shape, dtype=torch.float64)
+                for pos, j in enumerate(chunks[c]):
+                    for b in mine:
+                        per_block[pos, b] = _block_sums(fn, blocks[b], float(lambdas[j]), schedule).cpu()
+                        bar.update()
+                if world > 1:  # exact: every slot has one non-zero contributor
+                    per_block = per_block.to(device) if torch.distributed.get_backend() == "nccl" else per_block
+                    torch.distributed.all_reduce(per_block)
+                    per_block = per_block.cpu()
+                sums = per_block.sum(1)
+                if not bool(torch.isfinite(sums).all()):
+                    raise FloatingPointError(f"the model output or its derivatives are not finite at EMS grid points "
+                                             f"{chunks[c][0]}..{chunks[c][-1]}")
+                done[c] = sums
+                if workdir is not None and rank == 0:
+                    save_tensors(chunk_path(c), {"sums": sums}, {"identity": json.dumps(identity, sort_keys=True)})
+        _barrier(world)
+    sums = torch.cat([done[c] for c in range(len(chunks))])
+    l, s, b = ems_from_moments(lambdas, sums, n_data)
+    t_lo, t_hi = schedule.model_time(schedule.t_from_lambda(lambdas[[-1, 0]])).tolist()
+    meta = ArtifactMeta(
+        fingerprint=fingerprint, schedule=schedule.to_dict(), guidance=guidance, solver="dpmv3",
+        extra={"prediction": prediction, "n_grid": n_grid, "n_data": n_data, "batch_size": batch_size, "seed": seed,
+               "data": data_description, "timesteps": [t_hi, t_lo]},
+    )
+    return EMS(lambdas, l, s, b, meta, n_data)
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
