@@ -428,21 +428,25 @@ def test_calibrate_cli_survives_kill_9(tmp_path):
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "samplers").glob("*.yaml")), ids=lambda p: p.name)
+DC_PRESETS = sorted((ROOT / "configs" / "calibrate").glob("dc-*.yaml")) + sorted(
+    p for p in (ROOT / "configs" / "compare").glob("*.yaml") if p.name.startswith(("dc-", "timeshift-")))
+
+
+@pytest.mark.parametrize("path", DC_PRESETS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_sampler_presets_load_with_their_commands_schema(path, monkeypatch):
     from fewstep.config import load_config
     from fewstep.eval.calibrate import CalibrateDCConfig
     from fewstep.eval.compare import CompareConfig
 
     monkeypatch.chdir(ROOT)  # presets name files relative to the repository root
-    cfg = load_config(CalibrateDCConfig if "calibrate" in path.name else CompareConfig, path)
-    if "calibrate" not in path.name:
+    cfg = load_config(CalibrateDCConfig if path.parent.name == "calibrate" else CompareConfig, path)
+    if path.parent.name == "compare":
         assert any(m.solver.startswith("dc") or "time_shift" in m.option_dict for m in cfg.methods)
 
 
 def test_calibrate_preset_runs_with_overrides(tmp_path):
     out = tmp_path / "g.json"
-    assert main(["calibrate", "dc", "--config", str(ROOT / "configs" / "samplers" / "dc-calibrate-gmm.yaml"),
+    assert main(["calibrate", "dc", "--config", str(ROOT / "configs" / "calibrate" / "dc-gmm.yaml"),
                  "iterations=1", "num_samples=2", "reference_nfe=10", f"out={out}", "--no-progress"]) == 0
     assert DCRatios.load(out).meta.extra["iterations"] == 1
 

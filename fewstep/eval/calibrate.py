@@ -38,7 +38,7 @@ _LOCK_HOLDER = "another fewstep calibrate dc"
 
 @dataclass
 class CalibrateDCConfig:
-    """Settings of ``fewstep calibrate dc``; also the schema of its YAML files (``configs/samplers/``).
+    """Settings of ``fewstep calibrate dc``; also the schema of its YAML files (``configs/calibrate/``).
 
     Attributes:
         model: ``digits``, ``gmm``, ``gmm-flow`` or a local diffusers pipeline folder (UNet pipelines).
@@ -287,7 +287,7 @@ def add_calibrate_parser(sub: argparse._SubParsersAction) -> None:
             "Examples:\n"
             "  fewstep calibrate dc --model digits --nfe 5 --guidance 7.5 --num-samples 10 --out ratios.json\n"
             "  fewstep calibrate dc --grid nfe=5,6,8,10 guidance=2,4,7.5 --out cpr.json\n"
-            "  fewstep calibrate dc --config configs/samplers/dc-calibrate-digits.yaml iterations=60\n"
+            "  fewstep calibrate dc --config configs/calibrate/dc-digits.yaml iterations=60\n"
             "Then: fewstep.sample(..., solver='dc', dc_file='ratios.json') or\n"
             "      fewstep.DCSolverScheduler.from_config(pipe.scheduler.config, dc_file='cpr.json', guidance=7.5)"
         ),
