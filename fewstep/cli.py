@@ -61,6 +61,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     """The ``fewstep`` parser and its subcommands."""
     from . import __version__
     from .eval.compare import add_compare_parser
+    from .eval.eval_cli import add_eval_parser
 
     parser = argparse.ArgumentParser(prog="fewstep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -73,7 +74,25 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     p.set_defaults(func=cmd_solvers)
 
     add_compare_parser(sub)
+    add_eval_parser(sub)
     return parser, sub
+
+
+def _command(sub: argparse._SubParsersAction, argv: Sequence[str]) -> tuple[str | None, argparse.ArgumentParser | None]:
+    """The command words (``eval fid``) and the innermost subparser they name."""
+    words, choices, leaf = [], sub.choices, None
+    for arg in argv:
+        if arg.startswith("-"):
+            continue
+        if choices is None or arg not in choices:
+            break
+        words.append(arg)
+        leaf = choices[arg]
+        nested = [a for a in leaf._actions if isinstance(a, argparse._SubParsersAction)]
+        choices = nested[0].choices if nested else None
+    if not words:
+        return next((a for a in argv if not a.startswith("-")), None), None
+    return " ".join(words), leaf
 
 
 def _message(exc: BaseException) -> str:
@@ -102,10 +121,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser, sub = build_parser()
         argv = list(sys.argv[1:] if argv is None else argv)
-        command = next((a for a in argv if not a.startswith("-")), None)
+        command, leaf = _command(sub, argv)
         overrides: list[str] = []
-        if command in sub.choices and sub.choices[command].get_default("config_schema") is not None:
-            argv, overrides = split_overrides(argv, sub.choices[command].get_default("config_schema"))
+        if leaf is not None and leaf.get_default("config_schema") is not None:
+            argv, overrides = split_overrides(argv, leaf.get_default("config_schema"))
         args = parser.parse_args(argv)
         if overrides:
             args.overrides = [*getattr(args, "overrides", []), *overrides]

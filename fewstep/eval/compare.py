@@ -18,7 +18,6 @@ check out, and an unwritable cache only costs a warning.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -28,7 +27,7 @@ from typing import Any, Callable, List, Optional
 
 import torch
 
-from ..config import add_config_arguments, resolve_config, resolve_device, save_config
+from ..config import add_config_arguments, parse_spec, resolve_config, resolve_device, save_config
 from ..samplers import get_solver, list_solvers
 from ..samplers.timesteps import SPACINGS
 from .io import atomic_write_bytes, clean_temp_files, load_tensors, lock_directory, read_json, save_tensors, write_json
@@ -62,21 +61,9 @@ class Method:
         Raises:
             ValueError: malformed spec, repeated option, unknown solver or invalid options.
         """
-        name, _, rest = str(spec).partition(":")
-        options: dict[str, Any] = {}
-        for item in filter(None, rest.split(",")):
-            key, eq, value = item.partition("=")
-            key = key.strip()
-            if not eq or not key:
-                raise ValueError(f"solver spec {spec!r}: expected key=value, got {item!r}")
-            if key in options:
-                raise ValueError(f"solver spec {spec!r} sets {key!r} twice")
-            try:
-                options[key] = json.loads(value)
-            except json.JSONDecodeError:
-                options[key] = value.strip()
-        get_solver(name.strip(), **options)  # validates name and options now, not mid-run
-        return cls(name.strip(), tuple(sorted(options.items())))
+        name, options = parse_spec(spec, "solver spec")
+        get_solver(name, **options)  # validates name and options now, not mid-run
+        return cls(name, tuple(sorted(options.items())))
 
     @property
     def option_dict(self) -> dict[str, Any]:
