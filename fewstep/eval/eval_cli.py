@@ -19,8 +19,10 @@ from typing import Optional
 
 import torch
 
-from ..config import add_config_arguments, parse_spec, resolve_config, resolve_device
+from ..config import add_config_arguments, resolve_config, resolve_device
+from .features import parse_extractor_spec
 from ..samplers.timesteps import SPACINGS
+from .testbeds import check_model
 from .runner import DEFAULT_MSE_REFERENCE, DEFAULT_MSE_REFERENCE_NFE, FIDConfig, MSEConfig, run_fid, run_mse
 
 __all__ = ["add_eval_parser", "RefConfig"]
@@ -58,7 +60,7 @@ class RefConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        parse_spec(self.extractor, "extractor spec")
+        parse_extractor_spec(self.extractor)
         for key in ("batch_size", "threads"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
@@ -100,6 +102,7 @@ def cmd_fid(args: argparse.Namespace) -> int:
     """CLI body of ``fewstep eval fid``."""
     cfg = resolve_config(FIDConfig, args)
     args.resume_hint = f"finished shards are kept in {cfg.out}; run the same command again to resume"
+    check_model(cfg.model)  # a typo in --model fails before any weights are loaded
     _with_threads(cfg.threads, lambda: run_fid(cfg))
     return 0
 
@@ -108,6 +111,7 @@ def cmd_mse(args: argparse.Namespace) -> int:
     """CLI body of ``fewstep eval mse``."""
     cfg = resolve_config(MSEConfig, args)
     args.resume_hint = f"finished shards are kept in {cfg.out}; run the same command again to resume"
+    check_model(cfg.model)  # a typo in --model fails before any weights are loaded
     _with_threads(cfg.threads, lambda: run_mse(cfg))
     return 0
 
@@ -119,7 +123,7 @@ def cmd_ref(args: argparse.Namespace) -> int:
     from .refstats import reference_statistics
 
     cfg = resolve_config(RefConfig, args)
-    name, options = parse_spec(cfg.extractor, "extractor spec")
+    name, options = parse_extractor_spec(cfg.extractor)
 
     def body():
         extractor = feature_extractor(name, **options).to(resolve_device(cfg.device))

@@ -43,7 +43,9 @@ def _channels_first(images: np.ndarray, where: str) -> torch.Tensor:
         raise ValueError(f"{where}: images must be [N, H, W], [N, C, H, W] or [N, H, W, C], got {images.shape}")
     if images.shape[1] not in (1, 3) and images.shape[-1] in (1, 3):
         images = images.transpose(0, 3, 1, 2)
-    t = torch.from_numpy(np.ascontiguousarray(images))
+    # A fresh C-order copy: a transposed view with a size-1 axis counts as contiguous but keeps odd
+    # strides, which send convolutions down another kernel (different float32 round-off).
+    t = torch.from_numpy(np.array(images, order="C", copy=True))
     if t.dtype != torch.uint8 and not t.is_floating_point():
         raise ValueError(f"{where}: images must be uint8 (0..255) or float in [0, 1], got {images.dtype}")
     return t

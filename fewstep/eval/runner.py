@@ -19,6 +19,7 @@ k runs on rank ``k % world_size``; rank 0 holds the run folder's lock and writes
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import time
@@ -29,12 +30,12 @@ from typing import Any, Callable, List, Optional
 import numpy as np
 import torch
 
-from ..config import parse_spec, resolve_device, save_config
+from ..config import resolve_device, save_config
 from ..samplers import list_solvers
 from ..samplers.timesteps import SPACINGS
 from .compare import Method
 from .distributed import ProcessGroup
-from .features import as_float_images, extract_features, feature_extractor
+from .features import as_float_images, extract_features, feature_extractor, parse_extractor_spec
 from .io import atomic_write_bytes, lock_directory, read_json, write_json
 from .reference import default_cache_dir, timed
 from .report import pivot_tables, plot_quality, sample_grid
@@ -147,7 +148,7 @@ class FIDConfig(EvalConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._extractor = parse_spec(self.extractor, "extractor spec")
+        self._extractor = parse_extractor_spec(self.extractor)
 
 
 @dataclass
@@ -187,7 +188,8 @@ class _Run:
         self.testbed = make_testbed(cfg.model, self.group.device(cfg.device))
         self.cfg = cfg.with_defaults(self.testbed)
         self.out = Path(self.cfg.out)
-        self.identity = {**self.cfg.identity(self.testbed), "kind": kind, **extra_identity(self.testbed)}
+        identity = {**self.cfg.identity(self.testbed), "kind": kind, **extra_identity(self.testbed)}
+        self.identity = json.loads(json.dumps(identity))  # as run.json will read back (tuples become lists)
         self.ranges = shard_ranges(self.cfg.num_samples, self.cfg.batch_size)
         self.mine = self.group.mine(len(self.ranges))
         self.pairs = [(m, n) for m in self.cfg.methods for n in self.cfg.nfe]
