@@ -1,6 +1,7 @@
 """README table: ``fewstep eval fid`` and ``fewstep eval mse`` on the built-in digits model, every registered solver.
 
-    nice -n 10 python benchmarks/eval_digits.py [--num-samples 500] [--nfe 5 6 8 10] [--tuned NAME=FILE ...]
+    nice -n 10 python benchmarks/eval_digits.py [--num-samples 300] [--mse-num-samples N] [--nfe 5 6 8 10]
+        [--tuned NAME=FILE ...] [--resume]
 
 Solvers come from the registry at run time, so the table grows as solvers land: each registered
 solver runs with its defaults plus the variants listed in ``VARIANTS``; a solver whose options
@@ -47,22 +48,26 @@ def solver_specs(tuned: dict[str, str]) -> tuple[list[str], list[str]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-samples", type=int, default=500)
+    parser.add_argument("--num-samples", type=int, default=300)
+    parser.add_argument("--mse-num-samples", type=int, default=None, help="default: --num-samples")
+    parser.add_argument("--resume", action="store_true", help="continue the run folders instead of starting afresh")
     parser.add_argument("--nfe", type=int, nargs="+", default=[5, 6, 8, 10])
     parser.add_argument("--reference-nfe", type=int, default=200)
     parser.add_argument("--tuned", nargs="*", default=[], metavar="SOLVER=FILE")
     args = parser.parse_args()
     specs, notes = solver_specs(dict(t.split("=", 1) for t in args.tuned))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    common = ["--model", "digits", "--solver", *specs, "--nfe", *map(str, args.nfe), "--num-samples",
-              str(args.num_samples), "--threads", "1", "--no-progress"]
+    common = ["--model", "digits", "--solver", *specs, "--nfe", *map(str, args.nfe), "--threads", "1", "--no-progress"]
+    counts = {"fid": args.num_samples, "mse": args.mse_num_samples or args.num_samples}
     walls = {}
     with tempfile.TemporaryDirectory() as cache:
         for kind, extra in (("fid", ["--extractor", "digits", "--ref", "digits"]),
                             ("mse", ["--reference-nfe", str(args.reference_nfe)])):
             out = RESULTS / f"eval-digits-{kind}"
-            subprocess.run(["rm", "-rf", str(out)], check=True)  # a fresh run, not a resume
-            cmd = ["fewstep", "eval", kind, *common, *extra, "--out", str(out), "--cache-dir", cache]
+            if not args.resume:
+                subprocess.run(["rm", "-rf", str(out)], check=True)  # a fresh run, not a resume
+            cmd = ["fewstep", "eval", kind, *common, "--num-samples", str(counts[kind]), *extra, "--out", str(out),
+                   "--cache-dir", cache]
             print(" ".join(cmd), flush=True)
             start = time.perf_counter()
             subprocess.run(cmd, check=True, env=env)
@@ -78,12 +83,13 @@ def main() -> None:
                      "mse_ci95": m["mse_ci95"], "sampling_s": e["gen_s"], "samples_per_s": e["samples_per_s"],
                      "features_per_s": e["features_per_s"]})
     load = os.getloadavg()[0]
-    summary = {"num_samples": args.num_samples, "guidance": fid["config"]["guidance"], "threads": 1,
+    summary = {"num_samples": counts, "resumed": args.resume, "guidance": fid["config"]["guidance"], "threads": 1,
                "commands": {k: v[0] for k, v in walls.items()}, "wall_s": {k: v[1] for k, v in walls.items()},
                "mse_reference": mse["reference"], "load_avg_1min_after": load, "skipped": notes, "rows": rows}
     (RESULTS / "eval_digits.json").write_text(json.dumps(summary, indent=2) + "\n")
     lines = [
-        f"Built-in digits model, {args.num_samples} samples per solver and NFE (sample i: seed i), guidance "
+        f"Built-in digits model, {counts['fid']} samples (FD) / {counts['mse']} samples (MSE) per solver and NFE "
+        f"(sample i: seed i), guidance "
         f"{fid['config']['guidance']}, linspace grid, 1 process, 1 thread, CPU shared with other jobs "
         f"(1-min load {load:.1f} at the end). FD uses the digits classifier's 64-d features against the 1797 real "
         f"digits; MSE is to {mse['reference']['description']} from the same noise (± 95% CI).",
@@ -98,7 +104,8 @@ def main() -> None:
         fp = "-" if r["features_per_s"] is None else f"{r['features_per_s']:.0f}"
         lines.append(f"| {r['method']} | {r['nfe']} | {fd} | {ms} | {r['sampling_s']:.2f} | {sp} | {fp} |")
     lines += ["", *(f"- {n}" for n in notes),
-              *(f"- `{cmd}`: {wall:.0f} s wall (start-up, reference and report included)"
+              *(f"- `{cmd}`: {wall:.0f} s wall (start-up, reference and report included"
+                f"{'; this invocation only, it resumed an earlier one' if args.resume else ''})"
                 for cmd, wall in walls.values()), ""]
     (RESULTS / "eval_digits.md").write_text("\n".join(lines))
     print("\n".join(lines))

@@ -121,6 +121,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
     assert "6726825d" in line and "never downloads" in line
     assert "unknown feature extractor 'incepshun'" in _error(capsys, ["eval", "fid", "--extractor", "incepshun"])
     assert "needs an image model" in _error(capsys, ["eval", "fid", "--model", "gmm", "--no-progress", *out])
+    assert not (tmp_path / "run").exists()  # refused before any folder is made
     assert "is not a built-in dataset" in _error(capsys, ["eval", "fid", "--ref", str(tmp_path / "nothing"),
                                                           "--no-progress", "--out", str(tmp_path / "r2")])
     (tmp_path / "bad.yaml").write_text("model: digits\nnum_sample: 10\n")

@@ -180,15 +180,24 @@ def _cache_root(cfg: EvalConfig) -> Path:
 class _Run:
     """The parts both commands share: process group, testbed, lock, identity, shard loop, reports."""
 
-    def __init__(self, cfg: EvalConfig, kind: str, extra_identity: Callable[[Testbed], dict], log):
+    def __init__(self, cfg: EvalConfig, kind: str, extra_identity: Callable[[Testbed], dict], log,
+                 check: Callable[[Testbed], None] = lambda testbed: None):
         self.group = ProcessGroup()
         self.log = log if self.group.is_main else (lambda *_: None)
         self.kind = kind
         self.stack = contextlib.ExitStack()
+        try:
+            self._setup(cfg, extra_identity, check)
+        except BaseException:
+            self.close()  # release the folder lock and the process group
+            raise
+
+    def _setup(self, cfg: EvalConfig, extra_identity: Callable[[Testbed], dict], check) -> None:
         self.testbed = make_testbed(cfg.model, self.group.device(cfg.device))
+        check(self.testbed)  # before the run folder is created
         self.cfg = cfg.with_defaults(self.testbed)
         self.out = Path(self.cfg.out)
-        identity = {**self.cfg.identity(self.testbed), "kind": kind, **extra_identity(self.testbed)}
+        identity = {**self.cfg.identity(self.testbed), "kind": self.kind, **extra_identity(self.testbed)}
         self.identity = json.loads(json.dumps(identity))  # as run.json will read back (tuples become lists)
         self.ranges = shard_ranges(self.cfg.num_samples, self.cfg.batch_size)
         self.mine = self.group.mine(len(self.ranges))
@@ -296,18 +305,21 @@ def run_fid(cfg: FIDConfig, log: Callable[[str], None] = print) -> dict[str, Any
     name, options = cfg._extractor
     extractor = feature_extractor(name, **options)
     meta = extractor.metadata()  # hashes the weights: once
-    run = _Run(cfg, "fid", lambda tb: {"extractor": meta, "ref": cfg.ref}, log)
+    run = _Run(cfg, "fid", lambda tb: {"extractor": meta, "ref": cfg.ref}, log, _check_images)
     try:
         return _run_fid(run, extractor.to(run.testbed.device), meta)
     finally:
         run.close()
 
 
+def _check_images(testbed: Testbed) -> None:
+    if testbed.pixels(testbed.initial_noise(1, 0)[0]) is None:
+        raise ValueError(f"fewstep eval fid needs an image model; {testbed.name!r} has no images "
+                         "(use fewstep eval mse or fewstep compare)")
+
+
 def _run_fid(run: _Run, extractor, meta: dict[str, Any]) -> dict[str, Any] | None:
     cfg, testbed = run.cfg, run.testbed
-    if testbed.pixels(testbed.initial_noise(1, 0)[0]) is None:
-        raise ValueError(f"fewstep eval fid needs an image model; {cfg.model!r} has no images "
-                         "(use fewstep eval mse or fewstep compare)")
     started = time.perf_counter()
     ref_holder: dict[str, GaussianStats] = {}
 
