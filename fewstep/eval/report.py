@@ -147,7 +147,7 @@ def plot_quality(results: dict[str, Any], path: str | Path, metrics: Sequence[st
                 handles[lab] = h
                 labels.append(lab)
     fig.legend([handles[lab] for lab in labels], labels, loc="outside lower center",
-               ncol=min(len(labels), 4), fontsize=8, frameon=False)
+               ncol=min(len(labels), 4 if len(metrics) > 1 else 3), fontsize=8, frameon=False)
     cfg = results["config"]
     fig.suptitle(f"{command}: {Path(str(cfg['model'])).name}, {cfg['num_samples']} samples, "
                  f"guidance {cfg['guidance']:g}, {cfg['spacing'] or 'model-default'} grid", fontsize=10)
