@@ -221,3 +221,23 @@ def test_extractor_specs():
     assert parse_extractor_spec("pkg.nets:encoder:dim=64") == ("pkg.nets:encoder", {"dim": 64})
     with pytest.raises(ValueError, match="sets 'dim' twice"):
         parse_extractor_spec("pkg.nets:encoder:dim=1,dim=2")
+
+
+def test_a_diverged_solver_is_a_result_not_a_crash(tmp_path, monkeypatch):
+    from fewstep.eval.testbeds import DigitsTestbed
+
+    generate = DigitsTestbed.generate
+
+    def explode_ddim(self, solver, *args):
+        out = generate(self, solver, *args)
+        return out * float("nan") if solver == "ddim" else out
+
+    monkeypatch.setattr(DigitsTestbed, "generate", explode_ddim)
+    args = [*SMALL, "--cache-dir", str(tmp_path / "cache"), "--nfe", "2"]
+    assert main(["eval", "fid", *args, "--out", str(tmp_path / "fid")]) == 0
+    assert main(["eval", "mse", *args, *MSE, "--out", str(tmp_path / "mse")]) == 0
+    for kind, key in (("fid", "fd"), ("mse", "mse")):
+        entries = {e["method"]: e for e in json.loads((tmp_path / kind / "results.json").read_text())["entries"]}
+        assert entries["ddim"]["diverged"] and entries["ddim"][key] is None
+        assert not entries["unipc"]["diverged"] and entries["unipc"][key] > 0
+        assert "Diverged (no finite samples): ddim at NFE 2." in (tmp_path / kind / "results.md").read_text()
