@@ -1,12 +1,12 @@
 """README table: ``fewstep eval fid`` and ``fewstep eval mse`` on the built-in digits model, every registered solver.
 
     nice -n 10 python benchmarks/eval_digits.py [--num-samples 300] [--mse-num-samples N] [--nfe 5 6 8 10]
-        [--tuned NAME=FILE ...] [--resume]
+        [--tuned SOLVER:OPTION=FILE ...] [--resume]
 
 Solvers come from the registry at run time, so the table grows as solvers land: each registered
-solver runs with its defaults plus the variants listed in ``VARIANTS``; a solver whose options
-include a tuned file (an artifact option without a default) is skipped with a note unless
-``--tuned solver=FILE`` gives one. Runs ``fewstep eval`` as a user would (one process, one
+solver runs with its defaults plus the variants listed in ``VARIANTS``; a solver that needs a
+tuned file first (``fewstep.eval.runner.runnable_solvers``) is skipped with a note unless
+``--tuned solver:option=FILE`` gives one. Runs ``fewstep eval`` as a user would (one process, one
 thread, a fresh cache), then writes ``benchmarks/results/eval_digits.md`` / ``.json`` from the two
 run folders ``benchmarks/results/eval-digits-{fid,mse}/``.
 """
@@ -22,7 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from fewstep.samplers import list_solvers, solver_class
+from fewstep.eval.runner import runnable_solvers
+from fewstep.samplers import list_solvers
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -33,16 +34,18 @@ VARIANTS = {
 }
 
 
-def solver_specs(tuned: dict[str, str]) -> tuple[list[str], list[str]]:
-    """(specs to run, notes on skipped solvers)."""
+def solver_specs(tuned: list[str]) -> tuple[list[str], list[str]]:
+    """(specs to run, notes on skipped solvers); ``tuned``: full specs such as ``dc:ratios=FILE``."""
+    runnable, skipped = runnable_solvers()
+    given = {spec.partition(":")[0]: spec for spec in tuned}
     specs, notes = [], []
     for name in list_solvers():
-        needs = [k for k, o in solver_class(name).options.items() if o.kind == "artifact" and o.default is None]
-        if needs and name not in tuned:
-            notes.append(f"{name}: skipped, needs a tuned file ({', '.join(needs)}); rerun with --tuned {name}=FILE")
-            continue
-        base = f"{name}:{needs[0]}={tuned[name]}" if needs else name
-        specs += [base, *([] if needs else VARIANTS.get(name, []))]
+        if name in runnable:
+            specs += [name, *VARIANTS.get(name, [])]
+        elif name in given:
+            specs.append(given[name])
+        else:
+            notes.append(f"{name}: skipped, {skipped[name]}; rerun with --tuned {name}:OPTION=FILE")
     return specs, notes
 
 
@@ -53,9 +56,10 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help="continue the run folders instead of starting afresh")
     parser.add_argument("--nfe", type=int, nargs="+", default=[5, 6, 8, 10])
     parser.add_argument("--reference-nfe", type=int, default=200)
-    parser.add_argument("--tuned", nargs="*", default=[], metavar="SOLVER=FILE")
+    parser.add_argument("--tuned", nargs="*", default=[], metavar="SOLVER:OPTION=FILE",
+                        help="specs of solvers that need a tuned file, e.g. dc:ratios=ratios.json")
     args = parser.parse_args()
-    specs, notes = solver_specs(dict(t.split("=", 1) for t in args.tuned))
+    specs, notes = solver_specs(args.tuned)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     common = ["--model", "digits", "--solver", *specs, "--nfe", *map(str, args.nfe), "--threads", "1", "--no-progress"]
     counts = {"fid": args.num_samples, "mse": args.mse_num_samples or args.num_samples}

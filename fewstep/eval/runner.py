@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ..config import resolve_device, save_config
-from ..samplers import list_solvers
+from ..samplers import list_solvers, solver_class
 from ..samplers.timesteps import SPACINGS
 from .compare import Method
 from .distributed import ProcessGroup
@@ -44,7 +44,7 @@ from .refstats import BUILTIN_DATASETS, load_source, reference_statistics
 from .stats import FeatureStatistics, GaussianStats, check_compatible
 from .testbeds import BUILTIN_MODELS, PipelineTestbed, Testbed, make_testbed
 
-__all__ = ["EvalConfig", "FIDConfig", "MSEConfig", "run_fid", "run_mse", "DEFAULT_MSE_REFERENCE"]
+__all__ = ["EvalConfig", "FIDConfig", "MSEConfig", "run_fid", "run_mse", "runnable_solvers", "DEFAULT_MSE_REFERENCE"]
 
 # DPM-Solver-v3's protocol: 200-step multistep DPM-Solver++ (2M) from the same noise.
 DEFAULT_MSE_REFERENCE = "dpmpp"
@@ -60,7 +60,8 @@ class EvalConfig:
 
     Attributes:
         model: ``digits``, ``gmm``, ``gmm-flow`` or a local diffusers pipeline folder.
-        solvers: Solver specs (``unipc:order=3,variant=bh1``); None: every registered solver.
+        solvers: Solver specs (``unipc:order=3,variant=bh1``); None: every registered solver that
+            needs no tuned file (:func:`runnable_solvers`).
         nfe: Model evaluations per sample.
         num_samples: Samples per (solver, NFE).
         seed: Sample i uses noise seed ``seed + i``.
@@ -103,7 +104,7 @@ class EvalConfig:
             raise ValueError(f"spacing {self.spacing!r} is not one of {', '.join(SPACINGS)}")
         resolve_device(self.device)
         methods, seen = [], set()
-        for spec in list_solvers() if self.solvers is None else self.solvers:
+        for spec in runnable_solvers()[0] if self.solvers is None else self.solvers:
             m = Method.parse(spec)
             if m.canonical not in seen:
                 seen.add(m.canonical)
@@ -170,6 +171,28 @@ class MSEConfig(EvalConfig):
         self._reference = Method.parse(self.reference)
         if self.reference_nfe < max(self.nfe):
             raise ValueError(f"reference_nfe ({self.reference_nfe}) must be at least the largest nfe ({max(self.nfe)})")
+
+
+def runnable_solvers() -> tuple[list[str], dict[str, str]]:
+    """Registered solvers that run with their defaults, and why the others do not (they need a tuned file).
+
+    Returns:
+        ``(names, {skipped name: reason})``.
+    """
+    names, skipped = [], {}
+    for name in list_solvers():
+        cls = solver_class(name)
+        tuned = [k for k, o in cls.options.items() if o.kind == "artifact" and o.default is None]
+        try:
+            cls()
+            reason = "it needs tuning first" if getattr(cls, "requires_tuning", False) else ""
+        except ValueError as exc:
+            reason = str(exc)
+        if reason:
+            skipped[name] = f"{reason} (tuned-file option: {', '.join(tuned) or 'none'})"
+        else:
+            names.append(name)
+    return names, skipped
 
 
 def _cache_root(cfg: EvalConfig) -> Path:
