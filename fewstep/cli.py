@@ -73,6 +73,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     from .eval.compare import add_compare_parser
     from .search.cli import add_search_parser
     from .eval.ems import add_ems_parser
+    from .eval.eval_cli import add_eval_parser
 
     parser = argparse.ArgumentParser(prog="fewstep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -88,20 +89,25 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     add_search_parser(sub)
     add_calibrate_parser(sub)
     add_ems_parser(sub)
+    add_eval_parser(sub)
     return parser, sub
 
 
-def _schema_of(argv: list[str], command: str | None, sub: argparse._SubParsersAction) -> type | None:
-    """The config schema of the (sub)command in ``argv``, whose ``key=value`` items are split off."""
-    chosen = sub.choices.get(command) if command else None
-    if chosen is None:
-        return None
-    schema = chosen.get_default("config_schema")
-    nested = getattr(chosen, "fewstep_schemas", None)  # commands with subcommands (fewstep search usf)
-    if schema is None and nested:
-        words = [a for a in argv[argv.index(command) + 1:] if not a.startswith("-")]
-        schema = nested.get(words[0]) if words else None
-    return schema
+def _command(sub: argparse._SubParsersAction, argv: Sequence[str]) -> tuple[str | None, argparse.ArgumentParser | None]:
+    """The command words (``eval fid``) and the innermost subparser they name."""
+    words, choices, leaf = [], sub.choices, None
+    for arg in argv:
+        if arg.startswith("-"):
+            continue
+        if choices is None or arg not in choices:
+            break
+        words.append(arg)
+        leaf = choices[arg]
+        nested = [a for a in leaf._actions if isinstance(a, argparse._SubParsersAction)]
+        choices = nested[0].choices if nested else None
+    if not words:
+        return next((a for a in argv if not a.startswith("-")), None), None
+    return " ".join(words), leaf
 
 
 def _message(exc: BaseException) -> str:
@@ -130,11 +136,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser, sub = build_parser()
         argv = list(sys.argv[1:] if argv is None else argv)
-        command = next((a for a in argv if not a.startswith("-")), None)
+        command, leaf = _command(sub, argv)
         overrides: list[str] = []
-        schema = _schema_of(argv, command, sub)
-        if schema is not None:
-            argv, overrides = split_overrides(argv, schema)
+        if leaf is not None and leaf.get_default("config_schema") is not None:
+            argv, overrides = split_overrides(argv, leaf.get_default("config_schema"))
         args = parser.parse_args(argv)
         if overrides:
             args.overrides = [*getattr(args, "overrides", []), *overrides]

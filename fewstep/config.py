@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import re
 import typing
 from pathlib import Path
@@ -54,13 +55,13 @@ from typing import Any, Iterable, Sequence, TypeVar
 
 __all__ = [
     "add_config_arguments", "resolve_config", "load_config", "save_config", "split_overrides",
-    "resolve_device", "CONFIG_NAME",
+    "resolve_device", "parse_spec", "CONFIG_NAME",
 ]
 
 T = TypeVar("T")
 CONFIG_NAME = "config.yaml"
 # Namespace entries that belong to argparse plumbing, not to a schema.
-_RESERVED = {"func", "command", "config", "overrides", "config_schema", "resume_hint"}
+_RESERVED = {"func", "command", "eval_command", "config", "overrides", "config_schema", "resume_hint"}
 _OVERRIDE = re.compile(r"^([A-Za-z_]\w*)([.\[][^=]*)?=")
 
 
@@ -99,6 +100,47 @@ def split_overrides(argv: Sequence[str], schema: type) -> tuple[list[str], list[
         m = _OVERRIDE.match(item)
         (overrides if m and m.group(1) in keys else rest).append(item)
     return rest, overrides
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split ``a=1,b=[2,3]`` on the commas outside brackets and braces."""
+    items, depth, start = [], 0, 0
+    for k, ch in enumerate(text):
+        if ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            items.append(text[start:k])
+            start = k + 1
+    return items + [text[start:]]
+
+
+def parse_spec(spec: str, what: str = "spec") -> tuple[str, dict[str, Any]]:
+    """Split ``name`` / ``name:key=value,key=value`` (solvers, feature extractors) into name and options.
+
+    Values are JSON when they parse as JSON (``order=3``, ``corrector=false``), else strings;
+    commas inside brackets stay in their value (``ratios=[1,1,0.9]``).
+
+    Raises:
+        ValueError: an item without ``=``, a repeated key, or an empty name (naming ``what``).
+    """
+    name, _, rest = str(spec).partition(":")
+    options: dict[str, Any] = {}
+    for item in filter(None, _split_top_level(rest)):
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise ValueError(f"{what} {spec!r}: expected key=value, got {item!r}")
+        if key in options:
+            raise ValueError(f"{what} {spec!r} sets {key!r} twice")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value.strip()
+    if not name.strip():
+        raise ValueError(f"{what} {spec!r} has no name")
+    return name.strip(), options
 
 
 def _format_omegaconf_error(exc: Exception, source: str) -> str:

@@ -317,7 +317,6 @@ def add_calibrate_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
     add_config_arguments(d, CalibrateDCConfig)
     d.set_defaults(func=cmd_calibrate_dc)
-    p.set_defaults(config_schema=CalibrateDCConfig)  # key=value items are split off before parsing
 
 
 def cmd_calibrate_dc(args: argparse.Namespace) -> int:

@@ -18,7 +18,6 @@ check out, and an unwritable cache only costs a warning.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -28,7 +27,7 @@ from typing import Any, Callable, List, Optional
 
 import torch
 
-from ..config import add_config_arguments, resolve_config, resolve_device, save_config
+from ..config import add_config_arguments, parse_spec, resolve_config, resolve_device, save_config
 from ..samplers import TimeShift, get_solver, list_solvers
 from ..samplers.timesteps import SPACINGS
 from .io import atomic_write_bytes, clean_temp_files, load_tensors, lock_directory, read_json, save_tensors, write_json
@@ -52,20 +51,6 @@ _LOCK_HOLDER = "another fewstep compare"
 SAMPLING_OPTIONS = ("time_shift",)
 
 
-def _split_top_level(text: str) -> list[str]:
-    """Split ``a=1,b=[2,3]`` on the commas outside brackets and braces."""
-    items, depth, start = [], 0, 0
-    for k, ch in enumerate(text):
-        if ch in "[{":
-            depth += 1
-        elif ch in "]}":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            items.append(text[start:k])
-            start = k + 1
-    return items + [text[start:]]
-
-
 @dataclass(frozen=True)
 class Method:
     """A solver with fixed options, written ``name`` or ``name:key=value,key=value``.
@@ -84,23 +69,11 @@ class Method:
         Raises:
             ValueError: malformed spec, repeated option, unknown solver or invalid options.
         """
-        name, _, rest = str(spec).partition(":")
-        options: dict[str, Any] = {}
-        for item in filter(None, _split_top_level(rest)):
-            key, eq, value = item.partition("=")
-            key = key.strip()
-            if not eq or not key:
-                raise ValueError(f"solver spec {spec!r}: expected key=value, got {item!r}")
-            if key in options:
-                raise ValueError(f"solver spec {spec!r} sets {key!r} twice")
-            try:
-                options[key] = json.loads(value)
-            except json.JSONDecodeError:
-                options[key] = value.strip()
+        name, options = parse_spec(spec, "solver spec")
         # validates name and options now, not mid-run
-        get_solver(name.strip(), **{k: v for k, v in options.items() if k not in SAMPLING_OPTIONS})
+        get_solver(name, **{k: v for k, v in options.items() if k not in SAMPLING_OPTIONS})
         TimeShift.coerce(options.get("time_shift"))
-        return cls(name.strip(), tuple(sorted(options.items())))
+        return cls(name, tuple(sorted(options.items())))
 
     @property
     def option_dict(self) -> dict[str, Any]:

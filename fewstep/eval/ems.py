@@ -21,12 +21,12 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 from ..config import add_config_arguments, resolve_config, resolve_device
-from ..samplers import GridSpec, make_schedule, sample
+from ..samplers import GridSpec, sample
 from ..samplers.ems import EMS
 from ..samplers.ems_compute import EMS_DATA_SEED, compute_ems
 from .testbeds import BUILTIN_MODELS
@@ -306,7 +306,6 @@ def add_ems_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``fewstep ems compute``."""
     ems = sub.add_parser("ems", help="DPM-Solver-v3 empirical model statistics",
                          description="Empirical model statistics (EMS) for the dpmv3 solver.")
-    ems.set_defaults(config_schema=EMSComputeConfig)  # lets fewstep.cli find key=value overrides
     inner = ems.add_subparsers(dest="ems_command", required=True, metavar="SUBCOMMAND")
     p = inner.add_parser(
         "compute", help="compute EMS for a model (resumable, data-parallel under torchrun)",

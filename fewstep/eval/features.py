@@ -54,6 +54,7 @@ __all__ = [
     "CLIPFeatureExtractor",
     "ModuleFeatureExtractor",
     "feature_extractor",
+    "parse_extractor_spec",
     "register_feature_extractor",
     "list_feature_extractors",
     "extract_features",
@@ -523,6 +524,24 @@ def feature_extractor(name: str, **options: Any) -> FeatureExtractor:
     if not isinstance(model, FeatureExtractor):
         model = ModuleFeatureExtractor(model, name=name, options=options)
     return model.eval()
+
+
+def parse_extractor_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``name[:key=value,...]`` or ``package.module:callable[:key=value,...]`` -> (name, options).
+
+    Example: ``inception:resize=clean,weights=/models/inception.pth``, ``mypkg.nets:encoder:dim=64``.
+
+    Raises:
+        ValueError: a malformed option list (see :func:`fewstep.config.parse_spec`).
+    """
+    from ..config import parse_spec
+
+    head, _, rest = str(spec).partition(":")
+    first, _, options = rest.partition(":")
+    if rest and "=" not in first:  # module:callable, options after a second colon
+        name, parsed = parse_spec(f"{head}:{options}", "extractor spec")
+        return f"{head}:{first}", parsed
+    return parse_spec(spec, "extractor spec")
 
 
 @torch.inference_mode()

@@ -14,8 +14,11 @@ from .io import atomic_write_bytes
 
 __all__ = ["pivot_tables", "markdown_report", "plot_quality", "sample_grid", "time_label"]
 
-_METRIC_NAMES = {"mse": "MSE to reference", "fd": "FD", "accuracy": "accuracy"}
-_FORMATS = {"mse": "{:.2e}", "fd": "{:.2f}", "accuracy": "{:.1%}", "time_s": "{:.2f}"}
+_METRIC_NAMES = {"mse": "MSE to reference", "fd": "FD", "accuracy": "accuracy",
+                 "mse_ci95": "MSE 95% CI half-width", "gen_s": "sampling time (s, summed over processes)",
+                 "feat_s": "feature time (s)", "samples_per_s": "samples/s", "features_per_s": "features/s"}
+_FORMATS = {"mse": "{:.2e}", "fd": "{:.2f}", "accuracy": "{:.1%}", "time_s": "{:.2f}", "mse_ci95": "{:.1e}",
+            "gen_s": "{:.2f}", "feat_s": "{:.2f}", "samples_per_s": "{:.0f}", "features_per_s": "{:.0f}"}
 _MARKERS = "osD^vP*Xh<>p"
 _LINESTYLES = ("-", "--", "-.", ":")
 
@@ -87,7 +90,8 @@ def markdown_report(results: dict[str, Any], metrics: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def plot_quality(results: dict[str, Any], path: str | Path, metrics: Sequence[str]) -> bool:
+def plot_quality(results: dict[str, Any], path: str | Path, metrics: Sequence[str],
+                 command: str = "fewstep compare") -> bool:
     """Quality-vs-NFE panels (one per metric). Returns False when matplotlib is missing."""
     try:
         import matplotlib
@@ -101,7 +105,7 @@ def plot_quality(results: dict[str, Any], path: str | Path, metrics: Sequence[st
     entries = results["entries"]
     methods = list(dict.fromkeys(e["method"] for e in entries))
     nfes = sorted({e["nfe"] for e in entries})
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.4 * len(metrics), 3.9), squeeze=False,
+    fig, axes = plt.subplots(1, len(metrics), figsize=(max(6.0, 4.4 * len(metrics)), 3.9), squeeze=False,
                              layout="constrained")
     for ax, metric in zip(axes[0], metrics):
         scale = 100.0 if metric == "accuracy" else 1.0
@@ -143,9 +147,9 @@ def plot_quality(results: dict[str, Any], path: str | Path, metrics: Sequence[st
                 handles[lab] = h
                 labels.append(lab)
     fig.legend([handles[lab] for lab in labels], labels, loc="outside lower center",
-               ncol=min(len(labels), 4), fontsize=8, frameon=False)
+               ncol=min(len(labels), 4 if len(metrics) > 1 else 3), fontsize=8, frameon=False)
     cfg = results["config"]
-    fig.suptitle(f"fewstep compare: {Path(str(cfg['model'])).name}, {cfg['num_samples']} samples, "
+    fig.suptitle(f"{command}: {Path(str(cfg['model'])).name}, {cfg['num_samples']} samples, "
                  f"guidance {cfg['guidance']:g}, {cfg['spacing'] or 'model-default'} grid", fontsize=10)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
@@ -196,7 +200,7 @@ def _tile(images: torch.Tensor, scale: int, gap: int) -> np.ndarray:
 
 
 def sample_grid(reference: torch.Tensor, rows: Sequence[tuple[str, dict[int, Union[torch.Tensor, str]]]],
-                path: str | Path, scale: int = 4) -> None:
+                path: str | Path, scale: int = 4, reference_label: str = "reference") -> None:
     """A PNG with one row per method and one column per NFE, under a row of reference samples.
 
     Args:
@@ -204,6 +208,7 @@ def sample_grid(reference: torch.Tensor, rows: Sequence[tuple[str, dict[int, Uni
         rows: (label, {nfe: images [k, H, W] in [0, 1], or a note such as "diverged"}).
         path: Output file.
         scale: Integer upscaling of each pixel.
+        reference_label: Label of the top row.
     """
     from PIL import Image, ImageDraw
 
@@ -213,7 +218,7 @@ def sample_grid(reference: torch.Tensor, rows: Sequence[tuple[str, dict[int, Uni
     font, head_font = _font(13), _font(14)
     probe = ImageDraw.Draw(Image.new("L", (1, 1)))
     label_w, pad, head_h, line_h = 190, 10, 26, 16
-    all_rows = [("reference", {n: ref_tile for n in nfes})] + [
+    all_rows = [(reference_label, {n: ref_tile for n in nfes})] + [
         (label, {n: _tile(v, scale, scale) if isinstance(v, torch.Tensor) else str(v) for n, v in blocks.items()})
         for label, blocks in rows
     ]

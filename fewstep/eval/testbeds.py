@@ -54,8 +54,12 @@ class Testbed(ABC):
     device: torch.device = torch.device("cpu")
 
     @abstractmethod
-    def initial_noise(self, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x_T, conditioning index per sample)."""
+    def initial_noise(self, n: int, seed: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_T, conditioning index per sample) of samples ``start .. start + n - 1``.
+
+        Sample i gets the noise of seed ``seed + i`` and a condition that depends on i only,
+        so any split of the samples into shards or processes sees the same noise.
+        """
 
     @abstractmethod
     def generate(self, solver: str, options: dict[str, Any], nfe: int, x_T: torch.Tensor, cond: torch.Tensor,
@@ -94,6 +98,11 @@ class Testbed(ABC):
     def images(self, samples: torch.Tensor) -> torch.Tensor | None:
         """[N, H, W] grey images in [0, 1] for the sample grid, or None."""
         return None
+
+    def pixels(self, samples: torch.Tensor) -> torch.Tensor | None:
+        """[N, C, H, W] images in [0, 1] for feature extractors, or None for non-image models."""
+        grey = self.images(samples)
+        return None if grey is None else grey.unsqueeze(1)
 
     @abstractmethod
     def fingerprint(self) -> dict[str, Any]:
@@ -144,8 +153,8 @@ class DigitsTestbed(Testbed):
     def _predicted_labels(self, feats: torch.Tensor) -> torch.Tensor:
         return self.classifier.head(feats.to(self.device)).argmax(1).cpu()
 
-    def initial_noise(self, n, seed):
-        return _per_sample_noise((1, 8, 8), n, seed), torch.arange(n) % 10
+    def initial_noise(self, n, seed, start=0):
+        return _per_sample_noise((1, 8, 8), n, seed + start), (torch.arange(n) + start) % 10
 
     @torch.inference_mode()
     def model(self, x, t, labels):
@@ -201,9 +210,9 @@ class GMMTestbed(Testbed):
         self._floor = frechet_distance(*feature_statistics(self._real[:10000]),
                                        *feature_statistics(self._real[10000:]))
 
-    def initial_noise(self, n, seed):
-        x = _per_sample_noise((self.mixture.dim,), n, seed).double()
-        return x, torch.arange(n) % self.mixture.num_classes
+    def initial_noise(self, n, seed, start=0):
+        x = _per_sample_noise((self.mixture.dim,), n, seed + start).double()
+        return x, (torch.arange(n) + start) % self.mixture.num_classes
 
     def generate(self, solver, options, nfe, x_T, cond, guidance, spacing):
         guided = guidance is not None and guidance > 1
@@ -274,8 +283,16 @@ class PipelineTestbed(Testbed):
                              f"got {self.height}x{self.width}")
         self.latent_shape = (denoiser.config.in_channels, self.height // factor, self.width // factor)
 
-    def initial_noise(self, n, seed):
-        return _per_sample_noise(self.latent_shape, n, seed), torch.arange(n) % len(self.prompts)
+    def initial_noise(self, n, seed, start=0):
+        return _per_sample_noise(self.latent_shape, n, seed + start), (torch.arange(n) + start) % len(self.prompts)
+
+    @torch.inference_mode()
+    def pixels(self, samples):
+        # The pipelines' own decoding: latents / scaling_factor (+ shift_factor for SD3), VAE, [-1, 1] -> [0, 1].
+        vae = self.pipe.vae
+        latents = samples.to(vae.device, vae.dtype) / vae.config.scaling_factor
+        latents = latents + (getattr(vae.config, "shift_factor", None) or 0.0)
+        return (vae.decode(latents).sample.float().cpu() / 2 + 0.5).clamp(0, 1)
 
     def generate(self, solver, options, nfe, x_T, cond, guidance, spacing):
         config = self.base_config if spacing is None else {**self.base_config, "timestep_spacing": spacing}

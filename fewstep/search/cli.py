@@ -79,7 +79,6 @@ def add_search_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--solver", metavar="SPEC", help="solver spec, e.g. unipc:order=3 (default: unipc)")
     add_config_arguments(p, TimestepSearchConfig)
     p.set_defaults(func=_cmd_timesteps)
-    search.fewstep_schemas = {"usf": USFSearchConfig, "timesteps": TimestepSearchConfig}
 
 
 def _run(args: argparse.Namespace, schema: type, runner) -> int:

@@ -481,6 +481,16 @@ class DigitsFeatureExtractor(FeatureExtractor):
         return self.network.features(x.to(self.device) * 2 - 1)
 
 
+def reference_images(split: str = "all") -> torch.Tensor:
+    """The real digits as images [N, 1, 8, 8] in [0, 1]: the built-in ``digits`` dataset of ``fewstep eval``.
+
+    Args:
+        split: ``"all"``, ``"train"`` or ``"test"`` (see :func:`load_digits_data`).
+    """
+    x, _ = load_digits_data(split)
+    return (x + 1) / 2
+
+
 @torch.no_grad()
 def digits_features(
     images: torch.Tensor,
