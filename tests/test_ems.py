@@ -296,7 +296,7 @@ def test_cli_writes_the_ems_and_reports_errors_in_one_line(tmp_path, capsys):
                         (["--model", "gmm", "--out", "x", "--data", "real", "n_grid=0"], "n_grid must be >= 1")):
         assert cli_main(["ems", "compute", *argv]) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("fewstep ems: error:") and __import__("re").search(match, err[0])
+        assert len(err) == 1 and err[0].startswith("fewstep ems compute: error:") and __import__("re").search(match, err[0])
 
 
 def test_cli_presets_load():

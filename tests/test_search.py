@@ -214,7 +214,7 @@ def test_cli_end_to_end_and_one_line_errors(tmp_path, capsys):
     ]:
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("fewstep search: error:") and match in err[0], err
+        assert len(err) == 1 and err[0].startswith(f"fewstep search {argv[1]}: error:") and match in err[0], err
 
 
 def test_bad_settings_fail_before_any_work():
