@@ -6,14 +6,18 @@ budget for every run):
 - ``agd``: adapters on CFG teacher trajectories (the method);
 - ``agd-noised``: adapters on forward-noised training digits (the paper's ablation);
 - ``full``: the whole network fine-tuned with w through the same adapters (baseline);
+- ``agd-wide``: AGD with ``width_ratio=1.0`` (13% extra parameters instead of 5%);
 
 then samples every method with the ``DigitsPipeline`` and fewstep's UniPC scheduler at
-w = 1.5, 3, 5 and 5 / 10 / 20 steps: CFG runs 2 network forwards per step, the adapter
-runs 1 (counted). Evaluation noise: sample i uses seed i (i < N), labels i mod 10; the
-training data use seeds >= 100000 (``data_seed``). Metrics: digits-FD to the 1797 real
-digits (features of the shipped classifier) and classifier accuracy on the intended label.
-Also reported: the conditional model (w = 1, 1 forward), training wall time (one torch
-thread, the machine's load average) and the trainable-parameter share.
+w = 1.5, 3, 5 and 5 / 10 / 20 steps: CFG runs the network on 2 samples per sample and step
+(one doubled batch), the adapters on 1 (counted). Evaluation noise: sample i uses seed i
+(i < N), labels i mod 10; the training data use seeds >= 100000 (``data_seed``). Metrics:
+digits-FD to the 1797 real digits (features of the shipped classifier), classifier accuracy
+on the intended label, and, for the one-forward methods, digits-FD and pixel MSE to the CFG
+samples of the same w, steps and noise (FD to real data alone rewards under-guided samples:
+the conditional model, w = 1, has the lowest). Also reported: the conditional model (w = 1),
+training wall time (one torch thread, the machine's load average) and the trainable-parameter
+share.
 
 Writes benchmarks/results/agd_digits.{json,md}; finished trainings (runs/agd-bench/<name>)
 and evaluations are reused when rerun, an interrupted training resumes from its last
@@ -45,6 +49,7 @@ RUNS = {  # name: overrides of configs/distill/digits.yaml
     "agd": [],
     "agd-noised": ["data=noised"],
     "full": ["mode=full", "base_learning_rate=1e-4"],
+    "agd-wide": ["width_ratio=1.0"],
 }
 GUIDANCE = (1.5, 3.0, 5.0)
 STEPS = (5, 10, 20)
@@ -67,12 +72,14 @@ def _train(name: str, overrides: list[str], max_steps: int, runs: Path) -> dict:
 
 
 class _Counter:
+    """Counts the samples the network is run on (a CFG call on a doubled batch counts twice)."""
+
     def __init__(self, unet):
-        self.calls = 0
-        unet.register_forward_pre_hook(self._count)
+        self.rows = 0
+        self.handle = unet.register_forward_pre_hook(self._count)
 
     def _count(self, module, args):
-        self.calls += 1
+        self.rows += args[0].shape[0]
 
 
 def _pipeline(name: str, runs: Path) -> DigitsPipeline:
@@ -87,13 +94,24 @@ def _pipeline(name: str, runs: Path) -> DigitsPipeline:
 
 
 @torch.no_grad()
-def _evaluate(pipe: DigitsPipeline, w: float, steps: int, n: int, real, classifier) -> dict:
+def _sample(pipe: DigitsPipeline, w: float, steps: int, n: int) -> tuple[torch.Tensor, float]:
+    """Samples i < n from seed i with label i mod 10, and the network rows run per sample and step."""
     counter = _Counter(pipe.unet)
     latents = torch.cat([torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(n)])
-    labels = torch.arange(n) % 10
-    images = pipe(labels, guidance_scale=w, num_inference_steps=steps, latents=latents, output_type="pt").images
-    return {"fd": digits_fd(images, real, classifier), "accuracy": 100 * classifier_accuracy(classifier, images, labels),
-            "forwards_per_step": counter.calls / steps}
+    images = pipe(torch.arange(n) % 10, guidance_scale=w, num_inference_steps=steps, latents=latents,
+                  output_type="pt").images
+    counter.handle.remove()
+    return images, counter.rows / (n * steps)
+
+
+def _metrics(images, forwards, real, classifier, cfg_images=None) -> dict:
+    labels = torch.arange(len(images)) % 10
+    result = {"fd": digits_fd(images, real, classifier),
+              "accuracy": 100 * classifier_accuracy(classifier, images, labels), "forwards_per_step": forwards}
+    if cfg_images is not None:  # how close to the CFG samples from the same noise
+        result["fd_to_cfg"] = digits_fd(images, cfg_images, classifier)
+        result["mse_to_cfg"] = (images - cfg_images).square().mean().item()
+    return result
 
 
 def main() -> None:
@@ -117,7 +135,16 @@ def main() -> None:
 
     real, _ = load_digits_data("all")
     classifier = load_digits_classifier().eval()
-    methods = {"cfg": None, "conditional": None, **{name: name for name in RUNS}}
+    cfg_images = {}
+    pipe = _pipeline("cfg", runs)
+    for w in GUIDANCE:  # the CFG reference samples (cheap to redo; the metrics are cached)
+        for steps in STEPS:
+            cfg_images[w, steps], forwards = _sample(pipe, w, steps, args.num_samples)
+            results["samples"][f"cfg|{w}|{steps}"] = _metrics(cfg_images[w, steps], forwards, real, classifier)
+            print(f"cfg|{w}|{steps}", results["samples"][f"cfg|{w}|{steps}"], flush=True)
+    path.write_text(json.dumps(results, indent=2))
+    methods = {"conditional": None, **{name: name for name in RUNS}}
+    conditional = {}  # w = 1 samples do not depend on the w they are compared at
     for method, run in methods.items():
         pipe = _pipeline(run or "cfg", runs)
         if run is not None:
@@ -125,10 +152,15 @@ def main() -> None:
         for w in GUIDANCE:
             for steps in STEPS:
                 label = f"{method}|{w}|{steps}"
-                if label in results["samples"] or (method == "conditional" and w != GUIDANCE[0]):
+                if label in results["samples"]:
                     continue
-                scale = 1.0 if method == "conditional" else w
-                results["samples"][label] = _evaluate(pipe, scale, steps, args.num_samples, real, classifier)
+                if method == "conditional":
+                    if steps not in conditional:
+                        conditional[steps] = _sample(pipe, 1.0, steps, args.num_samples)
+                    images, forwards = conditional[steps]
+                else:
+                    images, forwards = _sample(pipe, w, steps, args.num_samples)
+                results["samples"][label] = _metrics(images, forwards, real, classifier, cfg_images[w, steps])
                 print(label, results["samples"][label], flush=True)
                 path.write_text(json.dumps(results, indent=2))
         if run is not None:
@@ -137,28 +169,39 @@ def main() -> None:
     print(_table(results))
 
 
+def _cell(r: dict) -> str:
+    return f"{r['fd']:.3f} / {r['fd_to_cfg']:.3f} / {r['mse_to_cfg']:.4f} / {r['accuracy']:.1f}%"
+
+
 def _table(results: dict) -> str:
     samples, training = results["samples"], results["training"]
-    lines = ["| w | steps | CFG FD / acc (2 fwd/step) | AGD FD / acc (1 fwd/step) | AGD noised-data | full fine-tune |"
-             " conditional (w=1) |", "|---:|---:|---|---|---|---|---|"]
+    settings = results["settings"]
+    lines = ["| w | steps | CFG, 2 fwd/step: FD / acc | AGD, 1 fwd/step: FD / FD to CFG / MSE to CFG / acc "
+             "| conditional (w=1), 1 fwd/step: same |", "|---:|---:|---|---|---|"]
     for w in GUIDANCE:
         for steps in STEPS:
-            cells = []
-            for method in ("cfg", "agd", "agd-noised", "full"):
-                r = samples[f"{method}|{w}|{steps}"]
-                cells.append(f"{r['fd']:.3f} / {r['accuracy']:.1f}%")
-            c = samples[f"conditional|{GUIDANCE[0]}|{steps}"]
-            cells.append(f"{c['fd']:.3f} / {c['accuracy']:.1f}%")
+            c = samples[f"cfg|{w}|{steps}"]
+            lines.append(f"| {w:g} | {steps} | {c['fd']:.3f} / {c['accuracy']:.1f}% | "
+                         f"{_cell(samples[f'agd|{w}|{steps}'])} | {_cell(samples[f'conditional|{w}|{steps}'])} |")
+    names = [name for name in RUNS if name != "agd"]
+    lines += ["", "| w | steps | AGD (trajectories) | " + " | ".join(names) + " |",
+              "|---:|---:|---|" + "---|" * len(names)]
+    for w in GUIDANCE:
+        for steps in STEPS:
+            cells = [_cell(samples[f"{name}|{w}|{steps}"]) for name in ("agd", *names)]
             lines.append(f"| {w:g} | {steps} | " + " | ".join(cells) + " |")
-    lines += ["", "| run | trainable params (% of base) | steps | wall time (1 thread) | load avg before / after |",
-              "|---|---:|---:|---:|---|"]
+    lines += ["", "| run | trainable params (% of base) | steps | data collection | training (1 thread) "
+              "| load avg before / after |", "|---|---:|---:|---:|---:|---|"]
     for name, t in training.items():
         trainable = t["adapter_parameters"] + (t["base_parameters"] if name == "full" else 0)
         lines.append(f"| {name} | {trainable:,} ({100 * trainable / t['base_parameters']:.2f}%) | {t['steps']} | "
-                     f"{t['seconds'] / 60:.1f} min | {t['loadavg_before']:.1f} / {t['loadavg_after']:.1f} |")
-    settings = results["settings"]
-    lines += ["", f"{settings['num_samples']} samples per cell (seeds 0..{settings['num_samples'] - 1}), "
-              f"{settings['max_steps']} training steps per run; fewstep UniPC scheduler; FD to the 1797 real digits."]
+                     f"{t['data_seconds_this_session']:.0f} s | {t['training_seconds_this_session'] / 60:.1f} min | "
+                     f"{t['loadavg_before']:.1f} / {t['loadavg_after']:.1f} |")
+    n = settings["num_samples"]
+    lines += ["", f"Cells: digits-FD to the 1797 real digits / digits-FD to the CFG samples of the same w and steps / "
+              f"pixel MSE to those CFG samples (same noise) / classifier accuracy. {n} samples per cell "
+              f"(seed i, label i mod 10, i < {n}); {settings['max_steps']} training steps per run; fewstep UniPC "
+              "scheduler; the CFG teacher's forward count per sample and step is 2, the others' 1 (counted)."]
     return "\n".join(lines) + "\n"
 
 

@@ -127,6 +127,8 @@ def test_cli_rejects_bad_settings_in_one_line(capsys, tmp_path):
     assert "learning_rat" in capsys.readouterr().err
     assert main(["--config", str(ROOT / "configs/distill/sd15.yaml"), "data=noised"]) == 2
     assert "model=digits only" in capsys.readouterr().err
+    assert main(["--config", str(ROOT / "configs/distill/digits.yaml"), f"resume_from_checkpoint={tmp_path}/nope"]) == 2
+    assert "must be 'latest' or a checkpoint folder" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("kind", ["sd", "sd3"])

@@ -165,6 +165,9 @@ class DistillConfig:
             raise ValueError(f"learning rates must be finite and > 0, got {rates}")
         if not (1.0 <= self.w_min <= self.w_max):
             raise ValueError(f"need 1 <= w_min <= w_max, got w_min={self.w_min}, w_max={self.w_max}")
+        resume = self.resume_from_checkpoint
+        if resume not in (None, "latest") and not Path(resume).is_dir():
+            raise ValueError(f"resume_from_checkpoint must be 'latest' or a checkpoint folder, got {resume!r}")
         if self.data == "noised" and self.model != "digits":
             raise ValueError("data=noised needs training images; it is available for model=digits only")
         self.adapter_config()  # validates the adapter settings
@@ -418,8 +421,6 @@ def train(cfg: DistillConfig, *, step_callback: Callable[[int], None] | None = N
         path = latest_checkpoint(out) if cfg.resume_from_checkpoint == "latest" else Path(cfg.resume_from_checkpoint)
         if path is None:
             accelerator.print(f"fewstep distill: no checkpoint in {out / 'checkpoints'}; starting from scratch")
-        elif not path.is_dir():
-            raise ValueError(f"resume_from_checkpoint: {path} is not a checkpoint folder")
         else:
             accelerator.load_state(str(path))
             accelerator.print(f"fewstep distill: resumed from {path} at step {progress.step}")
@@ -430,11 +431,13 @@ def train(cfg: DistillConfig, *, step_callback: Callable[[int], None] | None = N
                disable=not (cfg.progress and accelerator.is_local_main_process))
     runner.train()
     device, started, accumulated = accelerator.device, time.perf_counter(), []  # started: training only
+    dtype = next(teacher.denoiser.parameters()).dtype
     while progress.step < cfg.max_steps:
         for micro in range(cfg.gradient_accumulation_steps):
             k = progress.step * cfg.gradient_accumulation_steps + micro
             batch = batches(k, accelerator.process_index, accelerator.num_processes, cfg.batch_size)
             batch = {name: value.to(device) for name, value in batch.items()}
+            batch["x"] = batch["x"].to(dtype)  # a half-precision base takes half-precision inputs
             with accelerator.accumulate(runner):
                 with accelerator.autocast():
                     out_ = teacher(batch["x"], batch["t"], teacher.condition(batch["cond"]), module=runner,
