@@ -131,7 +131,7 @@ def test_cli_rejects_bad_settings_in_one_line(capsys, tmp_path):
     assert "must be 'latest' or a checkpoint folder" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("kind", ["sd", "sd3"])
+@pytest.mark.parametrize("kind", ["sd", pytest.param("sd3", marks=pytest.mark.slow)])
 def test_trained_adapters_run_text_pipelines_with_one_forward_per_step(kind, tmp_path):
     from fewstep.zoo.tiny import build_tiny_sd3_pipeline, build_tiny_sd_pipeline
 

@@ -281,7 +281,8 @@ class _NoisedBatches:
         self.images, self.labels = load_digits_data("train")
         self.teacher = teacher
         self.noise = DDPMScheduler.from_config(dict(scheduler_config))
-        self.seed, self.w_min, self.w_max = cfg.seed, cfg.w_min, cfg.w_max
+        # Noise, timesteps and w are training data: drawn from data_seed, apart from evaluation seeds.
+        self.seed, self.w_min, self.w_max = cfg.data_seed, cfg.w_min, cfg.w_max
 
     def __call__(self, k: int, rank: int, processes: int, batch: int) -> dict[str, torch.Tensor]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + k)
