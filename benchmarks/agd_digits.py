@@ -7,6 +7,8 @@ budget for every run):
 - ``agd-noised``: adapters on forward-noised training digits (the paper's ablation);
 - ``full``: the whole network fine-tuned with w through the same adapters (baseline);
 - ``agd-wide``: AGD with ``width_ratio=1.0`` (13% extra parameters instead of 5%);
+- ``agd-traj40``: AGD on 40-step instead of 10-step teacher trajectories (4x the states,
+  40 distinct timesteps instead of 10), same training budget;
 
 then samples every method with the ``DigitsPipeline`` and fewstep's UniPC scheduler at
 w = 1.5, 3, 5 and 5 / 10 / 20 steps: CFG runs the network on 2 samples per sample and step
@@ -50,6 +52,7 @@ RUNS = {  # name: overrides of configs/distill/digits.yaml
     "agd-noised": ["data=noised"],
     "full": ["mode=full", "base_learning_rate=1e-4"],
     "agd-wide": ["width_ratio=1.0"],
+    "agd-traj40": ["trajectory_steps=40", "trajectory_dir={runs}/trajectories-40"],
 }
 GUIDANCE = (1.5, 3.0, 5.0)
 STEPS = (5, 10, 20)
@@ -61,7 +64,7 @@ def _train(name: str, overrides: list[str], max_steps: int, runs: Path) -> dict:
         return json.loads((out / "timing.json").read_text())
     command = [sys.executable, "-m", "fewstep.distill.train", "--config", str(ROOT / "configs/distill/digits.yaml"),
                f"output_dir={out}", f"max_steps={max_steps}", "resume_from_checkpoint=latest", "report_to=none",
-               "progress=false", f"trajectory_dir={runs / 'trajectories'}", *overrides]
+               "progress=false", f"trajectory_dir={runs / 'trajectories'}", *(o.format(runs=runs) for o in overrides)]
     load = os.getloadavg()
     start = time.perf_counter()
     subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
