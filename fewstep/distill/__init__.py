@@ -8,12 +8,17 @@ Jensen & Sadat. Efficient Distillation of Classifier-Free Guidance using Adapter
 - :func:`save_adapters` / :func:`load_adapters`: safetensors + JSON, validated against the model.
 - :func:`enable_guidance_adapters` / :func:`disable_guidance_adapters`: one network call per
   step inside an unmodified diffusers pipeline, and back to real CFG.
+- :func:`collect_trajectories` / :func:`load_trajectories`: CFG teacher trajectories
+  (sharded, resumable, split across processes) for a :class:`LabelTeacher` or :class:`PromptTeacher`.
+- ``python -m fewstep.distill.train --config configs/distill/<name>.yaml``: the accelerate
+  trainer (:mod:`fewstep.distill.train`).
 """
 
 from .adapters import AdapterConfig, GuidanceAdapters
 from .architectures import CONDITIONS, SUPPORTED_MODELS, describe, fingerprint
 from .inference import disable_guidance_adapters, enable_guidance_adapters
 from .saving import load_adapters, save_adapters
+from .trajectories import LabelTeacher, PromptTeacher, TrajectorySpec, collect_trajectories, load_trajectories
 
 __all__ = [
     "AdapterConfig",
@@ -26,4 +31,9 @@ __all__ = [
     "load_adapters",
     "enable_guidance_adapters",
     "disable_guidance_adapters",
+    "LabelTeacher",
+    "PromptTeacher",
+    "TrajectorySpec",
+    "collect_trajectories",
+    "load_trajectories",
 ]
