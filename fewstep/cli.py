@@ -6,6 +6,8 @@ Commands:
   calibrate DC-Solver ratio calibration and CPR fits (calibrate dc)
   search    search solver schedules: S3 over USF strategies (usf), tuned timesteps (timesteps)
   ems       DPM-Solver-v3 empirical model statistics (ems compute)
+  eval      FID/FD and MSE benchmarks, reference statistics, FD of two files (eval fid|mse|ref|fd)
+  distill   train guidance adapters (distill train; also python -m fewstep.distill.train)
 
 Commands that run jobs read settings from flags, a YAML file (--config FILE.yaml) and
 key=value items, and save the resolved settings beside their results. A user mistake
@@ -74,6 +76,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     from .search.cli import add_search_parser
     from .eval.ems import add_ems_parser
     from .eval.eval_cli import add_eval_parser
+    from .distill.train import add_distill_parser
 
     parser = argparse.ArgumentParser(prog="fewstep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -90,6 +93,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     add_calibrate_parser(sub)
     add_ems_parser(sub)
     add_eval_parser(sub)
+    add_distill_parser(sub)
     return parser, sub
 
 

@@ -61,7 +61,8 @@ __all__ = [
 T = TypeVar("T")
 CONFIG_NAME = "config.yaml"
 # Namespace entries that belong to argparse plumbing, not to a schema.
-_RESERVED = {"func", "command", "eval_command", "config", "overrides", "config_schema", "resume_hint"}
+# argparse plumbing, not settings; nested subcommands store their name as "<group>_command".
+_RESERVED = {"func", "command", "config", "overrides", "config_schema", "resume_hint"}
 _OVERRIDE = re.compile(r"^([A-Za-z_]\w*)([.\[][^=]*)?=")
 
 
@@ -247,7 +248,7 @@ def resolve_config(schema: type[T], args: argparse.Namespace) -> T:
         ValueError: see :func:`load_config`.
     """
     keys = {f.name for f in dataclasses.fields(schema)}
-    flags = {k: v for k, v in vars(args).items() if k not in _RESERVED}
+    flags = {k: v for k, v in vars(args).items() if k not in _RESERVED and not k.endswith("_command")}
     stray = sorted(set(flags) - keys)
     if stray:  # a programming error in the parser, not a user mistake
         raise RuntimeError(f"flags {stray} have no key in {schema.__name__}")

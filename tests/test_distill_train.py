@@ -121,7 +121,7 @@ def test_full_fine_tune_and_noised_data_options(tmp_path):
 def test_cli_rejects_bad_settings_in_one_line(capsys, tmp_path):
     assert main(["--config", str(ROOT / "configs/distill/digits.yaml"), "mode=lora"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("fewstep distill: error:") and "mode must be one of ['adapters', 'full']" in err
+    assert err.startswith("fewstep distill train: error:") and "mode must be one of ['adapters', 'full']" in err
     assert err.count("\n") == 1
     assert main(["--config", str(ROOT / "configs/distill/digits.yaml"), "learning_rat=1"]) == 2
     assert "learning_rat" in capsys.readouterr().err

@@ -311,7 +311,7 @@ def _tracker(cfg: DistillConfig) -> str | None:
         try:
             import tensorboardX  # noqa: F401
         except ImportError:
-            print("fewstep distill: TensorBoard logging is off: install tensorboard (pip install tensorboard) "
+            print("fewstep distill train: TensorBoard logging is off: install tensorboard (pip install tensorboard) "
                   "or set report_to=none to silence this", file=sys.stderr)
             return None
     return "tensorboard"
@@ -421,10 +421,10 @@ def train(cfg: DistillConfig, *, step_callback: Callable[[int], None] | None = N
     if cfg.resume_from_checkpoint:
         path = latest_checkpoint(out) if cfg.resume_from_checkpoint == "latest" else Path(cfg.resume_from_checkpoint)
         if path is None:
-            accelerator.print(f"fewstep distill: no checkpoint in {out / 'checkpoints'}; starting from scratch")
+            accelerator.print(f"fewstep distill train: no checkpoint in {out / 'checkpoints'}; starting from scratch")
         else:
             accelerator.load_state(str(path))
-            accelerator.print(f"fewstep distill: resumed from {path} at step {progress.step}")
+            accelerator.print(f"fewstep distill train: resumed from {path} at step {progress.step}")
     if tracker:
         accelerator.init_trackers("agd", config={k: str(v) for k, v in dataclasses.asdict(cfg).items()})
 
@@ -501,33 +501,36 @@ def _checkpoint(accelerator: Any, out: Path, step: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------ CLI
-def _parser() -> argparse.ArgumentParser:
+def add_distill_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``fewstep distill train`` (also ``python -m fewstep.distill.train``)."""
     from fewstep.config import add_config_arguments
 
-    parser = argparse.ArgumentParser(
-        prog="fewstep distill", argument_default=argparse.SUPPRESS,
+    group = sub.add_parser("distill", help="guidance distillation: train AGD adapters (distill train)",
+                           description="Adapter guidance distillation (AGD).")
+    inner = group.add_subparsers(dest="distill_command", required=True, metavar="SUBCOMMAND")
+    p = inner.add_parser(
+        "train", argument_default=argparse.SUPPRESS,
+        help="train guidance adapters on CFG teacher trajectories (resumable; accelerate launch / torchrun)",
         description="Train guidance adapters (AGD) on CFG teacher trajectories. "
                     "Settings: see configs/distill/*.yaml; key=value items override the file.")
-    add_config_arguments(parser, DistillConfig)
-    return parser
+    add_config_arguments(p, DistillConfig)
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from fewstep.config import resolve_config
+
+    args.resume_hint = "rerun with resume_from_checkpoint=latest to continue from the last checkpoint"
+    train(resolve_config(DistillConfig, args))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m fewstep.distill.train`` / ``accelerate launch -m fewstep.distill.train``."""
-    from fewstep.config import resolve_config, split_overrides
+    """Entry point of ``python -m fewstep.distill.train`` / ``accelerate launch -m fewstep.distill.train``:
+    the same command as ``fewstep distill train``."""
+    from fewstep.cli import main as cli_main
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    rest, overrides = split_overrides(argv, DistillConfig)
-    parser = _parser()
-    args = parser.parse_args(rest)
-    args.overrides = list(getattr(args, "overrides", [])) + overrides
-    try:
-        cfg = resolve_config(DistillConfig, args)
-    except (ValueError, OSError) as err:
-        print(f"fewstep distill: error: {err}", file=sys.stderr)
-        return 2
-    train(cfg)
-    return 0
+    return cli_main(["distill", "train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

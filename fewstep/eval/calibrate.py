@@ -274,7 +274,7 @@ def add_calibrate_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``fewstep calibrate dc``."""
     p = sub.add_parser("calibrate", help="tune solver artifacts for a model (dc: DC-Solver ratios / CPR)",
                        description="Tune solver artifacts for a model.")
-    targets = p.add_subparsers(dest="target", required=True, metavar="TARGET")
+    targets = p.add_subparsers(dest="calibrate_command", required=True, metavar="TARGET")
     d = targets.add_parser(
         "dc",
         help="DC-Solver compensation ratios (one NFE/guidance) or CPR coefficients (--grid)",
@@ -324,7 +324,6 @@ def cmd_calibrate_dc(args: argparse.Namespace) -> int:
     # --grid nfe=5,6,8 guidance=2,4: comma lists are accepted for the two grid keys.
     args.overrides = [f"{m.group(1)}=[{m.group(2)}]" if (m := _LIST.match(o)) else o
                       for o in getattr(args, "overrides", [])]
-    vars(args).pop("target", None)  # the subcommand's name, not a setting
     cfg = resolve_config(CalibrateDCConfig, args)
     args.resume_hint = f"finished work is kept in {cfg.work_dir}; run the same command again to resume"
     threads = torch.get_num_threads()

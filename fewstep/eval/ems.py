@@ -334,7 +334,6 @@ def add_ems_parser(sub: argparse._SubParsersAction) -> None:
 
 def cmd_ems_compute(args: argparse.Namespace) -> int:
     """CLI body of ``fewstep ems compute``."""
-    del args.ems_command
     cfg = resolve_config(EMSComputeConfig, args)
     args.resume_hint = f"finished chunks are kept in {cfg.out}.parts; run the same command again to resume"
     threads = torch.get_num_threads()

@@ -84,7 +84,6 @@ def add_search_parser(sub: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace, schema: type, runner) -> int:
     import torch
 
-    del args.search_command  # argparse plumbing, not a setting
     cfg = resolve_config(schema, args)
     args.resume_hint = "finished evaluations are kept in the run folder; run the same command again to resume"
     threads = torch.get_num_threads()
