@@ -241,3 +241,85 @@ def test_a_diverged_solver_is_a_result_not_a_crash(tmp_path, monkeypatch):
         assert entries["ddim"]["diverged"] and entries["ddim"][key] is None
         assert not entries["unipc"]["diverged"] and entries["unipc"][key] > 0
         assert "Diverged (no finite samples): ddim at NFE 2." in (tmp_path / kind / "results.md").read_text()
+
+
+DIFFUSERS_DPM = "diffusers:DPMSolverMultistepScheduler"
+
+
+def test_a_diffusers_scheduler_through_eval_mse_matches_fewstep_and_resumes(tmp_path, capsys):
+    """diffusers' DPMSolverMultistepScheduler (2M, linspace, first-order last step) is fewstep's dpmpp."""
+    argv = ["eval", "mse", "--model", "digits", "--solver", "dpmpp", DIFFUSERS_DPM, "--nfe", "3", "5",
+            "--guidance", "3", "--num-samples", "16", "--batch-size", "8", *MSE, "--no-progress", "--no-plot",
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run")]
+    assert main(argv) == 0
+    numbers = {(m, n): (mse, ci) for m, n, mse, ci in _numbers(tmp_path / "run", "mse")}
+    for nfe in (3, 5):
+        ours, theirs = numbers[("dpmpp", nfe)], numbers[(DIFFUSERS_DPM, nfe)]
+        assert ours[0] > 1e-5 and theirs == pytest.approx(ours, rel=1e-4)
+    # Resume: a lost shard of the diffusers run is recomputed, the others are read back as they are.
+    shards = sorted((tmp_path / "run" / "shards").glob("diffusers_DPMSolverMultistepScheduler-nfe5/*.safetensors"))
+    kept = {p: p.stat().st_mtime_ns for p in (tmp_path / "run" / "shards").rglob("*.safetensors") if p != shards[1]}
+    shards[1].unlink()
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "resuming: 7 finished shard(s) of 8" in capsys.readouterr().out
+    assert shards[1].exists() and all(p.stat().st_mtime_ns == t for p, t in kept.items())
+    assert {(m, n): (mse, ci) for m, n, mse, ci in _numbers(tmp_path / "run", "mse")} == numbers
+
+
+def test_diffusers_scheduler_samples_and_model_calls():
+    """Samples per seed (any batch split) equal fewstep's; NFE counts model calls (Heun: 2 per step but the first)."""
+    from fewstep.eval.testbeds import DigitsTestbed
+
+    testbed = DigitsTestbed()
+    x_T, cond = testbed.initial_noise(6, seed=3)
+    ours = testbed.generate("dpmpp", {}, 5, x_T, cond, 1.5, "linspace")
+    theirs = testbed.generate(DIFFUSERS_DPM, {}, 5, x_T, cond, 1.5, "linspace")
+    assert torch.allclose(theirs, ours, rtol=0, atol=2e-5) and ours.abs().max() > 0.5
+    part = testbed.generate(DIFFUSERS_DPM, {}, 5, x_T[2:4], cond[2:4], 1.5, "linspace")
+    assert torch.allclose(part, theirs[2:4], rtol=0, atol=1e-6)
+    options = {"solver_order": 3}
+    assert not torch.allclose(testbed.generate(DIFFUSERS_DPM, options, 5, x_T, cond, 1.5, "linspace"), theirs,
+                              rtol=0, atol=1e-4)  # the option reaches the scheduler
+    calls, model = [], testbed.model
+    testbed.model = lambda x, t, labels: calls.append(t) or model(x, t, labels)
+    out = testbed.generate("diffusers:HeunDiscreteScheduler", {}, 5, x_T, cond, 1.5, None)
+    assert len(calls) == 5 and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="NFE 4 is not reachable .*: 1, 3\\)"):
+        testbed.check_solver("diffusers:HeunDiscreteScheduler", {}, [5, 4], None)
+
+
+def test_diffusers_spec_errors_are_one_line(tmp_path, capsys):
+    out = ["--out", str(tmp_path / "run"), "--no-progress"]
+    line = _error(capsys, ["eval", "mse", "--solver", "diffusers:FooScheduler", *out])
+    assert "unknown diffusers scheduler 'FooScheduler'; choose one of" in line and "UniPCMultistepScheduler" in line
+    assert "stochastic" in _error(capsys, ["eval", "fid", "--solver", "diffusers:EulerAncestralDiscreteScheduler", *out])
+    line = _error(capsys, ["eval", "mse", "--solver", f"{DIFFUSERS_DPM}:order=3", *out])
+    assert "has no option 'order'; options:" in line and "solver_order" in line
+    assert "'beta_end' is the model's" in _error(capsys, ["eval", "mse", "--solver", f"{DIFFUSERS_DPM}:beta_end=0.1"])
+    assert "stochastic sampling" in _error(capsys, ["eval", "mse", "--solver",
+                                                    f"{DIFFUSERS_DPM}:algorithm_type=sde-dpmsolver++"])
+    assert "solver_order" in _error(capsys, ["eval", "mse", "--solver", f"{DIFFUSERS_DPM}:solver_order=x", *out])
+    line = _error(capsys, ["eval", "mse", "--solver", "diffusers:FlowMatchEulerDiscreteScheduler", *out])
+    assert "is a flow-matching scheduler but the model's scheduler config is VP (betas)" in line
+    line = _error(capsys, ["eval", "mse", "--model", "gmm-flow", "--solver", "diffusers:EulerDiscreteScheduler", *out])
+    assert "no diffusers scheduler config" in line
+    line = _error(capsys, ["eval", "mse", "--model", "gmm", "--solver", "diffusers:KDPM2DiscreteScheduler",
+                           "--nfe", "4", *out])
+    assert "NFE 4 is not reachable" in line
+    assert not (tmp_path / "run").exists()  # refused before any folder is made
+
+
+def test_diffusers_flow_scheduler_on_a_flow_pipeline_folder(tmp_path):
+    """A flow pipeline (tiny SD3) runs with the scheduler swapped in: FlowMatchEuler is fewstep's ddim (Euler)."""
+    from fewstep.eval.testbeds import make_testbed
+    from fewstep.zoo.tiny import build_tiny_sd3_pipeline
+
+    build_tiny_sd3_pipeline(tmp_path / "sd3")
+    testbed = make_testbed(str(tmp_path / "sd3"))
+    x_T, cond = testbed.initial_noise(2, seed=0)
+    ours = testbed.generate("ddim", {}, 3, x_T, cond, 3.0, None)
+    theirs = testbed.generate("diffusers:FlowMatchEulerDiscreteScheduler", {}, 3, x_T, cond, 3.0, None)
+    assert torch.allclose(theirs, ours, rtol=0, atol=1e-5) and ours.abs().max() > 0.5
+    with pytest.raises(ValueError, match="VP \\(betas\\) scheduler but the model's scheduler config is flow"):
+        testbed.check_solver(DIFFUSERS_DPM, {}, [3], None)

@@ -30,6 +30,7 @@ import torch
 from ..config import add_config_arguments, parse_spec, resolve_config, resolve_device, save_config
 from ..samplers import TimeShift, get_solver, list_solvers
 from ..samplers.timesteps import SPACINGS
+from .diffusers_schedulers import DIFFUSERS_PREFIX, is_diffusers_spec, parse_diffusers_spec
 from .io import atomic_write_bytes, clean_temp_files, load_tensors, lock_directory, read_json, save_tensors, write_json
 from .reference import ReferenceStore, default_cache_dir, timed
 from .report import markdown_report, pivot_tables, plot_quality, sample_grid
@@ -56,7 +57,9 @@ class Method:
     """A solver with fixed options, written ``name`` or ``name:key=value,key=value``.
 
     Values are JSON where they parse as JSON (lists keep their commas: ``dc:ratios=[1,1,0.9]``);
-    ``time_shift`` is passed to :func:`fewstep.sample` rather than to the solver.
+    ``time_shift`` is passed to :func:`fewstep.sample` rather than to the solver. A diffusers
+    scheduler is written ``diffusers:ClassName[:key=value,...]`` (its constructor options; see
+    :mod:`fewstep.eval.diffusers_schedulers`).
     """
 
     solver: str
@@ -69,6 +72,9 @@ class Method:
         Raises:
             ValueError: malformed spec, repeated option, unknown solver or invalid options.
         """
+        if is_diffusers_spec(spec):
+            name, options = parse_diffusers_spec(spec)
+            return cls(DIFFUSERS_PREFIX + name, tuple(sorted(options.items())))
         name, options = parse_spec(spec, "solver spec")
         # validates name and options now, not mid-run
         get_solver(name, **{k: v for k, v in options.items() if k not in SAMPLING_OPTIONS})
@@ -82,10 +88,16 @@ class Method:
     @property
     def canonical(self) -> tuple:
         """The solver with every option resolved: equal for specs that sample identically."""
+        if self.is_diffusers:  # its defaults depend on the model's config: the options as given
+            return self.solver, tuple((k, repr(v)) for k, v in self.options)
         options = self.option_dict
         sampling = tuple((k, repr(options.pop(k))) for k in SAMPLING_OPTIONS if k in options)
         config = get_solver(self.solver, **options).config
         return self.solver, tuple(sorted(config.items())) + sampling
+
+    @property
+    def is_diffusers(self) -> bool:
+        return is_diffusers_spec(self.solver)
 
     @property
     def label(self) -> str:
@@ -279,6 +291,10 @@ def run_compare(testbed: Testbed, cfg: CompareConfig, log: Callable[[str], None]
         OSError: a file cannot be written.
     """
     cfg = cfg.with_defaults(testbed)
+    ref = cfg.reference_method
+    testbed.check_solver(ref.solver, ref.option_dict, [cfg.reference_nfe], cfg.spacing)  # diffusers: before any run
+    for m in cfg.methods:
+        testbed.check_solver(m.solver, m.option_dict, cfg.nfe, cfg.spacing)
     out = Path(cfg.out)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     identity = cfg.identity(testbed)

@@ -3,6 +3,7 @@
     fewstep eval fid --model digits --solver unipc --nfe 5 --guidance 3 --num-samples 1000 \\
         --extractor digits --ref digits --out DIR
     fewstep eval mse --model digits --solver ddim dpmpp unipc --nfe 5 6 8 10 --out DIR
+    fewstep eval mse --model digits --solver dpmpp diffusers:DPMSolverMultistepScheduler --out DIR
     fewstep eval ref SOURCE --extractor inception --out ref.npz
     fewstep eval fd A.npz B.npz
 
@@ -70,7 +71,9 @@ class RefConfig:
 def _common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="NAME|DIR", help="digits (default), gmm, gmm-flow, or a diffusers pipeline folder")
     p.add_argument("--solver", "--solvers", dest="solvers", nargs="+", metavar="SPEC",
-                   help="solvers, e.g. ddim unipc:order=3,variant=bh1 (default: every registered solver)")
+                   help="solvers, e.g. ddim unipc:order=3,variant=bh1, or diffusers schedulers built from the "
+                        "model's scheduler config, e.g. diffusers:UniPCMultistepScheduler:solver_order=3 "
+                        "(default: every registered solver)")
     p.add_argument("--nfe", nargs="+", type=int, metavar="N", help="model evaluations per sample (default: 5 6 8 10)")
     p.add_argument("--guidance", type=float, metavar="W", help="classifier-free guidance scale (default: the model's)")
     p.add_argument("--num-samples", dest="num_samples", type=int, metavar="N",

@@ -60,8 +60,9 @@ class EvalConfig:
 
     Attributes:
         model: ``digits``, ``gmm``, ``gmm-flow`` or a local diffusers pipeline folder.
-        solvers: Solver specs (``unipc:order=3,variant=bh1``); None: every registered solver that
-            needs no tuned file (:func:`runnable_solvers`).
+        solvers: Solver specs (``unipc:order=3,variant=bh1``) or diffusers schedulers
+            (``diffusers:DPMSolverMultistepScheduler:solver_order=3``, built from the model's scheduler
+            config); None: every registered solver that needs no tuned file (:func:`runnable_solvers`).
         nfe: Model evaluations per sample.
         num_samples: Samples per (solver, NFE).
         seed: Sample i uses noise seed ``seed + i``.
@@ -158,7 +159,7 @@ class MSEConfig(EvalConfig):
 
     Attributes:
         reference: Solver spec of the reference trajectory (``ddim`` with 999 steps is the other
-            common choice; the GMM testbed uses its exact ODE solution).
+            common choice; a ``diffusers:`` spec works too; the GMM testbed uses its exact ODE solution).
         reference_nfe: Steps of the reference.
     """
 
@@ -218,6 +219,8 @@ class _Run:
         self.testbed = make_testbed(cfg.model, self.group.device(cfg.device))
         check(self.testbed)  # before the run folder is created
         self.cfg = cfg.with_defaults(self.testbed)
+        for m in self.cfg.methods:  # diffusers schedulers: the model's config accepts them, every NFE is reachable
+            self.testbed.check_solver(m.solver, m.option_dict, self.cfg.nfe, self.cfg.spacing)
         self.out = Path(self.cfg.out)
         identity = {**self.cfg.identity(self.testbed), "kind": self.kind, **extra_identity(self.testbed)}
         self.identity = json.loads(json.dumps(identity))  # as run.json will read back (tuples become lists)
@@ -243,8 +246,7 @@ class _Run:
 
     def store(self, method: Method, nfe: int) -> ShardStore:
         return ShardStore(self.out / "shards" / f"{method.slug}-nfe{nfe}",
-                          {**self.identity, "method": method.label, "canonical": method.canonical, "nfe": nfe},
-                          self.log)
+                          {**self.identity, **_method_identity(method), "nfe": nfe}, self.log)
 
     def loop(self, compute_shard: Callable[[int, int, list], None], stores: dict) -> None:
         """Run ``compute_shard(start, stop, todo_pairs)`` for this process's shards with unfinished pairs."""
@@ -310,6 +312,15 @@ class _Run:
     def close(self) -> None:
         self.stack.close()
         self.group.close()
+
+
+def _method_identity(method: Method) -> dict[str, Any]:
+    ident = {"method": method.label, "canonical": method.canonical}
+    if method.is_diffusers:  # its numbers are diffusers' code: a new release is a new run
+        import diffusers
+
+        ident["diffusers"] = diffusers.__version__
+    return ident
 
 
 def _entry(method: Method, nfe: int, **values: Any) -> dict[str, Any]:
@@ -437,8 +448,15 @@ def run_mse(cfg: MSEConfig, log: Callable[[str], None] = print) -> dict[str, Any
         ValueError: a diverged reference, a run folder in use or holding another configuration.
     """
     ref_method = cfg._reference
-    run = _Run(cfg, "mse", lambda tb: {"reference": ref_method.label, "reference_canonical": ref_method.canonical,
-                                       "reference_nfe": cfg.reference_nfe}, log)
+
+    def check(testbed: Testbed) -> None:
+        testbed.check_solver(ref_method.solver, ref_method.option_dict, [cfg.reference_nfe],
+                             cfg.spacing or testbed.default_spacing)
+
+    ref_identity = {"reference": ref_method.label, "reference_canonical": ref_method.canonical,
+                    "reference_nfe": cfg.reference_nfe}
+    run = _Run(cfg, "mse", lambda tb: ref_identity if not ref_method.is_diffusers else
+               {**ref_identity, "reference_diffusers": _method_identity(ref_method)["diffusers"]}, log, check)
     try:
         return _run_mse(run, ref_method)
     finally:

@@ -19,6 +19,7 @@ import torch
 
 from ..samplers import GridSpec, make_schedule, sample
 from ..samplers.schedules import DiscreteVPSchedule
+from .diffusers_schedulers import build_diffusers_scheduler, diffusers_sample, is_diffusers_spec, steps_for_nfe
 from .fd import feature_statistics, frechet_distance
 from .io import read_json
 
@@ -67,11 +68,41 @@ class Testbed(ABC):
         """Samples (float32, CPU) for one batch ``x_T`` with the given solver.
 
         Guidance follows diffusers: CFG when ``guidance > 1``, else one conditional pass.
-        ``spacing`` None means the model's own default grid.
+        ``spacing`` None means the model's own default grid. ``solver`` may also be a diffusers
+        scheduler (``diffusers:ClassName``, see :meth:`generate_diffusers`).
 
         Raises:
             FloatingPointError: the model output became non-finite (the solver diverged).
         """
+
+    def scheduler_config(self) -> dict[str, Any]:
+        """The model's diffusers scheduler config, from which ``diffusers:`` specs are built."""
+        raise ValueError(f"the {self.name} model has no diffusers scheduler config; use a fewstep solver")
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, guidance: float | None) -> torch.Tensor:
+        """The model output at timestep ``t`` for diffusers' loop, CFG-combined when ``guidance > 1``."""
+        raise NotImplementedError(f"the {self.name} testbed cannot run diffusers schedulers")
+
+    def generate_diffusers(self, solver: str, options: dict[str, Any], nfe: int, x_T: torch.Tensor,
+                           cond: torch.Tensor, guidance: float | None, spacing: str | None) -> torch.Tensor:
+        """:meth:`generate` with a diffusers scheduler: diffusers' standard loop, ``nfe`` model calls."""
+        scheduler = build_diffusers_scheduler(solver, options, self.scheduler_config(), spacing)
+        x_T, cond = x_T.to(self.device), cond.to(self.device)
+        return diffusers_sample(scheduler, lambda x, t: self.denoise(x, t, cond, guidance), x_T, nfe).float().cpu()
+
+    def check_solver(self, solver: str, options: dict[str, Any], nfes: Sequence[int], spacing: str | None) -> None:
+        """Refuse, before any sampling, a diffusers scheduler the model's config rejects or an NFE it cannot reach.
+
+        Fewstep solvers are validated when their spec is parsed; this checks what needs the model.
+
+        Raises:
+            ValueError: naming the scheduler and the reachable NFEs.
+        """
+        if not is_diffusers_spec(solver):
+            return
+        scheduler = build_diffusers_scheduler(solver, options, self.scheduler_config(), spacing)
+        for nfe in nfes:
+            steps_for_nfe(scheduler, nfe, solver)
 
     @property
     def default_spacing(self) -> str | None:
@@ -135,6 +166,7 @@ class DigitsTestbed(Testbed):
             cfg.get("beta_schedule", "linear"), cfg.get("trained_betas"), cfg.get("rescale_betas_zero_snr", False),
         )
         self.prediction = cfg.get("prediction_type", "epsilon")
+        self._scheduler_config = cfg
         self.null_label = digits.NULL_LABEL
         self.classifier = digits.load_digits_classifier(device=self.device)
         real, _ = digits.load_digits_data("all")
@@ -160,7 +192,20 @@ class DigitsTestbed(Testbed):
     def model(self, x, t, labels):
         return self.unet(x, t, class_labels=labels).sample
 
+    def scheduler_config(self):
+        return dict(self._scheduler_config)
+
+    def denoise(self, x, t, cond, guidance):
+        if guidance is None or guidance <= 1:
+            return self.model(x, t, cond)
+        # The DigitsPipeline's guidance: one doubled batch [conditional, null].
+        eps_cond, eps_null = self.model(torch.cat([x, x]), t, torch.cat([cond, torch.full_like(cond, self.null_label)])
+                                        ).chunk(2)
+        return eps_null + guidance * (eps_cond - eps_null)
+
     def generate(self, solver, options, nfe, x_T, cond, guidance, spacing):
+        if is_diffusers_spec(solver):
+            return self.generate_diffusers(solver, options, nfe, x_T, cond, guidance, spacing)
         x_T, cond = x_T.to(self.device), cond.to(self.device)
         guided = guidance is not None and guidance > 1
         out = sample(
@@ -214,7 +259,21 @@ class GMMTestbed(Testbed):
         x = _per_sample_noise((self.mixture.dim,), n, seed + start).double()
         return x, (torch.arange(n) + start) % self.mixture.num_classes
 
+    def scheduler_config(self):
+        if not isinstance(self.schedule, DiscreteVPSchedule):
+            raise ValueError(f"the {self.name} model's {type(self.schedule).__name__} has no diffusers scheduler "
+                             "config; diffusers schedulers run on gmm, digits and pipeline folders")
+        return {**{k: v for k, v in self.schedule.to_dict().items() if k != "kind"}, "prediction_type": "epsilon"}
+
+    def denoise(self, x, t, cond, guidance):
+        if guidance is None or guidance <= 1:
+            return self.model(x, t, cond)
+        eps_cond, eps_null = self.model(torch.cat([x, x]), t, torch.cat([cond, torch.full_like(cond, -1)])).chunk(2)
+        return eps_null + guidance * (eps_cond - eps_null)
+
     def generate(self, solver, options, nfe, x_T, cond, guidance, spacing):
+        if is_diffusers_spec(solver):
+            return self.generate_diffusers(solver, options, nfe, x_T.double(), cond, guidance, spacing)
         guided = guidance is not None and guidance > 1
         out = sample(
             self.model, x_T.double(), schedule=self.schedule, prediction=self.prediction, solver=solver, nfe=nfe,
@@ -294,12 +353,28 @@ class PipelineTestbed(Testbed):
         latents = latents + (getattr(vae.config, "shift_factor", None) or 0.0)
         return (vae.decode(latents).sample.float().cpu() / 2 + 0.5).clamp(0, 1)
 
+    def scheduler_config(self):
+        return dict(self.base_config)
+
     def generate(self, solver, options, nfe, x_T, cond, guidance, spacing):
-        config = self.base_config if spacing is None else {**self.base_config, "timestep_spacing": spacing}
-        self.pipe.scheduler = self.scheduler_cls.from_config(config, solver=solver, solver_options=options)
+        if is_diffusers_spec(solver):
+            return self.generate_diffusers(solver, options, nfe, x_T, cond, guidance, spacing)
+        return self._run_pipeline(self.scheduler_cls.from_config(self._config(spacing), solver=solver,
+                                                                 solver_options=options), nfe, x_T, cond, guidance)
+
+    def generate_diffusers(self, solver, options, nfe, x_T, cond, guidance, spacing):
+        # The pipeline's own loop with the diffusers scheduler swapped in; its steps give nfe model calls.
+        scheduler = build_diffusers_scheduler(solver, options, self.base_config, spacing)
+        return self._run_pipeline(scheduler, steps_for_nfe(scheduler, nfe, solver), x_T, cond, guidance)
+
+    def _config(self, spacing):
+        return self.base_config if spacing is None else {**self.base_config, "timestep_spacing": spacing}
+
+    def _run_pipeline(self, scheduler, steps, x_T, cond, guidance):
+        self.pipe.scheduler = scheduler
         out = self.pipe(
             prompt=[self.prompts[int(c)] for c in cond], latents=x_T.to(self.pipe.device, self.pipe.dtype),
-            num_inference_steps=nfe, guidance_scale=guidance, height=self.height, width=self.width,
+            num_inference_steps=steps, guidance_scale=guidance, height=self.height, width=self.width,
             output_type="latent",
         ).images
         return out.float().cpu()

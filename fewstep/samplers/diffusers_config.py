@@ -26,6 +26,7 @@ __all__ = [
     "foreign_solver_options",
     "SCHEDULE_KEYS_IN_KWARGS",
     "init_keys_of",
+    "is_flow_config",
 ]
 
 # diffusers schedulers whose configs describe a VP (betas) or flow-matching model that fewstep's
@@ -65,7 +66,8 @@ _IGNORABLE = {
 }
 
 
-def _is_flow(config: dict[str, Any]) -> bool:
+def is_flow_config(config: dict[str, Any]) -> bool:
+    """Whether a diffusers scheduler config describes a flow-matching model (not VP betas)."""
     return (
         str(config.get("_class_name") or "").startswith("FlowMatch")
         or config.get("use_flow_sigmas") is True
@@ -119,7 +121,7 @@ def translate_schedule_flags(config: dict[str, Any], init_keys: set[str], given:
     sigma_flags = [k for k in _SIGMA_FLAGS if config.get(k)]
     if len(sigma_flags) > 1:
         raise ValueError(f"{' and '.join(sigma_flags)} are mutually exclusive (each picks a different grid)")
-    if _is_flow(config):
+    if is_flow_config(config):
         if sigma_flags and config.get("use_flow_sigmas"):
             # diffusers' UniPC/DPM build this grid from the VP betas the flow config never uses.
             raise ValueError(f"{sigma_flags[0]} together with use_flow_sigmas is not supported; "
