@@ -401,3 +401,18 @@ def test_pipeline_reference_cache_lives_in_cache_dir_and_tracks_weight_changes(t
     save_file(state, weights)
     assert main([*args, "--out", str(tmp_path / "b")]) == 0
     assert len(list((tmp_path / "cache").glob("sd-*.safetensors"))) == 2
+
+
+def test_a_run_killed_between_its_reference_copies_fills_the_cache_on_resume(tmp_path, monkeypatch):
+    # kill -9 after the run folder's reference.safetensors but before the cache's copy: the rerun
+    # (which reads the run folder's copy) must still leave the cache complete.
+    monkeypatch.setattr(GMMTestbed, "reference", Testbed.reference)
+    cache = tmp_path / "cache"
+    argv = ["compare", "--model", "gmm", "--solvers", "ddim", "--nfe", "2", "--num-samples", "16",
+            "--reference-nfe", "10", "--out", str(tmp_path / "run"), "--cache-dir", str(cache), *QUIET]
+    assert main(argv) == 0
+    cached = _files(cache)
+    assert len(cached) == 1
+    (cache / cached[0]).unlink()
+    assert main(argv) == 0
+    assert _files(cache) == cached

@@ -106,16 +106,21 @@ class ReferenceStore:
                 if path == self.cached:
                     self.log(f"reference: cached {path}")
                     self._save(self.run_copy, *found)
+                elif not self.cached.exists():  # a run killed between writing its copy and the cache's
+                    self._save_in_cache(*found)
                 self.partial.unlink(missing_ok=True)
                 return found
         samples, seconds = self._compute(x_T, compute, batch_size, description, device, progress)
         self._save(self.run_copy, samples, seconds)
         self.partial.unlink(missing_ok=True)
+        self._save_in_cache(samples, seconds)
+        return samples, seconds
+
+    def _save_in_cache(self, samples: torch.Tensor, seconds: float) -> None:
         try:
             self._save(self.cached, samples, seconds)
         except OSError as exc:
             self.log(f"warning: the reference cache is not writable ({exc}); the reference is kept in {self.run_copy}")
-        return samples, seconds
 
     def _compute(self, x_T, compute, bs, description, device, progress) -> tuple[torch.Tensor, float]:
         n = x_T.shape[0]
