@@ -29,7 +29,7 @@ from ..config import add_config_arguments, resolve_config, resolve_device
 from ..samplers import GridSpec, sample
 from ..samplers.ems import EMS
 from ..samplers.ems_compute import EMS_DATA_SEED, compute_ems
-from .testbeds import BUILTIN_MODELS
+from .testbeds import check_model, per_sample_noise
 
 __all__ = ["EMSComputeConfig", "EMSSource", "ems_source", "run_ems_compute", "add_ems_parser", "DATA_MODES"]
 
@@ -105,17 +105,14 @@ class EMSSource:
     description: str
 
 
-def _noise(shape: tuple[int, ...], indices: torch.Tensor, seed: int) -> torch.Tensor:
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + int(k))) for k in indices])
-
-
 def _sampled(model, schedule, prediction, shape, cfg: EMSComputeConfig, conds: Callable, device) -> Callable:
     """A data sampler drawing the model's own samples (at the EMS guidance) from seeds seed + k."""
     guided = cfg.guidance is not None
 
     def sampler(indices: torch.Tensor):
         cond, uncond = conds(indices)
-        x = sample(model, _noise(shape, indices, cfg.seed).to(device), schedule=schedule, prediction=prediction,
+        x_T = per_sample_noise(shape, (cfg.seed + int(k) for k in indices)).to(device)
+        x = sample(model, x_T, schedule=schedule, prediction=prediction,
                    nfe=cfg.sample_nfe, spacing=GridSpec(convention="multistep"), guidance=cfg.guidance if guided else None,
                    cond=cond, uncond=uncond if guided else None, **SAMPLE_SOLVER)
         return (x, cond, uncond) if guided else (x, cond)
@@ -252,16 +249,10 @@ def ems_source(cfg: EMSComputeConfig, device: torch.device) -> EMSSource:
         if device.type != "cpu":
             raise ValueError(f"the {cfg.model} model is exact and tiny and runs on the CPU only, not on {device}")
         return _gmm_source(cfg, cfg.model == "gmm-flow")
-    if cfg.model == "digits":
-        return _digits_source(cfg, device, None)
-    path = Path(cfg.model)
-    if not path.is_dir():
-        raise ValueError(f"model {cfg.model!r} is not one of {', '.join(BUILTIN_MODELS)} or a pipeline folder")
-    from .testbeds import check_pipeline_folder
-
-    if check_pipeline_folder(path)["_class_name"] == "DigitsPipeline":
-        return _digits_source(cfg, device, path)
-    return _pipeline_source(cfg, path, device)
+    index = check_model(cfg.model)
+    if index is None or index["_class_name"] == "DigitsPipeline":
+        return _digits_source(cfg, device, None if index is None else Path(cfg.model))
+    return _pipeline_source(cfg, Path(cfg.model), device)
 
 
 def _distributed(device: torch.device) -> tuple[torch.device, bool]:

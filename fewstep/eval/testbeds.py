@@ -13,7 +13,7 @@ import json
 import struct
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 
@@ -35,9 +35,14 @@ def _common_grid(spacing: str | None, schedule) -> GridSpec:
     return GridSpec(spacing=spacing or schedule.default_spacing, convention="multistep")
 
 
+def per_sample_noise(shape: Sequence[int], seeds: Iterable[int]) -> torch.Tensor:
+    """Standard normal noise of ``shape`` for each seed, stacked: a sample's noise depends on its seed alone."""
+    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
 def _per_sample_noise(shape: Sequence[int], n: int, seed: int) -> torch.Tensor:
     """Sample i always gets the noise of seed + i."""
-    return torch.cat([torch.randn(1, *shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(n)])
+    return per_sample_noise(shape, range(seed, seed + n))
 
 
 class Testbed(ABC):
