@@ -28,7 +28,7 @@ from ..samplers.calibrate import DEFAULT_ITERATIONS, DEFAULT_LR, DEFAULT_REFEREN
 from ..samplers.dc_artifacts import DCRatios, fit_cpr
 from ..samplers.solvers.dc import DynamicCompensation
 from .compare import Method
-from .io import clean_temp_files, load_tensors, lock_directory, read_json, save_tensors, write_json
+from .io import claim_identity, clean_temp_files, load_tensors, lock_directory, save_tensors
 from .testbeds import BUILTIN_MODELS, DigitsTestbed, GMMTestbed, PipelineTestbed, Testbed, make_testbed
 
 __all__ = ["CalibrateDCConfig", "run_calibrate_dc", "calibration_inputs", "add_calibrate_parser"]
@@ -222,15 +222,8 @@ def run_calibrate_dc(testbed: Testbed, cfg: CalibrateDCConfig, log: Callable[[st
     identity = _identity(cfg, testbed)
     with lock_directory(work, _LOCK_HOLDER):
         clean_temp_files(work, all_stale=True)
-        known = work / "identity.json"
-        if known.exists():
-            old = read_json(known)
-            if old != identity:
-                differs = sorted(k for k in identity if not isinstance(old, dict) or old.get(k) != identity[k])
-                raise ValueError(f"{work} holds a calibration with other settings (differs in: {differs}); "
-                                 "choose another out or delete the folder")
-        else:
-            write_json(known, identity)
+        claim_identity(work / "identity.json", identity, "a calibration with other settings",
+                       "choose another out or delete the folder")
         save_config(cfg, work)
         key = repr(sorted(identity.items()))
         results: list[DCRatios] = []

@@ -36,7 +36,7 @@ from ..samplers.timesteps import SPACINGS
 from .compare import Method
 from .distributed import ProcessGroup
 from .features import as_float_images, extract_features, feature_extractor, parse_extractor_spec
-from .io import atomic_write_bytes, lock_directory, read_json, write_json
+from .io import atomic_write_bytes, claim_identity, lock_directory, read_json, write_json
 from .reference import default_cache_dir, timed
 from .report import pivot_tables, plot_quality, sample_grid
 from .shards import ShardStore, identity_digest, shard_ranges
@@ -233,12 +233,8 @@ class _Run:
             old = read_json(run_file)
             if not isinstance(old, dict) or old.get("kind") != self.kind:
                 raise ValueError(f"{run_file} is not a fewstep eval {self.kind} run; choose another output folder")
-            if old != self.identity:
-                differs = sorted(k for k in self.identity if old.get(k) != self.identity[k])
-                raise ValueError(f"{self.out} holds a run of a different configuration (differs in: {differs}); "
-                                 "choose another output folder or delete it")
-        else:
-            write_json(run_file, self.identity)
+        claim_identity(run_file, self.identity, "a run of a different configuration",
+                       "choose another output folder or delete it")
         save_config(self.cfg, self.out)
 
     def store(self, method: Method, nfe: int) -> ShardStore:
