@@ -194,25 +194,20 @@ def _read_prompts(path: str | None) -> list[str]:
 def _pipeline_source(cfg: EMSComputeConfig, path: Path, device) -> EMSSource:
     from ..samplers.artifacts import model_fingerprint
     from ..samplers.scheduler import FewstepScheduler
-    from ..zoo.tiny import load_tiny_pipeline
-    from .testbeds import check_pipeline_folder
+    from .testbeds import PipelineTestbed
 
     if cfg.data == "real":
         raise ValueError("a pipeline has no dataset here: use data=samples (the default for pipelines)")
-    check_pipeline_folder(path)
-    pipe = load_tiny_pipeline(path).to(device)
-    sched = FewstepScheduler.from_config(pipe.scheduler.config)
+    prompts = _read_prompts(cfg.prompts)
+    bed = PipelineTestbed(path, prompts, cfg.height, cfg.width, device)  # loads and checks the folder and size
+    pipe, shape = bed.pipe, bed.latent_shape
+    sched = FewstepScheduler.from_config(bed.base_config)
     denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
-    if denoiser is None or not hasattr(pipe, "encode_prompt"):
+    if not hasattr(pipe, "encode_prompt"):
         raise ValueError(f"{path}: only text-to-image pipelines with a unet or transformer are supported; "
                          "use fewstep.compute_ems with your own model function for others")
     for p in denoiser.parameters():
         p.requires_grad_(False)
-    factor = getattr(pipe, "vae_scale_factor", 8)
-    h = (cfg.height or denoiser.config.sample_size * factor) // factor
-    w = (cfg.width or denoiser.config.sample_size * factor) // factor
-    shape = (denoiser.config.in_channels, h, w)
-    prompts = _read_prompts(cfg.prompts)
     is_unet = getattr(pipe, "unet", None) is not None
     with torch.no_grad():  # one table of embeddings: row p is prompt p, the last row the empty prompt
         if is_unet:
