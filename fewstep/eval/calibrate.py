@@ -22,7 +22,7 @@ from typing import Any, Callable, List, Optional
 
 import torch
 
-from ..config import add_config_arguments, resolve_config, resolve_device, save_config
+from ..config import add_config_arguments, resolve_config, resolve_device, save_config, torch_threads
 from ..samplers import GridSpec, model_fingerprint, sample
 from ..samplers.calibrate import DEFAULT_ITERATIONS, DEFAULT_LR, DEFAULT_REFERENCE_NFE, calibrate_dc
 from ..samplers.dc_artifacts import DCRatios, fit_cpr
@@ -320,12 +320,7 @@ def cmd_calibrate_dc(args: argparse.Namespace) -> int:
     vars(args).pop("target", None)  # the subcommand's name, not a setting
     cfg = resolve_config(CalibrateDCConfig, args)
     args.resume_hint = f"finished work is kept in {cfg.work_dir}; run the same command again to resume"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
-    try:
-        with lock_directory(cfg.work_dir, _LOCK_HOLDER):
-            testbed = make_testbed(cfg.model, cfg.device, cfg.prompts, cfg.height, cfg.width)
-            run_calibrate_dc(testbed, cfg)
-    finally:
-        torch.set_num_threads(threads)
+    with torch_threads(cfg.threads), lock_directory(cfg.work_dir, _LOCK_HOLDER):
+        testbed = make_testbed(cfg.model, cfg.device, cfg.prompts, cfg.height, cfg.width)
+        run_calibrate_dc(testbed, cfg)
     return 0

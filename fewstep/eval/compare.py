@@ -27,7 +27,7 @@ from typing import Any, Callable, List, Optional
 
 import torch
 
-from ..config import add_config_arguments, parse_spec, resolve_config, resolve_device, save_config
+from ..config import add_config_arguments, parse_spec, resolve_config, resolve_device, save_config, torch_threads
 from ..samplers import TimeShift, get_solver, list_solvers
 from ..samplers.timesteps import SPACINGS
 from .io import atomic_write_bytes, clean_temp_files, load_tensors, lock_directory, read_json, save_tensors, write_json
@@ -445,12 +445,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     cfg = resolve_config(CompareConfig, args)
     args.resume_hint = f"finished results are kept in {cfg.out}; run the same command again to resume"
     check_model(cfg.model)  # a typo in --model leaves no empty run folder behind
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
-    try:
-        with lock_directory(cfg.out, _LOCK_HOLDER):  # refuse a second run before loading any model
-            testbed = make_testbed(cfg.model, cfg.device, cfg.prompts, cfg.height, cfg.width)
-            run_compare(testbed, cfg)
-    finally:
-        torch.set_num_threads(threads)  # main() may run in-process (tests, notebooks)
+    # The lock refuses a second run before any model is loaded.
+    with torch_threads(cfg.threads), lock_directory(cfg.out, _LOCK_HOLDER):
+        testbed = make_testbed(cfg.model, cfg.device, cfg.prompts, cfg.height, cfg.width)
+        run_compare(testbed, cfg)
     return 0

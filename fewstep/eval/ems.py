@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..config import add_config_arguments, resolve_config, resolve_device
+from ..config import add_config_arguments, resolve_config, resolve_device, torch_threads
 from ..samplers import GridSpec, sample
 from ..samplers.ems import EMS
 from ..samplers.ems_compute import EMS_DATA_SEED, compute_ems
@@ -323,10 +323,6 @@ def cmd_ems_compute(args: argparse.Namespace) -> int:
     del args.ems_command
     cfg = resolve_config(EMSComputeConfig, args)
     args.resume_hint = f"finished chunks are kept in {cfg.out}.parts; run the same command again to resume"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
-    try:
+    with torch_threads(cfg.threads):
         run_ems_compute(cfg)
-    finally:
-        torch.set_num_threads(threads)
     return 0
