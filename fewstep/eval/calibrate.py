@@ -29,7 +29,7 @@ from ..samplers.dc_artifacts import DCRatios, fit_cpr
 from ..samplers.solvers.dc import DynamicCompensation
 from .compare import Method
 from .io import claim_identity, clean_temp_files, load_tensors, lock_directory, save_tensors
-from .testbeds import BUILTIN_MODELS, DigitsTestbed, GMMTestbed, PipelineTestbed, Testbed, make_testbed
+from .testbeds import DigitsTestbed, GMMTestbed, PipelineTestbed, Testbed, make_testbed, model_identity
 
 __all__ = ["CalibrateDCConfig", "run_calibrate_dc", "calibration_inputs", "add_calibrate_parser"]
 
@@ -178,7 +178,7 @@ def _pair_name(nfe: int, guidance: float) -> str:
 def _identity(cfg: CalibrateDCConfig, testbed: Testbed) -> dict[str, Any]:
     from .. import __version__
 
-    model = cfg.model if cfg.model in BUILTIN_MODELS else str(Path(cfg.model).resolve())
+    model = model_identity(cfg.model)
     method = Method.parse(cfg.solver)
     return {"fewstep": __version__, "model": model, "testbed": testbed.fingerprint(), "num_samples": cfg.num_samples,
             "seed": cfg.seed, "solver": repr(method.canonical), "spacing": cfg.spacing, "iterations": cfg.iterations,

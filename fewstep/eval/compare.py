@@ -23,7 +23,7 @@ import os
 import statistics
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Iterable, List, Optional
 
 import torch
 
@@ -33,7 +33,7 @@ from ..samplers.timesteps import SPACINGS
 from .io import atomic_write_bytes, clean_temp_files, load_tensors, lock_directory, read_json, save_tensors, write_json
 from .reference import ReferenceStore, default_cache_dir, timed
 from .report import markdown_report, pivot_tables, plot_quality, sample_grid
-from .testbeds import BUILTIN_MODELS, Testbed, check_model, make_testbed
+from .testbeds import Testbed, check_model, make_testbed, model_identity
 
 __all__ = ["Method", "CompareConfig", "run_compare", "add_compare_parser", "DEFAULT_NFES", "DEFAULT_THREADS"]
 
@@ -96,6 +96,20 @@ class Method:
     @property
     def slug(self) -> str:
         return "".join(c if c.isalnum() else "_" for c in self.label).strip("_")
+
+    @classmethod
+    def parse_unique(cls, specs: Iterable[str]) -> list[tuple["Method", str]]:
+        """``(method, spec)`` of each spec that samples differently from the ones before it.
+
+        ``unipc unipc`` or ``unipc unipc:order=2`` (the default order) keep the first spec only.
+        """
+        unique, seen = [], set()
+        for spec in specs:
+            m = cls.parse(spec)
+            if m.canonical not in seen:
+                seen.add(m.canonical)
+                unique.append((m, spec))
+        return unique
 
 
 @dataclass
@@ -175,17 +189,11 @@ class CompareConfig:
         specs = list_solvers(runnable=True) if self.solvers is None else list(self.solvers)
         if not specs:
             raise ValueError("no solvers to compare")
-        methods, kept, seen = [], [], set()
-        for spec in specs:
-            m = Method.parse(spec)
-            if m.canonical not in seen:  # 'unipc unipc' or 'unipc unipc:order=2' run once
-                seen.add(m.canonical)
-                methods.append(m)
-                kept.append(spec)
-        self._methods = methods
+        unique = Method.parse_unique(specs)
+        self._methods = [m for m, _ in unique]
         self._reference = Method.parse(self.reference)
         if self.solvers is not None:
-            self.solvers = kept
+            self.solvers = [spec for _, spec in unique]
 
     @property
     def methods(self) -> list[Method]:
@@ -211,7 +219,7 @@ class CompareConfig:
         """What results.json and the reference cache are keyed by (not the solver list)."""
         from .. import __version__
 
-        model = self.model if self.model in BUILTIN_MODELS else str(Path(self.model).resolve())
+        model = model_identity(self.model)
         return {
             "fewstep": __version__, "model": model, "testbed": testbed.fingerprint(), "num_samples": self.num_samples,
             "seed": self.seed, "guidance": self.guidance, "spacing": self.spacing,

@@ -22,7 +22,7 @@ from ..samplers.schedules import DiscreteVPSchedule
 from .fd import feature_statistics, frechet_distance
 from .io import read_json
 
-__all__ = ["Testbed", "DigitsTestbed", "GMMTestbed", "PipelineTestbed", "make_testbed", "check_model",
+__all__ = ["Testbed", "DigitsTestbed", "GMMTestbed", "PipelineTestbed", "make_testbed", "check_model", "model_identity",
            "check_pipeline_folder", "BUILTIN_MODELS"]
 
 BUILTIN_MODELS = ("digits", "gmm", "gmm-flow")
@@ -398,6 +398,11 @@ def check_model(model: str) -> dict[str, Any] | None:
     if not Path(model).is_dir():
         raise ValueError(f"model {model!r} is not one of {', '.join(BUILTIN_MODELS)} or a pipeline folder")
     return check_pipeline_folder(Path(model))
+
+
+def model_identity(model: str) -> str:
+    """A ``--model`` value as run identities record it: the built-in name, or the folder's absolute path."""
+    return model if model in BUILTIN_MODELS else str(Path(model).resolve())
 
 
 def make_testbed(model: str, device: str | torch.device = "cpu", prompts: Sequence[str] | None = None,
