@@ -23,7 +23,7 @@ from typing import Any, Callable, List, Optional
 import torch
 
 from ..config import add_config_arguments, resolve_config, resolve_device, save_config, torch_threads
-from ..samplers import GridSpec, model_fingerprint, sample
+from ..samplers import ArtifactMeta, GridSpec, model_fingerprint, sample
 from ..samplers.calibrate import DEFAULT_ITERATIONS, DEFAULT_LR, DEFAULT_REFERENCE_NFE, calibrate_dc
 from ..samplers.dc_artifacts import DCRatios, fit_cpr
 from ..samplers.solvers.dc import DynamicCompensation
@@ -247,11 +247,10 @@ def run_calibrate_dc(testbed: Testbed, cfg: CalibrateDCConfig, log: Callable[[st
                 f"{e['loss_uncompensated']:.4g} -> {e['loss']:.4g}")
             results.append(ratios)
         if cfg.grid:
-            cpr = fit_cpr(results)
-            cpr.meta.extra.update(model=cfg.model, seed=cfg.seed, num_samples=cfg.num_samples)
-            cpr = type(cpr)(cpr.coefficients, cpr.dc_order, dataclasses.replace(
-                cpr.meta, fingerprint=results[0].meta.fingerprint, schedule=results[0].meta.schedule,
-                solver=results[0].meta.solver))
+            first = results[0].meta
+            cpr = fit_cpr(results, ArtifactMeta(fingerprint=first.fingerprint, schedule=first.schedule,
+                                                 solver=first.solver, extra=dict(model=cfg.model, seed=cfg.seed,
+                                                                                 num_samples=cfg.num_samples)))
             cpr.save(out)
             log(f"CPR fitted on {len(results)} pairs (rms {cpr.meta.extra['fit_rms']:.3g} in the ratios)")
         else:
