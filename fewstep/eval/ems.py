@@ -16,7 +16,6 @@ removed once the EMS file is written.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from ..config import add_config_arguments, resolve_config, resolve_device, torch
 from ..samplers import GridSpec, sample
 from ..samplers.ems import EMS
 from ..samplers.ems_compute import EMS_DATA_SEED, compute_ems
+from .distributed import ProcessGroup
 from .testbeds import check_model, per_sample_noise
 
 __all__ = ["EMSComputeConfig", "EMSSource", "ems_source", "run_ems_compute", "add_ems_parser", "DATA_MODES"]
@@ -250,24 +250,13 @@ def ems_source(cfg: EMSComputeConfig, device: torch.device) -> EMSSource:
     return _pipeline_source(cfg, Path(cfg.model), device)
 
 
-def _distributed(device: torch.device) -> tuple[torch.device, bool]:
-    """Join the torchrun / accelerate process group if there is one (gloo on CPU, nccl on CUDA)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
-        return device, False
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device, True
-
-
 def run_ems_compute(cfg: EMSComputeConfig, log: Callable[[str], None] = print) -> EMS:
     """Compute (or resume) the EMS described by ``cfg`` and write it to ``cfg.out``."""
-    device, joined = _distributed(resolve_device(cfg.device))
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    group = ProcessGroup()  # torchrun / accelerate launch; the float64 sums are exchanged exactly on the CPU
     out = Path(cfg.out)
     parts = out.with_name(out.name + ".parts")
     try:
+        device = group.device(str(resolve_device(cfg.device)))
         src = ems_source(cfg, device)
         start = time.perf_counter()
         ems = compute_ems(src.model, src.data_sampler, src.schedule, n_grid=cfg.n_grid, n_data=cfg.n_data,
@@ -276,7 +265,7 @@ def run_ems_compute(cfg: EMSComputeConfig, log: Callable[[str], None] = print) -
                           fingerprint=src.fingerprint, data_description=src.description,
                           progress=cfg.progress)
         seconds = time.perf_counter() - start
-        if rank == 0:
+        if group.is_main:
             ems.save(out)
             shutil.rmtree(parts, ignore_errors=True)
             t_hi, t_lo = ems.meta.extra["timesteps"]
@@ -284,8 +273,7 @@ def run_ems_compute(cfg: EMSComputeConfig, log: Callable[[str], None] = print) -
                 f"timesteps {t_lo:g}..{t_hi:g}, shape {ems.sample_shape}) in {seconds:.1f} s")
         return ems
     finally:
-        if joined:
-            torch.distributed.destroy_process_group()
+        group.close()
 
 
 def add_ems_parser(sub: argparse._SubParsersAction) -> None:
