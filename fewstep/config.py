@@ -50,10 +50,12 @@ import dataclasses
 import json
 import re
 import typing
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Sequence, TypeVar
+from typing import Any, Iterable, Iterator, Sequence, TypeVar
 
 __all__ = [
+    "torch_threads",
     "add_config_arguments", "resolve_config", "load_config", "save_config", "split_overrides",
     "resolve_device", "parse_spec", "CONFIG_NAME",
 ]
@@ -298,3 +300,16 @@ def resolve_device(name: str):
     elif device.type != "cpu":
         raise ValueError(f"device {name!r} is not supported; use cpu, cuda, cuda:N or mps")
     return device
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Run a command body with ``threads`` torch CPU threads, then restore the count (main() may run in-process)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -299,6 +299,20 @@ def test_cli_writes_the_ems_and_reports_errors_in_one_line(tmp_path, capsys):
         assert len(err) == 1 and err[0].startswith("fewstep ems compute: error:") and __import__("re").search(match, err[0])
 
 
+
+def test_cli_on_a_pipeline_folder_uses_its_latents_and_fingerprint(tmp_path, capsys):
+    from fewstep.zoo.tiny import build_tiny_sd_pipeline, load_tiny_pipeline
+
+    build_tiny_sd_pipeline(tmp_path / "sd")
+    out = tmp_path / "sd.safetensors"
+    assert cli_main(["ems", "compute", "--model", str(tmp_path / "sd"), "--n-grid", "2", "--n-data", "2",
+                     "--sample-nfe", "2", "--guidance", "2", "--out", str(out), "--no-progress"]) == 0
+    ems = EMS.load(out)
+    assert ems.sample_shape == (4, 8, 8) and ems.meta.fingerprint == fewstep.model_fingerprint(
+        load_tiny_pipeline(tmp_path / "sd"))
+    assert cli_main(["ems", "compute", "--model", str(tmp_path / "sd"), "--height", "60", "--out", str(out)]) == 2
+    assert "height and width must be multiples of 8" in capsys.readouterr().err
+
 def test_cli_presets_load():
     from pathlib import Path
 

@@ -247,3 +247,25 @@ def test_fd_fitness(gmm, tmp_path):
     sched = search_timesteps(gmm, "ddim", nfe=3, budget=3, num_samples=24, metric="fd", out=tmp_path / "fd.json",
                              progress=False, **QUIET)
     assert sched.meta.extra["search"]["metric"] == "fd" and sched.meta.extra["search"]["best_fitness"] > 0
+
+
+def test_fitness_reference_is_shared_through_the_cache_and_resumes_after_a_crash(gmm, tmp_path, monkeypatch):
+    monkeypatch.setattr(gmm, "batch_size", 4)
+    args = (gmm, 4, 2.0, 10, 100000, "mse")
+    clean = Fitness(*args, tmp_path / "clean", cache_dir=tmp_path / "cache0", **QUIET).reference
+    exact = gmm.reference
+    calls = []
+
+    def crashing(x_T, *rest):
+        calls.append(x_T.shape[0])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return exact(x_T, *rest)
+
+    monkeypatch.setattr(gmm, "reference", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        Fitness(*args, tmp_path / "a", cache_dir=tmp_path / "cache", **QUIET)
+    resumed = Fitness(*args, tmp_path / "a", cache_dir=tmp_path / "cache", **QUIET).reference
+    assert calls == [4, 4, 2, 2] and torch.equal(resumed, clean)  # the resumed run computed the last chunk only
+    shared = Fitness(*args, tmp_path / "b", cache_dir=tmp_path / "cache", **QUIET).reference  # another run folder
+    assert len(calls) == 4 and torch.equal(shared, clean) and (tmp_path / "b" / "reference.safetensors").is_file()

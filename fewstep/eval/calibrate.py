@@ -22,14 +22,14 @@ from typing import Any, Callable, List, Optional
 
 import torch
 
-from ..config import add_config_arguments, resolve_config, resolve_device, save_config
-from ..samplers import GridSpec, model_fingerprint, sample
+from ..config import add_config_arguments, resolve_config, resolve_device, save_config, torch_threads
+from ..samplers import ArtifactMeta, GridSpec, model_fingerprint, sample
 from ..samplers.calibrate import DEFAULT_ITERATIONS, DEFAULT_LR, DEFAULT_REFERENCE_NFE, calibrate_dc
 from ..samplers.dc_artifacts import DCRatios, fit_cpr
 from ..samplers.solvers.dc import DynamicCompensation
 from .compare import Method
-from .io import clean_temp_files, load_tensors, lock_directory, read_json, save_tensors, write_json
-from .testbeds import BUILTIN_MODELS, DigitsTestbed, GMMTestbed, PipelineTestbed, Testbed, make_testbed
+from .io import claim_identity, clean_temp_files, load_tensors, lock_directory, save_tensors
+from .testbeds import DigitsTestbed, GMMTestbed, PipelineTestbed, Testbed, make_testbed, model_identity
 
 __all__ = ["CalibrateDCConfig", "run_calibrate_dc", "calibration_inputs", "add_calibrate_parser"]
 
@@ -178,7 +178,7 @@ def _pair_name(nfe: int, guidance: float) -> str:
 def _identity(cfg: CalibrateDCConfig, testbed: Testbed) -> dict[str, Any]:
     from .. import __version__
 
-    model = cfg.model if cfg.model in BUILTIN_MODELS else str(Path(cfg.model).resolve())
+    model = model_identity(cfg.model)
     method = Method.parse(cfg.solver)
     return {"fewstep": __version__, "model": model, "testbed": testbed.fingerprint(), "num_samples": cfg.num_samples,
             "seed": cfg.seed, "solver": repr(method.canonical), "spacing": cfg.spacing, "iterations": cfg.iterations,
@@ -222,15 +222,8 @@ def run_calibrate_dc(testbed: Testbed, cfg: CalibrateDCConfig, log: Callable[[st
     identity = _identity(cfg, testbed)
     with lock_directory(work, _LOCK_HOLDER):
         clean_temp_files(work, all_stale=True)
-        known = work / "identity.json"
-        if known.exists():
-            old = read_json(known)
-            if old != identity:
-                differs = sorted(k for k in identity if not isinstance(old, dict) or old.get(k) != identity[k])
-                raise ValueError(f"{work} holds a calibration with other settings (differs in: {differs}); "
-                                 "choose another out or delete the folder")
-        else:
-            write_json(known, identity)
+        claim_identity(work / "identity.json", identity, "a calibration with other settings",
+                       "choose another out or delete the folder")
         save_config(cfg, work)
         key = repr(sorted(identity.items()))
         results: list[DCRatios] = []
@@ -254,11 +247,10 @@ def run_calibrate_dc(testbed: Testbed, cfg: CalibrateDCConfig, log: Callable[[st
                 f"{e['loss_uncompensated']:.4g} -> {e['loss']:.4g}")
             results.append(ratios)
         if cfg.grid:
-            cpr = fit_cpr(results)
-            cpr.meta.extra.update(model=cfg.model, seed=cfg.seed, num_samples=cfg.num_samples)
-            cpr = type(cpr)(cpr.coefficients, cpr.dc_order, dataclasses.replace(
-                cpr.meta, fingerprint=results[0].meta.fingerprint, schedule=results[0].meta.schedule,
-                solver=results[0].meta.solver))
+            first = results[0].meta
+            cpr = fit_cpr(results, ArtifactMeta(fingerprint=first.fingerprint, schedule=first.schedule,
+                                                 solver=first.solver, extra=dict(model=cfg.model, seed=cfg.seed,
+                                                                                 num_samples=cfg.num_samples)))
             cpr.save(out)
             log(f"CPR fitted on {len(results)} pairs (rms {cpr.meta.extra['fit_rms']:.3g} in the ratios)")
         else:
@@ -326,12 +318,7 @@ def cmd_calibrate_dc(args: argparse.Namespace) -> int:
                       for o in getattr(args, "overrides", [])]
     cfg = resolve_config(CalibrateDCConfig, args)
     args.resume_hint = f"finished work is kept in {cfg.work_dir}; run the same command again to resume"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
-    try:
-        with lock_directory(cfg.work_dir, _LOCK_HOLDER):
-            testbed = make_testbed(cfg.model, cfg.device, cfg.prompts, cfg.height, cfg.width)
-            run_calibrate_dc(testbed, cfg)
-    finally:
-        torch.set_num_threads(threads)
+    with torch_threads(cfg.threads), lock_directory(cfg.work_dir, _LOCK_HOLDER):
+        testbed = make_testbed(cfg.model, cfg.device, cfg.prompts, cfg.height, cfg.width)
+        run_calibrate_dc(testbed, cfg)
     return 0

@@ -23,18 +23,18 @@ import os
 import statistics
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Iterable, List, Optional
 
 import torch
 
-from ..config import add_config_arguments, parse_spec, resolve_config, resolve_device, save_config
+from ..config import add_config_arguments, parse_spec, resolve_config, resolve_device, save_config, torch_threads
 from ..samplers import TimeShift, get_solver, list_solvers
 from ..samplers.timesteps import SPACINGS
 from .diffusers_schedulers import DIFFUSERS_PREFIX, is_diffusers_spec, parse_diffusers_spec
 from .io import atomic_write_bytes, clean_temp_files, load_tensors, lock_directory, read_json, save_tensors, write_json
 from .reference import ReferenceStore, default_cache_dir, timed
 from .report import markdown_report, pivot_tables, plot_quality, sample_grid
-from .testbeds import BUILTIN_MODELS, Testbed, check_model, make_testbed
+from .testbeds import Testbed, check_model, make_testbed, model_identity
 
 __all__ = ["Method", "CompareConfig", "run_compare", "add_compare_parser", "DEFAULT_NFES", "DEFAULT_THREADS"]
 
@@ -108,6 +108,20 @@ class Method:
     @property
     def slug(self) -> str:
         return "".join(c if c.isalnum() else "_" for c in self.label).strip("_")
+
+    @classmethod
+    def parse_unique(cls, specs: Iterable[str]) -> list[tuple["Method", str]]:
+        """``(method, spec)`` of each spec that samples differently from the ones before it.
+
+        ``unipc unipc`` or ``unipc unipc:order=2`` (the default order) keep the first spec only.
+        """
+        unique, seen = [], set()
+        for spec in specs:
+            m = cls.parse(spec)
+            if m.canonical not in seen:
+                seen.add(m.canonical)
+                unique.append((m, spec))
+        return unique
 
 
 @dataclass
@@ -187,17 +201,11 @@ class CompareConfig:
         specs = list_solvers(runnable=True) if self.solvers is None else list(self.solvers)
         if not specs:
             raise ValueError("no solvers to compare")
-        methods, kept, seen = [], [], set()
-        for spec in specs:
-            m = Method.parse(spec)
-            if m.canonical not in seen:  # 'unipc unipc' or 'unipc unipc:order=2' run once
-                seen.add(m.canonical)
-                methods.append(m)
-                kept.append(spec)
-        self._methods = methods
+        unique = Method.parse_unique(specs)
+        self._methods = [m for m, _ in unique]
         self._reference = Method.parse(self.reference)
         if self.solvers is not None:
-            self.solvers = kept
+            self.solvers = [spec for _, spec in unique]
 
     @property
     def methods(self) -> list[Method]:
@@ -223,7 +231,7 @@ class CompareConfig:
         """What results.json and the reference cache are keyed by (not the solver list)."""
         from .. import __version__
 
-        model = self.model if self.model in BUILTIN_MODELS else str(Path(self.model).resolve())
+        model = model_identity(self.model)
         return {
             "fewstep": __version__, "model": model, "testbed": testbed.fingerprint(), "num_samples": self.num_samples,
             "seed": self.seed, "guidance": self.guidance, "spacing": self.spacing,
@@ -461,12 +469,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     cfg = resolve_config(CompareConfig, args)
     args.resume_hint = f"finished results are kept in {cfg.out}; run the same command again to resume"
     check_model(cfg.model)  # a typo in --model leaves no empty run folder behind
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
-    try:
-        with lock_directory(cfg.out, _LOCK_HOLDER):  # refuse a second run before loading any model
-            testbed = make_testbed(cfg.model, cfg.device, cfg.prompts, cfg.height, cfg.width)
-            run_compare(testbed, cfg)
-    finally:
-        torch.set_num_threads(threads)  # main() may run in-process (tests, notebooks)
+    # The lock refuses a second run before any model is loaded.
+    with torch_threads(cfg.threads), lock_directory(cfg.out, _LOCK_HOLDER):
+        testbed = make_testbed(cfg.model, cfg.device, cfg.prompts, cfg.height, cfg.width)
+        run_compare(testbed, cfg)
     return 0

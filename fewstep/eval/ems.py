@@ -16,7 +16,6 @@ removed once the EMS file is written.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -25,11 +24,12 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..config import add_config_arguments, resolve_config, resolve_device
+from ..config import add_config_arguments, resolve_config, resolve_device, torch_threads
 from ..samplers import GridSpec, sample
 from ..samplers.ems import EMS
 from ..samplers.ems_compute import EMS_DATA_SEED, compute_ems
-from .testbeds import BUILTIN_MODELS
+from .distributed import ProcessGroup
+from .testbeds import check_model, per_sample_noise
 
 __all__ = ["EMSComputeConfig", "EMSSource", "ems_source", "run_ems_compute", "add_ems_parser", "DATA_MODES"]
 
@@ -105,17 +105,14 @@ class EMSSource:
     description: str
 
 
-def _noise(shape: tuple[int, ...], indices: torch.Tensor, seed: int) -> torch.Tensor:
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + int(k))) for k in indices])
-
-
 def _sampled(model, schedule, prediction, shape, cfg: EMSComputeConfig, conds: Callable, device) -> Callable:
     """A data sampler drawing the model's own samples (at the EMS guidance) from seeds seed + k."""
     guided = cfg.guidance is not None
 
     def sampler(indices: torch.Tensor):
         cond, uncond = conds(indices)
-        x = sample(model, _noise(shape, indices, cfg.seed).to(device), schedule=schedule, prediction=prediction,
+        x_T = per_sample_noise(shape, (cfg.seed + int(k) for k in indices)).to(device)
+        x = sample(model, x_T, schedule=schedule, prediction=prediction,
                    nfe=cfg.sample_nfe, spacing=GridSpec(convention="multistep"), guidance=cfg.guidance if guided else None,
                    cond=cond, uncond=uncond if guided else None, **SAMPLE_SOLVER)
         return (x, cond, uncond) if guided else (x, cond)
@@ -197,25 +194,20 @@ def _read_prompts(path: str | None) -> list[str]:
 def _pipeline_source(cfg: EMSComputeConfig, path: Path, device) -> EMSSource:
     from ..samplers.artifacts import model_fingerprint
     from ..samplers.scheduler import FewstepScheduler
-    from ..zoo.tiny import load_tiny_pipeline
-    from .testbeds import check_pipeline_folder
+    from .testbeds import PipelineTestbed
 
     if cfg.data == "real":
         raise ValueError("a pipeline has no dataset here: use data=samples (the default for pipelines)")
-    check_pipeline_folder(path)
-    pipe = load_tiny_pipeline(path).to(device)
-    sched = FewstepScheduler.from_config(pipe.scheduler.config)
+    prompts = _read_prompts(cfg.prompts)
+    bed = PipelineTestbed(path, prompts, cfg.height, cfg.width, device)  # loads and checks the folder and size
+    pipe, shape = bed.pipe, bed.latent_shape
+    sched = FewstepScheduler.from_config(bed.base_config)
     denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
-    if denoiser is None or not hasattr(pipe, "encode_prompt"):
+    if not hasattr(pipe, "encode_prompt"):
         raise ValueError(f"{path}: only text-to-image pipelines with a unet or transformer are supported; "
                          "use fewstep.compute_ems with your own model function for others")
     for p in denoiser.parameters():
         p.requires_grad_(False)
-    factor = getattr(pipe, "vae_scale_factor", 8)
-    h = (cfg.height or denoiser.config.sample_size * factor) // factor
-    w = (cfg.width or denoiser.config.sample_size * factor) // factor
-    shape = (denoiser.config.in_channels, h, w)
-    prompts = _read_prompts(cfg.prompts)
     is_unet = getattr(pipe, "unet", None) is not None
     with torch.no_grad():  # one table of embeddings: row p is prompt p, the last row the empty prompt
         if is_unet:
@@ -252,36 +244,19 @@ def ems_source(cfg: EMSComputeConfig, device: torch.device) -> EMSSource:
         if device.type != "cpu":
             raise ValueError(f"the {cfg.model} model is exact and tiny and runs on the CPU only, not on {device}")
         return _gmm_source(cfg, cfg.model == "gmm-flow")
-    if cfg.model == "digits":
-        return _digits_source(cfg, device, None)
-    path = Path(cfg.model)
-    if not path.is_dir():
-        raise ValueError(f"model {cfg.model!r} is not one of {', '.join(BUILTIN_MODELS)} or a pipeline folder")
-    from .testbeds import check_pipeline_folder
-
-    if check_pipeline_folder(path)["_class_name"] == "DigitsPipeline":
-        return _digits_source(cfg, device, path)
-    return _pipeline_source(cfg, path, device)
-
-
-def _distributed(device: torch.device) -> tuple[torch.device, bool]:
-    """Join the torchrun / accelerate process group if there is one (gloo on CPU, nccl on CUDA)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
-        return device, False
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device, True
+    index = check_model(cfg.model)
+    if index is None or index["_class_name"] == "DigitsPipeline":
+        return _digits_source(cfg, device, None if index is None else Path(cfg.model))
+    return _pipeline_source(cfg, Path(cfg.model), device)
 
 
 def run_ems_compute(cfg: EMSComputeConfig, log: Callable[[str], None] = print) -> EMS:
     """Compute (or resume) the EMS described by ``cfg`` and write it to ``cfg.out``."""
-    device, joined = _distributed(resolve_device(cfg.device))
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    group = ProcessGroup()  # torchrun / accelerate launch; the float64 sums are exchanged exactly on the CPU
     out = Path(cfg.out)
     parts = out.with_name(out.name + ".parts")
     try:
+        device = group.device(str(resolve_device(cfg.device)))
         src = ems_source(cfg, device)
         start = time.perf_counter()
         ems = compute_ems(src.model, src.data_sampler, src.schedule, n_grid=cfg.n_grid, n_data=cfg.n_data,
@@ -290,7 +265,7 @@ def run_ems_compute(cfg: EMSComputeConfig, log: Callable[[str], None] = print) -
                           fingerprint=src.fingerprint, data_description=src.description,
                           progress=cfg.progress)
         seconds = time.perf_counter() - start
-        if rank == 0:
+        if group.is_main:
             ems.save(out)
             shutil.rmtree(parts, ignore_errors=True)
             t_hi, t_lo = ems.meta.extra["timesteps"]
@@ -298,8 +273,7 @@ def run_ems_compute(cfg: EMSComputeConfig, log: Callable[[str], None] = print) -
                 f"timesteps {t_lo:g}..{t_hi:g}, shape {ems.sample_shape}) in {seconds:.1f} s")
         return ems
     finally:
-        if joined:
-            torch.distributed.destroy_process_group()
+        group.close()
 
 
 def add_ems_parser(sub: argparse._SubParsersAction) -> None:
@@ -336,10 +310,6 @@ def cmd_ems_compute(args: argparse.Namespace) -> int:
     """CLI body of ``fewstep ems compute``."""
     cfg = resolve_config(EMSComputeConfig, args)
     args.resume_hint = f"finished chunks are kept in {cfg.out}.parts; run the same command again to resume"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
-    try:
+    with torch_threads(cfg.threads):
         run_ems_compute(cfg)
-    finally:
-        torch.set_num_threads(threads)
     return 0

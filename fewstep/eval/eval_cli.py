@@ -18,9 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import torch
-
-from ..config import add_config_arguments, resolve_config, resolve_device
+from ..config import add_config_arguments, resolve_config, resolve_device, torch_threads
 from .features import parse_extractor_spec
 from ..samplers.timesteps import SPACINGS
 from .testbeds import check_model
@@ -92,21 +90,13 @@ def _common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
 
 
-def _with_threads(threads: int, fn):
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(before)  # main() may run in-process (tests, notebooks)
-
-
 def cmd_fid(args: argparse.Namespace) -> int:
     """CLI body of ``fewstep eval fid``."""
     cfg = resolve_config(FIDConfig, args)
     args.resume_hint = f"finished shards are kept in {cfg.out}; run the same command again to resume"
     check_model(cfg.model)  # a typo in --model fails before any weights are loaded
-    _with_threads(cfg.threads, lambda: run_fid(cfg))
+    with torch_threads(cfg.threads):
+        run_fid(cfg)
     return 0
 
 
@@ -115,7 +105,8 @@ def cmd_mse(args: argparse.Namespace) -> int:
     cfg = resolve_config(MSEConfig, args)
     args.resume_hint = f"finished shards are kept in {cfg.out}; run the same command again to resume"
     check_model(cfg.model)  # a typo in --model fails before any weights are loaded
-    _with_threads(cfg.threads, lambda: run_mse(cfg))
+    with torch_threads(cfg.threads):
+        run_mse(cfg)
     return 0
 
 
@@ -128,15 +119,13 @@ def cmd_ref(args: argparse.Namespace) -> int:
     cfg = resolve_config(RefConfig, args)
     name, options = parse_extractor_spec(cfg.extractor)
 
-    def body():
+    with torch_threads(cfg.threads):
         extractor = feature_extractor(name, **options).to(resolve_device(cfg.device))
         cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir().parent / "stats"
         stats = reference_statistics(cfg.source, extractor, cache, cfg.batch_size, progress=cfg.progress)
         stats.save(cfg.out)
-        print(f"wrote {cfg.out}: {stats.n} samples, {stats.mu.shape[0]}-d {stats.metadata.get('extractor', '')} "
-              "features".replace("  ", " "))
-
-    _with_threads(cfg.threads, body)
+    print(f"wrote {cfg.out}: {stats.n} samples, {stats.mu.shape[0]}-d {stats.metadata.get('extractor', '')} "
+          "features".replace("  ", " "))
     return 0
 
 

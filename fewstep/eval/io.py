@@ -22,7 +22,7 @@ import torch
 
 __all__ = [
     "atomic_write_bytes", "write_json", "read_json", "save_tensors", "load_tensors", "clean_temp_files",
-    "lock_directory", "DirectoryLockedError", "finite_json",
+    "lock_directory", "DirectoryLockedError", "finite_json", "claim_identity",
 ]
 
 _TEMP_NAME = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")
@@ -220,3 +220,25 @@ def lock_directory(directory: str | Path, what: str = "another fewstep run") -> 
         if held[1] == 0:
             del _HELD_LOCKS[key]
             os.close(held[0])  # closing the last descriptor releases the flock
+
+
+def claim_identity(path: str | Path, identity: dict[str, Any], holds: str, advice: str) -> None:
+    """Record the settings of a resumable run in ``path``, or check that the recorded ones are the same.
+
+    Args:
+        path: The JSON file in the run folder.
+        identity: Everything that determines the run's results (JSON-serialisable).
+        holds: What a folder of other settings holds, for the message (e.g. ``"a run of a different configuration"``).
+        advice: What the user can do instead, for the message.
+
+    Raises:
+        ValueError: ``path`` records other settings: ``"<folder> holds <holds> (differs in: [keys]); <advice>"``.
+    """
+    path = Path(path)
+    if not path.exists():
+        write_json(path, identity)
+        return
+    old = read_json(path)
+    if old != identity:
+        differs = sorted(k for k in identity if not isinstance(old, dict) or old.get(k) != identity[k])
+        raise ValueError(f"{path.parent} holds {holds} (differs in: {differs}); {advice}")

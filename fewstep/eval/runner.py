@@ -36,13 +36,13 @@ from ..samplers.timesteps import SPACINGS
 from .compare import Method
 from .distributed import ProcessGroup
 from .features import as_float_images, extract_features, feature_extractor, parse_extractor_spec
-from .io import atomic_write_bytes, lock_directory, read_json, write_json
+from .io import atomic_write_bytes, claim_identity, lock_directory, read_json, write_json
 from .reference import default_cache_dir, timed
 from .report import pivot_tables, plot_quality, sample_grid
 from .shards import ShardStore, identity_digest, shard_ranges
 from .refstats import BUILTIN_DATASETS, load_source, reference_statistics
 from .stats import FeatureStatistics, GaussianStats, check_compatible
-from .testbeds import BUILTIN_MODELS, PipelineTestbed, Testbed, make_testbed
+from .testbeds import PipelineTestbed, Testbed, make_testbed, model_identity
 
 __all__ = ["EvalConfig", "FIDConfig", "MSEConfig", "run_fid", "run_mse", "runnable_solvers", "DEFAULT_MSE_REFERENCE"]
 
@@ -104,12 +104,8 @@ class EvalConfig:
         if self.spacing is not None and self.spacing not in SPACINGS:
             raise ValueError(f"spacing {self.spacing!r} is not one of {', '.join(SPACINGS)}")
         resolve_device(self.device)
-        methods, seen = [], set()
-        for spec in list_solvers(runnable=True) if self.solvers is None else self.solvers:
-            m = Method.parse(spec)
-            if m.canonical not in seen:
-                seen.add(m.canonical)
-                methods.append(m)
+        specs = list_solvers(runnable=True) if self.solvers is None else self.solvers
+        methods = [m for m, _ in Method.parse_unique(specs)]
         if not methods:
             raise ValueError("no solvers to evaluate")
         self._methods = methods
@@ -127,7 +123,7 @@ class EvalConfig:
         """What the run folder's shards and results are keyed by (not the solver and NFE lists)."""
         from .. import __version__
 
-        model = self.model if self.model in BUILTIN_MODELS else str(Path(self.model).resolve())
+        model = model_identity(self.model)
         return {"fewstep": __version__, "model": model, "testbed": testbed.fingerprint(),
                 "num_samples": self.num_samples, "seed": self.seed, "guidance": self.guidance, "spacing": self.spacing,
                 "batch_size": self.batch_size, "device": testbed.device.type}
@@ -236,12 +232,8 @@ class _Run:
             old = read_json(run_file)
             if not isinstance(old, dict) or old.get("kind") != self.kind:
                 raise ValueError(f"{run_file} is not a fewstep eval {self.kind} run; choose another output folder")
-            if old != self.identity:
-                differs = sorted(k for k in self.identity if old.get(k) != self.identity[k])
-                raise ValueError(f"{self.out} holds a run of a different configuration (differs in: {differs}); "
-                                 "choose another output folder or delete it")
-        else:
-            write_json(run_file, self.identity)
+        claim_identity(run_file, self.identity, "a run of a different configuration",
+                       "choose another output folder or delete it")
         save_config(self.cfg, self.out)
 
     def store(self, method: Method, nfe: int) -> ShardStore:

@@ -13,7 +13,7 @@ import json
 import struct
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 
@@ -23,7 +23,7 @@ from .diffusers_schedulers import build_diffusers_scheduler, diffusers_sample, i
 from .fd import feature_statistics, frechet_distance
 from .io import read_json
 
-__all__ = ["Testbed", "DigitsTestbed", "GMMTestbed", "PipelineTestbed", "make_testbed", "check_model",
+__all__ = ["Testbed", "DigitsTestbed", "GMMTestbed", "PipelineTestbed", "make_testbed", "check_model", "model_identity",
            "check_pipeline_folder", "BUILTIN_MODELS"]
 
 BUILTIN_MODELS = ("digits", "gmm", "gmm-flow")
@@ -36,9 +36,14 @@ def _common_grid(spacing: str | None, schedule) -> GridSpec:
     return GridSpec(spacing=spacing or schedule.default_spacing, convention="multistep")
 
 
+def per_sample_noise(shape: Sequence[int], seeds: Iterable[int]) -> torch.Tensor:
+    """Standard normal noise of ``shape`` for each seed, stacked: a sample's noise depends on its seed alone."""
+    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
 def _per_sample_noise(shape: Sequence[int], n: int, seed: int) -> torch.Tensor:
     """Sample i always gets the noise of seed + i."""
-    return torch.cat([torch.randn(1, *shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(n)])
+    return per_sample_noise(shape, range(seed, seed + n))
 
 
 class Testbed(ABC):
@@ -468,6 +473,11 @@ def check_model(model: str) -> dict[str, Any] | None:
     if not Path(model).is_dir():
         raise ValueError(f"model {model!r} is not one of {', '.join(BUILTIN_MODELS)} or a pipeline folder")
     return check_pipeline_folder(Path(model))
+
+
+def model_identity(model: str) -> str:
+    """A ``--model`` value as run identities record it: the built-in name, or the folder's absolute path."""
+    return model if model in BUILTIN_MODELS else str(Path(model).resolve())
 
 
 def make_testbed(model: str, device: str | torch.device = "cpu", prompts: Sequence[str] | None = None,

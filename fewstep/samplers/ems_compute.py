@@ -234,7 +234,7 @@ def compute_ems(
         ValueError: bad arguments, a data sampler or model returning the wrong shapes, or a
             workdir holding chunks of a different run.
     """
-    from ..eval.io import clean_temp_files, load_tensors, lock_directory, read_json, save_tensors, write_json
+    from ..eval.io import claim_identity, clean_temp_files, load_tensors, lock_directory, save_tensors
 
     schedule = make_schedule(schedule)
     prediction = check_prediction(prediction, schedule)
@@ -272,14 +272,8 @@ def compute_ems(
     with lock:
         if workdir is not None and rank == 0:
             clean_temp_files(workdir, all_stale=True)
-            run_file = workdir / "run.json"
-            if run_file.exists():
-                old = read_json(run_file)
-                if old != identity:
-                    differs = sorted(k for k in identity if not isinstance(old, dict) or old.get(k) != identity[k])
-                    raise ValueError(f"{workdir} holds a partial EMS run with other settings (differs in: {differs}); "
-                                     "delete it or use the same settings to resume")
-            write_json(run_file, identity)
+            claim_identity(workdir / "run.json", identity, "a partial EMS run with other settings",
+                           "delete it or use the same settings to resume")
         _barrier(world)
 
         def chunk_path(c: int) -> Path:

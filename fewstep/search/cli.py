@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import add_config_arguments, resolve_config
+from ..config import add_config_arguments, resolve_config, torch_threads
 from ..eval.testbeds import make_testbed
 
 __all__ = ["add_search_parser"]
@@ -82,16 +82,10 @@ def add_search_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace, schema: type, runner) -> int:
-    import torch
-
     cfg = resolve_config(schema, args)
     args.resume_hint = "finished evaluations are kept in the run folder; run the same command again to resume"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
-    try:
+    with torch_threads(cfg.threads):
         runner(cfg, make_testbed(cfg.model, cfg.device))
-    finally:
-        torch.set_num_threads(threads)
     return 0
 
 

@@ -5,15 +5,13 @@ evaluation seeds 0..N-1 of ``fewstep compare``) and is compared, with the same n
 against the reference ``fewstep compare`` uses (third-order DPM-Solver++ with 200 steps,
 or the exact ODE for the GMM). The reference is computed once, kept in the run folder
 (``reference.safetensors``, with the settings it was made for) and in the reference cache
-(``$FEWSTEP_CACHE/references``), so searches on the same model and batch share it.
+(``$FEWSTEP_CACHE/references``), so searches on the same model and batch share it
+(:class:`~fewstep.eval.reference.ReferenceStore`, as ``fewstep compare``'s references).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -21,7 +19,7 @@ from typing import Any, Callable
 import torch
 
 from ..eval.compare import DEFAULT_REFERENCE, Method
-from ..eval.io import load_tensors, save_tensors
+from ..eval.reference import ReferenceStore, default_cache_dir
 from ..eval.testbeds import PipelineTestbed, Testbed
 from ..samplers import ArtifactMeta, NoiseSchedule, model_fingerprint
 
@@ -85,9 +83,8 @@ class Fitness:
         self.identity = {"testbed": testbed.fingerprint(), "guidance": guidance, "num_samples": num_samples,
                          "data_seed": data_seed, "reference": self.reference_method.label,
                          "reference_nfe": self.reference_nfe}
-        if cache_dir is None:
-            cache_dir = Path(os.environ.get("FEWSTEP_CACHE", Path.home() / ".cache" / "fewstep")) / "references"
-        self.reference = self._reference(Path(run_dir) / "reference.safetensors", Path(cache_dir), log)
+        cache = default_cache_dir() if cache_dir is None else Path(cache_dir)
+        self.reference = self._reference(Path(run_dir), cache, log)
         self.seconds = 0.0  # spent in evaluations
 
     @property
@@ -101,40 +98,16 @@ class Fitness:
                             guidance=self.guidance, solver=solver,
                             extra={"fitness": {**self.identity, "metric": self.metric}, **extra})
 
-    def _reference(self, path: Path, cache_dir: Path, log: Callable[[str], None]) -> torch.Tensor:
-        identity = json.dumps(self.identity, sort_keys=True)
-        cached = cache_dir / f"search-{hashlib.sha256(identity.encode()).hexdigest()[:20]}.safetensors"
-        for where in (path, cached):
-            if not where.is_file():
-                continue
-            try:
-                tensors, meta = load_tensors(where, with_metadata=True)
-            except ValueError as exc:
-                log(f"{exc}: not using it")
-                continue
-            ref = tensors.get("samples")
-            if (meta.get("identity") == identity and ref is not None and ref.shape == self.x_T.shape
-                    and bool(torch.isfinite(ref).all())):
-                if where == cached:
-                    save_tensors(path, {"samples": ref}, {"identity": identity})
-                return ref
-            log(f"{where} was made for other settings: not using it")
-        bs, chunks = self.testbed.batch_size, []
-        log(f"reference: {self.testbed.reference_description(self.reference_method.label, self.reference_nfe)} "
-            f"on {self.x_T.shape[0]} search samples")
-        for i in range(0, self.x_T.shape[0], bs):
-            chunks.append(self.testbed.reference(
-                self.x_T[i:i + bs], self.cond[i:i + bs], self.guidance, None, self.reference_method.solver,
-                self.reference_method.option_dict, self.reference_nfe).float())
-        ref = torch.cat(chunks)
-        if not bool(torch.isfinite(ref).all()):
-            raise ValueError(f"the reference is not finite; check the model and the guidance ({self.guidance})")
-        save_tensors(path, {"samples": ref}, {"identity": identity})
-        try:
-            save_tensors(cached, {"samples": ref}, {"identity": identity})
-        except OSError as exc:
-            log(f"warning: the reference cache is not writable ({exc}); the reference is kept in {path}")
-        return ref
+    def _reference(self, run_dir: Path, cache_dir: Path, log: Callable[[str], None]) -> torch.Tensor:
+        testbed, method, n = self.testbed, self.reference_method, self.x_T.shape[0]
+        store = ReferenceStore(self.identity, "search", run_dir, cache_dir, log)
+        description = f"{testbed.reference_description(method.label, self.reference_nfe)} on {n} search samples"
+
+        def compute(chunk: slice) -> torch.Tensor:
+            return testbed.reference(self.x_T[chunk], self.cond[chunk], self.guidance, None, method.solver,
+                                     method.option_dict, self.reference_nfe)
+
+        return store.get(self.x_T, compute, testbed.batch_size, description, testbed.device, progress=False)[0]
 
     def samples(self, solver: str, options: dict[str, Any]) -> torch.Tensor | None:
         """The search batch sampled with ``solver``; None if it diverged."""
