@@ -299,6 +299,15 @@ def test_cli_writes_the_ems_and_reports_errors_in_one_line(tmp_path, capsys):
         assert len(err) == 1 and err[0].startswith("fewstep ems compute: error:") and __import__("re").search(match, err[0])
 
 
+def test_cli_on_the_digits_model_records_the_unet_fingerprint(tmp_path):
+    from fewstep.eval.testbeds import DigitsTestbed
+
+    out = tmp_path / "d.safetensors"
+    assert cli_main(["ems", "compute", "--model", "digits", "--n-grid", "2", "--n-data", "2", "--data", "real",
+                     "--out", str(out), "--no-progress"]) == 0
+    fingerprint = EMS.load(out).meta.fingerprint
+    assert fingerprint is not None and fingerprint == fewstep.model_fingerprint(DigitsTestbed("cpu").unet)
+
 
 def test_cli_on_a_pipeline_folder_uses_its_latents_and_fingerprint(tmp_path, capsys):
     from fewstep.zoo.tiny import build_tiny_sd_pipeline, load_tiny_pipeline

@@ -13,7 +13,6 @@ disjoint from the evaluation seeds 0, 1, ... of ``fewstep compare``).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import re
 from dataclasses import dataclass, field

@@ -26,6 +26,7 @@ import torch
 
 from ..config import add_config_arguments, resolve_config, resolve_device, torch_threads
 from ..samplers import GridSpec, sample
+from ..samplers.artifacts import model_fingerprint
 from ..samplers.ems import EMS
 from ..samplers.ems_compute import EMS_DATA_SEED, compute_ems
 from .distributed import ProcessGroup
@@ -153,7 +154,7 @@ def _digits_source(cfg: EMSComputeConfig, device, path: Path | None) -> EMSSourc
             return (images[pick], cond, uncond) if guided else (images[pick], cond)
 
         what = f"digits: the 1797 real digits (permutation seed {cfg.seed})"
-    return EMSSource(model, bed.schedule, bed.prediction, (1, 8, 8), None, data, what)
+    return EMSSource(model, bed.schedule, bed.prediction, (1, 8, 8), model_fingerprint(unet), data, what)
 
 
 def _gmm_source(cfg: EMSComputeConfig, flow: bool) -> EMSSource:
@@ -192,7 +193,6 @@ def _read_prompts(path: str | None) -> list[str]:
 
 
 def _pipeline_source(cfg: EMSComputeConfig, path: Path, device) -> EMSSource:
-    from ..samplers.artifacts import model_fingerprint
     from ..samplers.scheduler import FewstepScheduler
     from .testbeds import PipelineTestbed
 
