@@ -10,6 +10,8 @@ Stages (each resumable; rerun the same command after an interruption):
   s3         `fewstep search usf` with the predictor (and, at NFE 5, without it).
   evaluate   `fewstep compare` on the evaluation seeds 0..N-1 (disjoint from the search seeds
              100000+): the 5 hand-set finalists, the tuned timesteps and the S3 schedules.
+  bootstrap  (optional) a paired bootstrap over the evaluation seeds: 95% intervals of S3's
+             MSE ratios to the best hand-set finalist and the best tuned timesteps.
   report     benchmarks/results/usf/summary.{json,md}.
 
   python benchmarks/usf_benchmark.py --settings gmm digits-g3 digits-g7.5 --nfe 5 6 8
@@ -182,6 +184,61 @@ def stage_evaluate(testbed, name, guidance, nfe, out, run, log, num_samples):
     log(f"{name} NFE {nfe}: evaluated {len(table)} methods on seeds 0..{num_samples - 1}")
 
 
+def stage_bootstrap(testbed, name, guidance, nfe, out, run, log, num_samples, resamples=2000):
+    """Paired bootstrap of S3's held-out MSE ratios (same seeds, same reference as `evaluate`).
+
+    Regenerates the samples of S3, the best hand-set finalist and the best tuned timesteps on
+    seeds 0..N-1 (the evaluation's), takes per-sample MSEs to the evaluation's cached reference
+    and resamples the N seeds jointly: a 95% interval for S3 / hand-set and S3 / tuned.
+    """
+    from fewstep.eval.compare import Method, _run_method
+    from fewstep.eval.io import load_tensors
+
+    ev = read_json(out / "evaluation.json")
+    if ev["num_samples"] != num_samples:
+        raise ValueError(f"{out / 'evaluation.json'} has {ev['num_samples']} samples, not {num_samples}")
+    methods, table = _methods(out), ev["methods"]
+    pick = lambda prefix: min((k for k in table if k.startswith(prefix) and table[k]["mse"] is not None),  # noqa: E731
+                              key=lambda k: table[k]["mse"], default=None)
+    chosen = {"s3": "s3", "handset": pick("handset"), "tuned": pick("timesteps")}
+    chosen = {k: v for k, v in chosen.items() if v in methods}
+    cfg = CompareConfig(model=testbed.name, solvers=[methods[v] for v in chosen.values()], nfe=[nfe],
+                        num_samples=num_samples, seed=0, guidance=guidance, out=str(run / "compare"), plot=False,
+                        progress=False).with_defaults(testbed)
+    ref = load_tensors(run / "compare" / "reference.safetensors")["samples"]
+    x_T, cond = testbed.initial_noise(num_samples, 0)
+    per_sample = {}
+    for tag, label in chosen.items():
+        samples, _ = _run_method(testbed, cfg, Method.parse(methods[label]), nfe, x_T, cond)
+        per_sample[tag] = (samples - ref).pow(2).flatten(1).mean(1).double()
+        if abs(per_sample[tag].mean().item() - table[label]["mse"]) > 1e-6 * table[label]["mse"] + 1e-9:
+            raise RuntimeError(f"{label}: regenerated MSE {per_sample[tag].mean().item()} != {table[label]['mse']}")
+    idx = torch.randint(num_samples, (resamples, num_samples), generator=torch.Generator().manual_seed(0))
+    result = {"num_samples": num_samples, "resamples": resamples, "methods": chosen}
+    for other in ("handset", "tuned"):
+        if other in per_sample:
+            ratios = per_sample["s3"][idx].mean(1) / per_sample[other][idx].mean(1)
+            lo, hi = torch.quantile(ratios, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+            result[f"s3_vs_{other}"] = {"ratio": (per_sample["s3"].mean() / per_sample[other].mean()).item(),
+                                        "ci95": [lo, hi]}
+    write_json(out / "bootstrap.json", result)
+    log(f"{name} NFE {nfe}: paired bootstrap {result}")
+
+
+def _search_result(name, nfe, tag, out):
+    """The search's result.json (cost, evaluations to best), kept next to the schedule as <tag>-search.json.
+
+    runs/ is not committed; the copy under benchmarks/results/ lets the report be regenerated anywhere.
+    """
+    kept = out / f"{tag}-search.json"
+    run_result = RUNS / name / f"nfe{nfe}" / tag / "result.json"
+    if run_result.exists():
+        result = read_json(run_result)
+        result["schedule"] = str(out.relative_to(ROOT) / f"{tag}.json")
+        write_json(kept, result)
+    return read_json(kept) if kept.exists() else None
+
+
 def stage_report(settings, nfes):
     rows, data = [], {}
     for name in settings:
@@ -203,10 +260,11 @@ def stage_report(settings, nfes):
                     entry[f"{tag}_vs_handset"] = ev[tag]["mse"] / hand[best_hand]
                     if best_tuned:
                         entry[f"{tag}_vs_tuned"] = ev[tag]["mse"] / tuned[best_tuned]
-                    result = read_json(ROOT / "runs" / "usf-bench" / name / f"nfe{nfe}" / tag / "result.json") \
-                        if (ROOT / "runs" / "usf-bench" / name / f"nfe{nfe}" / tag / "result.json").exists() else None
+                    result = _search_result(name, nfe, tag, out)
                     if result:
                         entry[f"{tag}_search"] = result
+            if (out / "bootstrap.json").exists():
+                entry["bootstrap"] = read_json(out / "bootstrap.json")
             data[f"{name}/nfe{nfe}"] = entry
             rows.append((name, nfe, entry))
     write_json(RESULTS / "summary.json", data)
@@ -214,7 +272,12 @@ def stage_report(settings, nfes):
              "|---|---:|---|---|---:|---:|---:|"]
     for name, nfe, e in rows:
         s3 = e.get("s3_mse")
-        ratio = lambda key: "" if e.get(key) is None else f"{e[key]:.2f}x"  # noqa: E731
+
+        def ratio(key, e=e):
+            if e.get(key) is None:
+                return ""
+            ci = e.get("bootstrap", {}).get(key, {}).get("ci95")
+            return f"{e[key]:.2f}x" + (f" (95% CI {ci[0]:.2f}-{ci[1]:.2f})" if ci else "")
         lines.append(f"| {name} | {nfe} | {e['best_handset']} ({e['best_handset_mse']:.3e}) | "
                      f"{e['best_tuned']} ({e['best_tuned_mse']:.3e}) | {'' if s3 is None else format(s3, '.3e')} | "
                      f"{ratio('s3_vs_handset')} | {ratio('s3_vs_tuned')} |")
@@ -235,7 +298,7 @@ def main():
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--nfe", nargs="+", type=int, default=[5, 6, 8])
     p.add_argument("--stages", nargs="+", default=["handset", "timesteps", "s3", "evaluate", "report"],
-                   choices=["handset", "timesteps", "s3", "evaluate", "report"])
+                   choices=["handset", "timesteps", "s3", "evaluate", "bootstrap", "report"])
     p.add_argument("--s3-budget", type=int, default=200, help="full evaluations per S3 search")
     p.add_argument("--timesteps-budget", type=int, default=150, help="full evaluations per timestep search")
     p.add_argument("--timesteps-solvers", nargs="+", default=["best-handset", "unipc"],
@@ -269,6 +332,8 @@ def main():
                              nfe in args.no_predictor_nfe)
                 elif stage == "evaluate":
                     stage_evaluate(testbed, name, guidance, nfe, out, run, log, args.eval_samples)
+                elif stage == "bootstrap":
+                    stage_bootstrap(testbed, name, guidance, nfe, out, run, log, args.eval_samples)
                 log(f"{name} NFE {nfe}: {stage} took {time.perf_counter() - t:.0f} s")
     if "report" in args.stages:
         stage_report(args.settings, args.nfe)
