@@ -1,6 +1,7 @@
 """DC-Solver on the built-in digits model: the numbers behind the README's DC-Solver section.
 
-    python benchmarks/dc_digits.py            # ~1.5 h on one CPU thread; rerun to resume
+    python benchmarks/dc_digits.py               # ~1.5 h on one CPU thread; rerun to resume
+    python benchmarks/dc_digits.py --skip-study  # without part 3 (two thirds of the calibration time)
 
 1. DC (UniPC-2 + compensation) vs UniPC-2: MSE to the reference and digits-FD at guidance
    1.5, 3, 5, 7.5 and NFE 5, 6, 8, 10; ratios calibrated on 10 samples (seeds 100000..).
@@ -39,7 +40,8 @@ def draw_seed(k: int) -> int:
 
 
 def main() -> None:
-    b = Bench.from_command_line(__doc__, DigitsTestbed, "digits")
+    b = Bench.from_command_line(__doc__, DigitsTestbed, "digits",
+                                switches={"skip-study": "leave out the sample-count study (part 3)"})
     res = lambda key, solver, options, nfe, g: b.unit(key, lambda: b.evaluate(solver, options, nfe, g))  # noqa: E731
 
     table, calibrated = {}, {}
@@ -62,7 +64,7 @@ def main() -> None:
         loo[g, n] = res(f"cpr-loo/g{g:g}/nfe{n}", "dc", {"cpr": cpr}, n, g)
         b.store.setdefault("cpr_loo_ratios", {})[f"g{g:g}/nfe{n}"] = cpr.ratios(n, g)
     study = {}
-    for g, n in STUDY:
+    for g, n in () if b.switches["skip-study"] else STUDY:
         for size, draws in DRAWS.items():
             for k in range(draws):
                 r = b.calibrate(n, g, num_samples=size, seed=draw_seed(k))
@@ -98,9 +100,10 @@ def report(b, table, dpmpp, study, loo, calibrated, refs) -> None:
         a, d = dpmpp[g]
         lines.append(f"| {g:g} | {fmt(a['mse'])} | {fmt(d['mse'])} | {d['mse'] / a['mse']:.2f}x | "
                      f"{a['fd']:.3f} | {d['fd']:.3f} |")
-    lines += ["", "## Held-out MSE ratio DC/UniPC vs calibration samples (NFE 5; one value per disjoint draw)", "",
-              "| guidance | " + " | ".join(f"{s} samples" for s in DRAWS) + " |", "|---|" + "---:|" * len(DRAWS)]
-    for g, n in STUDY:
+    lines += ["", "## Held-out MSE ratio DC/UniPC vs calibration samples (NFE 5; one value per disjoint draw)", ""]
+    lines += ["| guidance | " + " | ".join(f"{s} samples" for s in DRAWS) + " |", "|---|" + "---:|" * len(DRAWS)
+              ] if study else ["Not run (--skip-study)."]
+    for g, n in STUDY if study else ():
         base = table[g, n][0]["mse"]
         cells = [", ".join(f"{study[g, n, s, k]['mse'] / base:.2f}x" for k in range(DRAWS[s])) for s in DRAWS]
         lines.append(f"| {g:g} | " + " | ".join(cells) + " |")
