@@ -354,13 +354,17 @@ def test_interrupted_calibration_resumes_to_the_same_ratios(tmp_path, monkeypatc
     assert json.loads((tmp_path / "state.json").read_text())["iteration"] == 3
     resumed = _calibrate(iterations=6, checkpoint=tmp_path / "state.json")
     assert resumed.ratios == whole.ratios and resumed.meta.extra["loss"] == whole.meta.extra["loss"]
-    for other in ({"lr": 0.05}, {"lr_schedule": "constant"}, {"bounds": None}, {"iterations": 7}):
+    for other in ({"lr": 0.05}, {"lr_schedule": "cosine"}, {"bounds": (0.5, 1.5)}):
         with pytest.raises(ValueError, match="checkpoint of another calibration"):
             _calibrate(**{"iterations": 6, **other}, checkpoint=tmp_path / "state.json")
+    cosine = _calibrate(iterations=6, lr_schedule="cosine", checkpoint=tmp_path / "cosine.json")
+    with pytest.raises(ValueError, match="checkpoint of another calibration"):  # the schedule depends on it
+        _calibrate(iterations=7, lr_schedule="cosine", checkpoint=tmp_path / "cosine.json")
+    assert cosine.ratios != whole.ratios
 
 
 def test_calibration_keeps_ratios_within_bounds_and_anneals_the_rate():
-    r = _calibrate(iterations=8, lr=0.5, bounds=(0.9, 1.05))
+    r = _calibrate(iterations=8, lr=0.5, bounds=(0.9, 1.05), lr_schedule="cosine")
     assert all(0.9 <= v <= 1.05 for v in r.ratios) and r.meta.extra["bounds"] == [0.9, 1.05]
     assert r.meta.extra["lr_schedule"] == "cosine" and any(v in (0.9, 1.05) for v in r.ratios[2:])
     rates = [calibrate_module._rate(0.1, "cosine", k, 8) for k in range(9)]

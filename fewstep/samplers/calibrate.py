@@ -6,12 +6,12 @@ run by default), backpropagating through the whole sampling run, model calls inc
 (the plan's compensation weights are torch functions of the ratios). The official code
 instead searches one ratio at a time, greedily, against the reference trajectory at the
 next step (see the README); optimising the end result directly is what the evaluation
-measures. Adam (lr 0.1 cosine-annealed to 0 over the iterations, no weight decay) from
-rho = 1, each step projected into rho in [0, 2]; the iterate with the lowest calibration loss
-is returned. The constant rate used before kept moving every ratio by about lr per step, so
-the loss oscillated, and with 32 or 128 samples it ran away from its early minimum (best
-iterate 1 or 2 of 40); the bounds keep the interpolation point t' between t_{i-1} and one
-step beyond t_i (Lagrange extrapolation further out is wild).
+measures. Adam (lr 0.1, no weight decay) from rho = 1; the iterate with the lowest
+calibration loss is returned. ``lr_schedule="cosine"`` anneals the rate to 0 and ``bounds``
+projects every step into a ratio range; on the 16 digits (NFE, guidance) pairs with 10
+samples the annealed, bounded optimiser did not lower the calibration loss (the annealed rate
+travels half as far in the same iterations; README, "DC-Solver"), so the default stays the
+constant rate, unbounded.
 
 A ``checkpoint`` file (JSON, rewritten atomically after every iteration) makes a run
 resumable: rerun the same call after a crash and it continues where it stopped, ending
@@ -45,8 +45,8 @@ __all__ = ["calibrate_dc", "DEFAULT_ITERATIONS", "DEFAULT_LR", "DEFAULT_LR_SCHED
 
 DEFAULT_ITERATIONS = 40
 DEFAULT_LR = 0.1
-DEFAULT_LR_SCHEDULE = "cosine"
-DEFAULT_BOUNDS = (0.0, 2.0)
+DEFAULT_LR_SCHEDULE = "constant"
+DEFAULT_BOUNDS = None
 LR_SCHEDULES = ("constant", "cosine")
 DEFAULT_REFERENCE_NFE = 200
 _DC_KEYS = ("ratios", "cpr", "dc_file", "guidance")
@@ -87,8 +87,8 @@ def calibrate_dc(
         iterations: Adam steps (each one sampling run forward and backward).
         lr: Adam learning rate (the initial one with ``lr_schedule="cosine"``).
         lr_schedule: ``"cosine"`` (annealed from ``lr`` to 0 over ``iterations``) or ``"constant"``.
-        bounds: ``(low, high)`` with low < 1 < high: every Adam step is projected into it;
-            None: unbounded.
+        bounds: None (unbounded) or ``(low, high)`` with low < 1 < high: every Adam step is
+            projected into it.
         solver: ``"dc"`` (UniPC + compensation) or ``"dc_dpmpp"`` (DPM-Solver++ + compensation).
         reference_nfe: Steps of the default DDIM reference.
         batch_size: Samples per forward/backward pass (gradients are accumulated); None: all.
@@ -266,8 +266,8 @@ def _check_bounds(bounds: Any) -> tuple[float, float] | None:
 def _rate(lr: float, schedule: str, iteration: int, iterations: int) -> float:
     """Step size of Adam step ``iteration`` (0-based): constant, or cosine-annealed from lr to 0.
 
-    The annealing is what makes the last iterates settle: with a constant rate the normalised
-    Adam step keeps moving every ratio by about lr and the loss oscillates around the minimum.
+    With a constant rate the normalised Adam step keeps moving every ratio by about lr, so the
+    loss goes up and down around the minimum; annealing lets the last iterates settle.
     """
     if schedule == "constant":
         return lr
