@@ -33,8 +33,8 @@ RIDGES = (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 def main() -> None:
     torch.set_num_threads(1)
     tb, folder = DigitsTestbed(), ROOT / "results" / "dc"
-    calibrated = {(g, n): fewstep.DCRatios.load(folder / "digits" / f"ratios-dc-nfe{n}-g{g:g}-n10-s{CALIBRATION_SEED}.json")
-                  for g in GUIDANCES for n in NFES}
+    tag = "ratios-dc-nfe{n}-g{g:g}-n10-s" + str(CALIBRATION_SEED) + ".json"
+    calibrated = {(g, n): fewstep.DCRatios.load(folder / "digits" / tag.format(n=n, g=g)) for g in GUIDANCES for n in NFES}
     shares: dict[float, dict[str, float]] = {}
     with torch.no_grad():
         for g in GUIDANCES:

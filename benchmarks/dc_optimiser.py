@@ -40,7 +40,8 @@ def main() -> None:
     work = ROOT.parent / "runs" / "dc-bench" / "digits-optimiser"
     lines = ["# DC calibration loss / uncompensated loss: default optimiser vs cosine-annealed, bounded "
              "(digits, 10 samples, seeds 100000..)", "",
-             "| guidance | NFE | default (lr 0.1 constant) | cosine lr 0.1 -> 0, rho in [0, 2] |", "|---|---|---:|---:|"]
+             "| guidance | NFE | default (lr 0.1 constant) | cosine lr 0.1 -> 0, rho in [0, 2] |",
+             "|---|---|---:|---:|"]
     for g in GUIDANCES:
         for n in NFES:
             tag = f"nfe{n}-g{g:g}-n10-s{CALIBRATION_SEED}"
