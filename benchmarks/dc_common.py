@@ -34,13 +34,18 @@ class Bench:
 
     @classmethod
     def from_command_line(cls, doc: str, testbed: Callable[[], Testbed], name: str, folder: str = "dc",
-                          eval_samples: int = 500) -> "Bench":
-        """Parse ``--eval-samples``, pin torch to one thread, and build the bench."""
+                          eval_samples: int = 500, switches: dict[str, str] | None = None) -> "Bench":
+        """Parse ``--eval-samples`` (and the boolean ``switches``, name -> help, kept in
+        ``bench.switches``), pin torch to one thread, and build the bench."""
         p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--eval-samples", type=int, default=eval_samples, help=f"default: {eval_samples}")
+        for flag, text in (switches or {}).items():
+            p.add_argument(f"--{flag}", action="store_true", help=text)
         args = p.parse_args()
         torch.set_num_threads(1)
-        return cls(testbed(), name, args.eval_samples, folder)
+        bench = cls(testbed(), name, args.eval_samples, folder)
+        bench.switches = {flag: getattr(args, flag.replace("-", "_")) for flag in (switches or {})}
+        return bench
 
     def __init__(self, testbed: Testbed, name: str, num_eval: int, folder: str = "dc",
                  log: Callable[[str], None] = print):

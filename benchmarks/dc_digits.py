@@ -1,6 +1,7 @@
 """DC-Solver on the built-in digits model: the numbers behind the README's DC-Solver section.
 
-    python benchmarks/dc_digits.py            # ~1.5 h on one CPU thread; rerun to resume
+    python benchmarks/dc_digits.py               # ~1.5 h on one CPU thread; rerun to resume
+    python benchmarks/dc_digits.py --skip-study  # without part 3 (two thirds of the calibration time)
 
 1. DC (UniPC-2 + compensation) vs UniPC-2: MSE to the reference and digits-FD at guidance
    1.5, 3, 5, 7.5 and NFE 5, 6, 8, 10; ratios calibrated on 10 samples (seeds 100000..).
@@ -39,7 +40,8 @@ def draw_seed(k: int) -> int:
 
 
 def main() -> None:
-    b = Bench.from_command_line(__doc__, DigitsTestbed, "digits")
+    b = Bench.from_command_line(__doc__, DigitsTestbed, "digits",
+                                switches={"skip-study": "leave out the sample-count study (part 3)"})
     res = lambda key, solver, options, nfe, g: b.unit(key, lambda: b.evaluate(solver, options, nfe, g))  # noqa: E731
 
     table, calibrated = {}, {}
@@ -55,20 +57,22 @@ def main() -> None:
                     res(f"dc_dpmpp/g{g:g}/nfe5", "dc_dpmpp", {"ratios": r}, 5, g))
     cpr_all = fewstep.fit_cpr(list(calibrated.values()), meta_of(calibrated))
     cpr_all.save(b.artifacts / "cpr.json")
-    loo = {}
+    loo, loo_plain = {}, {}
     for (g, n), r in calibrated.items():
         others = [v for k, v in calibrated.items() if k != (g, n)]
         cpr = fewstep.fit_cpr(others, meta_of(calibrated))
         loo[g, n] = res(f"cpr-loo/g{g:g}/nfe{n}", "dc", {"cpr": cpr}, n, g)
         b.store.setdefault("cpr_loo_ratios", {})[f"g{g:g}/nfe{n}"] = cpr.ratios(n, g)
+        plain = fewstep.fit_cpr(others, meta_of(calibrated), ridge=0.0)  # plain least squares, for comparison
+        loo_plain[g, n] = res(f"cpr-loo-ridge0/g{g:g}/nfe{n}", "dc", {"cpr": plain}, n, g)
     study = {}
-    for g, n in STUDY:
+    for g, n in () if b.switches["skip-study"] else STUDY:
         for size, draws in DRAWS.items():
             for k in range(draws):
                 r = b.calibrate(n, g, num_samples=size, seed=draw_seed(k))
                 study[g, n, size, k] = res(f"dc/g{g:g}/nfe{n}/calib{size}/draw{k}", "dc", {"ratios": r}, n, g)
     refs = {g: b.unit(f"reference/g{g:g}", lambda g=g: b.tb.evaluate(b.reference(g), b.cond)) for g in GUIDANCES}
-    report(b, table, dpmpp, study, loo, calibrated, refs)
+    report(b, table, dpmpp, study, {"": loo, " (ridge 0, plain least squares)": loo_plain}, calibrated, refs)
 
 
 def meta_of(calibrated):
@@ -98,27 +102,30 @@ def report(b, table, dpmpp, study, loo, calibrated, refs) -> None:
         a, d = dpmpp[g]
         lines.append(f"| {g:g} | {fmt(a['mse'])} | {fmt(d['mse'])} | {d['mse'] / a['mse']:.2f}x | "
                      f"{a['fd']:.3f} | {d['fd']:.3f} |")
-    lines += ["", "## Held-out MSE ratio DC/UniPC vs calibration samples (NFE 5; one value per disjoint draw)", "",
-              "| guidance | " + " | ".join(f"{s} samples" for s in DRAWS) + " |", "|---|" + "---:|" * len(DRAWS)]
-    for g, n in STUDY:
+    lines += ["", "## Held-out MSE ratio DC/UniPC vs calibration samples (NFE 5; one value per disjoint draw)", ""]
+    lines += ["| guidance | " + " | ".join(f"{s} samples" for s in DRAWS) + " |", "|---|" + "---:|" * len(DRAWS)
+              ] if study else ["Not run (--skip-study)."]
+    for g, n in STUDY if study else ():
         base = table[g, n][0]["mse"]
         cells = [", ".join(f"{study[g, n, s, k]['mse'] / base:.2f}x" for k in range(DRAWS[s])) for s in DRAWS]
         lines.append(f"| {g:g} | " + " | ".join(cells) + " |")
-    lines += ["", "## CPR leave-one-out: share of the calibrated MSE reduction recovered by CPR fitted on the "
-              "other 15 pairs (in brackets: its MSE / UniPC-2's)", "", "| guidance | " + " | ".join(f"NFE {n}" for n in NFES) + " |",
-              "|---|" + "---:|" * len(NFES)]
-    shares = []
-    for g in GUIDANCES:
-        cells = []
-        for n in NFES:
-            u, d, c = table[g, n][0]["mse"], table[g, n][1]["mse"], loo[g, n]["mse"]
-            share = (u - c) / (u - d) if u > d else float("nan")
-            shares.append(share)
-            cells.append(f"{100 * share:.0f}% ({c / u:.2f}x)")
-        lines.append(f"| {g:g} | " + " | ".join(cells) + " |")
-    finite = [s for s in shares if s == s]
-    lines += ["", f"Median over the {len(finite)} pairs: {100 * statistics.median(finite):.0f}%; "
-              f"pairs >= 80%: {sum(s >= 0.8 for s in finite)} of {len(finite)}.", "",
+    for label, fits in loo.items():
+        lines += ["", f"## CPR leave-one-out{label}: share of the calibrated MSE reduction recovered by CPR fitted "
+                  "on the other 15 pairs (in brackets: its MSE / UniPC-2's)", "",
+                  "| guidance | " + " | ".join(f"NFE {n}" for n in NFES) + " |", "|---|" + "---:|" * len(NFES)]
+        shares = []
+        for g in GUIDANCES:
+            cells = []
+            for n in NFES:
+                u, d, c = table[g, n][0]["mse"], table[g, n][1]["mse"], fits[g, n]["mse"]
+                share = (u - c) / (u - d) if u > d else float("nan")
+                shares.append(share)
+                cells.append(f"{100 * share:.0f}% ({c / u:.2f}x)")
+            lines.append(f"| {g:g} | " + " | ".join(cells) + " |")
+        finite = [s for s in shares if s == s]
+        lines += ["", f"Median over the {len(finite)} pairs: {100 * statistics.median(finite):.0f}%; "
+                  f"pairs >= 80%: {sum(s >= 0.8 for s in finite)} of {len(finite)}."]
+    lines += ["",
               "## Calibrated ratios (rho_3..rho_NFE; rho_1 = rho_2 = 1) and calibration time (1 thread)", "",
               "| guidance | NFE | ratios | seconds |", "|---|---|---|---:|"]
     for (g, n), r in calibrated.items():

@@ -241,7 +241,7 @@ def test_cpr_matches_the_nested_cascade_and_fit_recovers_it():
         assert cpr_features(nfe, g, [2]).shape == (1, 36)
     pairs = [(n, g) for n in (5, 6, 8, 10) for g in (1.5, 3.0, 5.0, 7.5)]
     data = [DCRatios(cpr.ratios(n, g), meta=ArtifactMeta(nfe=n, guidance=g)) for n, g in pairs]
-    fitted = fit_cpr(data, ArtifactMeta(solver="dc"))
+    fitted = fit_cpr(data, ArtifactMeta(solver="dc"), ridge=0)
     assert fitted.meta.extra["pairs"][0] == [5, 1.5] and fitted.meta.solver == "dc"
     for n, g in [*pairs, (7, 4.0), (9, 2.0)]:  # the model class holds the truth: unseen pairs too
         np.testing.assert_allclose(fitted.ratios(n, g), cpr.ratios(n, g), rtol=1e-7, atol=1e-9)
@@ -249,6 +249,19 @@ def test_cpr_matches_the_nested_cascade_and_fit_recovers_it():
         fit_cpr(data[:8])
     with pytest.raises(ValueError, match="needs meta.guidance"):
         fit_cpr([DCRatios([1, 1, 1])])
+    with pytest.raises(ValueError, match="ridge"):
+        fit_cpr(data, ridge=-1.0)
+
+
+def test_cpr_ridge_shrinks_predictions_towards_no_compensation():
+    rng = np.random.default_rng(1)
+    pairs = [(n, g) for n in (5, 6, 8, 10) for g in (1.5, 3.0, 5.0, 7.5)]
+    data = [DCRatios([1, 1, *(1 + rng.normal(scale=0.3, size=n - 2))], meta=ArtifactMeta(nfe=n, guidance=g))
+            for n, g in pairs]
+    spread = [max(abs(r - 1) for n, g in [*pairs, (12, 9.0)] for r in fit_cpr(data, ridge=lam).ratios(n, g))
+              for lam in (0.0, 1e-3, 1e-1, 1e6)]
+    assert spread[0] > spread[1] > spread[2] > spread[3] and spread[3] < 1e-5  # towards rho = 1, not 0
+    assert fit_cpr(data, ridge=1e-3).meta.extra["ridge"] == 1e-3
 
 
 def test_sample_evaluates_cpr_at_its_own_guidance():
@@ -341,8 +354,28 @@ def test_interrupted_calibration_resumes_to_the_same_ratios(tmp_path, monkeypatc
     assert json.loads((tmp_path / "state.json").read_text())["iteration"] == 3
     resumed = _calibrate(iterations=6, checkpoint=tmp_path / "state.json")
     assert resumed.ratios == whole.ratios and resumed.meta.extra["loss"] == whole.meta.extra["loss"]
-    with pytest.raises(ValueError, match="checkpoint of another calibration"):
-        _calibrate(iterations=6, lr=0.05, checkpoint=tmp_path / "state.json")
+    for other in ({"lr": 0.05}, {"lr_schedule": "cosine"}, {"bounds": (0.5, 1.5)}):
+        with pytest.raises(ValueError, match="checkpoint of another calibration"):
+            _calibrate(**{"iterations": 6, **other}, checkpoint=tmp_path / "state.json")
+    cosine = _calibrate(iterations=6, lr_schedule="cosine", checkpoint=tmp_path / "cosine.json")
+    with pytest.raises(ValueError, match="checkpoint of another calibration"):  # the schedule depends on it
+        _calibrate(iterations=7, lr_schedule="cosine", checkpoint=tmp_path / "cosine.json")
+    assert cosine.ratios != whole.ratios
+
+
+def test_calibration_keeps_ratios_within_bounds_and_anneals_the_rate():
+    r = _calibrate(iterations=8, lr=0.5, bounds=(0.9, 1.05), lr_schedule="cosine")
+    assert all(0.9 <= v <= 1.05 for v in r.ratios) and r.meta.extra["bounds"] == [0.9, 1.05]
+    assert r.meta.extra["lr_schedule"] == "cosine" and any(v in (0.9, 1.05) for v in r.ratios[2:])
+    rates = [calibrate_module._rate(0.1, "cosine", k, 8) for k in range(9)]
+    assert rates[0] == 0.1 and rates[4] == pytest.approx(0.05) and rates[8] == pytest.approx(0.0)
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    assert calibrate_module._rate(0.1, "constant", 7, 8) == 0.1
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        _calibrate(iterations=1, lr_schedule="step")
+    for bad in ((1.0, 2.0), (0.5,), "0,2"):
+        with pytest.raises(ValueError, match="bounds must be None or"):
+            _calibrate(iterations=1, bounds=bad)
 
 
 def test_calibration_rejects_bad_setups():

@@ -6,7 +6,12 @@ run by default), backpropagating through the whole sampling run, model calls inc
 (the plan's compensation weights are torch functions of the ratios). The official code
 instead searches one ratio at a time, greedily, against the reference trajectory at the
 next step (see the README); optimising the end result directly is what the evaluation
-measures. Adam (lr 0.1, no weight decay) from rho = 1; the best iterate is returned.
+measures. Adam (lr 0.1, no weight decay) from rho = 1; the iterate with the lowest
+calibration loss is returned. ``lr_schedule="cosine"`` anneals the rate to 0 and ``bounds``
+projects every step into a ratio range; on the 16 digits (NFE, guidance) pairs with 10
+samples the annealed, bounded optimiser did not lower the calibration loss (the annealed rate
+travels half as far in the same iterations; README, "DC-Solver"), so the default stays the
+constant rate, unbounded.
 
 A ``checkpoint`` file (JSON, rewritten atomically after every iteration) makes a run
 resumable: rerun the same call after a crash and it continues where it stopped, ending
@@ -35,10 +40,14 @@ from .solvers.dc import DynamicCompensation
 from .timesteps import GridSpec
 from .validation import check_int, check_real
 
-__all__ = ["calibrate_dc", "DEFAULT_ITERATIONS", "DEFAULT_LR", "DEFAULT_REFERENCE_NFE"]
+__all__ = ["calibrate_dc", "DEFAULT_ITERATIONS", "DEFAULT_LR", "DEFAULT_LR_SCHEDULE", "DEFAULT_BOUNDS",
+           "DEFAULT_REFERENCE_NFE"]
 
 DEFAULT_ITERATIONS = 40
 DEFAULT_LR = 0.1
+DEFAULT_LR_SCHEDULE = "constant"
+DEFAULT_BOUNDS = None
+LR_SCHEDULES = ("constant", "cosine")
 DEFAULT_REFERENCE_NFE = 200
 _DC_KEYS = ("ratios", "cpr", "dc_file", "guidance")
 _ADAM = (0.9, 0.999, 1e-8)
@@ -58,6 +67,8 @@ def calibrate_dc(
     reference: torch.Tensor | None = None,
     iterations: int = DEFAULT_ITERATIONS,
     lr: float = DEFAULT_LR,
+    lr_schedule: str = DEFAULT_LR_SCHEDULE,
+    bounds: tuple[float, float] | None = DEFAULT_BOUNDS,
     solver: str = "dc",
     reference_nfe: int = DEFAULT_REFERENCE_NFE,
     batch_size: int | None = None,
@@ -74,7 +85,10 @@ def calibrate_dc(
         reference: Target samples (``x_T``'s shape); default: DDIM with ``reference_nfe``
             steps from ``x_T`` on the same spacing.
         iterations: Adam steps (each one sampling run forward and backward).
-        lr: Adam learning rate.
+        lr: Adam learning rate (the initial one with ``lr_schedule="cosine"``).
+        lr_schedule: ``"cosine"`` (annealed from ``lr`` to 0 over ``iterations``) or ``"constant"``.
+        bounds: None (unbounded) or ``(low, high)`` with low < 1 < high: every Adam step is
+            projected into it.
         solver: ``"dc"`` (UniPC + compensation) or ``"dc_dpmpp"`` (DPM-Solver++ + compensation).
         reference_nfe: Steps of the default DDIM reference.
         batch_size: Samples per forward/backward pass (gradients are accumulated); None: all.
@@ -96,6 +110,9 @@ def calibrate_dc(
     iterations = check_int("iterations", iterations, 0)
     lr = check_real("lr", lr, 0.0, open_min=True)
     reference_nfe = check_int("reference_nfe", reference_nfe, 1)
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got {lr_schedule!r}")
+    bounds = _check_bounds(bounds)
     if guidance is not None:
         guidance = check_guidance(guidance)
     if not isinstance(solver, str):
@@ -151,7 +168,8 @@ def calibrate_dc(
             total += float(loss.detach())
         return total, (free.grad if grad else None)
 
-    identity = _identity(model, x_T, reference, solver, dc.config, schedule, nfe, prediction, spacing, guidance, lr)
+    identity = _identity(model, x_T, reference, solver, dc.config, schedule, nfe, prediction, spacing, guidance,
+                         (lr, lr_schedule, bounds, iterations if lr_schedule != "constant" else None))
     state = _load_checkpoint(checkpoint, identity, nfe - dc_order)
     from tqdm.auto import tqdm
 
@@ -161,7 +179,7 @@ def calibrate_dc(
             params = torch.tensor(state["params"], dtype=torch.float64)
             loss, g = loss_and_grad(params, grad=True)
             _record(state, params, loss)
-            _adam_step(state, params, g, lr)
+            _adam_step(state, params, g, _rate(lr, lr_schedule, state["iteration"], iterations), bounds)
             state["final_loss"] = None
             if checkpoint is not None:
                 _save_checkpoint(checkpoint, state)
@@ -178,6 +196,7 @@ def calibrate_dc(
     extra = {
         "objective": "final-sample MSE, backpropagated through the whole run",
         "reference": reference_what, "num_samples": n, "iterations": iterations, "lr": lr,
+        "lr_schedule": lr_schedule, "bounds": None if bounds is None else list(bounds),
         "solver_options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dc.config.items()
                            if k not in _DC_KEYS},
         "spacing": _describe(spacing),
@@ -232,14 +251,40 @@ def _record(state: dict[str, Any], params: torch.Tensor, loss: float, final: boo
         state["best_iteration"] = state["iteration"]
 
 
-def _adam_step(state: dict[str, Any], params: torch.Tensor, grad: torch.Tensor, lr: float) -> None:
-    """One float64 Adam update of ``state`` (no weight decay: decay towards rho = 0 means nothing here)."""
+def _check_bounds(bounds: Any) -> tuple[float, float] | None:
+    if bounds is None:
+        return None
+    if not isinstance(bounds, (tuple, list)) or len(bounds) != 2:
+        raise ValueError(f"bounds must be None or (low, high) with low < 1 < high, got {bounds!r}")
+    low, high = (check_real("bounds", b) for b in bounds)
+    if not low < 1.0 < high:
+        raise ValueError(f"bounds must be None or (low, high) with low < 1 < high (rho = 1 is no compensation), "
+                         f"got {bounds!r}")
+    return (low, high)
+
+
+def _rate(lr: float, schedule: str, iteration: int, iterations: int) -> float:
+    """Step size of Adam step ``iteration`` (0-based): constant, or cosine-annealed from lr to 0.
+
+    With a constant rate the normalised Adam step keeps moving every ratio by about lr, so the
+    loss goes up and down around the minimum; annealing lets the last iterates settle.
+    """
+    if schedule == "constant":
+        return lr
+    return lr * 0.5 * (1.0 + math.cos(math.pi * iteration / max(iterations, 1)))
+
+
+def _adam_step(state: dict[str, Any], params: torch.Tensor, grad: torch.Tensor, lr: float,
+               bounds: tuple[float, float] | None) -> None:
+    """One float64 Adam update of ``state``, projected into ``bounds`` (no weight decay: decay
+    towards rho = 0 means nothing here)."""
     b1, b2, eps = _ADAM
     k = state["iteration"] + 1
     m = b1 * torch.tensor(state["m"], dtype=torch.float64) + (1 - b1) * grad
     v = b2 * torch.tensor(state["v"], dtype=torch.float64) + (1 - b2) * grad.square()
     step = lr * (m / (1 - b1**k)) / ((v / (1 - b2**k)).sqrt() + eps)
-    state.update(iteration=k, params=(params - step).tolist(), m=m.tolist(), v=v.tolist())
+    new = params - step if bounds is None else (params - step).clamp(*bounds)
+    state.update(iteration=k, params=new.tolist(), m=m.tolist(), v=v.tolist())
 
 
 def _describe(spacing: "str | GridSpec | None") -> str | None:

@@ -38,6 +38,8 @@ DEFAULT_DC_ORDER = 2
 MAX_DC_ORDER = 3
 # The official scale factors of the CPR inputs.
 _NFE_SCALE, _GUIDANCE_SCALE = 50.0, 12.0
+_CONSTANT = 8  # index of x^0 g^0 n^0 in the official order (k=0, m=2, l=2)
+DEFAULT_CPR_RIDGE = 1e-3
 
 
 def _dc_order(value: Any) -> int:
@@ -167,14 +169,22 @@ class DCCPR(_DCArtifact):
         return [1.0] * min(self.dc_order, nfe) + rho.tolist()
 
 
-def fit_cpr(calibrated: Sequence[DCRatios], meta: ArtifactMeta | None = None) -> DCCPR:
-    """Least-squares fit of the 36 CPR coefficients to calibrated ratios of several (NFE, guidance) pairs.
+def fit_cpr(calibrated: Sequence[DCRatios], meta: ArtifactMeta | None = None, *,
+            ridge: float = DEFAULT_CPR_RIDGE) -> DCCPR:
+    """Ridge-regularised least-squares fit of the 36 CPR coefficients to calibrated ratios of several pairs.
+
+    The penalty ``ridge * ||c||^2`` acts on the coefficients of ``rho - 1`` over unit-norm
+    columns, so it pulls predictions towards rho = 1 (no compensation) rather than 0. The
+    calibrated ratios are noisy (many steps barely change the loss), and an unregularised fit
+    of 36 numbers to them extrapolates wildly for pairs at the edge of the grid; the default
+    was chosen by leave-one-out on the calibration losses (``benchmarks/dc_cpr_ridge.py``).
 
     Args:
         calibrated: Ratio artifacts whose ``meta.guidance`` is set, one per pair; they must
             share ``dc_order`` and cover at least 3 NFEs and 3 guidance scales (each cascade
             level is quadratic).
         meta: Provenance of the result (the fitted pairs are added to ``extra``).
+        ridge: Penalty weight (>= 0); 0 is plain least squares.
 
     Returns:
         The :class:`DCCPR` (minimum-norm solution when the pairs leave directions undetermined).
@@ -198,6 +208,7 @@ def fit_cpr(calibrated: Sequence[DCRatios], meta: ArtifactMeta | None = None) ->
     if len(nfes) < 3 or len(scales) < 3:
         raise ValueError(f"CPR is quadratic in the NFE and in the guidance: it needs at least 3 of each, got NFE "
                          f"{sorted(nfes)} and guidance {sorted(scales)}")
+    ridge = check_real("ridge", ridge, 0.0)
     (dc_order,) = orders
     rows, targets = [], []
     for r in calibrated:
@@ -207,10 +218,13 @@ def fit_cpr(calibrated: Sequence[DCRatios], meta: ArtifactMeta | None = None) ->
     a, b = np.concatenate(rows), np.concatenate(targets)
     # The monomials span very different scales (n^2 ~ 0.01): solve on unit-norm columns.
     scale = np.linalg.norm(a, axis=0)
-    coef = np.linalg.lstsq(a / scale, b, rcond=None)[0] / scale
+    penalty = math.sqrt(ridge) * np.eye(CPR_SIZE)
+    coef = np.linalg.lstsq(np.concatenate([a / scale, penalty]), np.concatenate([b - 1.0, np.zeros(CPR_SIZE)]),
+                           rcond=None)[0] / scale
+    coef[_CONSTANT] += 1.0  # the x^0 g^0 n^0 monomial is 1 everywhere
     residual = float(np.sqrt(np.mean((a @ coef - b) ** 2)))
     meta = meta or ArtifactMeta()
-    extra = {**meta.extra, "pairs": [[n, g] for n, g in sorted(pairs)], "fit_rms": residual}
+    extra = {**meta.extra, "pairs": [[n, g] for n, g in sorted(pairs)], "fit_rms": residual, "ridge": ridge}
     meta = ArtifactMeta(**{**meta.to_dict(), "nfe": None, "guidance": None, "extra": extra})
     return DCCPR(coef.tolist(), dc_order, meta)
 
