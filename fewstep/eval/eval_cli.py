@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 from ..config import add_config_arguments, resolve_config, resolve_device, torch_threads
 from .features import parse_extractor_spec
@@ -90,24 +90,18 @@ def _common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
 
 
-def cmd_fid(args: argparse.Namespace) -> int:
-    """CLI body of ``fewstep eval fid``."""
-    cfg = resolve_config(FIDConfig, args)
-    args.resume_hint = f"finished shards are kept in {cfg.out}; run the same command again to resume"
-    check_model(cfg.model)  # a typo in --model fails before any weights are loaded
-    with torch_threads(cfg.threads):
-        run_fid(cfg)
-    return 0
+def _cmd_run(schema: type, run: Callable[[Any], Any]) -> Callable[[argparse.Namespace], int]:
+    """CLI body of ``fewstep eval fid`` / ``eval mse``: resolve ``schema``, then ``run`` it."""
 
+    def command(args: argparse.Namespace) -> int:
+        cfg = resolve_config(schema, args)
+        args.resume_hint = f"finished shards are kept in {cfg.out}; run the same command again to resume"
+        check_model(cfg.model)  # a typo in --model fails before any weights are loaded
+        with torch_threads(cfg.threads):
+            run(cfg)
+        return 0
 
-def cmd_mse(args: argparse.Namespace) -> int:
-    """CLI body of ``fewstep eval mse``."""
-    cfg = resolve_config(MSEConfig, args)
-    args.resume_hint = f"finished shards are kept in {cfg.out}; run the same command again to resume"
-    check_model(cfg.model)  # a typo in --model fails before any weights are loaded
-    with torch_threads(cfg.threads):
-        run_mse(cfg)
-    return 0
+    return command
 
 
 def cmd_ref(args: argparse.Namespace) -> int:
@@ -158,7 +152,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
                    help="reference statistics .npz, a built-in dataset (digits, the default), an image folder or "
                         "an .npz of images/features")
     add_config_arguments(f, FIDConfig)
-    f.set_defaults(func=cmd_fid)
+    f.set_defaults(func=_cmd_run(FIDConfig, run_fid))
 
     m = esub.add_parser("mse", help="MSE to a high-NFE reference from the same noise, per solver and NFE",
                         description="MSE of every solver at every NFE to a reference trajectory from the same noise "
@@ -172,7 +166,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--reference-nfe", dest="reference_nfe", type=int, metavar="N",
                    help=f"reference steps (default: {DEFAULT_MSE_REFERENCE_NFE})")
     add_config_arguments(m, MSEConfig)
-    m.set_defaults(func=cmd_mse)
+    m.set_defaults(func=_cmd_run(MSEConfig, run_mse))
 
     r = esub.add_parser("ref", help="reference statistics (mu, sigma, metadata) of a dataset, folder or npz",
                         description="Compute reference statistics for FD/FID and write them as .npz (mu, sigma, n, "
