@@ -10,13 +10,14 @@ import torch
 from fewstep.kernels import linear_combination, linear_combinations
 from fewstep.kernels.layout import coalesce, has_internal_overlap
 
+NO_TRITON = "needs triton (pip install -e '.[kernels-test]'): its CPU interpreter runs the Triton kernels"
 TOL = {torch.float32: 1e-6, torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
 @pytest.fixture
 def interpret(monkeypatch):
     """Run Triton kernels in the CPU interpreter (read when a kernel is first built in a mode)."""
-    pytest.importorskip("triton")
+    pytest.importorskip("triton", reason=NO_TRITON)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
@@ -258,7 +259,7 @@ def test_auto_picks_triton_only_for_cuda_without_autograd(monkeypatch):
 
 
 def test_forced_triton_on_cpu_needs_the_interpreter(monkeypatch):
-    pytest.importorskip("triton")
+    pytest.importorskip("triton", reason=NO_TRITON)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         linear_combination(scalars(1), [randn(3)], backend="triton")
@@ -347,7 +348,7 @@ def test_coalesce_merges_compatible_dimensions():
 
 
 def test_large_tensors_switch_to_64_bit_offsets():
-    pytest.importorskip("triton")
+    pytest.importorskip("triton", reason=NO_TRITON)
     from fewstep.kernels import triton_lincomb
 
     def int64(numel):
@@ -421,7 +422,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_kernel_matches_reference(dtype):
-    pytest.importorskip("triton")
+    pytest.importorskip("triton", reason=NO_TRITON)
     xs = [t.cuda().to(dtype) for t in _layouts((2, 3, 33, 17))]
     table, bias = randn(3, 5, 3, 1, 1, seed=7).cuda(), randn(3, 17, seed=8).cuda()
     tri = linear_combinations(table, xs, bias)  # auto -> Triton on CUDA
@@ -432,7 +433,7 @@ def test_cuda_kernel_matches_reference(dtype):
 
 @cuda
 def test_cuda_graph_replays_current_coefficients():
-    pytest.importorskip("triton")
+    pytest.importorskip("triton", reason=NO_TRITON)
     xs = [randn(4, 1000, seed=k).cuda() for k in range(3)]
     table, step = randn(5, 2, 3, seed=9).cuda(), torch.zeros(1, dtype=torch.long, device="cuda")
     outs = [torch.empty(4, 1000, device="cuda") for _ in range(2)]

@@ -15,6 +15,8 @@ from fewstep.samplers.plan import PlanExecutor, SolverPlan
 warnings.filterwarnings("ignore", category=FutureWarning)
 SD = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1}
 
+NO_TRITON = "needs triton (pip install -e '.[kernels-test]'): its CPU interpreter runs the Triton kernels"
+
 
 def staged(plan, x, model, transform=None, guidance=None, sample_dtype=None):
     """A SolverPlan run stage by stage, exactly as its docstring defines a step (in x's dtype; with
@@ -325,7 +327,7 @@ def test_fold_rejects_plans_that_read_unwritten_history():
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the fp16 overflow, inside the interpreter
 def test_fused_kernel_path_in_the_interpreter(monkeypatch):
     # The CUDA path (one Triton launch per step, per-operand NaN flags) run by Triton's CPU interpreter.
-    pytest.importorskip("triton")
+    pytest.importorskip("triton", reason=NO_TRITON)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     x = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(5))
     from tests.test_dpmv3 import synthetic_ems

@@ -18,6 +18,7 @@ check out, and an unwritable cache only costs a warning.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import statistics
@@ -29,6 +30,7 @@ import torch
 
 from ..config import add_config_arguments, parse_spec, resolve_config, resolve_device, save_config, torch_threads
 from ..samplers import TimeShift, get_solver, list_solvers
+from ..samplers.artifacts import Artifact
 from ..samplers.timesteps import SPACINGS
 from .diffusers_schedulers import DIFFUSERS_PREFIX, is_diffusers_spec, parse_diffusers_spec
 from .io import atomic_write_bytes, clean_temp_files, load_tensors, lock_directory, read_json, save_tensors, write_json
@@ -81,6 +83,9 @@ class Method:
         TimeShift.coerce(options.get("time_shift"))
         return cls(name, tuple(sorted(options.items())))
 
+    def __hash__(self) -> int:  # option values may be lists (dc:ratios=[...]), which do not hash
+        return hash((self.solver, repr(self.options)))
+
     @property
     def option_dict(self) -> dict[str, Any]:
         return dict(self.options)
@@ -93,7 +98,14 @@ class Method:
         options = self.option_dict
         sampling = tuple((k, repr(options.pop(k))) for k in SAMPLING_OPTIONS if k in options)
         config = get_solver(self.solver, **options).config
+        # A tuned file counts by its content, not its path: rewriting it in place is another method.
+        config = {k: _content_identity(v) for k, v in config.items()}
         return self.solver, tuple(sorted(config.items())) + sampling
+
+    @property
+    def identity(self) -> Any:
+        """:attr:`canonical` as JSON reads it back (tuned files by content hash): what a kept result must match."""
+        return json.loads(json.dumps(self.canonical))
 
     @property
     def is_diffusers(self) -> bool:
@@ -122,6 +134,11 @@ class Method:
                 seen.add(m.canonical)
                 unique.append((m, spec))
         return unique
+
+
+def _content_identity(value: Any) -> Any:
+    """A solver option as it enters a run identity: an artifact by its kind and content hash."""
+    return (value.kind, value.sha256()) if isinstance(value, Artifact) else value
 
 
 @dataclass
@@ -260,6 +277,15 @@ def _load_results(path: Path, identity: dict[str, Any]) -> dict[str, Any] | None
     return old
 
 
+def _drop_stale_entries(results: dict[str, Any], methods: list[Method], log: Callable[[str], None]) -> None:
+    """Forget kept results of a spec whose solver now resolves differently (a tuned file rewritten in place)."""
+    current = {m.label: m.identity for m in methods}
+    stale = [e for e in results["entries"] if e["method"] in current and e.get("canonical") != current[e["method"]]]
+    for label in dict.fromkeys(e["method"] for e in stale):
+        log(f"recomputing {label}: its tuned file changed (or the kept result predates content hashes)")
+    results["entries"] = [e for e in results["entries"] if not any(e is x for x in stale)]
+
+
 def _run_method(testbed: Testbed, cfg: CompareConfig, method: Method, nfe: int, x_T: torch.Tensor,
                 cond: torch.Tensor) -> tuple[torch.Tensor | None, list[float]]:
     """Samples (None if the solver diverged) and the wall time of each repeat."""
@@ -336,6 +362,7 @@ def run_compare(testbed: Testbed, cfg: CompareConfig, log: Callable[[str], None]
             write_json(results_path, results)
 
         pairs = [(m, n) for m in cfg.methods for n in cfg.nfe]
+        _drop_stale_entries(results, cfg.methods, log)
         done = {(e["method"], e["nfe"]) for e in results["entries"]}
         todo = [(m, n) for m, n in pairs if (m.label, n) not in done]
         if len(todo) < len(pairs):
@@ -356,6 +383,7 @@ def run_compare(testbed: Testbed, cfg: CompareConfig, log: Callable[[str], None]
                     mse, metrics = None, {m: None for m in testbed.metrics}
                 results["entries"].append({
                     "method": method.label, "solver": method.solver, "options": method.option_dict, "nfe": nfe,
+                    "canonical": method.identity,
                     "mse": mse, **metrics, "diverged": samples is None,
                     "time_s": statistics.median(times) if times else None, "time_runs": len(times),
                 })

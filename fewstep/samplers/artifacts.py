@@ -28,10 +28,11 @@ import hashlib
 import json
 import math
 import os
+import re
 import warnings
 import weakref
 from pathlib import Path
-from typing import Any, ClassVar, Mapping, TypeVar
+from typing import Any, Callable, ClassVar, Mapping, TypeVar
 
 import torch
 
@@ -42,6 +43,10 @@ __all__ = [
     "Artifact",
     "ArtifactMeta",
     "ArtifactError",
+    "FileReference",
+    "is_file_reference",
+    "check_file_reference",
+    "resolve_file_reference",
     "model_fingerprint",
     "schedule_mismatch",
     "ARTIFACT_FORMAT",
@@ -53,6 +58,63 @@ A = TypeVar("A", bound="Artifact")
 # File-backed artifacts loaded in this process, by content hash: a config round trip in
 # memory (``X.from_config(sched.config)``) finds them without the file.
 _LOADED: "weakref.WeakValueDictionary[str, Artifact]" = weakref.WeakValueDictionary()
+# A config names a file-backed artifact by a plain file name beside the config (what
+# save_pretrained writes): no folders, no "..", no absolute paths.
+_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _remember(artifact: "Artifact") -> str:
+    """Register a file-backed artifact by content hash; an entry still alive is kept (not replaced by
+    a later copy that may be dropped first)."""
+    digest = artifact.sha256()
+    if _LOADED.get(digest) is None:
+        _LOADED[digest] = artifact
+    return digest
+
+
+def is_file_reference(value: Any) -> bool:
+    """Whether a config entry is a file reference ``{"file": NAME, "sha256": HEX}`` (not an inline record)."""
+    return isinstance(value, Mapping) and "file" in value and set(value) <= {"file", "sha256"}
+
+
+def check_file_reference(ref: Mapping[str, Any], what: str = "artifact") -> tuple[str, str]:
+    """(name, sha256) of a config's file reference, validated.
+
+    Raises:
+        ArtifactError: a name that is not a plain file name beside the config (absolute, ``..``,
+            a folder), or a missing/malformed sha256.
+    """
+    name, digest = ref.get("file"), ref.get("sha256")
+    if not isinstance(name, str) or not _FILE_NAME.fullmatch(name) or set(name) == {"."}:
+        raise ArtifactError(f"{what} names the file {name!r}: a config may only reference a file beside it by a "
+                            "plain name (no folders, no '..', no absolute path)")
+    if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+        raise ArtifactError(f"{what} references {name!r} without a valid sha256 (got {digest!r}); a config must "
+                            "name the content of the file it references")
+    return name, digest
+
+
+@dataclasses.dataclass(frozen=True)
+class FileReference:
+    """A config's file reference resolved against the folder the config was loaded from.
+
+    Attributes:
+        name: The file name in the config.
+        sha256: The content hash the config names (checked on load).
+        path: Where the file is (the config's folder, or the hub cache).
+    """
+
+    name: str
+    sha256: str
+    path: str
+
+
+def resolve_file_reference(ref: Mapping[str, Any], locate: "Callable[[str], str]",
+                           what: str = "artifact") -> FileReference:
+    """Validate a config's ``{"file", "sha256"}`` entry and locate the file with ``locate(name)``."""
+    name, digest = check_file_reference(ref, what)
+    return FileReference(name, digest, locate(name))
 
 
 class ArtifactError(ValueError):
@@ -266,7 +328,7 @@ class Artifact:
                 raise ArtifactError(f"{cls.kind} artifact {path}: no {ARTIFACT_FORMAT} header")
             record = _parse_json(header, path, cls.kind)
             artifact = cls.from_dict(record, str(path), tensors)
-            _LOADED[artifact.sha256()] = artifact
+            _remember(artifact)
             return artifact
         text = _read_text(path, cls.kind)
         if path.suffix in (".yaml", ".yml"):
@@ -292,9 +354,7 @@ class Artifact:
     def to_config(self) -> dict[str, Any]:
         """What a scheduler config stores: the record inline, or a reference to the file."""
         if self.file_backed:
-            digest = self.sha256()
-            _LOADED[digest] = self
-            return {"file": self.filename, "sha256": digest}
+            return {"file": self.filename, "sha256": _remember(self)}
         return self.to_dict()
 
     @classmethod
@@ -309,29 +369,31 @@ class Artifact:
             return value
         if isinstance(value, (str, os.PathLike)):
             return cls.load(value)
+        if isinstance(value, FileReference):
+            return cls._from_reference(value.name, value.sha256, what, Path(value.path))
         if isinstance(value, Mapping):
-            if "file" in value and set(value) <= {"file", "sha256"}:
-                return cls._from_reference(value, what)
+            if is_file_reference(value):
+                # A config without its folder (an in-memory round trip): only this process's copy
+                # of that content will do, never a file found relative to the working directory.
+                return cls._from_reference(*check_file_reference(value, what), what, None)
             return cls.from_dict(value, f"given as {what}")
         raise TypeError(f"{what} must be a {cls.__name__}, a path to one, or its config entry; "
                         f"got {type(value).__name__}")
 
     @classmethod
-    def _from_reference(cls: type[A], ref: Mapping[str, Any], what: str) -> A:
-        digest = ref.get("sha256")
-        path = Path(str(ref["file"]))
-        if path.is_file():
+    def _from_reference(cls: type[A], name: str, digest: str, what: str, path: Path | None) -> A:
+        if path is not None and path.is_file():
             artifact = cls.load(path)
-            if digest is not None and artifact.sha256() != digest:
+            if artifact.sha256() != digest:
                 raise ArtifactError(f"{cls.kind} artifact {path}: its content (sha256 {artifact.sha256()[:12]}) is not "
-                                    f"the one the config names (sha256 {str(digest)[:12]})")
+                                    f"the one the config names (sha256 {digest[:12]})")
             return artifact
-        known = _LOADED.get(digest) if digest else None
+        known = _LOADED.get(digest)
         if isinstance(known, cls):
             return known
         raise ArtifactError(
-            f"{cls.kind} artifact {path} (named by {what}) not found; load the scheduler with from_pretrained from "
-            f"the folder that holds it, or pass {what}=PATH"
+            f"{cls.kind} artifact {path or name} (named by {what}) not found; load the scheduler with from_pretrained "
+            f"from the folder that holds it, or pass {what}=PATH"
         )
 
     # ---------------------------------------------------------------- validation against use

@@ -18,11 +18,13 @@ import math
 from typing import Any
 
 from .solvers.base import Solver
+from .validation import check_bool
 
 __all__ = [
     "COMPATIBLE_SCHEDULERS",
     "translate_schedule_flags",
     "check_foreign_source",
+    "check_flag_types",
     "foreign_solver_options",
     "SCHEDULE_KEYS_IN_KWARGS",
     "init_keys_of",
@@ -56,6 +58,9 @@ _UNSUPPORTED = {
 # diffusers' grid flags: keys a user may also pass as keyword arguments of from_config.
 _SIGMA_FLAGS = ("use_karras_sigmas", "use_lu_lambdas", "use_exponential_sigmas")
 SCHEDULE_KEYS_IN_KWARGS = (*_SIGMA_FLAGS, "use_flow_sigmas", "flow_shift", *_UNSUPPORTED)
+# Boolean keys of diffusers configs read here: a string such as "false" is truthy, so refuse it.
+_BOOL_KEYS = (*_SIGMA_FLAGS, "use_flow_sigmas", "use_beta_sigmas", "invert_sigmas", "stochastic_sampling",
+              "lower_order_final", "euler_at_final", "predict_x0")
 
 # Keys of the compatible schedulers that fewstep reads or may safely ignore (a live config
 # carrying any other key belongs to a scheduler fewstep does not understand).
@@ -75,6 +80,17 @@ def is_flow_config(config: dict[str, Any]) -> bool:
         # Live configs carry no _class_name: a shift but no betas means flow matching.
         or ("shift" in config and "beta_schedule" not in config and "trained_betas" not in config)
     )
+
+
+def check_flag_types(config: dict[str, Any]) -> None:
+    """Refuse non-boolean values of diffusers' boolean keys (None means unset).
+
+    Raises:
+        TypeError: naming the key and the value.
+    """
+    for key in _BOOL_KEYS:
+        if config.get(key) is not None:
+            check_bool(key, config[key])
 
 
 def check_foreign_source(config: dict[str, Any], init_keys: set[str]) -> None:
@@ -111,7 +127,9 @@ def translate_schedule_flags(config: dict[str, Any], init_keys: set[str], given:
 
     Raises:
         ValueError: naming the key, for settings fewstep cannot reproduce.
+        TypeError: a boolean key holding a string or number.
     """
+    check_flag_types(config)
     for key, (neutral, what) in _UNSUPPORTED.items():
         if key in config and not neutral(config[key]):
             raise ValueError(f"{what} = {config[key]!r} is not supported by fewstep's schedulers")
@@ -149,6 +167,7 @@ def translate_schedule_flags(config: dict[str, Any], init_keys: set[str], given:
 
 def foreign_solver_options(config: dict[str, Any], solver: type[Solver]) -> dict[str, Any]:
     """Solver settings of a diffusers multistep config that mean the same for ``solver``."""
+    check_flag_types(config)
     defaults = set(config.get("_use_default_values", ()))
     given = {k: v for k, v in config.items() if k not in defaults}
     names = solver.options
