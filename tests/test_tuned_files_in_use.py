@@ -28,7 +28,8 @@ def _tuned_files(folder):
     SolverSchedule([999.0, 500.0, 100.0], meta=ArtifactMeta(nfe=3)).save(folder / "ts.json")
     lam = ems_lambda_grid(sched, 8)
     ones = torch.ones(9, GMM_DIM, dtype=torch.float64)
-    EMS(lam, ones, 0 * ones, 0 * ones, ArtifactMeta(schedule=sched.to_dict())).save(folder / "e.safetensors")
+    meta = ArtifactMeta(schedule=sched.to_dict(), guidance=2.0)  # the gmm testbed's default guidance
+    EMS(lam, ones, 0 * ones, 0 * ones, meta).save(folder / "e.safetensors")
     return [f"dc:dc_file={folder / 'r.json'}", "dc:ratios=[1,1,1.1]", f"unipc:solver_schedule={folder / 'ts.json'}",
             f"dpmv3:ems={folder / 'e.safetensors'}"]
 

@@ -159,6 +159,7 @@ def enable_guidance_adapters(
     if binding is None:
         binding = denoiser.__dict__[_BINDING] = _OneForward(denoiser)
     binding.bind(pipe, tuple(order))
+    denoiser.requires_grad_(False)  # the attached state (disable_guidance_adapters restored the flags)
     return adapters.enable()
 
 
@@ -176,4 +177,11 @@ def disable_guidance_adapters(pipe: Any, remove: bool = False) -> None:
         binding.remove()
     adapters = GuidanceAdapters.attached_to(denoiser)
     if adapters is not None:
-        adapters.remove() if remove else adapters.disable()
+        if remove:
+            adapters.remove()  # restores the base's requires_grad flags itself
+        else:
+            adapters.disable()
+            # Attaching froze the base; unfreeze it as it was: a lasting side effect otherwise
+            # (a later fine-tune trains nothing), and on CPU frozen weights run other kernels.
+            for name, param in denoiser.named_parameters():
+                param.requires_grad_(adapters._frozen.get(name, param.requires_grad))

@@ -396,6 +396,22 @@ class Artifact:
             f"from the folder that holds it, or pass {what}=PATH"
         )
 
+    def relabel(self: A, **changes: Any) -> A:
+        """A copy whose meta claims other uses (e.g. ``guidance=7.5``): a deliberate override of the checks.
+
+        The values it replaces are kept in ``meta.extra["relabelled"]`` (e.g. an ablation running
+        the unguided model's EMS in guided sampling).
+        """
+        old = self.meta.to_dict()
+        unknown = sorted(set(changes) - set(old) - {"extra"}) or sorted(set(changes) & {"extra", "created_with"})
+        if unknown:
+            raise ValueError(f"relabel takes meta fields other than extra/created_with, got {unknown}")
+        extra = {**old["extra"], "relabelled": {k: old[k] for k in changes}}
+        copy = object.__new__(type(self))
+        copy.__dict__.update(self.__dict__)
+        copy.meta = ArtifactMeta(**{**old, **changes, "extra": extra})
+        return copy
+
     # ---------------------------------------------------------------- validation against use
     def check(self, *, nfe: int | None = None, schedule: Any = None, solver: str | None = None) -> None:
         """Raise ArtifactError when the artifact was made for another NFE, schedule or solver."""

@@ -200,6 +200,8 @@ def calibrate_dc(
         "solver_options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dc.config.items()
                            if k not in _DC_KEYS},
         "spacing": _describe(spacing),
+        # the grid the ratios are per step of (checked at each use: fewstep/samplers/artifact_checks.py)
+        "grid": {"timesteps": base.grid.model_timesteps.tolist(), "final_sigma": float(base.grid.sigma[-1])},
         "loss_uncompensated": history[0] if history else state["final_loss"],
         "loss": state["best_loss"], "best_iteration": state["best_iteration"],
     }

@@ -7,6 +7,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .artifact_checks import artifacts_of, check_run
 from .artifacts import Artifact
 from .plan import PlanExecutor, SolverPlan
 from .prediction import Clip, DynamicThreshold, check_prediction
@@ -77,7 +78,9 @@ def make_plan(
         spec, nfe = apply_solver_schedule(solver, spec, schedule, nfe=nfe), None
     elif nfe is None and spec.timesteps is None and spec.sigmas is None:
         nfe = DEFAULT_NFE
-    return solver.plan(build_grid(schedule, nfe, spec), prediction)
+    plan = solver.plan(build_grid(schedule, nfe, spec), prediction)
+    plan.info["artifacts"] = artifacts_of(solver)  # checked against the run by sample()
+    return plan
 
 
 def sample(
@@ -216,6 +219,7 @@ def sample(
     if not isinstance(plan, SolverPlan):
         raise TypeError(f"plan must be a SolverPlan from fewstep.make_plan, got {type(plan).__name__}")
     grid: TimeGrid = plan.grid
+    check_run(plan.info.get("artifacts", ()), grid=grid, guidance=guidance)  # tuned files vs guidance and grid
     device = x_T.device
     batch = x_T.shape[0]
     # Model timesteps for the whole run, moved to the device once.

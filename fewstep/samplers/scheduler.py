@@ -26,7 +26,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
-from .artifacts import Artifact
+from .artifact_checks import check_scheduler_run
+from .artifacts import Artifact, is_file_reference, resolve_file_reference
 from .diffusers_config import (
     COMPATIBLE_SCHEDULERS,
     SCHEDULE_KEYS_IN_KWARGS,
@@ -515,6 +516,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
 
     def _start_run(self, start: int, sample: torch.Tensor) -> PlanExecutor:
         """The executor of this grid for a run from ``start`` on this device and dtype (built once, then reset)."""
+        check_scheduler_run(self)  # tuned files against this run's guidance and grid (artifact_checks.py)
         dtype = compute_dtype(sample.dtype)
         key = (start, sample.device, sample.dtype, bool(self.check_finite))
         ex = self._run.executors.get(key)
@@ -638,8 +640,9 @@ def _resolve_artifact_files(config: dict[str, Any], source: str, subfolder: str 
         return config
     resolved = {}
     for key, value in options.items():
-        if isinstance(value, Mapping) and "file" in value and set(value) <= {"file", "sha256"}:
-            value = {**value, "file": _artifact_path(source, subfolder, str(value["file"]), hub_kwargs)}
+        if is_file_reference(value):  # a plain name beside the config, with its sha256 (checked on load)
+            value = resolve_file_reference(value, lambda name: _artifact_path(source, subfolder, name, hub_kwargs),
+                                           key)
         resolved[key] = value
     return {**config, "solver_options": resolved}
 
