@@ -277,7 +277,10 @@ def test_diffusers_scheduler_samples_and_model_calls():
     theirs = testbed.generate(DIFFUSERS_DPM, {}, 5, x_T, cond, 1.5, "linspace")
     assert torch.allclose(theirs, ours, rtol=0, atol=2e-5) and ours.abs().max() > 0.5
     part = testbed.generate(DIFFUSERS_DPM, {}, 5, x_T[2:4], cond[2:4], 1.5, "linspace")
-    assert torch.allclose(part, theirs[2:4], rtol=0, atol=1e-6)
+    # Not bitwise: the batch size picks the CPU conv/matmul kernel (AVX-512/AMX vs AVX2 blocking), whose
+    # float32 sums differ in the last bits (~1e-6 after 5 steps); the per-seed noise is what must match.
+    assert torch.allclose(part, theirs[2:4], rtol=0, atol=2e-5)
+    assert not torch.allclose(part, theirs[:2], rtol=0, atol=1e-2)  # and it is per seed, not per position
     options = {"solver_order": 3}
     assert not torch.allclose(testbed.generate(DIFFUSERS_DPM, options, 5, x_T, cond, 1.5, "linspace"), theirs,
                               rtol=0, atol=1e-4)  # the option reaches the scheduler
