@@ -150,3 +150,16 @@ def test_relabel_is_the_deliberate_override():
     assert e.meta.extra["relabelled"] == {"guidance": None} and ems(None).meta.guidance is None
     with pytest.raises(ValueError, match="relabel takes meta fields"):
         ems(None).relabel(bogus=1)
+
+
+def test_the_scheduler_warns_when_the_pipeline_model_is_not_the_tuned_one(pipe):
+    base = pipe.scheduler
+    try:
+        schedule = DCSolverScheduler.from_config(base.config).schedule.to_dict()
+        r = DCRatios([1.0, 1.0, 0.9, 0.9], meta=ArtifactMeta(schedule=schedule, nfe=4, guidance=3.0,
+                                                             fingerprint="module:another-model"))
+        pipe.scheduler = DCSolverScheduler.from_config(base.config, ratios=r)
+        with pytest.warns(UserWarning, match="tuned on model module:another-model"):
+            _call(pipe, 3.0)
+    finally:
+        pipe.scheduler = base

@@ -175,3 +175,16 @@ def test_config_file_references_need_their_sha256(tmp_path):
     config["solver_options"]["ems"] = {"file": EMS.filename, "sha256": ems.sha256()}
     cfg_path.write_text(json.dumps(config))
     assert DPMSolverV3Scheduler.from_pretrained(tmp_path).solver.config["ems"] == ems
+
+
+def test_eval_recomputes_shards_of_a_rewritten_tuned_file(tmp_path):
+    path = tmp_path / "r.json"
+    DCRatios([1.0, 1.0, 0.9], meta=ArtifactMeta(nfe=3)).save(path)
+    cfg = MSEConfig(model="gmm", solvers=[f"dc:dc_file={path}"], nfe=[3], num_samples=4, batch_size=4,
+                    reference_nfe=6, out=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), plot=False,
+                    progress=False)
+    first = run_mse(cfg, log=lambda *_: None)["entries"][0]["mse"]
+    DCRatios([1.0, 1.0, 2.5], meta=ArtifactMeta(nfe=3)).save(path)
+    second = run_mse(cfg, log=lambda *_: None)["entries"][0]["mse"]
+    fresh = run_mse(dataclasses.replace(cfg, out=str(tmp_path / "fresh")), log=lambda *_: None)["entries"][0]["mse"]
+    assert second == fresh != first
