@@ -188,3 +188,15 @@ def test_eval_recomputes_shards_of_a_rewritten_tuned_file(tmp_path):
     second = run_mse(cfg, log=lambda *_: None)["entries"][0]["mse"]
     fresh = run_mse(dataclasses.replace(cfg, out=str(tmp_path / "fresh")), log=lambda *_: None)["entries"][0]["mse"]
     assert second == fresh != first
+
+
+def test_results_from_before_content_hashes_are_kept_unless_a_tuned_file_is_involved():
+    from fewstep.eval.compare import _drop_stale_entries
+
+    path_free = Method.parse("unipc:order=3")
+    tuned = Method.parse("dc:ratios=[1,1,1.1]")
+    results = {"entries": [{"method": path_free.label, "nfe": 3}, {"method": tuned.label, "nfe": 3},
+                           {"method": path_free.label, "nfe": 5, "canonical": path_free.identity}]}
+    _drop_stale_entries(results, [path_free, tuned], log=lambda *_: None)
+    assert [(e["method"], e["nfe"]) for e in results["entries"]] == [(path_free.label, 3), (path_free.label, 5)]
+    assert not path_free.carries_tuned_file and tuned.carries_tuned_file

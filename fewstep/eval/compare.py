@@ -108,6 +108,14 @@ class Method:
         return json.loads(json.dumps(self.canonical))
 
     @property
+    def carries_tuned_file(self) -> bool:
+        """Whether an option is a tuned file (an artifact)."""
+        if self.is_diffusers:
+            return False
+        options = {k: v for k, v in self.option_dict.items() if k not in SAMPLING_OPTIONS}
+        return any(isinstance(v, Artifact) for v in get_solver(self.solver, **options).config.values())
+
+    @property
     def is_diffusers(self) -> bool:
         return is_diffusers_spec(self.solver)
 
@@ -279,8 +287,17 @@ def _load_results(path: Path, identity: dict[str, Any]) -> dict[str, Any] | None
 
 def _drop_stale_entries(results: dict[str, Any], methods: list[Method], log: Callable[[str], None]) -> None:
     """Forget kept results of a spec whose solver now resolves differently (a tuned file rewritten in place)."""
-    current = {m.label: m.identity for m in methods}
-    stale = [e for e in results["entries"] if e["method"] in current and e.get("canonical") != current[e["method"]]]
+    current = {m.label: m for m in methods}
+
+    def is_stale(e: dict[str, Any]) -> bool:
+        m = current.get(e["method"])
+        if m is None:
+            return False
+        if "canonical" not in e:  # written before content hashes: only a tuned file can have changed
+            return m.carries_tuned_file
+        return e["canonical"] != m.identity
+
+    stale = [e for e in results["entries"] if is_stale(e)]
     for label in dict.fromkeys(e["method"] for e in stale):
         log(f"recomputing {label}: its tuned file changed (or the kept result predates content hashes)")
     results["entries"] = [e for e in results["entries"] if not any(e is x for x in stale)]

@@ -163,7 +163,7 @@ def check_scheduler_run(scheduler: Any) -> None:
         made = ", ".join(f"{a.kind} for {_describe(_unguided(a.meta.guidance))}" for a in bound)
         warnings.warn(f"{type(scheduler).__name__} cannot see this run's guidance scale (no diffusers pipeline is "
                       f"stepping it), so it cannot check its tuned files ({made}) against it", UserWarning,
-                      stacklevel=4)
+                      stacklevel=5)
     _check_grid(artifacts, scheduler.grid)
     denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None) if pipe is not None else None
     if denoiser is not None:
