@@ -10,13 +10,18 @@ An artifact is a small, versioned record a solver reads when it builds its plan:
 Small artifacts live *inline*: the whole record is JSON in the scheduler config, so
 ``save_pretrained`` / ``from_pretrained`` carry it. Large ones (DPM-Solver-v3's EMS) are
 *file-backed*: a safetensors file with the record as a JSON header, written next to the
-scheduler config by ``save_pretrained``; the config holds ``{"file": NAME, "sha256": ...}``.
+scheduler config by ``save_pretrained``; the config holds ``{"file": NAME, "sha256": ...}``,
+NAME a plain file name beside the config (no folder, ``..`` or absolute path), its content
+checked against the sha256 when ``from_pretrained`` loads it. A config without its folder
+(an in-memory round trip) is served only by this process's copy of that content, never by
+a file found relative to the working directory.
 
 Every way in goes through :meth:`Artifact.coerce` (an instance, a path, a config entry),
 which validates the payload (shape, finiteness, ranges) and names the file and the field
 on error. Solvers check the NFE and schedule against the grid with :meth:`Artifact.check`;
-the model fingerprint, which only the functional API can see, is compared by
-:meth:`Artifact.check_model` (a warning: applying an artifact to a fine-tune is legitimate).
+the run's guidance and grid are checked at its first step (:mod:`.artifact_checks`);
+the model fingerprint (seen by the functional API, and by a scheduler inside a pipeline) is
+compared by :meth:`Artifact.check_model` (a warning: applying an artifact to a fine-tune is legitimate).
 
 A solver declares an artifact option as ``Option(None, "...", kind="artifact", artifact=MyArtifact)``.
 """
