@@ -163,3 +163,14 @@ def test_the_scheduler_warns_when_the_pipeline_model_is_not_the_tuned_one(pipe):
             _call(pipe, 3.0)
     finally:
         pipe.scheduler = base
+
+
+def test_a_prebuilt_plan_is_checked_against_the_model_too():
+    r = DCRatios([1.0, 1.0, 0.9, 0.9], meta=ArtifactMeta(schedule=SCHED.to_dict(), nfe=4, guidance=2.0,
+                                                         fingerprint="gmm:another"))
+    plan = fewstep.make_plan(SCHED, fewstep.get_solver("dc", ratios=r, guidance=2.0), 4)
+    for kw in (dict(plan=plan), dict(solver="dc", ratios=r)):
+        with pytest.warns(UserWarning, match="tuned on model gmm:another") as record:
+            fewstep.sample(MODEL, X, guidance=2.0, cond=C, uncond=U, **({} if "plan" in kw else
+                                                                        dict(schedule=SCHED, nfe=4)), **kw)
+        assert record[0].filename == __file__  # attributed to the caller of fewstep.sample

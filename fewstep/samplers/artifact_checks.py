@@ -106,7 +106,7 @@ def check_run(artifacts: Iterable[Artifact], *, grid: Any, guidance: float | Non
     _check_grid(artifacts, grid)
     if model is not None:
         for a in artifacts:
-            a.check_model(model)
+            a.check_model(model, stacklevel=3)  # the warning names the caller of fewstep.sample
 
 
 def _stepping_pipeline(scheduler: Any) -> Any:
@@ -168,4 +168,4 @@ def check_scheduler_run(scheduler: Any) -> None:
     denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None) if pipe is not None else None
     if denoiser is not None:
         for a in artifacts:
-            a.check_model(denoiser)
+            a.check_model(denoiser, stacklevel=5)  # the caller of step (the pipeline)

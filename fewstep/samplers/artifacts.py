@@ -430,14 +430,19 @@ class Artifact:
             if diff is not None:
                 raise ArtifactError(f"{self.kind} artifact was made for another noise schedule ({diff})")
 
-    def check_model(self, model: Any) -> None:
-        """Warn when the model's fingerprint differs from the one the artifact was tuned on."""
+    def check_model(self, model: Any, stacklevel: int = 2) -> None:
+        """Warn when the model's fingerprint differs from the one the artifact was tuned on.
+
+        Args:
+            model: The model (module, pipeline, or object with ``fingerprint()``).
+            stacklevel: Frames above the caller to attribute the warning to (1: the caller).
+        """
         if self.meta.fingerprint is None:
             return
         actual = model_fingerprint(model)
         if actual is not None and actual != self.meta.fingerprint:
             warnings.warn(f"{self.kind} artifact was tuned on model {self.meta.fingerprint}, this is {actual}; "
-                          "it may not transfer", UserWarning, stacklevel=3)
+                          "it may not transfer", UserWarning, stacklevel=stacklevel + 1)
 
     def __eq__(self, other: object) -> bool:
         return type(other) is type(self) and other.sha256() == self.sha256()

@@ -8,7 +8,6 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .artifact_checks import artifacts_of, check_run
-from .artifacts import Artifact
 from .plan import PlanExecutor, SolverPlan
 from .prediction import Clip, DynamicThreshold, check_prediction
 from .registry import get_solver, solver_class
@@ -207,9 +206,6 @@ def sample(
         if isinstance(grid_args["solver"], str) and "guidance" in solver_class(grid_args["solver"]).options:
             solver_options = {"guidance": guidance, **solver_options}  # plans that depend on the CFG scale
         grid_args["solver"] = get_solver(grid_args["solver"], **solver_options)
-        for value in grid_args["solver"].config.values():
-            if isinstance(value, Artifact):
-                value.check_model(model)  # warns when tuned on another model
         plan = make_plan(**grid_args)
     else:
         given = sorted(k for k, v in {**grid_args, **solver_options}.items() if v is not None)
@@ -219,7 +215,8 @@ def sample(
     if not isinstance(plan, SolverPlan):
         raise TypeError(f"plan must be a SolverPlan from fewstep.make_plan, got {type(plan).__name__}")
     grid: TimeGrid = plan.grid
-    check_run(plan.info.get("artifacts", ()), grid=grid, guidance=guidance)  # tuned files vs guidance and grid
+    # Tuned files against this run: guidance and grid (errors), model (a warning: fine-tunes may reuse them).
+    check_run(plan.info.get("artifacts", ()), grid=grid, guidance=guidance, model=model)
     device = x_T.device
     batch = x_T.shape[0]
     # Model timesteps for the whole run, moved to the device once.
