@@ -178,8 +178,8 @@ class DistillConfig:
             if not 0 <= getattr(self, name) < math.inf:
                 raise ValueError(f"{name} must be finite and >= 0, got {getattr(self, name)}")
         rates = [self.learning_rate] + ([] if self.base_learning_rate is None else [self.base_learning_rate])
-        if not all(0 < r < math.inf for r in rates):
-            raise ValueError(f"learning rates must be finite and > 0, got {rates}")
+        if not all(0 < r <= 1 for r in rates):  # AdamW overflows internally long before inf
+            raise ValueError(f"learning rates must be in (0, 1], got {rates}")
         if not (1.0 <= self.w_min <= self.w_max < math.inf):
             raise ValueError(f"need 1 <= w_min <= w_max < inf, got w_min={self.w_min}, w_max={self.w_max}")
         bad = [w for w in self.validation_guidance if not 1.0 <= w < math.inf]
@@ -234,7 +234,8 @@ def build_teacher(cfg: DistillConfig, device: torch.device) -> tuple[Teacher, An
         from fewstep.zoo.digits import NULL_LABEL, NUM_CLASSES, load_digits_pipeline
 
         pipe = load_digits_pipeline(device=device)
-        pipe.unet.to(dtype)
+        if dtype != torch.float32:
+            pipe.unet.to(dtype)
         return LabelTeacher(pipe.unet, NUM_CLASSES, NULL_LABEL), pipe.scheduler.config
     from diffusers import DiffusionPipeline
 
@@ -310,6 +311,10 @@ def _checkpoint_state(path: Path, identity: dict[str, Any]) -> int:
     if not isinstance(state, dict) or state.get("format") != _CHECKPOINT_FORMAT or not isinstance(state.get("run"), dict) \
             or isinstance(state.get("step"), bool) or not isinstance(state.get("step"), int) or state["step"] < 0:
         raise ValueError(f"{file} is not a valid {_CHECKPOINT_FORMAT} state: delete the checkpoint")
+    pickles = sorted(p.name for p in path.glob("custom_checkpoint_*.pkl"))
+    if pickles:  # fewstep registers no pickled objects; accelerate would unpickle these without weights_only
+        raise ValueError(f"{path} holds {pickles[0]}, a pickle that fewstep does not write and will not load: "
+                         "delete that file (or the checkpoint)")
     run = state["run"]
     differs = sorted(k for k in set(run) | set(identity) if run.get(k) != identity.get(k))
     if differs:
@@ -451,7 +456,8 @@ def _run_lock(accelerator: Any, out: Path) -> Iterator[None]:
 
 def _prepare_base(denoiser: nn.Module, cfg: DistillConfig) -> None:
     """The base as training sees it: the run's dtype, frozen in ``mode=adapters``, gradient checkpointing."""
-    denoiser.to(cfg.base_dtype())
+    if next(denoiser.parameters()).dtype != cfg.base_dtype():
+        denoiser.to(cfg.base_dtype())
     if cfg.gradient_checkpointing:
         if not getattr(denoiser, "_supports_gradient_checkpointing", False):
             raise ValueError(f"gradient_checkpointing: {type(denoiser).__name__} does not support it")
