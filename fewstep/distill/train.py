@@ -527,6 +527,12 @@ def _train(cfg: DistillConfig, accelerator: Any, tracker: str | None, out: Path,
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out)
+        from .estimate import estimate, format_estimate
+
+        try:  # what `fewstep distill estimate` prints for this config
+            accelerator.print(format_estimate(estimate(cfg)))
+        except ValueError as err:  # e.g. a hub id the estimate does not know: train anyway
+            accelerator.print(f"fewstep distill train: no memory estimate: {err}")
     teacher, scheduler_config = build_teacher(cfg, accelerator.device)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the text encoders are gone
@@ -657,7 +663,7 @@ def add_distill_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``fewstep distill train`` (also ``python -m fewstep.distill.train``)."""
     from fewstep.config import add_config_arguments
 
-    group = sub.add_parser("distill", help="guidance distillation: train AGD adapters (distill train)",
+    group = sub.add_parser("distill", help="guidance distillation: train AGD adapters (distill train | estimate)",
                            description="Adapter guidance distillation (AGD).")
     inner = group.add_subparsers(dest="distill_command", required=True, metavar="SUBCOMMAND")
     p = inner.add_parser(
@@ -667,6 +673,9 @@ def add_distill_parser(sub: argparse._SubParsersAction) -> None:
                     "Settings: see configs/distill/*.yaml; key=value items override the file.")
     add_config_arguments(p, DistillConfig)
     p.set_defaults(func=_cmd_train)
+    from .estimate import add_estimate_parser
+
+    add_estimate_parser(inner)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
