@@ -32,21 +32,24 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
-def write_collection(folder: Path, num_shards: int, shard_size: int, steps: int) -> int:
-    """A valid digits collection of random float32 states; returns its bytes on disk."""
+def write_collection(folder: Path, overrides: list[str]) -> int:
+    """A valid collection for the digits config with ``overrides``, of random states; returns its bytes on disk."""
     import torch
     from safetensors.torch import save_file
 
+    from fewstep.config import load_config
+    from fewstep.distill.train import DistillConfig
     from fewstep.distill.trajectories import (
-        FORMAT, FORMAT_VERSION, LabelTeacher, TrajectorySpec, _scheduler_identity, build_scheduler, collection_id,
+        FORMAT, FORMAT_VERSION, LabelTeacher, _scheduler_identity, build_scheduler, collection_id,
     )
     from fewstep.zoo.digits import NULL_LABEL, NUM_CLASSES, load_digits_pipeline
 
+    cfg = load_config(DistillConfig, ROOT / "configs/distill/digits.yaml", overrides=overrides)
     pipe = load_digits_pipeline()
-    spec = TrajectorySpec(num_shards=num_shards, shard_size=shard_size, num_inference_steps=steps, dtype="float32")
+    spec, num_shards = cfg.trajectory_spec(), cfg.num_shards
     manifest = {"format": FORMAT, "version": FORMAT_VERSION, "spec": asdict(spec),
                 "teacher": LabelTeacher(pipe.unet, NUM_CLASSES, NULL_LABEL).describe(),
-                "scheduler": _scheduler_identity(build_scheduler("DDIMScheduler", pipe.scheduler.config))}
+                "scheduler": _scheduler_identity(build_scheduler(cfg.teacher_scheduler, pipe.scheduler.config))}
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "trajectories.json").write_text(json.dumps(manifest, indent=2) + "\n")
     n, g, total = spec.rows_per_shard, torch.Generator().manual_seed(0), 0
@@ -64,11 +67,12 @@ def write_collection(folder: Path, num_shards: int, shard_size: int, steps: int)
 def peak_rss(work: Path, num_shards: int, shard_size: int, steps: int) -> dict[str, int]:
     """Collection bytes and the training process's peak RSS (bytes) for ``num_shards`` shards."""
     traj = work / f"traj-{num_shards}"
-    size = write_collection(traj, num_shards, shard_size, steps)
-    args = [str(ROOT / "configs/distill/digits.yaml"), f"output_dir={work / f'run-{num_shards}'}",
-            f"trajectory_dir={traj}", f"num_shards={num_shards}", f"shard_size={shard_size}",
-            f"trajectory_steps={steps}", "trajectory_dtype=float32", "max_steps=3", "batch_size=64",
-            "checkpointing_steps=0", "validation_steps=0", "report_to=none", "progress=false", "warmup_steps=0"]
+    overrides = [f"output_dir={work / f'run-{num_shards}'}", f"trajectory_dir={traj}", f"num_shards={num_shards}",
+                 f"shard_size={shard_size}", f"trajectory_steps={steps}", "trajectory_dtype=float32", "max_steps=3",
+                 "batch_size=64", "checkpointing_steps=0", "validation_steps=0", "report_to=none", "progress=false",
+                 "warmup_steps=0"]
+    size = write_collection(traj, overrides)
+    args = [str(ROOT / "configs/distill/digits.yaml"), *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     run = subprocess.run([sys.executable, "-c", _CHILD, *args], env=env, capture_output=True, text=True, timeout=900)
     if run.returncode != 0:

@@ -5,7 +5,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -216,4 +215,7 @@ def test_second_run_on_a_folder_in_use_is_refused(tmp_path, capsys):
     finally:
         holder.kill()
         holder.wait()
-    assert _cli(capsys, tmp_path, "busy", "max_steps=1")[0] == 0  # a killed holder leaves no stale lock
+    from fewstep.eval.io import lock_directory
+
+    with lock_directory(out):  # a killed holder leaves no stale lock
+        pass

@@ -338,6 +338,9 @@ def estimate(cfg: Any) -> MemoryEstimate:
            "gradients": trainable * 4, "AdamW state": trainable * 8,
            f"activations ({cfg.batch_size} x {per_sample / GIB:.3f} GiB)": cfg.batch_size * per_sample,
            "CUDA context and workspaces": RUNTIME_GPU_BYTES}
+    if base_dtype == torch.float32 and cfg.mixed_precision != "no" and cfg.mode == "adapters":
+        # autocast casts each frozen fp32 weight at every use and keeps the cast for backward
+        gpu["autocast half-precision weight copies"] = base_params * 2
     encoding = (base_params + sum(encoders.values())) * base_bytes + RUNTIME_GPU_BYTES
     notes = [
         f"base {base_params / 1e6:,.0f}M parameters in {str(base_dtype).replace('torch.', '')}, adapters "
