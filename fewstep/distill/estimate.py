@@ -8,7 +8,8 @@ The trainer prints the same figures when it starts. Per process:
   training batches are read from the shards, so nothing grows with the collection;
 - GPU: the frozen base (base dtype), the adapters with their gradients and AdamW state (float32;
   in ``mode=full`` the base's too), and the activations saved for backward times ``batch_size``;
-  while the prompts are encoded, the denoiser and the text encoders (dropped afterwards).
+  while the prompts are encoded (64 at a time), the denoiser, the text encoders (dropped
+  afterwards) and the prompt table (moved to the host afterwards).
 
 Activations per sample are *counted*, not guessed: one training forward (base + adapters, batch 1)
 runs on the ``meta`` device for the real architecture at its latent size, and every tensor saved
@@ -341,7 +342,8 @@ def estimate(cfg: Any) -> MemoryEstimate:
     if base_dtype == torch.float32 and cfg.mixed_precision != "no" and cfg.mode == "adapters":
         # autocast casts each frozen fp32 weight at every use and keeps the cast for backward
         gpu["autocast half-precision weight copies"] = base_params * 2
-    encoding = (base_params + sum(encoders.values())) * base_bytes + RUNTIME_GPU_BYTES
+    # The prompts are encoded 64 at a time; their embeddings collect on the GPU until the end of encoding.
+    encoding = (base_params + sum(encoders.values())) * base_bytes + table + RUNTIME_GPU_BYTES
     notes = [
         f"base {base_params / 1e6:,.0f}M parameters in {str(base_dtype).replace('torch.', '')}, adapters "
         f"{adapter_params / 1e6:,.1f}M (float32), text encoders {sum(encoders.values()) / 1e6:,.0f}M",

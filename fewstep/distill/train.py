@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import gc
 import json
 import math
 import shutil
@@ -262,11 +263,41 @@ def build_teacher(cfg: DistillConfig, device: torch.device) -> tuple[Teacher, An
             prompts += [line.strip() for line in lines if line.strip()]
         if not prompts:
             raise ValueError(f"{cfg.model} is a text-conditional pipeline: give prompts=[...] or prompts_file=")
+        pipe.encode_prompt = _encode_in_chunks(pipe.encode_prompt)
         return PromptTeacher(pipe, prompts, cfg.negative_prompt), pipe.scheduler.config
     if type(denoiser).__name__ == "DiTTransformer2DModel":
         classes = denoiser.config.num_embeds_ada_norm
         return LabelTeacher(denoiser, classes, classes), pipe.scheduler.config
     raise ValueError(f"{cfg.model}: unsupported pipeline {type(pipe).__name__}")
+
+
+def _encode_in_chunks(encode: Callable[..., Any], size: int = 64) -> Callable[..., Any]:
+    """``pipe.encode_prompt`` over at most ``size`` prompts at a time: the text encoders' activations
+    grow with the batch (T5-XXL on thousands of prompts at once would need tens of GB).
+
+    Every argument that is a list of the same ``n`` strings is split; tensor outputs are
+    concatenated along the batch (None outputs stay None).
+    """
+
+    def texts(value: Any) -> bool:
+        return isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        n = next((len(v) for v in [*args, *kwargs.values()] if texts(v)), 0)
+        if n <= size:
+            return encode(*args, **kwargs)
+        parts = []
+        for start in range(0, n, size):
+            def cut(value: Any) -> Any:
+                return value[start:start + size] if texts(value) and len(value) == n else value
+
+            parts.append(encode(*map(cut, args), **{k: cut(v) for k, v in kwargs.items()}))
+        if isinstance(parts[0], tuple):
+            return tuple(None if first is None else torch.cat([p[i] for p in parts])
+                         for i, first in enumerate(parts[0]))
+        return torch.cat(parts)
+
+    return call
 
 
 class _FullFineTune(nn.Module):
@@ -534,8 +565,9 @@ def _train(cfg: DistillConfig, accelerator: Any, tracker: str | None, out: Path,
         except ValueError as err:  # e.g. a hub id the estimate does not know: train anyway
             accelerator.print(f"fewstep distill train: no memory estimate: {err}")
     teacher, scheduler_config = build_teacher(cfg, accelerator.device)
+    gc.collect()  # the pipeline's text encoders, VAE and safety checker are unreferenced now
     if torch.cuda.is_available():
-        torch.cuda.empty_cache()  # the text encoders are gone
+        torch.cuda.empty_cache()
 
     # Data first, while the base is still free of adapters (the teacher is the plain base).
     collection_started = time.perf_counter()
