@@ -113,7 +113,7 @@ def test_non_finite_settings_data_or_weights_stop_with_one_line(tmp_path, capsys
     assert "trajectory shard 0, step " in lines[0] and "is not finite" in lines[0]
     assert not list((tmp_path / "w" / "trajectories").glob("shard-*")) and not (tmp_path / "w" / "adapters").exists()
     # fp16 storage: a target beyond its range is refused, not stored as inf.
-    code, lines = _cli(capsys, tmp_path, "w16", "w_min=1e8", "w_max=1e8")
+    code, lines = _cli(capsys, tmp_path, "w16", "w_min=1e8", "w_max=1e8", "trajectory_dtype=float16")
     assert code == 2 and "overflows float16 storage" in lines[0], lines
     # Weights that went non-finite after an optimizer step (the check every step runs):
     accelerator = type("Single", (), {"num_processes": 1})()
