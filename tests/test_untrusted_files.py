@@ -99,3 +99,31 @@ def test_tuned_file_of_another_model_is_refused_by_the_cli(capsys, tmp_path, mon
                        "--num-samples", "2", "--reference-nfe", "6", "--out", str(tmp_path / "cmp2"), "--no-progress",
                        "--no-plot")
     assert code == 0, lines
+
+
+def test_pipeline_testbed_checks_the_tuned_file_against_its_denoiser(tmp_path):
+    import warnings
+
+    from fewstep.eval.testbeds import PipelineTestbed
+    from fewstep.samplers import model_fingerprint
+    from fewstep.samplers.artifacts import ArtifactModelWarning
+    from fewstep.zoo.tiny import build_tiny_sd_pipeline
+
+    pipe = build_tiny_sd_pipeline(tmp_path / "pipe")
+    bed = PipelineTestbed(tmp_path / "pipe", prompts=["a cube"])
+    assert model_fingerprint(bed.pipe) == model_fingerprint(pipe.unet)
+    from fewstep.eval.testbeds import DiscreteVPSchedule  # the tiny SD pipeline's betas
+
+    cfg = pipe.scheduler.config
+    schedule = DiscreteVPSchedule.from_betas(cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end,
+                                             cfg.beta_schedule).to_dict()
+    ratios = {"fewstep_artifact": "dc_ratios", "version": 1, "ratios": [1.0, 1.0, 1.0], "dc_order": 2,
+              "meta": {"fingerprint": "module:0123456789abcdef0123", "schedule": schedule, "nfe": 3,
+                       "guidance": 3.0, "solver": "dc"}}
+    path = tmp_path / "ratios.json"
+    path.write_text(json.dumps(ratios))
+    x, cond = bed.initial_noise(1, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ArtifactModelWarning)  # as the CLIs do
+        with pytest.raises(ArtifactModelWarning, match="tuned on model module:0123456789abcdef0123"):
+            bed.generate("dc", {"dc_file": str(path)}, 3, x, cond, 3.0, None)
