@@ -94,8 +94,9 @@ def test_truncated_or_foreign_shards_are_refused_in_one_line(teacher, tmp_path, 
 
     # Through the CLI: one line naming the shard, no training.
     traj = tmp_path / "cli" / "trajectories"
-    code, lines = _cli(capsys, tmp_path, "cli", "max_steps=1")
-    assert code == 0
+    assert main(["--config", DIGITS, *TINY, f"output_dir={tmp_path / 'cli'}", "max_steps=1"]) == 0
+    out = capsys.readouterr().out  # the run starts with `fewstep distill estimate`'s figures
+    assert "trajectories on disk:" in out and "GPU memory per process:" in out
     path = traj / "shard-00001.safetensors"
     path.write_bytes(path.read_bytes()[:300])
     code, lines = _cli(capsys, tmp_path, "cli", "max_steps=1")

@@ -22,9 +22,12 @@ Batches are drawn by index from a generator seeded by (seed, micro-batch number)
 run resumed with ``resume_from_checkpoint=latest`` sees exactly the batches an
 uninterrupted run would have seen after the checkpoint, without replaying the earlier
 ones. Checkpoints (``accelerator.save_state``, called on every rank) go to
-``<output_dir>/checkpoints/checkpoint-<step>``; the adapters to ``<output_dir>/adapters``
-(:func:`~fewstep.distill.save_adapters`), the whole network of ``mode=full`` to
-``<output_dir>/model`` as well.
+``<output_dir>/checkpoints/checkpoint-<step>`` with ``fewstep_state.json`` (the step and the
+run's identity: a run of other settings is refused there; nothing is pickled); the adapters to
+``<output_dir>/adapters`` (:func:`~fewstep.distill.save_adapters`), the whole network of
+``mode=full`` to ``<output_dir>/model`` as well. The output folder is locked for the run, a
+non-finite loss or weight stops it (naming the step), and it starts by printing
+``fewstep distill estimate``'s figures.
 """
 
 from __future__ import annotations
