@@ -41,6 +41,7 @@ import math
 import shutil
 import sys
 import time
+import warnings
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -251,8 +252,10 @@ def build_teacher(cfg: DistillConfig, device: torch.device) -> tuple[Teacher, An
     # the device, and the encoders (with the rest of the pipeline) are dropped once the
     # prompts are encoded: the VAE and safety checker never occupy device memory.
     local = Path(cfg.model).is_dir()
-    pipe = load_tiny_pipeline(cfg.model, torch_dtype=dtype) if local else \
-        DiffusionPipeline.from_pretrained(cfg.model, torch_dtype=dtype)
+    with warnings.catch_warnings():  # newer diffusers rename torch_dtype to dtype; 0.32 knows only torch_dtype
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
+        pipe = load_tiny_pipeline(cfg.model, torch_dtype=dtype) if local else \
+            DiffusionPipeline.from_pretrained(cfg.model, torch_dtype=dtype)
     denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
     if denoiser is None:
         raise ValueError(f"{cfg.model}: the pipeline has no unet or transformer")
