@@ -160,3 +160,32 @@ def test_prompts_are_encoded_in_chunks_with_the_same_embeddings(tiny_sd):
     assert sizes == [2, 2, 1] and none is None
     # Per-prompt rows of a batched CLIP forward: same math, another batch size can change the kernel.
     torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_half_precision_base_trains_validates_and_resumes(tmp_path):
+    """mixed_precision=bf16 stores the frozen digits base in bf16 (torch_dtype=auto); validation sampling
+    feeds it bf16 inputs, and a resumed run continues from the checkpoint."""
+    from safetensors.torch import load_file
+
+    from fewstep.distill.train import train
+
+    def cfg(*extra):
+        return load_config(DistillConfig, ROOT / "configs/distill/digits.yaml", overrides=[
+            f"output_dir={tmp_path / 'run'}", "num_shards=1", "shard_size=4", "trajectory_steps=2", "batch_size=4",
+            "width_ratio=0.25", "head_dim=16", "report_to=none", "progress=false", "warmup_steps=0",
+            "mixed_precision=bf16", "gradient_checkpointing=true", "checkpointing_steps=1", "validation_steps=2",
+            "validation_guidance=[3.0]", "validation_num_inference_steps=2", *extra])
+
+    class Stop(Exception):
+        pass
+
+    def stop(step):
+        if step == 1:
+            raise Stop
+
+    assert cfg().base_dtype() == torch.bfloat16
+    with pytest.raises(Stop):
+        train(cfg("max_steps=2"), step_callback=stop)
+    out = train(cfg("max_steps=2", "resume_from_checkpoint=latest")).parent
+    samples = load_file(out / "validation" / "step-000002.safetensors")["w3"]
+    assert samples.dtype == torch.float32 and torch.isfinite(samples).all()

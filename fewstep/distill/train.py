@@ -428,16 +428,17 @@ def _tracker(cfg: DistillConfig) -> str | None:
 def _sample(teacher: Teacher, runner: nn.Module, scheduler: Any, index: torch.Tensor, w: float, steps: int,
             seed: int) -> torch.Tensor:
     """One-forward-per-step sampling with the adapters at guidance ``w``."""
-    device = next(teacher.denoiser.parameters()).device
+    param = next(teacher.denoiser.parameters())
+    device, dtype = param.device, param.dtype  # a half-precision base takes half-precision inputs
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(len(index), *teacher.sample_shape, generator=g).to(device)
     scheduler.set_timesteps(steps, device=device)
     x = initial_noise(scheduler, x)
     cond = teacher.condition(index.to(device))
     for t in scheduler.timesteps:
-        out = teacher(model_input(scheduler, x, t), t.to(device).expand(len(index)), cond, module=runner,
+        out = teacher(model_input(scheduler, x, t).to(dtype), t.to(device).expand(len(index)), cond, module=runner,
                       guidance_scale=w)
-        x = scheduler.step(out, t, x).prev_sample
+        x = scheduler.step(out.float(), t, x).prev_sample
     return x
 
 

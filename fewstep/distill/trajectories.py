@@ -469,7 +469,7 @@ def _shard_layout(path: Path, manifest: Mapping[str, Any], index: int) -> dict[s
             raise ValueError(f"trajectory shard {path}: {name} is {info['dtype']} {list(shape)}, the manifest says "
                              f"{dtype} {[rows, *row_shape]}; {fix}")
         row_bytes = math.prod(row_shape) * dtype.itemsize
-        if stop - begin != rows * row_bytes:
+        if begin < 0 or stop - begin != rows * row_bytes:
             raise ValueError(f"trajectory shard {path} has a malformed header ({name}); {fix}")
         fields[name] = _Field(start + begin, row_bytes, dtype, row_shape)
         end = max(end, start + stop)
