@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from typing import Sequence
 
 from ._extras import MissingExtraError
@@ -147,7 +148,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if overrides:
             args.overrides = [*getattr(args, "overrides", []), *overrides]
-        return args.func(args)  # a command may set args.resume_hint for the Ctrl-C message
+        from .samplers.artifacts import ArtifactModelWarning
+
+        with warnings.catch_warnings():
+            # A tuned file used on another model than it was tuned on: the API warns, a command stops.
+            warnings.simplefilter("error", ArtifactModelWarning)
+            try:
+                return args.func(args)  # a command may set args.resume_hint for the Ctrl-C message
+            except ArtifactModelWarning as exc:
+                raise ValueError(str(exc).replace("it may not transfer", "refused (tune it on this model)")) from None
     except KeyboardInterrupt:
         hint = getattr(args, "resume_hint", None)
         print(f"\nfewstep {command}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)

@@ -146,12 +146,34 @@ def parse_spec(spec: str, what: str = "spec") -> tuple[str, dict[str, Any]]:
     return name.strip(), options
 
 
+def _clip_quoted(msg: str, limit: int = 60) -> str:
+    """``msg`` with every quoted value cut to ``limit`` characters: an error never echoes a whole file."""
+    return re.sub(r"'([^'\n]{%d,})'" % (limit + 1), lambda m: repr(m.group(1)[:limit] + "..."), msg)
+
+
 def _format_omegaconf_error(exc: Exception, source: str) -> str:
     lines = str(exc).splitlines()
     key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.strip().startswith("full_key:")), "")
     msg = lines[0] if lines else type(exc).__name__
     msg = msg.replace("AnyNode is not a ListConfig, TupleConfig, list, or tuple", "expected a list")
-    return f"{source}: {msg}" + (f" (key '{key}')" if key and f"'{key}'" not in msg else "")
+    return _clip_quoted(f"{source}: {msg}" + (f" (key '{key}')" if key and f"'{key}'" not in msg else ""))
+
+
+def _yaml_error(path: Path, exc: Exception) -> str:
+    """Where and what the YAML error is, without the snippet of the file PyYAML quotes."""
+    problem = getattr(exc, "problem", None) or getattr(exc, "context", None) or type(exc).__name__
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return f"{path} is not valid YAML: {problem}{where}"
+
+
+def _check_setting_names(path: Path, data: Any) -> None:
+    """Refuse a file whose top-level keys cannot be setting names (any text file parses as YAML)."""
+    keys = list(data.keys())
+    bad = [k for k in keys if not (isinstance(k, str) and re.fullmatch(r"[A-Za-z_]\w{0,63}", k))]
+    if bad:
+        raise ValueError(f"{path} is not a settings file: {len(bad)} of its {len(keys)} top-level key(s) are not "
+                         "setting names (expected 'key: value' lines)")
 
 
 def _list_keys(schema: type) -> set[str]:
@@ -184,6 +206,26 @@ def _parse_overrides(overrides: Iterable[str], schema: type) -> Any:
     return dot
 
 
+def _check_code_settings(schema: type, layers: list[tuple[str, Any]]) -> None:
+    """Settings files are data: a value that would import and call code (``schema.imports_code(key, value)``,
+    e.g. an extractor given as ``package.module:callable``) may come from the command line, or from a
+    file only when ``allow_code=true`` is given on the command line (a file cannot allow itself)."""
+    imports_code = getattr(schema, "imports_code", None)
+    if imports_code is None or not layers or layers[0][0] in ("command line", "key=value overrides"):
+        return
+    (path, data), command_line = layers[0], layers[1:]
+    if any(bool(layer.get("allow_code", False)) for _, layer in command_line):
+        return
+    for key in data.keys():
+        if any(key in layer for _, layer in command_line):
+            continue  # the command line's value wins
+        value = data[key]
+        if isinstance(value, str) and imports_code(key, value):
+            raise ValueError(_clip_quoted(
+                f"{path}: {key} '{value}' imports and calls Python code, which a settings file may do only with "
+                f"allow_code=true on the command line (or give {key} on the command line)"))
+
+
 def load_config(schema: type[T], path: str | Path | None = None, flags: dict[str, Any] | None = None,
                 overrides: Iterable[str] = ()) -> T:
     """Build a validated ``schema`` instance from the layers (no argparse needed).
@@ -210,19 +252,26 @@ def load_config(schema: type[T], path: str | Path | None = None, flags: dict[str
     layers = []
     if path is not None:
         path = Path(path)
-        text = path.read_text(encoding="utf-8")  # OSError names the file
+        try:
+            text = path.read_text(encoding="utf-8")  # OSError names the file
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path} is not a UTF-8 text file (byte {exc.start})") from None
         try:
             data = OmegaConf.create(text) if text.strip() else OmegaConf.create({})
         except yaml.YAMLError as exc:
-            raise ValueError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
+            raise ValueError(_yaml_error(path, exc)) from None
+        except OmegaConfBaseException as exc:  # e.g. keys YAML allows but OmegaConf does not
+            raise ValueError(f"{path} is not a settings file ({type(exc).__name__})") from None
         if not OmegaConf.is_dict(data):
             raise ValueError(f"{path} must hold a mapping of settings (key: value), got a {type(data).__name__}")
+        _check_setting_names(path, data)
         layers.append((str(path), data))
     if flags:
         layers.append(("command line", OmegaConf.create(dict(flags))))
     overrides = list(overrides)
     if overrides:
         layers.append(("key=value overrides", _parse_overrides(overrides, schema)))
+    _check_code_settings(schema, layers)
     for source, layer in layers:
         try:
             merged = OmegaConf.merge(merged, layer)

@@ -33,7 +33,8 @@ def _files(folder):
 
 def test_trajectories_are_cfg_states_independent_of_process_split_and_resume(teacher, tmp_path):
     teacher, config = teacher
-    spec = TrajectorySpec(num_shards=3, shard_size=2, num_inference_steps=3, w_min=1.5, w_max=4.0, seed=100_000)
+    spec = TrajectorySpec(num_shards=3, shard_size=2, num_inference_steps=3, w_min=1.5, w_max=4.0, seed=100_000,
+                          dtype="float32")  # exact states; half-precision storage: tests/test_distill_safety.py
     one = collect_trajectories(teacher, build_scheduler("fewstep:unipc", config), spec, tmp_path / "one",
                                process_index=0, num_processes=1, progress=False)
     for rank in (1, 0):  # two "processes", the second one late
@@ -64,7 +65,7 @@ def test_trajectories_are_cfg_states_independent_of_process_split_and_resume(tea
     torch.randint(10, (2,), generator=g), torch.rand(2, generator=g)
     torch.testing.assert_close(records["x"][:2], torch.randn(2, 1, 8, 8, generator=g))
 
-    other = TrajectorySpec(num_shards=3, shard_size=2, num_inference_steps=4, seed=100_000)
+    other = TrajectorySpec(num_shards=3, shard_size=2, num_inference_steps=4, seed=100_000, dtype="float32")
     with pytest.raises(ValueError, match=r"another collection \(differs in \['spec'\]\)"):
         collect_trajectories(teacher, build_scheduler("fewstep:unipc", config), other, one, process_index=0,
                              num_processes=1, progress=False)

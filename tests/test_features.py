@@ -341,7 +341,7 @@ def test_module_callable_spec_and_options():
         feature_extractor("torch.nn:NoSuchNet")
     with pytest.raises(ValueError, match="cannot import 'no_such_package_xyz'"):
         feature_extractor("no_such_package_xyz:net")
-    with pytest.raises(TypeError, match="returned dict, not an nn.Module"):
+    with pytest.raises(ValueError, match="is the class dict, not an nn.Module subclass"):  # refused before the call
         feature_extractor("builtins:dict")
 
 

@@ -88,7 +88,7 @@ def save_adapters(target: Any, folder: str | os.PathLike) -> Path:
         The folder.
 
     Raises:
-        ValueError: If ``target`` has no adapters.
+        ValueError: If ``target`` has no adapters, or they hold a NaN/Inf.
     """
     from safetensors.torch import save_file
 
@@ -97,6 +97,9 @@ def save_adapters(target: Any, folder: str | os.PathLike) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     arch = adapters.architecture
     state = {name: t.detach().to("cpu").contiguous() for name, t in adapters.state_dict().items()}
+    bad = [name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:  # load_adapters would refuse them: never write them
+        raise ValueError(f"the adapters are not finite ({bad[0]}{' and others' if len(bad) > 1 else ''}); not saved")
     config = {
         "format": FORMAT,
         "version": FORMAT_VERSION,

@@ -22,9 +22,12 @@ Batches are drawn by index from a generator seeded by (seed, micro-batch number)
 run resumed with ``resume_from_checkpoint=latest`` sees exactly the batches an
 uninterrupted run would have seen after the checkpoint, without replaying the earlier
 ones. Checkpoints (``accelerator.save_state``, called on every rank) go to
-``<output_dir>/checkpoints/checkpoint-<step>``; the adapters to ``<output_dir>/adapters``
-(:func:`~fewstep.distill.save_adapters`), the whole network of ``mode=full`` to
-``<output_dir>/model`` as well.
+``<output_dir>/checkpoints/checkpoint-<step>`` with ``fewstep_state.json`` (the step and the
+run's identity: a run of other settings is refused there; nothing is pickled); the adapters to
+``<output_dir>/adapters`` (:func:`~fewstep.distill.save_adapters`), the whole network of
+``mode=full`` to ``<output_dir>/model`` as well. The output folder is locked for the run, a
+non-finite loss or weight stops it (naming the step), and it starts by printing
+``fewstep distill estimate``'s figures.
 """
 
 from __future__ import annotations
@@ -32,14 +35,17 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import gc
 import json
 import math
 import shutil
 import sys
 import time
+import warnings
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, Iterator, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -48,16 +54,21 @@ from torch import nn
 from .adapters import AdapterConfig, GuidanceAdapters
 from .saving import save_adapters
 from .trajectories import (
-    LabelTeacher, PromptTeacher, Teacher, TrajectorySpec, build_scheduler, collect_trajectories, initial_noise,
-    load_trajectories, model_input,
+    LabelTeacher, PromptTeacher, Teacher, TrajectoryShards, TrajectorySpec, build_scheduler, collect_trajectories,
+    initial_noise, model_input,
 )
 
-__all__ = ["DistillConfig", "build_teacher", "train", "latest_checkpoint", "main"]
+__all__ = ["DistillConfig", "NonFiniteTrainingError", "build_teacher", "train", "latest_checkpoint", "main"]
 
 _MODES = ("adapters", "full")
 _DATA = ("trajectories", "noised")
 _PRECISIONS = ("no", "bf16", "fp16")
 _REPORT = ("tensorboard", "none")
+_DTYPES = ("auto", "float32", "float16", "bfloat16")
+# Settings that do not change what a run computes: a resumed run may change them.
+_NOT_IDENTITY = {"output_dir", "trajectory_dir", "resume_from_checkpoint", "report_to", "logging_steps",
+                 "checkpointing_steps", "validation_steps", "validation_guidance", "validation_prompts",
+                 "validation_num_inference_steps", "progress", "cpu"}
 
 
 @dataclass
@@ -81,6 +92,8 @@ class DistillConfig:
         teacher_scheduler: ``fewstep:<solver>`` or a diffusers scheduler class name.
         trajectory_steps: Sampling steps of each teacher trajectory.
         num_shards, shard_size: Trajectories are collected in ``num_shards`` batches of ``shard_size``.
+        trajectory_dtype: Storage dtype of the trajectory states and targets
+            (``float16``, ``bfloat16`` or ``float32``); training streams them from disk.
         w_min, w_max: Range of the guidance scale (training draws it uniformly).
         data_seed: Seed of the training data (trajectory shard i uses ``data_seed + i``);
             keep it apart from evaluation seeds.
@@ -93,6 +106,11 @@ class DistillConfig:
         warmup_steps: Linear warm-up steps before the cosine decay.
         max_grad_norm: Gradient clipping (0 disables it).
         mixed_precision: ``no``, ``bf16`` or ``fp16`` (as accelerate).
+        torch_dtype: dtype of the frozen base: ``auto`` (the ``mixed_precision`` dtype in
+            ``mode=adapters``, so autocast keeps no half-precision weight copies alive through
+            backward; float32 otherwise), ``float32``, ``float16`` or ``bfloat16``.
+        gradient_checkpointing: Recompute the base's blocks in backward instead of storing
+            their activations (diffusers ``enable_gradient_checkpointing``; same gradients).
         seed: Seed of the adapters' initialisation and the batch order.
         checkpointing_steps: Save the training state every this many steps (0: never).
         resume_from_checkpoint: ``latest``, a checkpoint folder, or None.
@@ -124,6 +142,7 @@ class DistillConfig:
     trajectory_steps: int = 20
     num_shards: int = 8
     shard_size: int = 64
+    trajectory_dtype: str = "float16"
     w_min: float = 1.0
     w_max: float = 5.0
     data_seed: int = 100_000
@@ -136,6 +155,8 @@ class DistillConfig:
     warmup_steps: int = 50
     max_grad_norm: float = 1.0
     mixed_precision: str = "no"
+    torch_dtype: str = "auto"
+    gradient_checkpointing: bool = False
     seed: int = 0
     checkpointing_steps: int = 500
     resume_from_checkpoint: Optional[str] = None
@@ -148,7 +169,8 @@ class DistillConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        choices = {"mode": _MODES, "data": _DATA, "mixed_precision": _PRECISIONS, "report_to": _REPORT}
+        choices = {"mode": _MODES, "data": _DATA, "mixed_precision": _PRECISIONS, "report_to": _REPORT,
+                   "torch_dtype": _DTYPES, "trajectory_dtype": _DTYPES[1:]}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
@@ -158,13 +180,19 @@ class DistillConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "checkpointing_steps", "validation_steps", "weight_decay", "max_grad_norm"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be finite and >= 0, got {getattr(self, name)}")
         rates = [self.learning_rate] + ([] if self.base_learning_rate is None else [self.base_learning_rate])
-        if not all(0 < r < math.inf for r in rates):
-            raise ValueError(f"learning rates must be finite and > 0, got {rates}")
-        if not (1.0 <= self.w_min <= self.w_max):
-            raise ValueError(f"need 1 <= w_min <= w_max, got w_min={self.w_min}, w_max={self.w_max}")
+        if not all(0 < r <= 1 for r in rates):  # AdamW overflows internally long before inf
+            raise ValueError(f"learning rates must be in (0, 1], got {rates}")
+        if not (1.0 <= self.w_min <= self.w_max < math.inf):
+            raise ValueError(f"need 1 <= w_min <= w_max < inf, got w_min={self.w_min}, w_max={self.w_max}")
+        bad = [w for w in self.validation_guidance if not 1.0 <= w < math.inf]
+        if bad:
+            raise ValueError(f"validation_guidance values must be finite and >= 1, got {bad}")
+        if self.mode == "full" and self.base_dtype() != torch.float32:
+            raise ValueError(f"mode=full trains the base network: it needs torch_dtype float32 (or auto), "
+                             f"got {self.torch_dtype!r}")
         resume = self.resume_from_checkpoint
         if resume not in (None, "latest") and not Path(resume).is_dir():
             raise ValueError(f"resume_from_checkpoint must be 'latest' or a checkpoint folder, got {resume!r}")
@@ -183,7 +211,20 @@ class DistillConfig:
         """The :class:`TrajectorySpec` of these settings."""
         return TrajectorySpec(num_shards=self.num_shards, shard_size=self.shard_size,
                               num_inference_steps=self.trajectory_steps, w_min=float(self.w_min),
-                              w_max=float(self.w_max), seed=self.data_seed)
+                              w_max=float(self.w_max), seed=self.data_seed, dtype=self.trajectory_dtype)
+
+    def base_dtype(self) -> torch.dtype:
+        """The dtype of the frozen base network (``torch_dtype`` with ``auto`` resolved)."""
+        if self.torch_dtype != "auto":
+            return getattr(torch, self.torch_dtype)
+        if self.mode == "adapters" and self.mixed_precision != "no":
+            return torch.bfloat16 if self.mixed_precision == "bf16" else torch.float16
+        return torch.float32
+
+    def run_identity(self, num_processes: int) -> dict[str, Any]:
+        """The settings that determine a run's results, recorded in its checkpoints."""
+        values = {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_IDENTITY}
+        return {**values, "num_processes": int(num_processes)}
 
 
 # ------------------------------------------------------------------------------------- model
@@ -193,10 +234,13 @@ def build_teacher(cfg: DistillConfig, device: torch.device) -> tuple[Teacher, An
     Raises:
         ValueError: If a text model gets no prompts, or the pipeline is not supported.
     """
+    dtype = cfg.base_dtype()
     if cfg.model == "digits":
         from fewstep.zoo.digits import NULL_LABEL, NUM_CLASSES, load_digits_pipeline
 
         pipe = load_digits_pipeline(device=device)
+        if dtype != torch.float32:
+            pipe.unet.to(dtype)
         return LabelTeacher(pipe.unet, NUM_CLASSES, NULL_LABEL), pipe.scheduler.config
     from diffusers import DiffusionPipeline
 
@@ -204,11 +248,20 @@ def build_teacher(cfg: DistillConfig, device: torch.device) -> tuple[Teacher, An
 
     # A local folder may hold components saved as None (SD3 without T5), which plain
     # from_pretrained refuses; load_tiny_pipeline passes them explicitly (any folder).
+    # Loaded on the host in the base's dtype; only the denoiser and the text encoders go to
+    # the device, and the encoders (with the rest of the pipeline) are dropped once the
+    # prompts are encoded: the VAE and safety checker never occupy device memory.
     local = Path(cfg.model).is_dir()
-    pipe = (load_tiny_pipeline(cfg.model) if local else DiffusionPipeline.from_pretrained(cfg.model)).to(device)
+    with warnings.catch_warnings():  # newer diffusers rename torch_dtype to dtype; 0.32 knows only torch_dtype
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
+        pipe = load_tiny_pipeline(cfg.model, torch_dtype=dtype) if local else \
+            DiffusionPipeline.from_pretrained(cfg.model, torch_dtype=dtype)
     denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
     if denoiser is None:
         raise ValueError(f"{cfg.model}: the pipeline has no unet or transformer")
+    for name, component in pipe.components.items():
+        if isinstance(component, nn.Module) and (component is denoiser or name.startswith("text_encoder")):
+            component.to(device)
     if hasattr(pipe, "encode_prompt"):
         prompts = list(cfg.prompts)
         if cfg.prompts_file:
@@ -216,11 +269,41 @@ def build_teacher(cfg: DistillConfig, device: torch.device) -> tuple[Teacher, An
             prompts += [line.strip() for line in lines if line.strip()]
         if not prompts:
             raise ValueError(f"{cfg.model} is a text-conditional pipeline: give prompts=[...] or prompts_file=")
+        pipe.encode_prompt = _encode_in_chunks(pipe.encode_prompt)
         return PromptTeacher(pipe, prompts, cfg.negative_prompt), pipe.scheduler.config
     if type(denoiser).__name__ == "DiTTransformer2DModel":
         classes = denoiser.config.num_embeds_ada_norm
         return LabelTeacher(denoiser, classes, classes), pipe.scheduler.config
     raise ValueError(f"{cfg.model}: unsupported pipeline {type(pipe).__name__}")
+
+
+def _encode_in_chunks(encode: Callable[..., Any], size: int = 64) -> Callable[..., Any]:
+    """``pipe.encode_prompt`` over at most ``size`` prompts at a time: the text encoders' activations
+    grow with the batch (T5-XXL on thousands of prompts at once would need tens of GB).
+
+    Every argument that is a list of the same ``n`` strings is split; tensor outputs are
+    concatenated along the batch (None outputs stay None).
+    """
+
+    def texts(value: Any) -> bool:
+        return isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        n = next((len(v) for v in [*args, *kwargs.values()] if texts(v)), 0)
+        if n <= size:
+            return encode(*args, **kwargs)
+        parts = []
+        for start in range(0, n, size):
+            def cut(value: Any) -> Any:
+                return value[start:start + size] if texts(value) and len(value) == n else value
+
+            parts.append(encode(*map(cut, args), **{k: cut(v) for k, v in kwargs.items()}))
+        if isinstance(parts[0], tuple):
+            return tuple(None if first is None else torch.cat([p[i] for p in parts])
+                         for i, first in enumerate(parts[0]))
+        return torch.cat(parts)
+
+    return call
 
 
 class _FullFineTune(nn.Module):
@@ -236,17 +319,8 @@ class _FullFineTune(nn.Module):
         return self.adapters(*args, **kwargs)
 
 
-class _Progress:
-    """The optimizer-step counter, saved with the accelerate state."""
-
-    def __init__(self) -> None:
-        self.step = 0
-
-    def state_dict(self) -> dict[str, int]:
-        return {"step": self.step}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.step = int(state["step"])
+CHECKPOINT_STATE = "fewstep_state.json"
+_CHECKPOINT_FORMAT = "fewstep-agd-checkpoint"
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
@@ -256,18 +330,51 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return max(found)[1] if found else None
 
 
+def _checkpoint_state(path: Path, identity: dict[str, Any]) -> int:
+    """The step of checkpoint ``path`` after checking that it belongs to the run ``identity``.
+
+    Raises:
+        ValueError: A folder without fewstep's JSON state (also every checkpoint of fewstep
+            before this check, which pickled the step counter: never unpickled), or one of a run
+            with other settings (the message names them).
+    """
+    from fewstep.eval.io import read_json
+
+    file = path / CHECKPOINT_STATE
+    if not file.is_file():
+        raise ValueError(f"{path} is not a fewstep distill checkpoint ({CHECKPOINT_STATE} is missing; older "
+                         "checkpoints kept their state in a pickle, which is never loaded): delete it")
+    state = read_json(file)
+    if not isinstance(state, dict) or state.get("format") != _CHECKPOINT_FORMAT or not isinstance(state.get("run"), dict) \
+            or isinstance(state.get("step"), bool) or not isinstance(state.get("step"), int) or state["step"] < 0:
+        raise ValueError(f"{file} is not a valid {_CHECKPOINT_FORMAT} state: delete the checkpoint")
+    pickles = sorted(p.name for p in path.glob("custom_checkpoint_*.pkl"))
+    if pickles:  # fewstep registers no pickled objects; accelerate would unpickle these without weights_only
+        raise ValueError(f"{path} holds {pickles[0]}, a pickle that fewstep does not write and will not load: "
+                         "delete that file (or the checkpoint)")
+    run = state["run"]
+    differs = sorted(k for k in set(run) | set(identity) if run.get(k) != identity.get(k))
+    if differs:
+        raise ValueError(f"{path} belongs to a run with other settings (differs in: {differs}); resume with the "
+                         "same settings, or use another output_dir (or delete its checkpoints) for a new run")
+    return state["step"]
+
+
 # -------------------------------------------------------------------------------------- data
 class _TrajectoryBatches:
-    """Micro-batch ``k`` of rank ``r``: rows drawn with replacement by a generator seeded with (seed, k)."""
+    """Micro-batch ``k`` of rank ``r``: rows drawn with replacement by a generator seeded with (seed, k).
 
-    def __init__(self, records: dict[str, torch.Tensor], seed: int) -> None:
-        self.records, self.seed = records, seed
-        self.size = records["x"].shape[0]
+    Each process reads only its own rows of each batch from the shard files.
+    """
+
+    def __init__(self, shards: TrajectoryShards, seed: int) -> None:
+        self.shards, self.seed = shards, seed
+        self.size = len(shards)
 
     def __call__(self, k: int, rank: int, processes: int, batch: int) -> dict[str, torch.Tensor]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + k)
         rows = torch.randint(self.size, (batch * processes,), generator=g)[rank::processes]
-        return {name: value[rows] for name, value in self.records.items()}
+        return self.shards.rows(rows)
 
 
 class _NoisedBatches:
@@ -321,16 +428,17 @@ def _tracker(cfg: DistillConfig) -> str | None:
 def _sample(teacher: Teacher, runner: nn.Module, scheduler: Any, index: torch.Tensor, w: float, steps: int,
             seed: int) -> torch.Tensor:
     """One-forward-per-step sampling with the adapters at guidance ``w``."""
-    device = next(teacher.denoiser.parameters()).device
+    param = next(teacher.denoiser.parameters())
+    device, dtype = param.device, param.dtype  # a half-precision base takes half-precision inputs
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(len(index), *teacher.sample_shape, generator=g).to(device)
     scheduler.set_timesteps(steps, device=device)
     x = initial_noise(scheduler, x)
     cond = teacher.condition(index.to(device))
     for t in scheduler.timesteps:
-        out = teacher(model_input(scheduler, x, t), t.to(device).expand(len(index)), cond, module=runner,
+        out = teacher(model_input(scheduler, x, t).to(dtype), t.to(device).expand(len(index)), cond, module=runner,
                       guidance_scale=w)
-        x = scheduler.step(out, t, x).prev_sample
+        x = scheduler.step(out.float(), t, x).prev_sample
     return x
 
 
@@ -359,8 +467,60 @@ def _validate(cfg, teacher, adapters, scheduler_config, accelerator, step) -> No
                 tracker.writer.add_images(f"validation/{name}", (images.clamp(-1, 1) + 1) / 2, step)
 
 
+class NonFiniteTrainingError(ValueError):
+    """Training produced a NaN/Inf loss or weights; nothing of that step was saved."""
+
+
+@contextmanager
+def _run_lock(accelerator: Any, out: Path) -> Iterator[None]:
+    """The output folder's lock, taken by the main process; every process fails alike if it is held."""
+    from fewstep.eval.io import DirectoryLockedError, lock_directory
+
+    with ExitStack() as stack:
+        error = None
+        if accelerator.is_main_process:
+            try:
+                stack.enter_context(lock_directory(out, "another fewstep distill train run"))
+            except DirectoryLockedError as err:
+                error = str(err)
+        if accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            error = broadcast_object_list([error])[0]
+        if error is not None:
+            raise DirectoryLockedError(error)
+        yield
+
+
+def _prepare_base(denoiser: nn.Module, cfg: DistillConfig) -> None:
+    """The base as training sees it: the run's dtype, frozen in ``mode=adapters``, gradient checkpointing."""
+    if next(denoiser.parameters()).dtype != cfg.base_dtype():
+        denoiser.to(cfg.base_dtype())
+    if cfg.gradient_checkpointing:
+        if not getattr(denoiser, "_supports_gradient_checkpointing", False):
+            raise ValueError(f"gradient_checkpointing: {type(denoiser).__name__} does not support it")
+        denoiser.enable_gradient_checkpointing()
+
+
+def _check_finite(accelerator: Any, step: int, loss_bad: torch.Tensor, params: list[torch.Tensor]) -> None:
+    """Stops every process alike when a loss (on any process) or a trainable weight is not finite."""
+    weights_bad = ~torch.stack([torch.isfinite(p.detach()).all() for p in params]).all()
+    flags = torch.stack([loss_bad.float(), weights_bad.float()])
+    if accelerator.num_processes > 1:
+        flags = accelerator.reduce(flags.clone(), reduction="sum")
+    loss_flag, weights_flag = (bool(v) for v in flags.cpu())  # one sync per optimizer step
+    if loss_flag or weights_flag:
+        cause = "the training loss is not finite" if loss_flag else "the trainable weights are not finite"
+        raise NonFiniteTrainingError(
+            f"training stopped at step {step}: {cause}; nothing of this step was saved (check learning_rate, "
+            "w_min/w_max, weight_decay and mixed_precision)")
+
+
 def train(cfg: DistillConfig, *, step_callback: Callable[[int], None] | None = None) -> Path:
     """Runs (or resumes) a distillation run.
+
+    The output folder is locked for the run (a second run on it is refused); a checkpoint
+    records the run's settings and is resumed only by a run with the same ones.
 
     Args:
         cfg: The settings.
@@ -368,23 +528,53 @@ def train(cfg: DistillConfig, *, step_callback: Callable[[int], None] | None = N
 
     Returns:
         The adapter folder ``<output_dir>/adapters``.
+
+    Raises:
+        ValueError: On bad settings or data, a checkpoint of another run, a folder in use
+            (:class:`~fewstep.eval.io.DirectoryLockedError`), or a non-finite loss or weight
+            (:class:`NonFiniteTrainingError`, naming the step).
     """
     from accelerate import Accelerator
+
+    out = Path(cfg.output_dir)
+    tracker = _tracker(cfg)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu, log_with=tracker,
+                              project_dir=str(out), gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+    with _run_lock(accelerator, out):
+        return _train(cfg, accelerator, tracker, out, step_callback)
+
+
+def _train(cfg: DistillConfig, accelerator: Any, tracker: str | None, out: Path,
+           step_callback: Callable[[int], None] | None) -> Path:
     from accelerate.utils import set_seed
     from diffusers.optimization import get_cosine_schedule_with_warmup
     from tqdm.auto import tqdm
 
     from fewstep.config import save_config
 
-    out = Path(cfg.output_dir)
-    tracker = _tracker(cfg)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu, log_with=tracker,
-                              project_dir=str(out), gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+    identity = cfg.run_identity(accelerator.num_processes)
+    resume = None
+    if cfg.resume_from_checkpoint:
+        resume = latest_checkpoint(out) if cfg.resume_from_checkpoint == "latest" else Path(cfg.resume_from_checkpoint)
+    for path in sorted((out / "checkpoints").glob("checkpoint-*")):  # before any work: refuse a foreign run
+        if path.is_dir() and not path.name.endswith(".partial"):
+            _checkpoint_state(path, identity)
+    if resume is not None and resume.parent != out / "checkpoints":
+        _checkpoint_state(resume, identity)
     set_seed(cfg.seed)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out)
+        from .estimate import estimate, format_estimate
+
+        try:  # what `fewstep distill estimate` prints for this config
+            accelerator.print(format_estimate(estimate(cfg)))
+        except ValueError as err:  # e.g. a hub id the estimate does not know: train anyway
+            accelerator.print(f"fewstep distill train: no memory estimate: {err}")
     teacher, scheduler_config = build_teacher(cfg, accelerator.device)
+    gc.collect()  # the pipeline's text encoders, VAE and safety checker are unreferenced now
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
     # Data first, while the base is still free of adapters (the teacher is the plain base).
     collection_started = time.perf_counter()
@@ -394,14 +584,14 @@ def train(cfg: DistillConfig, *, step_callback: Callable[[int], None] | None = N
         collect_trajectories(teacher, scheduler, cfg.trajectory_spec(), folder, process_index=accelerator.process_index,
                              num_processes=accelerator.num_processes, progress=cfg.progress)
         accelerator.wait_for_everyone()
-        records, _ = load_trajectories(folder)
-        batches = _TrajectoryBatches(records, cfg.seed)
+        batches = _TrajectoryBatches(TrajectoryShards(folder), cfg.seed)
     else:
         frozen = copy.deepcopy(teacher)  # stays the teacher while mode=full trains the base
         frozen.denoiser.requires_grad_(False)
         batches = _NoisedBatches(frozen, scheduler_config, cfg)
     collection_seconds = time.perf_counter() - collection_started
 
+    _prepare_base(teacher.denoiser, cfg)
     adapters = GuidanceAdapters(teacher.denoiser, cfg.adapter_config())
     if cfg.mode == "full":
         module: nn.Module = _FullFineTune(adapters)
@@ -415,35 +605,37 @@ def train(cfg: DistillConfig, *, step_callback: Callable[[int], None] | None = N
     lr_scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps * accelerator.num_processes,
                                                    cfg.max_steps * accelerator.num_processes)
     runner, optimizer, lr_scheduler = accelerator.prepare(module, optimizer, lr_scheduler)
-    progress = _Progress()
-    accelerator.register_for_checkpointing(progress)
-
+    step = 0
     if cfg.resume_from_checkpoint:
-        path = latest_checkpoint(out) if cfg.resume_from_checkpoint == "latest" else Path(cfg.resume_from_checkpoint)
-        if path is None:
+        if resume is None:
             accelerator.print(f"fewstep distill train: no checkpoint in {out / 'checkpoints'}; starting from scratch")
         else:
-            accelerator.load_state(str(path))
-            accelerator.print(f"fewstep distill train: resumed from {path} at step {progress.step}")
+            step = _checkpoint_state(resume, identity)
+            # Only safetensors and weights_only torch.load: no custom (pickled) objects are registered.
+            accelerator.load_state(str(resume))
+            accelerator.print(f"fewstep distill train: resumed from {resume} at step {step}")
     if tracker:
         accelerator.init_trackers("agd", config={k: str(v) for k, v in dataclasses.asdict(cfg).items()})
 
-    bar = tqdm(total=cfg.max_steps, initial=progress.step, desc="AGD training",
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="AGD training",
                disable=not (cfg.progress and accelerator.is_local_main_process))
     runner.train()
     device, started, accumulated = accelerator.device, time.perf_counter(), []  # started: training only
     dtype = next(teacher.denoiser.parameters()).dtype
-    while progress.step < cfg.max_steps:
+    trainable = [p for p in runner.parameters() if p.requires_grad]
+    while step < cfg.max_steps:
+        loss_bad = torch.zeros((), dtype=torch.bool, device=device)
         for micro in range(cfg.gradient_accumulation_steps):
-            k = progress.step * cfg.gradient_accumulation_steps + micro
+            k = step * cfg.gradient_accumulation_steps + micro
             batch = batches(k, accelerator.process_index, accelerator.num_processes, cfg.batch_size)
             batch = {name: value.to(device) for name, value in batch.items()}
-            batch["x"] = batch["x"].to(dtype)  # a half-precision base takes half-precision inputs
+            batch["x"] = batch["x"].to(dtype)  # the base's dtype (stored half-precision states are upcast)
             with accelerator.accumulate(runner):
                 with accelerator.autocast():
                     out_ = teacher(batch["x"], batch["t"], teacher.condition(batch["cond"]), module=runner,
                                    guidance_scale=batch["w"])
                 loss = F.mse_loss(out_.float(), batch["target"].float())
+                loss_bad |= ~torch.isfinite(loss.detach())
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(runner.parameters(), cfg.max_grad_norm)
@@ -451,30 +643,31 @@ def train(cfg: DistillConfig, *, step_callback: Callable[[int], None] | None = N
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             accumulated.append(loss.detach())
-        progress.step += 1
+        step += 1
+        _check_finite(accelerator, step, loss_bad, trainable)
         bar.update(1)
-        if progress.step % cfg.logging_steps == 0 or progress.step == cfg.max_steps:
+        if step % cfg.logging_steps == 0 or step == cfg.max_steps:
             mean = accelerator.reduce(torch.stack(accumulated).mean(), reduction="mean").item()
             accumulated = []
             bar.set_postfix(loss=f"{mean:.4f}")
-            accelerator.log({"loss": mean, "lr": lr_scheduler.get_last_lr()[0]}, step=progress.step)
-        if cfg.checkpointing_steps and progress.step % cfg.checkpointing_steps == 0:
-            _checkpoint(accelerator, out, progress.step)
-        if cfg.validation_steps and progress.step % cfg.validation_steps == 0 and accelerator.is_main_process:
-            _validate(cfg, teacher, accelerator.unwrap_model(runner), scheduler_config, accelerator, progress.step)
+            accelerator.log({"loss": mean, "lr": lr_scheduler.get_last_lr()[0]}, step=step)
+        if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0:
+            _checkpoint(accelerator, out, step, identity)
+        if cfg.validation_steps and step % cfg.validation_steps == 0 and accelerator.is_main_process:
+            _validate(cfg, teacher, accelerator.unwrap_model(runner), scheduler_config, accelerator, step)
         if step_callback is not None:
-            step_callback(progress.step)
+            step_callback(step)
     bar.close()
 
     accelerator.wait_for_everyone()
     folder = out / "adapters"
     if accelerator.is_main_process:
         if cfg.validation_steps and cfg.max_steps % cfg.validation_steps:
-            _validate(cfg, teacher, accelerator.unwrap_model(runner), scheduler_config, accelerator, progress.step)
+            _validate(cfg, teacher, accelerator.unwrap_model(runner), scheduler_config, accelerator, step)
         save_adapters(adapters, folder)
         if cfg.mode == "full":
             adapters.base.save_pretrained(out / "model")
-        summary = {"steps": progress.step, "training_seconds_this_session": time.perf_counter() - started,
+        summary = {"steps": step, "training_seconds_this_session": time.perf_counter() - started,
                    "data_seconds_this_session": collection_seconds,
                    "adapter_parameters": adapters.num_parameters(),
                    "base_parameters": adapters.base_num_parameters(), "processes": accelerator.num_processes}
@@ -483,9 +676,11 @@ def train(cfg: DistillConfig, *, step_callback: Callable[[int], None] | None = N
     return folder
 
 
-def _checkpoint(accelerator: Any, out: Path, step: int) -> None:
+def _checkpoint(accelerator: Any, out: Path, step: int, identity: dict[str, Any]) -> None:
     # Every rank calls save_state (it gathers/writes per-rank RNG state); the folder is
     # renamed into place once all ranks are done, so `latest` never picks a torn one.
+    from fewstep.eval.io import write_json
+
     final = out / "checkpoints" / f"checkpoint-{step}"
     partial = final.with_name(final.name + ".partial")
     if accelerator.is_main_process and partial.exists():
@@ -494,6 +689,8 @@ def _checkpoint(accelerator: Any, out: Path, step: int) -> None:
     accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        write_json(partial / CHECKPOINT_STATE, {"format": _CHECKPOINT_FORMAT, "version": 1, "step": step,
+                                                "run": identity})
         if final.exists():
             shutil.rmtree(final)
         partial.rename(final)
@@ -505,7 +702,7 @@ def add_distill_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``fewstep distill train`` (also ``python -m fewstep.distill.train``)."""
     from fewstep.config import add_config_arguments
 
-    group = sub.add_parser("distill", help="guidance distillation: train AGD adapters (distill train)",
+    group = sub.add_parser("distill", help="guidance distillation: train AGD adapters (distill train | estimate)",
                            description="Adapter guidance distillation (AGD).")
     inner = group.add_subparsers(dest="distill_command", required=True, metavar="SUBCOMMAND")
     p = inner.add_parser(
@@ -515,6 +712,9 @@ def add_distill_parser(sub: argparse._SubParsersAction) -> None:
                     "Settings: see configs/distill/*.yaml; key=value items override the file.")
     add_config_arguments(p, DistillConfig)
     p.set_defaults(func=_cmd_train)
+    from .estimate import add_estimate_parser
+
+    add_estimate_parser(inner)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

@@ -17,12 +17,21 @@ do not depend on how many processes collected them or how often the job was rest
 process ``p`` of ``P`` writes the shards ``i % P == p``, every shard is written
 atomically, and a rerun skips the shards already on disk. Conditions are stored as
 indices; the :class:`Teacher` turns them into model inputs when training.
+
+Storage: ``x`` and ``target`` in ``TrajectorySpec.dtype`` (float16 by default: half the
+disk and I/O of float32; the MSE target loses ~1e-3 relative precision, far below the
+loss values training reaches). Every shard records the collection's identity (a hash of
+the manifest) and its index in its safetensors metadata; :class:`TrajectoryShards` checks
+both and every tensor's dtype and shape against the manifest before training, and then
+reads the rows of each batch from the files (``os.pread``), so a process's memory does
+not grow with the size of the collection.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,12 +45,13 @@ from .saving import _write_atomic
 
 __all__ = [
     "Teacher", "LabelTeacher", "PromptTeacher", "TrajectorySpec", "build_scheduler",
-    "collect_trajectories", "load_trajectories", "initial_noise", "model_input", "MANIFEST_NAME",
+    "collect_trajectories", "load_trajectories", "TrajectoryShards", "initial_noise", "model_input", "MANIFEST_NAME",
 ]
 
 MANIFEST_NAME = "trajectories.json"
 FORMAT = "fewstep-cfg-trajectories"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: storage dtype in the spec, collection identity and index in every shard
+STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _TRANSFORMERS = ("SD3Transformer2DModel", "DiTTransformer2DModel")
 
 
@@ -162,12 +172,16 @@ class PromptTeacher(Teacher):
             else:
                 embeds, _ = pipe.encode_prompt(texts, device, 1, False)
                 self._tables = {"encoder_hidden_states": embeds}
+        # The table of every prompt stays in host memory; a batch's rows go to the device.
+        self._tables = {k: v.to("cpu") for k, v in self._tables.items()}
 
     def condition(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {k: table[index.long()] for k, table in self._tables.items()}
+        device = next(self.denoiser.parameters()).device
+        return {k: table[index.long().cpu()].to(device) for k, table in self._tables.items()}
 
     def null_condition(self, batch: int) -> dict[str, torch.Tensor]:
-        return {k: table[-1:].expand(batch, *table.shape[1:]) for k, table in self._tables.items()}
+        device = next(self.denoiser.parameters()).device
+        return {k: table[-1:].to(device).expand(batch, *table.shape[1:]) for k, table in self._tables.items()}
 
     def describe(self) -> dict[str, Any]:
         digest = hashlib.sha256(json.dumps([self.prompts, self.negative_prompt]).encode()).hexdigest()[:16]
@@ -208,8 +222,9 @@ class TrajectorySpec:
         num_shards: Number of shards.
         shard_size: Trajectories per shard (one sampling batch).
         num_inference_steps: Scheduler steps per trajectory (all of them are recorded).
-        w_min, w_max: Range of the per-trajectory guidance scale (uniform).
+        w_min, w_max: Range of the per-trajectory guidance scale (uniform, finite).
         seed: Shard ``i`` uses seed ``seed + i`` (keep training seeds apart from evaluation seeds).
+        dtype: Storage dtype of ``x`` and ``target``: ``float16`` (default), ``bfloat16`` or ``float32``.
     """
 
     num_shards: int
@@ -218,14 +233,22 @@ class TrajectorySpec:
     w_min: float = 1.0
     w_max: float = 5.0
     seed: int = 100_000
+    dtype: str = "float16"
 
     def __post_init__(self) -> None:
         for name in ("num_shards", "shard_size", "num_inference_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"TrajectorySpec.{name} must be an int >= 1, got {value!r}")
-        if not (1.0 <= self.w_min <= self.w_max):
-            raise ValueError(f"need 1 <= w_min <= w_max, got w_min={self.w_min}, w_max={self.w_max}")
+        if not (1.0 <= self.w_min <= self.w_max < math.inf):
+            raise ValueError(f"need 1 <= w_min <= w_max < inf, got w_min={self.w_min}, w_max={self.w_max}")
+        if self.dtype not in STORAGE_DTYPES:
+            raise ValueError(f"trajectory dtype must be one of {list(STORAGE_DTYPES)}, got {self.dtype!r}")
+
+    @property
+    def rows_per_shard(self) -> int:
+        """States in one shard: every step of every trajectory."""
+        return self.shard_size * self.num_inference_steps
 
 
 def initial_noise(scheduler: Any, noise: torch.Tensor) -> torch.Tensor:
@@ -248,10 +271,15 @@ def _scheduler_identity(scheduler: Any) -> dict[str, Any]:
     return {"class": type(scheduler).__name__, "config": json.loads(json.dumps(config, default=str))}
 
 
+def collection_id(manifest: Mapping[str, Any]) -> str:
+    """The identity of a collection: a hash of its manifest, recorded in every shard."""
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:20]
+
+
 def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     path = folder / MANIFEST_NAME
     if path.is_file():
-        saved = json.loads(path.read_text(encoding="utf-8"))
+        saved = _read_manifest(folder)
         if saved != manifest:
             diff = sorted(k for k in set(saved) | set(manifest) if saved.get(k) != manifest.get(k))
             raise ValueError(f"{folder} holds trajectories of another collection (differs in {diff}); "
@@ -260,6 +288,22 @@ def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     # Processes may race here; they all write the same text, atomically.
     text = json.dumps(manifest, indent=2) + "\n"
     _write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def _read_manifest(folder: Path) -> dict[str, Any]:
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} has no {MANIFEST_NAME}: not a trajectory folder")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); delete the folder to collect again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a {FORMAT} manifest")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{path} has format version {manifest.get('version')!r}; this fewstep reads "
+                         f"{FORMAT_VERSION}: delete the folder (or choose another trajectory_dir) to collect again")
+    return manifest
 
 
 @torch.no_grad()
@@ -274,17 +318,26 @@ def _collect_shard(teacher: Teacher, scheduler: Any, spec: TrajectorySpec, index
     scheduler.set_timesteps(spec.num_inference_steps, device=device)
     x = initial_noise(scheduler, x).to(dtype)
     cond_d, w_d = cond.to(device), w.to(device)
+    store = STORAGE_DTYPES[spec.dtype]
     records: dict[str, list[torch.Tensor]] = {"x": [], "t": [], "cond": [], "w": [], "target": []}
-    for t in scheduler.timesteps:
+    for step, t in enumerate(scheduler.timesteps):
         inputs = model_input(scheduler, x, t)
         t_batch = t.to(device).expand(n)
         target = teacher.guided(inputs, t_batch, cond_d, w_d)
-        for key, value in (("x", inputs), ("t", t_batch), ("cond", cond), ("w", w), ("target", target)):
+        for key, value in (("x", inputs), ("target", target)):
+            # One check per step (a sync; collection is not the hot loop): a NaN/Inf never reaches a shard.
+            stored = value.to(store)
+            if not torch.isfinite(stored).all():
+                cause = "is not finite" if not torch.isfinite(value).all() else f"overflows {spec.dtype} storage"
+                raise ValueError(f"trajectory shard {index}, step {step} (t={float(t):g}): the CFG {key} {cause} "
+                                 f"(guidance scales {float(w.min()):g}..{float(w.max()):g}); nothing of this "
+                                 "shard was written")
+            records[key].append(stored.to("cpu"))
+        for key, value in (("t", t_batch), ("cond", cond), ("w", w)):
             records[key].append(value.detach().to("cpu"))
         x = scheduler.step(target, t, x).prev_sample
     out = {k: torch.cat(v).contiguous() for k, v in records.items()}
-    out["t"] = out["t"].float()
-    out["x"], out["target"] = out["x"].float(), out["target"].float()
+    out["t"], out["w"], out["cond"] = out["t"].float(), out["w"].float(), out["cond"].long()
     return out
 
 
@@ -313,7 +366,8 @@ def collect_trajectories(
         The folder.
 
     Raises:
-        ValueError: If the folder holds a different collection, or the process split is bad.
+        ValueError: If the folder holds a different collection, a shard there is corrupt or
+            belongs to another collection, a CFG state is not finite, or the process split is bad.
     """
     if process_index is None or num_processes is None:
         from accelerate import PartialState
@@ -327,45 +381,186 @@ def collect_trajectories(
     manifest = {"format": FORMAT, "version": FORMAT_VERSION, "spec": asdict(spec),
                 "teacher": teacher.describe(), "scheduler": _scheduler_identity(scheduler)}
     _write_manifest(folder, manifest)
+    identity = {"format": FORMAT, "collection": collection_id(manifest)}
 
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     device = next(teacher.denoiser.parameters()).device
     mine = [i for i in range(spec.num_shards) if i % num_processes == process_index]
-    todo = [i for i in mine if not _shard_path(folder, i).is_file()]
+    todo = []
+    for i in mine:
+        if _shard_path(folder, i).is_file():
+            _shard_layout(_shard_path(folder, i), manifest, i)  # a finished shard must be this collection's
+        else:
+            todo.append(i)
     bar = tqdm(todo, desc=f"CFG trajectories [{process_index}/{num_processes}]", disable=not progress,
                initial=len(mine) - len(todo), total=len(mine))
     for index in bar:
         shard = _collect_shard(teacher, scheduler, spec, index, device)
-        _write_atomic(_shard_path(folder, index), lambda tmp: save_file(shard, tmp, metadata={"format": FORMAT}))
+        # One metadata entry: safetensors writes several in no fixed order, and shards must be byte-stable.
+        meta = {"fewstep": json.dumps({**identity, "index": index}, sort_keys=True)}
+        _write_atomic(_shard_path(folder, index), lambda tmp: save_file(shard, tmp, metadata=meta))
     return folder
 
 
-def load_trajectories(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Loads a finished collection into memory.
+# ------------------------------------------------------------------------------ reading shards
+_SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+                       "I64": torch.int64, "I32": torch.int32}
 
-    Returns:
-        ``(records, manifest)``: records ``x``, ``t``, ``cond``, ``w``, ``target`` concatenated
-        over the shards in order, and the manifest.
+
+@dataclass(frozen=True)
+class _Field:
+    offset: int  # of the tensor's first byte in the file
+    row_bytes: int
+    dtype: torch.dtype
+    row_shape: tuple[int, ...]
+
+
+def _expected_fields(manifest: Mapping[str, Any]) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    spec = TrajectorySpec(**manifest["spec"])
+    store, shape = STORAGE_DTYPES[spec.dtype], tuple(manifest["teacher"]["sample_shape"])
+    return {"x": (store, shape), "target": (store, shape), "t": (torch.float32, ()), "cond": (torch.int64, ()),
+            "w": (torch.float32, ())}
+
+
+def _shard_layout(path: Path, manifest: Mapping[str, Any], index: int) -> dict[str, _Field]:
+    """Validates one shard's header against the manifest (no tensor data is read).
+
+    Raises:
+        ValueError: naming the shard: unreadable or truncated, from another collection or slot,
+            or a tensor of another dtype or shape.
+    """
+    fix = "delete it and rerun to collect it again"
+    spec = TrajectorySpec(**manifest["spec"])
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 0 < n <= min(size - 8, 1 << 24):
+                raise ValueError("no safetensors header")
+            header = json.loads(f.read(n))
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+        raise ValueError(f"trajectory shard {path} is not a readable safetensors file ({err}); {fix}") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"trajectory shard {path} has a malformed header; {fix}")
+    try:
+        meta = json.loads((header.pop("__metadata__", None) or {}).get("fewstep", "{}"))
+    except (AttributeError, TypeError, ValueError):
+        meta = None
+    if not isinstance(meta, dict):
+        meta = {}
+    if meta.get("format") != FORMAT or meta.get("collection") != collection_id(manifest):
+        raise ValueError(f"trajectory shard {path} belongs to another collection than {path.parent / MANIFEST_NAME} "
+                         f"(collection {meta.get('collection')!r}, expected {collection_id(manifest)!r}); {fix}")
+    if meta.get("index") != index:
+        raise ValueError(f"trajectory shard {path} holds shard {meta.get('index')!r} of this collection, "
+                         f"not shard {index}; {fix}")
+    rows, start, end, fields = spec.rows_per_shard, 8 + n, 8 + n, {}
+    for name, (dtype, row_shape) in _expected_fields(manifest).items():
+        info = header.get(name)
+        try:
+            got_dtype, shape = _SAFETENSORS_DTYPES.get(info["dtype"]), tuple(int(v) for v in info["shape"])
+            begin, stop = (int(v) for v in info["data_offsets"])
+        except (TypeError, KeyError, ValueError):
+            raise ValueError(f"trajectory shard {path} has no valid tensor {name!r}; {fix}") from None
+        if got_dtype != dtype or shape != (rows, *row_shape):
+            raise ValueError(f"trajectory shard {path}: {name} is {info['dtype']} {list(shape)}, the manifest says "
+                             f"{dtype} {[rows, *row_shape]}; {fix}")
+        row_bytes = math.prod(row_shape) * dtype.itemsize
+        if begin < 0 or stop - begin != rows * row_bytes:
+            raise ValueError(f"trajectory shard {path} has a malformed header ({name}); {fix}")
+        fields[name] = _Field(start + begin, row_bytes, dtype, row_shape)
+        end = max(end, start + stop)
+    if end != size:
+        raise ValueError(f"trajectory shard {path} is truncated or has trailing data ({size} bytes, its header "
+                         f"says {end}); {fix}")
+    return fields
+
+
+class TrajectoryShards:
+    """A finished collection, validated against its manifest and read row by row from the files.
+
+    Nothing is loaded up front: :meth:`rows` reads just the requested states, so memory stays
+    at one batch whatever the size of the collection (the OS page cache does the caching).
+
+    Args:
+        folder: A folder written by :func:`collect_trajectories`.
 
     Raises:
         FileNotFoundError: If the manifest or a shard is missing (the collection is unfinished).
-        ValueError: If the manifest is not a trajectory manifest.
+        ValueError: If the manifest is not a trajectory manifest of this version, or a shard is
+            corrupt, truncated, of another collection or slot, or of another dtype or shape.
     """
-    from safetensors.torch import load_file
 
-    folder = Path(folder)
-    path = folder / MANIFEST_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{folder} has no {MANIFEST_NAME}: not a trajectory folder")
-    manifest = json.loads(path.read_text(encoding="utf-8"))
-    if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path} is not a version-{FORMAT_VERSION} {FORMAT} manifest")
-    spec = TrajectorySpec(**manifest["spec"])
-    missing = [i for i in range(spec.num_shards) if not _shard_path(folder, i).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{folder}: shards {missing[:5]}{'...' if len(missing) > 5 else ''} are missing; "
-                                "rerun the collection to finish it")
-    shards = [load_file(str(_shard_path(folder, i))) for i in range(spec.num_shards)]
-    return {k: torch.cat([s[k] for s in shards]) for k in shards[0]}, manifest
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        self.manifest = _read_manifest(self.folder)
+        self.spec = TrajectorySpec(**self.manifest["spec"])
+        missing = [i for i in range(self.spec.num_shards) if not _shard_path(self.folder, i).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{self.folder}: shards {missing[:5]}{'...' if len(missing) > 5 else ''} are "
+                                    "missing; rerun the collection to finish it")
+        self._layouts = [_shard_layout(_shard_path(self.folder, i), self.manifest, i)
+                         for i in range(self.spec.num_shards)]
+
+    def __len__(self) -> int:
+        return self.spec.num_shards * self.spec.rows_per_shard
+
+    def _read(self, shard: int, rows: list[int], out: dict[str, memoryview], at: list[int]) -> None:
+        path = _shard_path(self.folder, shard)
+        runs = []  # (first row, first position, length): consecutive rows are one read
+        for row, pos in zip(rows, at):
+            if runs and row == runs[-1][0] + runs[-1][2] and pos == runs[-1][1] + runs[-1][2]:
+                runs[-1][2] += 1
+            else:
+                runs.append([row, pos, 1])
+        with open(path, "rb", buffering=0) as f:
+            for name, field in self._layouts[shard].items():
+                rb = field.row_bytes
+                for row, pos, length in runs:
+                    f.seek(field.offset + row * rb)
+                    if f.readinto(out[name][pos * rb:(pos + length) * rb]) != length * rb:
+                        raise ValueError(f"trajectory shard {path} was truncated while training; "
+                                         "delete it and rerun to collect it again")
+
+    def rows(self, index: torch.Tensor | Sequence[int]) -> dict[str, torch.Tensor]:
+        """The states at global row indices ``index`` (shard-major order), as stored.
+
+        Returns:
+            ``x``, ``target`` [N, C, H, W] in the storage dtype; ``t``, ``w`` float32 [N]; ``cond`` int64 [N].
+        """
+        index = torch.as_tensor(index, dtype=torch.long).reshape(-1)
+        if len(index) and not (0 <= int(index.min()) and int(index.max()) < len(self)):
+            raise IndexError(f"row indices must be in [0, {len(self)})")
+        per = self.spec.rows_per_shard
+        shard, row = (index // per).tolist(), (index % per).tolist()
+        fields = self._layouts[0]
+        buffers = {name: bytearray(len(index) * f.row_bytes) for name, f in fields.items()}
+        views = {name: memoryview(b) for name, b in buffers.items()}
+        by_shard: dict[int, list[int]] = {}
+        for pos, s in enumerate(shard):
+            by_shard.setdefault(s, []).append(pos)
+        for s, positions in sorted(by_shard.items()):
+            self._read(s, [row[p] for p in positions], views, positions)
+        return {name: (torch.frombuffer(buffers[name], dtype=f.dtype) if buffers[name] else
+                       torch.empty(0, dtype=f.dtype)).reshape(len(index), *f.row_shape)
+                for name, f in fields.items()}
+
+
+def load_trajectories(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Loads a finished collection into memory (for inspection; training streams it with :class:`TrajectoryShards`).
+
+    Returns:
+        ``(records, manifest)``: records ``x``, ``t``, ``cond``, ``w``, ``target`` concatenated
+        over the shards in order (``x`` and ``target`` as float32), and the manifest.
+
+    Raises:
+        FileNotFoundError: If the manifest or a shard is missing (the collection is unfinished).
+        ValueError: If the manifest is not a trajectory manifest, or a shard is invalid (see :class:`TrajectoryShards`).
+    """
+    shards = TrajectoryShards(folder)
+    records = shards.rows(torch.arange(len(shards)))
+    records["x"], records["target"] = records["x"].float(), records["target"].float()
+    return records, shards.manifest

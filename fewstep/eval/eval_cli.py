@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..config import add_config_arguments, resolve_config, resolve_device, torch_threads
-from .features import parse_extractor_spec
+from .features import is_code_spec, parse_extractor_spec
 from ..samplers.timesteps import SPACINGS
 from .testbeds import check_model
 from .runner import DEFAULT_MSE_REFERENCE, DEFAULT_MSE_REFERENCE_NFE, FIDConfig, MSEConfig, run_fid, run_mse
@@ -47,6 +47,8 @@ class RefConfig:
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
         threads: Torch CPU threads.
         progress: Show a progress bar.
+        allow_code: Let a settings file name an extractor as ``package.module:callable``
+            (honoured from the command line only).
     """
 
     source: str = "digits"
@@ -57,6 +59,9 @@ class RefConfig:
     device: str = "cpu"
     threads: int = 1
     progress: bool = True
+    allow_code: bool = False
+
+    imports_code = staticmethod(lambda key, value: key == "extractor" and is_code_spec(value))
 
     def __post_init__(self) -> None:
         parse_extractor_spec(self.extractor)

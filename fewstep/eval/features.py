@@ -55,6 +55,7 @@ __all__ = [
     "ModuleFeatureExtractor",
     "feature_extractor",
     "parse_extractor_spec",
+    "is_code_spec",
     "register_feature_extractor",
     "list_feature_extractors",
     "extract_features",
@@ -472,9 +473,23 @@ def _import_entry(spec: str) -> Callable[..., nn.Module]:
         if not hasattr(obj, part):
             raise ValueError(f"{module_name!r} has no attribute {attr!r} (feature extractor {spec!r})")
         obj = getattr(obj, part)
-    if not callable(obj):
-        raise TypeError(f"feature extractor {spec!r} is not callable")
+    # Checked before anything is called: an nn.Module class or a plain Python function (whose
+    # result is checked after the call); never a builtin such as os.system or another class.
+    if isinstance(obj, type) and not issubclass(obj, nn.Module):
+        raise ValueError(f"feature extractor {spec!r} is the class {obj.__name__}, not an nn.Module subclass")
+    if not isinstance(obj, type) and not inspect.isfunction(obj):
+        raise ValueError(f"feature extractor {spec!r} must name an nn.Module class or a Python function returning "
+                         f"one, not a {type(obj).__name__}")
     return obj
+
+
+def is_code_spec(spec: str) -> bool:
+    """Whether an extractor spec imports code (``package.module:callable``) rather than naming a registered extractor."""
+    try:
+        name, _ = parse_extractor_spec(spec)
+    except ValueError:  # malformed: refused by whoever parses it
+        return False
+    return name not in _REGISTRY
 
 
 def _check_options(name: str, factory: Callable, options: dict[str, Any]) -> None:

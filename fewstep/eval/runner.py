@@ -35,7 +35,7 @@ from ..samplers import list_solvers, solver_class
 from ..samplers.timesteps import SPACINGS
 from .compare import Method
 from .distributed import ProcessGroup
-from .features import as_float_images, extract_features, feature_extractor, parse_extractor_spec
+from .features import as_float_images, extract_features, feature_extractor, is_code_spec, parse_extractor_spec
 from .io import atomic_write_bytes, claim_identity, lock_directory, read_json, write_json
 from .reference import default_cache_dir, timed
 from .report import pivot_tables, plot_quality, sample_grid
@@ -138,11 +138,16 @@ class FIDConfig(EvalConfig):
             ``dinov2:checkpoint=DIR``, ``clip:checkpoint=DIR`` or ``package.module:callable``.
         ref: Reference: a statistics ``.npz`` (mu, sigma), a built-in dataset (``digits``), an
             image folder or an ``.npz`` of images / features (their statistics are cached).
+        allow_code: Let a settings file name the extractor as ``package.module:callable``
+            (honoured from the command line only).
     """
 
     extractor: str = "digits"
     ref: str = "digits"
     out: str = "runs/eval-fid"
+    allow_code: bool = False
+
+    imports_code = staticmethod(lambda key, value: key == "extractor" and is_code_spec(value))
 
     def __post_init__(self) -> None:
         super().__post_init__()

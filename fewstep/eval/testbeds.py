@@ -17,7 +17,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from ..samplers import GridSpec, make_schedule, sample
+from ..samplers import Artifact, GridSpec, make_schedule, sample
 from ..samplers.schedules import DiscreteVPSchedule
 from .diffusers_schedulers import build_diffusers_scheduler, diffusers_sample, is_diffusers_spec, steps_for_nfe
 from .fd import feature_statistics, frechet_distance
@@ -364,8 +364,11 @@ class PipelineTestbed(Testbed):
     def generate(self, solver, options, nfe, x_T, cond, guidance, spacing):
         if is_diffusers_spec(solver):
             return self.generate_diffusers(solver, options, nfe, x_T, cond, guidance, spacing)
-        return self._run_pipeline(self.scheduler_cls.from_config(self._config(spacing), solver=solver,
-                                                                 solver_options=options), nfe, x_T, cond, guidance)
+        scheduler = self.scheduler_cls.from_config(self._config(spacing), solver=solver, solver_options=options)
+        for value in scheduler.solver.config.values():  # the scheduler cannot see the model: check here
+            if isinstance(value, Artifact):
+                value.check_model(self.pipe)
+        return self._run_pipeline(scheduler, nfe, x_T, cond, guidance)
 
     def generate_diffusers(self, solver, options, nfe, x_T, cond, guidance, spacing):
         # The pipeline's own loop with the diffusers scheduler swapped in; its steps give nfe model calls.

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -52,6 +53,7 @@ __all__ = [
     "is_file_reference",
     "check_file_reference",
     "resolve_file_reference",
+    "ArtifactModelWarning",
     "model_fingerprint",
     "schedule_mismatch",
     "ARTIFACT_FORMAT",
@@ -210,15 +212,22 @@ def _short(value: Any) -> str:
 _FINGERPRINTS: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
 
 
+class ArtifactModelWarning(UserWarning):
+    """A tuned artifact is used on another model than it was tuned on (the CLIs turn it into an error)."""
+
+
 def model_fingerprint(model: Any) -> str | None:
     """A short id of a model's architecture and weights, independent of device and dtype.
 
     ``nn.Module``: the class, every parameter/buffer name and shape, and up to 64 evenly
     strided values per tensor rounded to bfloat16 (so float16/bfloat16/float32 copies of the
     same weights agree, and a fine-tune does not). Diffusers pipelines use their UNet or
-    transformer; objects with a ``fingerprint()`` method (the analytic GMM) use it; anything
-    else (a bare function) has none. Cached per module object.
+    transformer; objects with a ``fingerprint()`` method (the analytic GMM) use it; a bound
+    method (``testbed.model``) is fingerprinted by its object; anything else (a bare
+    function) has none. Cached per module object.
     """
+    if inspect.ismethod(model):  # e.g. DigitsTestbed.model: its object holds the network
+        return model_fingerprint(model.__self__)
     denoiser = getattr(model, "unet", None) or getattr(model, "transformer", None)
     if denoiser is not None and not isinstance(model, torch.nn.Module):
         return model_fingerprint(denoiser)
@@ -431,7 +440,8 @@ class Artifact:
                 raise ArtifactError(f"{self.kind} artifact was made for another noise schedule ({diff})")
 
     def check_model(self, model: Any, stacklevel: int = 2) -> None:
-        """Warn when the model's fingerprint differs from the one the artifact was tuned on.
+        """Warn (:class:`ArtifactModelWarning`; the CLIs make it an error) when the model's fingerprint
+        differs from the one the artifact was tuned on.
 
         Args:
             model: The model (module, pipeline, or object with ``fingerprint()``).
@@ -442,7 +452,7 @@ class Artifact:
         actual = model_fingerprint(model)
         if actual is not None and actual != self.meta.fingerprint:
             warnings.warn(f"{self.kind} artifact was tuned on model {self.meta.fingerprint}, this is {actual}; "
-                          "it may not transfer", UserWarning, stacklevel=stacklevel + 1)
+                          "it may not transfer", ArtifactModelWarning, stacklevel=stacklevel + 1)
 
     def __eq__(self, other: object) -> bool:
         return type(other) is type(self) and other.sha256() == self.sha256()

@@ -261,7 +261,11 @@ def train_diffusion(
     generator = torch.Generator().manual_seed(seed)
     step = 0
     if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, weights_only=False)
+        try:  # tensors, numbers and strings only: weights_only never runs code from the file
+            ckpt = torch.load(ckpt_path, weights_only=True)
+        except Exception as exc:  # pickle.UnpicklingError for a crafted file, others for a corrupt one
+            raise ValueError(f"{ckpt_path} is not a readable digits training checkpoint "
+                             f"({type(exc).__name__}); delete it to start over") from None
         changed = {k for k in _RESUME_KEYS if ckpt["hparams"][k] != hparams[k]}
         if changed:
             raise ValueError(f"{ckpt_path} was trained with different {sorted(changed)}")
