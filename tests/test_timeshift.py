@@ -52,7 +52,7 @@ def test_fractional_and_continuous_schedules_use_the_schedules_own_sigma():
 
 
 def test_model_sees_the_shifted_timesteps_and_the_solver_keeps_its_coefficients():
-    rule = TimeShift(window=60, cutoff=300)
+    rule = TimeShift(window=60, cutoff=300, mode="input")
     plan = fewstep.make_plan(LINEAR, "unipc", 6)
     seen = []
 
@@ -77,10 +77,10 @@ def test_model_sees_the_shifted_timesteps_and_the_solver_keeps_its_coefficients(
 
 def test_time_shift_reads_nothing_on_the_host(monkeypatch):
     # On the meta device any value read fails; the guard also refuses every host-reading method.
-    rule = TimeShift(20, 0)
+    rule = TimeShift(20, 0, mode="input")
     shifts = [s for s in rule.for_grid(fewstep.make_plan(LINEAR, "dpmpp", 5).grid, "meta") if s is not None]
     net = torch.nn.Conv2d(1, 1, 1).to("meta")
-    hook = fewstep.time_shift(net, window=20, cutoff=100, schedule=LINEAR)
+    hook = fewstep.time_shift(net, window=20, cutoff=100, mode="input", schedule=LINEAR)
     seen = []
     net.register_forward_pre_hook(lambda m, args: seen.append(args[1]))  # runs after the shift
     x = torch.empty(3, 1, 8, 8, device="meta")
