@@ -144,7 +144,9 @@ def test_pipeline_hook_equals_the_functional_time_shift_and_is_undone(digits_pip
                            solver="unipc", nfe=6, spacing=fewstep.GridSpec(spacing="linspace", convention="multistep"),
                            guidance=3.0, cond=labels, uncond=torch.full_like(labels, 10),
                            time_shift=TimeShift(40, 200))
-    torch.testing.assert_close(x.clamp(-1, 1), shifted, rtol=1e-5, atol=1e-5)
+    # The pipeline runs the UNet on another batch layout than fewstep.sample: float32 kernels round
+    # differently (1.3e-5 with AVX2-only kernels), so not bitwise.
+    torch.testing.assert_close(x.clamp(-1, 1), shifted, rtol=1e-4, atol=1e-4)
 
 
 def test_compare_runs_time_shift_specs(tmp_path, monkeypatch):
