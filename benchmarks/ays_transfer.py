@@ -1,12 +1,13 @@
 """A published schedule on another model: Align Your Steps for SD-1.5 (``solver_schedule="ays:sd15"``) vs each
-solver's default grid, on the built-in digits model and the GMM (both DDPM ``linear`` schedules, not SD's).
+solver's default grid (the models' common ``linspace`` grid, as ``fewstep compare`` uses) and vs the log-SNR
+grid, on the built-in digits model and the GMM (both DDPM ``linear`` schedules, not SD's).
 
     python benchmarks/ays_transfer.py            # ~10 min on one CPU thread; rerun to resume
 
 Evaluation as ``fewstep compare``: samples i = 0..N-1 use noise seed i (nothing is fitted: the schedule is used as
 published, log-linearly interpolated for NFE 6), the testbeds' default guidance (digits 1.5, GMM 2). Metrics:
 digits-FD (digits) and MSE to the exact ODE solution (GMM), each with a paired bootstrap over the evaluation
-samples (1000 resamples, 95% percentile interval) of the difference AYS - default (FD of a resample with
+samples (1000 resamples, 95% percentile interval) of the differences AYS - default and AYS - logsnr (FD of a resample with
 repeated samples is inflated, about equally in both arms: its difference, not its ratio, is what the
 resamples estimate without bias). Results: ``benchmarks/results/ays/transfer.json`` and ``transfer.md``.
 """
@@ -36,57 +37,63 @@ def main() -> None:
     path = OUT / "transfer.json"
     store = read_json(path) if path.exists() else {}
     lines = ["# Align Your Steps (SD-1.5) on models it was not tuned for", "",
-             "Ratio AYS / solver default; in brackets the paired-bootstrap 95% interval of the difference AYS - "
-             "default (1000 resamples; negative: AYS better).", ""]
+             "default = the common linspace grid; logsnr = uniform in log-SNR. Ratios AYS / grid; in brackets the "
+             "paired-bootstrap 95% interval of the difference AYS - grid (1000 resamples; negative: AYS better).", ""]
     for tb in (DigitsTestbed(), GMMTestbed()):
         n, g = N[tb.name], tb.default_guidance
         x, cond = tb.initial_noise(n, 0)
         ref = None
         metric = "digits-FD" if tb.name == "digits" else "MSE to the exact ODE solution"
         lines += [f"## {tb.name} ({n} samples, guidance {g:g}; {metric})", "",
-                  "| solver | NFE | default | ays:sd15 | ratio | AYS - default [95% CI] |", "|---|---:|---:|---:|---:|---|"]
+                  "| solver | NFE | default | logsnr | ays:sd15 | AYS / default [95% CI of AYS - default] | "
+                  "AYS / logsnr [95% CI of AYS - logsnr] |", "|---|---:|---:|---:|---:|---|---|"]
         for solver in SOLVERS:
             for nfe in NFES:
                 key = f"{tb.name}/{solver}/nfe{nfe}"
                 if key not in store:
                     t0 = time.perf_counter()
                     arms = {}
-                    for arm, options in (("default", {}), ("ays", {"solver_schedule": "ays:sd15"})):
+                    for arm, options, spacing in (("default", {}, None), ("logsnr", {}, "logsnr"),
+                                                  ("ays", {"solver_schedule": "ays:sd15"}, None)):
                         arms[arm] = torch.cat([tb.generate(solver, options, nfe, x[i:i + tb.batch_size],
-                                                           cond[i:i + tb.batch_size], g, None)
+                                                           cond[i:i + tb.batch_size], g, spacing)
                                                for i in range(0, n, tb.batch_size)])
                     if tb.name == "digits":
                         feats = {a: tb._features(s.clamp(-1, 1)) for a, s in arms.items()}
                         value = {a: frechet_distance(*feature_statistics(f), *tb._real_stats) for a, f in feats.items()}
-                        ci = _bootstrap(lambda idx, a: frechet_distance(*feature_statistics(feats[a][idx]),
-                                                                        *tb._real_stats), n)
+                        ci = {base: _bootstrap(lambda idx, a: frechet_distance(*feature_statistics(feats[a][idx]),
+                                                                               *tb._real_stats), n, base)
+                              for base in ("default", "logsnr")}
                     else:
                         if ref is None:
                             ref = tb.reference(x, cond, g, None, None, None, None)
                         err = {a: (s - ref).pow(2).flatten(1).mean(1).double() for a, s in arms.items()}
                         value = {a: float(e.mean()) for a, e in err.items()}
-                        ci = _bootstrap(lambda idx, a: float(err[a][idx].mean()), n)
-                    store[key] = {**value, "ratio": value["ays"] / value["default"], "ci95": ci, "ci_of": "difference",
+                        ci = {base: _bootstrap(lambda idx, a: float(err[a][idx].mean()), n, base)
+                              for base in ("default", "logsnr")}
+                    store[key] = {**value, "ci95_of_difference": ci,
                                   "seconds": round(time.perf_counter() - t0, 1)}
                     write_json(path, store)
                     print(key, store[key], flush=True)
                 r = store[key]
                 fmt = "{:.3f}" if tb.name == "digits" else "{:.2e}"
-                lines.append(f"| {solver} | {nfe} | {fmt.format(r['default'])} | {fmt.format(r['ays'])} | "
-                             f"{r['ratio']:.2f}x | {fmt.format(r['ays'] - r['default'])} "
-                             f"[{fmt.format(r['ci95'][0])}, {fmt.format(r['ci95'][1])}] |")
+                ci = r["ci95_of_difference"]
+                lines.append(f"| {solver} | {nfe} | {fmt.format(r['default'])} | {fmt.format(r['logsnr'])} | "
+                             f"{fmt.format(r['ays'])} | " + " | ".join(
+                                 f"{r['ays'] / r[b]:.2f}x [{fmt.format(ci[b][0])}, {fmt.format(ci[b][1])}]"
+                                 for b in ("default", "logsnr")) + " |")
         lines.append("")
     atomic_write_bytes(OUT / "transfer.md", ("\n".join(lines) + "\n").encode())
     print("\n".join(lines))
 
 
-def _bootstrap(stat, n: int, resamples: int = 1000) -> list[float]:
-    """95% interval of stat(idx, 'ays') - stat(idx, 'default') over paired resamples of the evaluation samples."""
+def _bootstrap(stat, n: int, base: str, resamples: int = 1000) -> list[float]:
+    """95% interval of stat(idx, 'ays') - stat(idx, base) over paired resamples of the evaluation samples."""
     g = torch.Generator().manual_seed(0)
     ratios = []
     for _ in range(resamples):
         idx = torch.randint(0, n, (n,), generator=g)
-        ratios.append(stat(idx, "ays") - stat(idx, "default"))
+        ratios.append(stat(idx, "ays") - stat(idx, base))
     r = torch.tensor(ratios)
     return [float(r.quantile(0.025)), float(r.quantile(0.975))]
 
