@@ -1,4 +1,4 @@
-"""Time-Shift's official form (mode="target"): the official DDIM step, every solver, the pipeline hook, no host reads."""
+"""Time-Shift's official form (mode="target"): the official DDIM step, every solver, the pipeline hook."""
 
 import pytest
 import torch

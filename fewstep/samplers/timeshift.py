@@ -7,9 +7,10 @@ t_i above a cutoff, and then (``mode``):
 
 * ``"target"`` (default, the official codes' form, e.g. ``ddim_sample`` of TS-DPM-ADM): the
   network stays on the grid timestep t_i and the step's *target* noise level moves by the same
-  offset, to t_{i+1} + (t_s - t_i); the first step (no history yet) and a step to sigma = 0 are
-  never shifted. Any solver's step lands on the grid's t_{i+1}, then a DDIM move along its own data
-  prediction x0 takes it to the shifted level: x' = (sigma'/sigma) x + (alpha' - sigma' alpha/sigma) x0,
+  offset, to t_{i+1} + (t_s - t_i); the first step (no history yet) and the last step (into the
+  terminal point) are never shifted. Any solver's step lands on the grid's t_{i+1}, then a DDIM
+  move along its own data prediction x0 takes it to the shifted level,
+  x' = (sigma'/sigma) x + (alpha' - sigma' alpha/sigma) x0,
   one linear combination with per-sample coefficients gathered from float64 tables computed once
   per step (exactly the official step for DDIM; for UniPC the folded corrector carries the same
   displacement into the corrected sample).
@@ -162,8 +163,8 @@ class TimeShift:
                      start: int = 0) -> list["TargetMove | None"]:
         """``"target"`` mode: per step of ``grid``, the move of its result to the shifted target, or None.
 
-        Step i is moved when ``start < i``, its grid timestep is above the cutoff and its target
-        noise level is not 0 (``start``: the first step of the run, never shifted).
+        Step i is moved when ``start < i < n - 1`` (``start``: the first step of the run; the last
+        step goes to the terminal point) and its grid timestep is above the cutoff.
 
         Raises:
             ValueError: for an ``"input"`` rule (see :meth:`for_grid`).
@@ -174,8 +175,8 @@ class TimeShift:
         ts, schedule = grid.model_timesteps.double(), grid.schedule
         bounds = _model_time_range(schedule)
         for i in range(grid.n):
-            if (not self.active or i <= start or float(ts[i]) <= self.cutoff or i + 1 >= len(grid.sigma)
-                    or float(grid.sigma[i + 1]) <= 0 or i + 1 >= len(ts)):
+            if (not self.active or i <= start or i + 1 >= grid.n or float(ts[i]) <= self.cutoff
+                    or float(grid.sigma[i + 1]) <= 0):
                 out.append(None)
                 continue
             tau, var = self.candidates(schedule, ts[i], bounds=bounds)
