@@ -9,7 +9,8 @@ published, log-linearly interpolated for NFE 6), the testbeds' default guidance 
 digits-FD (digits) and MSE to the exact ODE solution (GMM), each with a paired bootstrap over the evaluation
 samples (1000 resamples, 95% percentile interval) of the differences AYS - default and AYS - logsnr
 (FD of a resample with repeated samples is inflated, about equally in both arms: its difference, not
-its ratio, is what the resamples estimate without bias). Results: ``benchmarks/results/ays/transfer.json`` and ``transfer.md``.
+its ratio, is what the resamples estimate without bias).
+Results: ``benchmarks/results/ays/transfer.json`` and ``transfer.md``.
 """
 
 from __future__ import annotations
