@@ -149,3 +149,4 @@ def test_pipeline_target_hook_equals_fewstep_sample_and_is_undone(digits_pipe):
     with pytest.raises(ValueError, match="got scheduler DDIMScheduler"):
         fewstep.time_shift(foreign, window=40)
     fewstep.time_shift(foreign, window=40, mode="input").remove()
+

@@ -12,8 +12,8 @@ t_i above a cutoff, and then (``mode``):
   move along its own data prediction x0 takes it to the shifted level,
   x' = (sigma'/sigma) x + (alpha' - sigma' alpha/sigma) x0,
   one linear combination with per-sample coefficients gathered from float64 tables computed once
-  per step (exactly the official step for DDIM; for UniPC the folded corrector carries the same
-  displacement into the corrected sample).
+  per step (exactly the official step for DDIM; UniPC's folded corrector rebuilds its previous
+  sample from the moved one, so the move also reaches the corrected sample).
 * ``"input"`` (fewstep <= 0.x): the network gets t_s instead of t_i and the solver keeps its own
   coefficients and targets.
 
