@@ -2,6 +2,7 @@
 
 Commands:
   solvers   list the registered solvers and their options
+  list      list solvers or built-in published schedules (list solvers|schedules)
   compare   benchmark solvers at low NFE against a high-NFE reference
   calibrate DC-Solver ratio calibration and CPR fits (calibrate dc)
   search    search solver schedules: S3 over USF strategies (usf), tuned timesteps (timesteps)
@@ -69,6 +70,21 @@ def cmd_solvers(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_list_schedules(args: argparse.Namespace) -> int:
+    """List the built-in published schedules (``solver_schedule="ays:sd15"``)."""
+    from .samplers.published import list_published
+
+    entries = list_published()
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return 0
+    for e in entries:
+        print(f"{e['name']}: {e['method']}, {e['nfe']} steps ({e['interpolation']} interpolation to others), "
+              f"for {e['model_family']}")
+        print(f"    {e['source']}")
+    return 0
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     """The ``fewstep`` parser and its subcommands."""
     from . import __version__
@@ -88,6 +104,15 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
                        description="List the registered solvers, their papers and options.")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_solvers)
+
+    p = sub.add_parser("list", help="list solvers or built-in published schedules",
+                       description="List registered solvers or the built-in published schedules.")
+    what = p.add_subparsers(dest="what", required=True, metavar="WHAT")
+    for name, func, text in (("solvers", cmd_solvers, "registered solvers and their options"),
+                             ("schedules", cmd_list_schedules, "built-in published schedules (solver_schedule=NAME)")):
+        q = what.add_parser(name, help=text, description=text)
+        q.add_argument("--json", action="store_true", help="machine-readable output")
+        q.set_defaults(func=func)
 
     add_compare_parser(sub)
     add_search_parser(sub)

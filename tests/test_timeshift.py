@@ -52,7 +52,7 @@ def test_fractional_and_continuous_schedules_use_the_schedules_own_sigma():
 
 
 def test_model_sees_the_shifted_timesteps_and_the_solver_keeps_its_coefficients():
-    rule = TimeShift(window=60, cutoff=300)
+    rule = TimeShift(window=60, cutoff=300, mode="input")
     plan = fewstep.make_plan(LINEAR, "unipc", 6)
     seen = []
 
@@ -77,10 +77,10 @@ def test_model_sees_the_shifted_timesteps_and_the_solver_keeps_its_coefficients(
 
 def test_time_shift_reads_nothing_on_the_host(monkeypatch):
     # On the meta device any value read fails; the guard also refuses every host-reading method.
-    rule = TimeShift(20, 0)
+    rule = TimeShift(20, 0, mode="input")
     shifts = [s for s in rule.for_grid(fewstep.make_plan(LINEAR, "dpmpp", 5).grid, "meta") if s is not None]
     net = torch.nn.Conv2d(1, 1, 1).to("meta")
-    hook = fewstep.time_shift(net, window=20, cutoff=100, schedule=LINEAR)
+    hook = fewstep.time_shift(net, window=20, cutoff=100, mode="input", schedule=LINEAR)
     seen = []
     net.register_forward_pre_hook(lambda m, args: seen.append(args[1]))  # runs after the shift
     x = torch.empty(3, 1, 8, 8, device="meta")
@@ -144,7 +144,9 @@ def test_pipeline_hook_equals_the_functional_time_shift_and_is_undone(digits_pip
                            solver="unipc", nfe=6, spacing=fewstep.GridSpec(spacing="linspace", convention="multistep"),
                            guidance=3.0, cond=labels, uncond=torch.full_like(labels, 10),
                            time_shift=TimeShift(40, 200))
-    torch.testing.assert_close(x.clamp(-1, 1), shifted, rtol=1e-5, atol=1e-5)
+    # The pipeline runs the UNet on another batch layout than fewstep.sample: float32 kernels round
+    # differently (1.3e-5 with AVX2-only kernels), so not bitwise.
+    torch.testing.assert_close(x.clamp(-1, 1), shifted, rtol=1e-4, atol=1e-4)
 
 
 def test_compare_runs_time_shift_specs(tmp_path, monkeypatch):

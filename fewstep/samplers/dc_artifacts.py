@@ -114,13 +114,18 @@ class DCRatios(_DCArtifact):
 
     @classmethod
     def coerce(cls, value: Any, what: str = "artifact") -> "DCRatios":
-        """Also accepts a plain list of numbers (one per step), the inline form of a scheduler config."""
+        """Also accepts a plain list of numbers (one per step), the inline form of a scheduler config.
+
+        A plain list has no dc_order of its own: it is read with the least (1) and takes the
+        solver's ``dc_order`` there, which then checks its warm-up ratios (a check against the
+        default order here would reject lists meant for ``dc_order=1``).
+        """
         if isinstance(value, (list, tuple, np.ndarray, torch.Tensor)):
             try:
-                ratios = cls(value)
+                ratios = cls(value, dc_order=1)
             except (TypeError, ValueError) as exc:
                 raise type(exc)(f"{what}: {exc}") from None
-            return cls(ratios.ratios, meta=ArtifactMeta(nfe=ratios.nfe))
+            return cls(ratios.ratios, dc_order=1, meta=ArtifactMeta(nfe=ratios.nfe))
         return super().coerce(value, what)
 
     @property

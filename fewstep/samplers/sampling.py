@@ -133,9 +133,10 @@ def sample(
             doubled batch ``(x, x)`` with conditioning ``(uncond, cond)`` concatenated on dim 0.
         cond, uncond: Conditioning tensors for the model (``uncond`` only with guidance).
         thresholding: :class:`DynamicThreshold`, :class:`Clip` or any callable applied to x0.
-        time_shift: :class:`TimeShift` (or ``{"window": W, "cutoff": C}``): feed the model
-            per-sample timesteps matched to each sample's variance (Li et al., ICLR 2024);
-            the solver keeps its coefficients.
+        time_shift: :class:`TimeShift` (or ``{"window": W, "cutoff": C, "mode": M}``, ``[W, C]``):
+            per-sample noise levels matched to each sample's variance (Li et al., ICLR 2024):
+            by default each step's target level moves (the official form), with ``mode="input"``
+            the model gets the shifted timesteps instead.
         callback: Called with a :class:`StepInfo` after every step.
         check_finite: Raise FloatingPointError naming the first step whose model output
             was NaN/Inf (checked once, at the end, without per-step host syncs).
@@ -221,7 +222,11 @@ def sample(
     batch = x_T.shape[0]
     # Model timesteps for the whole run, moved to the device once.
     ts = grid.model_timesteps.to(device=device, dtype=torch.float32)
-    shifts = time_shift.for_grid(grid, device) if time_shift is not None else [None] * grid.n
+    shifts = moves = [None] * grid.n
+    if time_shift is not None and time_shift.mode == "input":
+        shifts = time_shift.for_grid(grid, device)
+    elif time_shift is not None:
+        moves = time_shift.target_moves(grid, device, compute_dtype(x_T.dtype))
     if guidance is not None:
         if _batch_of(cond) != batch or _batch_of(uncond) != batch:
             raise ValueError(f"cond/uncond batch sizes must equal the sample batch {batch}")
@@ -249,7 +254,8 @@ def sample(
             x, denoised = runner.advance(i, x, x.new_zeros(out_shape), callback is not None)
         else:
             t = ts[i].expand(batch) if shifts[i] is None else TimeShift.select(x, *shifts[i])
-            x, denoised = step(model, runner, i, x, t, cond, callback is not None)
+            x_next, denoised = step(model, runner, i, x, t, cond, callback is not None or moves[i] is not None)
+            x = x_next if moves[i] is None else moves[i].apply(x, x_next, denoised)
         runner.check_finite_upto(i + 1)  # reads flags only when that needs no device sync
         if callback is not None:
             callback(StepInfo(i, float(grid.model_timesteps[i]), float(grid.sigma[i]), x, denoised))

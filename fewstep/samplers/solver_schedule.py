@@ -7,6 +7,11 @@ solver (``fewstep.sample(..., solver="unipc", solver_schedule="steps.json")``); 
 through :func:`apply_solver_schedule`, the one place where a schedule turns into a
 :class:`~fewstep.samplers.timesteps.GridSpec`.
 
+Published optimised schedules (Align Your Steps, ...) are built in as such artifacts and load
+by name, ``solver_schedule="ays:sd15"`` (:mod:`fewstep.samplers.published`): they interpolate to
+other step counts as their authors recommend, and on another model family they warn once
+instead of refusing.
+
 A schedule may also carry one :class:`StepStrategy` per step (Liu et al., ICLR 2024, the
 USF decision space: prediction type, Taylor order, derivative estimation, corrector) and an
 analytical first step; only the ``usf`` solver runs those (``solvers/usf.py``).
@@ -42,6 +47,7 @@ MAX_ORDER = 4
 #: DPM-Solver++(2M)'s midpoint rule); a number c means the linear relaxation 1 + c h.
 RELAXATION_FORMS = ("bh1", "bh2")
 _MAX_RELAXATION = 100.0
+_WARNED: set[tuple[str, str]] = set()  # (published schedule, model schedule) pairs already warned about
 _STEP_FIELDS = ("space", "order", "points", "relaxation", "corrector", "corrector_relaxation")
 
 
@@ -190,6 +196,21 @@ class SolverSchedule(Artifact):
     def has_strategies(self) -> bool:
         return self.steps is not None
 
+    @property
+    def published(self) -> dict[str, Any] | None:
+        """For a built-in published schedule, its provenance (``meta.extra["published"]``), else None."""
+        info = self.meta.extra.get("published")
+        return info if isinstance(info, Mapping) else None
+
+    @classmethod
+    def coerce(cls, value: Any, what: str = "artifact") -> "SolverSchedule":
+        """As :meth:`Artifact.coerce`, plus built-in schedule names such as ``"ays:sd15"``."""
+        from .published import is_published_name, load_published
+
+        if is_published_name(value) and not os.path.exists(value):
+            return load_published(value)
+        return super().coerce(value, what)
+
     # ------------------------------------------------------------------ artifact interface
     def payload(self) -> dict[str, Any]:
         out: dict[str, Any] = {"timesteps": list(self.timesteps), "final_sigma": self.final_sigma}
@@ -250,6 +271,8 @@ class SolverSchedule(Artifact):
             ArtifactError: another NFE, step count, noise schedule or solver than the schedule's.
             ValueError: explicit timesteps or sigmas given as well.
         """
+        if self.published is not None:
+            return self._published_spec(spec, schedule, solver, nfe=nfe, steps=steps)
         self.check(schedule=schedule, solver=solver)
         if spec.timesteps is not None or spec.sigmas is not None:
             raise ValueError("a solver schedule fixes the timesteps; do not pass timesteps or sigmas as well")
@@ -261,6 +284,28 @@ class SolverSchedule(Artifact):
                 f"the solver schedule has {self.num_steps} steps (NFE {self.nfe}){afs}, but num_inference_steps="
                 f"{steps} was requested; pass num_inference_steps={self.num_steps}")
         return spec.replace(timesteps=tuple(self.timesteps), sigmas=None, final_sigma=self.final_sigma,
+                            t_start=None, t_end=None)
+
+    def _published_spec(self, spec: GridSpec, schedule: Any, solver: str, *, nfe: int | None,
+                        steps: int | None) -> GridSpec:
+        """A published schedule: any solver, any step count (interpolated), another model family with a warning."""
+        from .published import load_published
+
+        info = self.published
+        if spec.timesteps is not None or spec.sigmas is not None:
+            raise ValueError("a solver schedule fixes the timesteps; do not pass timesteps or sigmas as well")
+        try:
+            self.check(schedule=schedule)
+        except ArtifactError:
+            key = (info["name"], repr(schedule.to_dict() if hasattr(schedule, "to_dict") else schedule))
+            if key not in _WARNED:
+                _WARNED.add(key)
+                warnings.warn(f"solver schedule {info['name']} was tuned for {info['model_family']}; this model has "
+                              "another noise schedule, so its timesteps are used as they are and may not help",
+                              UserWarning, stacklevel=4)
+        wanted = steps if steps is not None else nfe
+        sched = self if wanted is None or wanted == self.num_steps else load_published(info["name"], wanted)
+        return spec.replace(timesteps=tuple(sched.timesteps), sigmas=None, final_sigma=sched.final_sigma,
                             t_start=None, t_end=None)
 
     def __repr__(self) -> str:

@@ -1,19 +1,32 @@
-"""Time-Shift sampler: per-sample model timesteps matched to each sample's variance (Li et al., ICLR 2024).
+"""Time-Shift sampler: per-sample noise levels matched to each sample's variance (Li et al., ICLR 2024).
 
-Exposure bias leaves a sample at step i noisier or cleaner than the grid says. The
-Time-Shift sampler feeds the network, instead of the grid's timestep t_i, the timestep t_s
-in a window around t_i whose noise variance sigma(t_s)^2 (1 - alphā for VP models) is
-closest to the sample's own variance (over all its elements), for t_i above a cutoff; the
-solver keeps its own coefficients. The README ("Time-Shift sampler") has the rule's
-measured effect on the built-in digits model.
+Exposure bias leaves a sample at step i noisier or cleaner than the grid says. Per sample, the
+rule finds the timestep t_s in a window around the grid's t_i whose noise variance sigma(t_s)^2
+(1 - alphā for VP models) is closest to the sample's own variance (over all its elements), for
+t_i above a cutoff, and then (``mode``):
+
+* ``"target"`` (default, the official codes' form, e.g. ``ddim_sample`` of TS-DPM-ADM): the
+  network stays on the grid timestep t_i and the step's *target* noise level moves by the same
+  offset, to t_{i+1} + (t_s - t_i); the first step (no history yet) and the last step (into the
+  terminal point) are never shifted. Any solver's step lands on the grid's t_{i+1}, then a DDIM
+  move along its own data prediction x0 takes it to the shifted level,
+  x' = (sigma'/sigma) x + (alpha' - sigma' alpha/sigma) x0,
+  one linear combination with per-sample coefficients gathered from float64 tables computed once
+  per step (exactly the official step for DDIM; UniPC's folded corrector rebuilds its previous
+  sample from the moved one, so the move also reaches the corrected sample).
+* ``"input"`` (fewstep <= 0.x): the network gets t_s instead of t_i and the solver keeps its own
+  coefficients and targets.
+
+The README ("Time-Shift sampler") has the measured effect of both on the built-in digits model.
 
 Two ways in, one rule (:class:`TimeShift`):
 
 * ``fewstep.sample(..., time_shift=TimeShift(window=20, cutoff=300))`` with any solver: the
-  candidate timesteps of every step are computed once, the choice is tensor ops (no host sync).
-* ``fewstep.time_shift(pipe, window=20, cutoff=300)`` for diffusers pipelines, which pass one
-  timestep per batch: a forward pre-hook on the UNet/transformer replaces it by the
-  per-sample shifted timesteps; ``.remove()`` (or leaving a ``with`` block) undoes it.
+  candidates of every step are computed once, the choice is tensor ops (no host sync).
+* ``fewstep.time_shift(pipe, window=20, cutoff=300)`` for diffusers pipelines: ``"target"``
+  wraps the pipeline's fewstep scheduler's ``step`` (the target move); ``"input"`` adds a
+  forward pre-hook on the UNet/transformer that replaces the batch's timestep by the per-sample
+  shifted ones (any scheduler). ``.remove()`` (or leaving a ``with`` block) undoes either.
 """
 
 from __future__ import annotations
@@ -25,9 +38,11 @@ import torch
 
 from .schedules import DiscreteVPSchedule, NoiseSchedule
 from .timesteps import TimeGrid
-from .validation import check_int, check_real
+from .validation import check_choice, check_int, check_real
 
-__all__ = ["TimeShift", "TimeShiftHook", "time_shift"]
+__all__ = ["TimeShift", "TargetMove", "TimeShiftHook", "time_shift", "MODES"]
+
+MODES = ("target", "input")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,20 +53,24 @@ class TimeShift:
         window: Width of the search window in model timesteps: the candidates are
             ``t + k`` for ``|k| <= window // 2`` (the official ``--window_size``; 0 or 1: no shift),
             clipped to the schedule's range.
-        cutoff: Only timesteps above it are shifted (the official ``--cut_off_value``), in
+        cutoff: Only grid timesteps above it are shifted (the official ``--cut_off_value``), in
             model-timestep units (0..999 for SD-style models, sigma * 1000 for flow models).
+        mode: ``"target"`` (default: network on the grid timestep, the step's target noise
+            level moves) or ``"input"`` (the network gets the shifted timestep); see the module.
     """
 
     window: int = 0
     cutoff: float = 0.0
+    mode: str = "target"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "window", check_int("time_shift window", self.window, 0, 100_000))
         object.__setattr__(self, "cutoff", check_real("time_shift cutoff", self.cutoff))
+        object.__setattr__(self, "mode", check_choice("time_shift mode", self.mode, MODES))
 
     @classmethod
     def coerce(cls, value: Any) -> "TimeShift | None":
-        """A TimeShift from itself, ``{"window": W, "cutoff": C}``, ``[W, C]``, or None (off).
+        """A TimeShift from itself, ``{"window": W, "cutoff": C[, "mode": M]}``, ``[W, C]``, ``[W, C, M]`` or None.
 
         Raises:
             TypeError, ValueError: anything else, naming the value.
@@ -59,14 +78,14 @@ class TimeShift:
         if value is None or isinstance(value, cls):
             return value
         if isinstance(value, Mapping):
-            unknown = sorted(set(value) - {"window", "cutoff"})
+            unknown = sorted(set(value) - {"window", "cutoff", "mode"})
             if unknown:
-                raise ValueError(f"time_shift has unknown key(s) {unknown}; allowed: window, cutoff")
+                raise ValueError(f"time_shift has unknown key(s) {unknown}; allowed: window, cutoff, mode")
             return cls(**value)
-        if isinstance(value, (list, tuple)) and len(value) == 2:
+        if isinstance(value, (list, tuple)) and len(value) in (2, 3):
             return cls(*value)
-        raise TypeError(f"time_shift={value!r} must be fewstep.TimeShift(window=, cutoff=), "
-                        "{'window': W, 'cutoff': C} or [W, C]")
+        raise TypeError(f"time_shift={value!r} must be fewstep.TimeShift(window=, cutoff=, mode=), "
+                        "{'window': W, 'cutoff': C, 'mode': M}, [W, C] or [W, C, M]")
 
     @property
     def active(self) -> bool:
@@ -91,32 +110,45 @@ class TimeShift:
         offsets = torch.arange(-half, half + 1, dtype=torch.float64, device=t.device)
         lo, hi = bounds or _model_time_range(schedule)
         tau = (t.double()[..., None] + offsets).clamp(lo, hi)
-        if isinstance(schedule, DiscreteVPSchedule):
-            # The schedule's own rule (lambda linear between integer timesteps), on the device.
-            table = _lambda_table(schedule, t.device) if lambdas is None else lambdas
-            base = tau.floor().clamp(max=schedule.t_max - 1)
-            lam = torch.lerp(table[base.long()], table[base.long() + 1], tau - base)
-            return tau, torch.sigmoid(-2 * lam)
-        _, sigma = schedule.alpha_sigma(schedule.time_from_model(tau))
-        return tau, sigma.square()
+        _, sigma2 = _alpha2_sigma2(schedule, tau, lambdas)
+        return tau, sigma2
+
+    @staticmethod
+    def select_index(x: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+        """Per sample, the index of the candidate variance closest to the sample's (unbiased, over all elements).
+
+        Args:
+            x: Samples [B, ...].
+            var: Candidate variances [K] (shared) or [B, K].
+
+        Returns:
+            Indices [B] (first candidate on ties, as ``argmin`` in the official code).
+        """
+        v = x.detach().flatten(1).float().var(dim=1)
+        return (v[:, None] - var.to(v.dtype)).abs().argmin(dim=-1)
 
     @staticmethod
     def select(x: torch.Tensor, tau: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-        """Per sample, the candidate whose variance is closest to the sample's (unbiased, over all elements).
+        """Per sample, the candidate timestep whose variance is closest to the sample's.
 
         Args:
             x: Samples [B, ...].
             tau, var: Candidates [K] (shared) or [B, K].
 
         Returns:
-            Model timesteps [B] in ``tau``'s dtype (first candidate on ties, as ``argmin`` in the official code).
+            Model timesteps [B] in ``tau``'s dtype (see :meth:`select_index`).
         """
-        v = x.detach().flatten(1).float().var(dim=1)
-        idx = (v[:, None] - var.to(v.dtype)).abs().argmin(dim=-1)
+        idx = TimeShift.select_index(x, var)
         return tau[idx] if tau.dim() == 1 else tau.gather(-1, idx[:, None])[:, 0]
 
     def for_grid(self, grid: TimeGrid, device: torch.device | str) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
-        """Per step of ``grid``, the float32 candidates (timesteps, variances) on ``device``, or None (no shift)."""
+        """``"input"`` mode: per step of ``grid``, float32 candidates (timesteps, variances) on ``device``, or None.
+
+        Raises:
+            ValueError: for a ``"target"`` rule (see :meth:`target_moves`).
+        """
+        if self.mode != "input":
+            raise ValueError("for_grid is the input-mode table; a mode='target' rule uses target_moves")
         out: list[tuple[torch.Tensor, torch.Tensor] | None] = []
         ts = grid.model_timesteps
         for i in range(grid.n):
@@ -126,6 +158,67 @@ class TimeShift:
             tau, var = self.candidates(grid.schedule, ts[i])
             out.append((tau.to(device, torch.float32), var.to(device, torch.float32)))
         return out
+
+    def target_moves(self, grid: TimeGrid, device: torch.device | str, dtype: torch.dtype = torch.float32,
+                     start: int = 0) -> list["TargetMove | None"]:
+        """``"target"`` mode: per step of ``grid``, the move of its result to the shifted target, or None.
+
+        Step i is moved when ``start < i < n - 1`` (``start``: the first step of the run; the last
+        step goes to the terminal point) and its grid timestep is above the cutoff.
+
+        Raises:
+            ValueError: for an ``"input"`` rule (see :meth:`for_grid`).
+        """
+        if self.mode != "target":
+            raise ValueError("target_moves is the target-mode table; a mode='input' rule uses for_grid")
+        out: list[TargetMove | None] = []
+        ts, schedule = grid.model_timesteps.double(), grid.schedule
+        bounds = _model_time_range(schedule)
+        for i in range(grid.n):
+            if (not self.active or i <= start or i + 1 >= grid.n or float(ts[i]) <= self.cutoff
+                    or float(grid.sigma[i + 1]) <= 0):
+                out.append(None)
+                continue
+            tau, var = self.candidates(schedule, ts[i], bounds=bounds)
+            # The step to t_{i+1} becomes one to t_{i+1} + (t_s - t_i) (clipped to the schedule's range).
+            target = (ts[i + 1] + (tau - ts[i])).clamp(*bounds)
+            a2, s2 = _alpha2_sigma2(schedule, target)
+            a_new, s_new = a2.sqrt(), s2.sqrt()
+            a, s = grid.alpha[i + 1].double(), grid.sigma[i + 1].double()
+            p, q = s_new / s, a_new - s_new * a / s
+            same = target == ts[i + 1]  # exactly the plain step where the target does not move
+            p, q = torch.where(same, torch.ones_like(p), p), torch.where(same, torch.zeros_like(q), q)
+            out.append(TargetMove(var.to(device, torch.float32), p.to(device, dtype), q.to(device, dtype)))
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetMove:
+    """One step's target move: per candidate k, x' = p[k] x_next + q[k] x0 (the DDIM move to the shifted level)."""
+
+    var: torch.Tensor
+    p: torch.Tensor
+    q: torch.Tensor
+
+    def apply(self, x: torch.Tensor, x_next: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """Move ``x_next`` (the step's result from ``x``) to each sample's shifted target; tensor ops only."""
+        idx = TimeShift.select_index(x, self.var)
+        shape = (-1,) + (1,) * (x_next.dim() - 1)
+        p, q = self.p[idx].view(shape), self.q[idx].view(shape)
+        return (x_next * p + x0 * q).to(x_next.dtype)
+
+
+def _alpha2_sigma2(schedule: NoiseSchedule, tau: torch.Tensor, lambdas: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """alpha^2 and sigma^2 at model timesteps ``tau`` (float64), by the schedule's own rule."""
+    if isinstance(schedule, DiscreteVPSchedule):
+        # lambda linear between integer timesteps, on tau's device (no host reads).
+        table = _lambda_table(schedule, tau.device) if lambdas is None else lambdas
+        base = tau.floor().clamp(max=schedule.t_max - 1)
+        lam = torch.lerp(table[base.long()], table[base.long() + 1], tau - base)
+        return torch.sigmoid(2 * lam), torch.sigmoid(-2 * lam)
+    alpha, sigma = schedule.alpha_sigma(schedule.time_from_model(tau))
+    return alpha.double().square(), sigma.double().square()
 
 
 def _model_time_range(schedule: NoiseSchedule) -> tuple[float, float]:
@@ -137,15 +230,29 @@ def _lambda_table(schedule: DiscreteVPSchedule, device: torch.device) -> torch.T
 
 
 class TimeShiftHook:
-    """A Time-Shift forward pre-hook on a denoiser (see :func:`time_shift`); ``remove()`` undoes it."""
+    """Time-Shift on a pipeline (see :func:`time_shift`); ``remove()`` undoes it.
 
-    def __init__(self, denoiser: torch.nn.Module, schedule: NoiseSchedule, rule: TimeShift):
+    ``"input"`` rules: a forward pre-hook on the denoiser. ``"target"`` rules: a wrapper around
+    ``scheduler.step`` (an instance attribute, deleted again by ``remove()``) that moves each
+    step's result to the shifted target level.
+    """
+
+    def __init__(self, denoiser: torch.nn.Module, schedule: NoiseSchedule, rule: TimeShift, scheduler: Any = None):
         if getattr(denoiser, "_fewstep_time_shift", None) is not None:
             raise ValueError("this denoiser is already time-shifted; call .remove() on that hook first")
-        self.denoiser, self.schedule, self.rule = denoiser, schedule, rule
+        if rule.mode == "target" and scheduler is None:
+            raise ValueError("time_shift mode='target' moves the scheduler's step targets: pass the pipeline "
+                             "(with a fewstep scheduler), or use mode='input' on a bare denoiser")
+        self.denoiser, self.schedule, self.rule, self.scheduler = denoiser, schedule, rule, scheduler
         self._tables: dict[torch.device, torch.Tensor] = {}
         self._bounds = _model_time_range(schedule)
-        self._handle = denoiser.register_forward_pre_hook(self._hook, with_kwargs=True)
+        self._handle = None
+        self._moves: tuple[Any, tuple, list] | None = None
+        if rule.mode == "input":
+            self._handle = denoiser.register_forward_pre_hook(self._hook, with_kwargs=True)
+        else:
+            self._plain_step, self._wrapped = scheduler.step, self._step  # one bound method, to find it again
+            scheduler.step = self._wrapped
         denoiser._fewstep_time_shift = self
 
     def _hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -171,9 +278,32 @@ class TimeShiftHook:
             return (args[0], shifted, *args[2:]), kwargs
         return args, {**kwargs, "timestep": shifted}
 
+    def _step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any):
+        """The scheduler's step, then the target move of that step (by its index on the scheduler's grid)."""
+        out = self._plain_step(model_output, timestep, sample, *args, **kwargs)
+        sch = self.scheduler
+        if not self.rule.active:
+            return out
+        i = sch.step_index - 1  # the step just taken, on the whole grid (img2img runs start part-way)
+        from .sampling import compute_dtype
+
+        key = (sample.device, compute_dtype(sample.dtype), sch.begin_index or 0)
+        if self._moves is None or self._moves[0] is not sch.grid or self._moves[1] != key:
+            # a new grid (set_timesteps) or run: the tables once, then only lookups
+            self._moves = (sch.grid, key, self.rule.target_moves(sch.grid, key[0], key[1], start=key[2]))
+        move = self._moves[2][i]
+        if move is None:
+            return out
+        prev, x0 = out if isinstance(out, tuple) else (out.prev_sample, out.pred_original_sample)
+        prev = move.apply(sample, prev, x0)
+        return (prev, x0) if isinstance(out, tuple) else type(out)(prev_sample=prev, pred_original_sample=x0)
+
     def remove(self) -> None:
         """Undo the shift (idempotent)."""
-        self._handle.remove()
+        if self._handle is not None:
+            self._handle.remove()
+        if self.scheduler is not None and self.scheduler.__dict__.get("step") is self._wrapped:
+            del self.scheduler.step  # the class's own step again
         if getattr(self.denoiser, "_fewstep_time_shift", None) is self:
             self.denoiser._fewstep_time_shift = None
 
@@ -184,38 +314,47 @@ class TimeShiftHook:
         self.remove()
 
 
-def time_shift(pipe: Any, window: int, cutoff: float = 0.0, *, schedule: NoiseSchedule | None = None
-               ) -> TimeShiftHook:
-    """Make a diffusers pipeline sample with the Time-Shift rule (per-sample model timesteps).
+def time_shift(pipe: Any, window: int, cutoff: float = 0.0, *, mode: str = "target",
+               schedule: NoiseSchedule | None = None) -> TimeShiftHook:
+    """Make a diffusers pipeline sample with the Time-Shift rule (per-sample noise levels).
 
-    The pipeline's UNet (or transformer) gets a forward pre-hook that replaces the batch's
-    timestep by each sample's shifted one; the scheduler is untouched and keeps its own
-    coefficients. Works with any scheduler.
+    ``mode="target"`` (default): the network keeps the grid timestep; the pipeline's fewstep
+    scheduler's ``step`` is wrapped so that each step lands on the sample's shifted target level
+    (as ``fewstep.sample(..., time_shift=TimeShift(window, cutoff))``). ``mode="input"``: the
+    UNet (or transformer) gets a forward pre-hook that replaces the batch's timestep by each
+    sample's shifted one; the scheduler (any scheduler) keeps its own coefficients.
 
     Args:
-        pipe: A diffusers pipeline with ``unet`` or ``transformer`` (or the denoiser module itself,
-            then ``schedule`` is required).
+        pipe: A diffusers pipeline with ``unet`` or ``transformer`` (or, for ``mode="input"``, the
+            denoiser module itself, then ``schedule`` is required).
         window: Search window width in model timesteps (candidates ``t +- window // 2``).
         cutoff: Only timesteps above it are shifted.
+        mode: ``"target"`` or ``"input"`` (see :class:`TimeShift`).
         schedule: The noise schedule; default: read from ``pipe.scheduler``'s config.
 
     Returns:
         The hook: call ``.remove()`` to undo, or use it as a context manager.
 
     Raises:
-        ValueError: no denoiser or schedule can be found, or the denoiser is already shifted.
+        ValueError: no denoiser or schedule can be found, the denoiser is already shifted, or
+            ``mode="target"`` without a fewstep scheduler.
     """
-    rule = TimeShift(window, cutoff)
+    rule = TimeShift(window, cutoff, mode)
     denoiser = pipe if isinstance(pipe, torch.nn.Module) else (
         getattr(pipe, "unet", None) or getattr(pipe, "transformer", None))
     if not isinstance(denoiser, torch.nn.Module):
         raise ValueError(f"time_shift needs a pipeline with a unet or transformer, got {type(pipe).__name__}")
+    from .scheduler import FewstepScheduler
+
+    scheduler = None if isinstance(pipe, torch.nn.Module) else getattr(pipe, "scheduler", None)
+    if rule.mode == "target" and not isinstance(scheduler, FewstepScheduler):
+        what = "a bare denoiser" if scheduler is None else f"scheduler {type(scheduler).__name__}"
+        raise ValueError(f"time_shift mode='target' moves the step targets of a fewstep scheduler, got {what}: "
+                         "use a fewstep scheduler (e.g. fewstep.UniPCScheduler.from_config(pipe.scheduler.config)) "
+                         "or mode='input'")
     if schedule is None:
-        scheduler = getattr(pipe, "scheduler", None)
         if scheduler is None:
             raise ValueError("time_shift: pass schedule= (the noise schedule) when wrapping a bare denoiser")
-        from .scheduler import FewstepScheduler
-
         schedule = getattr(scheduler, "schedule", None) if isinstance(scheduler, FewstepScheduler) else None
         schedule = schedule or FewstepScheduler.from_config(scheduler.config).schedule
-    return TimeShiftHook(denoiser, schedule, rule)
+    return TimeShiftHook(denoiser, schedule, rule, scheduler if rule.mode == "target" else None)

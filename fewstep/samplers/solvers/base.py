@@ -66,7 +66,8 @@ class Option:
 
 
 SOLVER_SCHEDULE_OPTION = Option(
-    None, "solver schedule (file, record or SolverSchedule) fixing the timesteps; usf also reads its strategies",
+    None, "solver schedule (file, built-in name such as ays:sd15, record or SolverSchedule) fixing the timesteps; "
+          "usf also reads its strategies",
     kind="artifact", artifact=SolverSchedule)
 
 

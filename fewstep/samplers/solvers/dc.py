@@ -130,7 +130,10 @@ class DynamicCompensation:
             cfg["guidance"] = check_real("guidance", cfg["guidance"])
         ratios = cfg["ratios"]
         if ratios is not None and ratios.meta.solver is None and ratios.dc_order != cfg["dc_order"]:
-            cfg["ratios"] = DCRatios(ratios.ratios, cfg["dc_order"], ratios.meta)  # a bare list takes the solver's
+            try:  # a bare list takes the solver's dc_order
+                cfg["ratios"] = DCRatios(ratios.ratios, cfg["dc_order"], ratios.meta)
+            except ValueError as exc:
+                raise ValueError(f"option ratios of solver {self.name!r}: {exc}") from None
         artifact = cfg["ratios"] or cfg["cpr"]
         if artifact is not None and artifact.dc_order != cfg["dc_order"]:
             raise ValueError(f"the {artifact.kind} were made with dc_order={artifact.dc_order}, but solver "
