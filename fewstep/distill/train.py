@@ -74,8 +74,9 @@ class DistillConfig:
         output_dir: Where checkpoints, logs, validation samples and the adapters go.
         mode: ``adapters`` (AGD) or ``full`` (fine-tune the whole network as well).
         data: ``trajectories`` (CFG sampling states) or ``noised`` (forward-noised data).
-        width_ratio, head_dim, mlp_ratio, fourier_features, fourier_scale, conditions:
-            :class:`~fewstep.distill.AdapterConfig` settings.
+        width_ratio, head_dim, mlp_ratio, fourier_features, fourier_scale, conditions, placement:
+            :class:`~fewstep.distill.AdapterConfig` settings (``placement``: ``attention`` or,
+            for UNets, ``attention+resnet``).
         trajectory_dir: Folder of the CFG trajectories (default ``<output_dir>/trajectories``);
             an existing finished collection with the same settings is reused.
         teacher_scheduler: ``fewstep:<solver>`` or a diffusers scheduler class name.
@@ -119,6 +120,7 @@ class DistillConfig:
     fourier_features: int = 128
     fourier_scale: float = 1.0
     conditions: Optional[List[str]] = None
+    placement: str = "attention"
     trajectory_dir: Optional[str] = None
     teacher_scheduler: str = "DDIMScheduler"
     trajectory_steps: int = 20
@@ -176,7 +178,7 @@ class DistillConfig:
         """The :class:`AdapterConfig` of these settings."""
         return AdapterConfig(width_ratio=float(self.width_ratio), head_dim=self.head_dim,
                              mlp_ratio=float(self.mlp_ratio), fourier_features=self.fourier_features,
-                             fourier_scale=float(self.fourier_scale), seed=self.seed,
+                             fourier_scale=float(self.fourier_scale), seed=self.seed, placement=self.placement,
                              conditions=None if self.conditions is None else tuple(self.conditions))
 
     def trajectory_spec(self) -> TrajectorySpec:
