@@ -85,12 +85,25 @@ def _sample(out):
     return out[0] if isinstance(out, tuple) else out.sample
 
 
+def _frozen_output(base, args, kwargs):
+    # GuidanceAdapters freezes the base, and on some CPU builds requires_grad=False picks another
+    # Linear kernel (outputs move by ~1e-6). Bitwise equality holds by construction against the
+    # base frozen the same way, so that is the reference.
+    flags = [p.requires_grad for p in base.parameters()]
+    base.requires_grad_(False)
+    try:
+        return _sample(base(*args, **kwargs))
+    finally:
+        for param, flag in zip(base.parameters(), flags):
+            param.requires_grad_(flag)
+
+
 @pytest.mark.parametrize("model", ["digits", "sd", "sd3", "dit"], indirect=True)
 def test_untrained_adapters_reproduce_the_base_exactly_and_disable_restores_it(model):
     kind, base = model
     args, kwargs = _inputs(kind)
     with torch.no_grad():
-        reference = _sample(base(*args, **kwargs))
+        reference = _frozen_output(base, args, kwargs)
         adapters = GuidanceAdapters(base)
         w = torch.tensor([1.0, 4.5, 12.0])
         assert torch.equal(_sample(adapters(*args, guidance_scale=w, **kwargs)), reference)
@@ -380,8 +393,9 @@ def test_text_pipelines_run_one_forward_per_step_and_disable_restores_cfg(kind, 
         assert len(rows) == steps and set(rows) == {2}
         assert not torch.equal(guided, conditional)
         assert not torch.equal(guided, _text(pipe, guidance_scale=2.0))  # w reaches the adapters
-        # Negative prompts are dropped with the unconditional half while the adapters are on.
-        assert torch.equal(_text(pipe, guidance_scale=w, negative_prompt=["blurry", "dark"]), guided)
+        # Negative prompts are dropped with the unconditional half while the adapters are on (warned once).
+        with pytest.warns(UserWarning, match="negative_prompt is ignored"):
+            assert torch.equal(_text(pipe, guidance_scale=w, negative_prompt=["blurry", "dark"]), guided)
         if kind == "sd3":
             with pytest.raises(NotImplementedError, match="skip-layer guidance"):
                 _text(pipe, guidance_scale=w, skip_guidance_layers=[0], num_inference_steps=10)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 from dataclasses import dataclass
 
 from torch import nn
@@ -129,16 +130,21 @@ def _vector(model: nn.Module, name: str, path: str) -> Condition | None:
     return Condition(name, path, _output_dim(module, path))
 
 
+def _unwrapped(module: nn.Module) -> nn.Module:
+    # An unfused PEFT LoRA wraps a Linear/Conv2d and keeps the original as base_layer.
+    return getattr(module, "base_layer", module)
+
+
 def _width(name: str, attention: nn.Module) -> int:
     to_out = getattr(attention, "to_out", None)
-    if not isinstance(to_out, nn.ModuleList) or not isinstance(to_out[0], nn.Linear):
+    if not isinstance(to_out, nn.ModuleList) or not isinstance(_unwrapped(to_out[0]), nn.Linear):
         raise ValueError(f"{name} ({type(attention).__name__}) has no to_out projection")
-    return to_out[0].out_features
+    return _unwrapped(to_out[0]).out_features
 
 
 def _resnet_width(name: str, block: nn.Module) -> int | None:
     # The adapter reads conv2's input and adds to its output: both must have the block's width.
-    conv = getattr(block, "conv2", None)
+    conv = _unwrapped(getattr(block, "conv2", nn.Identity()))
     if type(block).__name__ != "ResnetBlock2D" or not isinstance(conv, nn.Conv2d):
         return None
     if conv.in_channels != conv.out_channels:
@@ -163,7 +169,7 @@ def _unet_condition(model: nn.Module, resnets: bool) -> Architecture:
     conditions = [_vector(model, "timestep", "time_embedding"), _vector(model, "class", "class_embedding"),
                   _vector(model, "pooled_prompt", "add_embedding")]
     attention = [p for p in points if p.name.endswith(".attn2")]
-    context_dims = {model.get_submodule(p.name).to_k.in_features for p in attention}
+    context_dims = {_unwrapped(model.get_submodule(p.name).to_k).in_features for p in attention}
     # Prompt tokens are read where cross-attention reads them; one projection serves
     # every point, so their sizes must agree (they do unless cross_attention_dim is a list).
     if len(context_dims) == 1:
@@ -250,11 +256,16 @@ def _group(name: str) -> str:
     return ".".join(parts[:2]) if len(parts) > 2 and parts[1].isdigit() else parts[0]
 
 
+_PEFT_PARAMETER = re.compile(r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)\.")
+
+
 def fingerprint(model: nn.Module) -> dict[str, str]:
     """A compact description of the parameter names and shapes of ``model``.
 
     Dtypes and values are left out, so a fine-tune, an fp16 copy or a model on another
-    device share the fingerprint of their base; any change of architecture does not.
+    device share the fingerprint of their base; any change of architecture does not. An
+    unfused PEFT LoRA is left out too (its ``lora_*`` parameters, and the ``base_layer``
+    level it adds to the wrapped layer's names): adapters load onto the model it rides on.
 
     Args:
         model: Any module.
@@ -265,6 +276,9 @@ def fingerprint(model: nn.Module) -> dict[str, str]:
     """
     groups: dict[str, list[str]] = {}
     for name, param in model.named_parameters():
+        if _PEFT_PARAMETER.search(name):
+            continue
+        name = name.replace(".base_layer.", ".")
         groups.setdefault(_group(name), []).append(f"{name}:{tuple(param.shape)}")
     return {
         group: hashlib.sha256("\n".join(entries).encode()).hexdigest()[:16]
