@@ -20,6 +20,7 @@ warn that a negative prompt given while the adapters are on is dropped.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import warnings
@@ -75,6 +76,7 @@ def _recording_class(cls: type) -> type:
         return _RECORDING[cls]
     signature = inspect.signature(cls.__call__)
 
+    @functools.wraps(cls.__call__)  # keeps the signature (and docs) of the pipeline's own call
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         binding = find_denoiser(self).__dict__.get(_BINDING)
         if binding is None:
