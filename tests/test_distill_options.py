@@ -18,16 +18,9 @@ from fewstep.distill.trajectories import (
 from fewstep.distill.train import DistillConfig, main
 from fewstep.zoo import tiny
 from fewstep.zoo.digits import NULL_LABEL, load_digits_pipeline
+from test_distill_adapters import _randomise  # trained-looking adapters
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _randomise(adapters, std=0.2, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in adapters.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * std)
-    return adapters
 
 
 @pytest.fixture(scope="module")
