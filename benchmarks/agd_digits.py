@@ -218,8 +218,8 @@ def _table(results: dict) -> str:
             cells = []
             for name in placements:
                 r = samples[f"{name}|{w}|{steps}"]
-                cells.append(f"{r['fd_to_cfg']:.3f} / {r['mse_to_cfg']:.4f} "
-                             f"({1 - r['fd_to_cfg'] / base['fd_to_cfg']:.0%} / {1 - r['mse_to_cfg'] / base['mse_to_cfg']:.0%})")
+                closed_fd, closed_mse = 1 - r["fd_to_cfg"] / base["fd_to_cfg"], 1 - r["mse_to_cfg"] / base["mse_to_cfg"]
+                cells.append(f"{r['fd_to_cfg']:.3f} / {r['mse_to_cfg']:.4f} ({closed_fd:.0%} / {closed_mse:.0%})")
             lines.append(f"| {w:g} | {steps} | " + " | ".join(cells) + " |")
     lines += ["", "| run | trainable params (% of base) | steps | data collection | training (1 thread) "
               "| load avg before / after |", "|---|---:|---:|---:|---:|---|"]

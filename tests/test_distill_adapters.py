@@ -19,8 +19,9 @@ from fewstep.distill import (
 from fewstep.zoo.digits import NULL_LABEL, load_digits_pipeline
 from fewstep.zoo.tiny import build_tiny_sd3_pipeline, build_tiny_sd_pipeline
 
-TINY_DIT = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=2, sample_size=8,
-                patch_size=2, num_embeds_ada_norm=10)
+# Learned variance (out_channels = 2 x in_channels), as DiT-XL/2.
+TINY_DIT = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
+                sample_size=8, patch_size=2, num_embeds_ada_norm=10)
 
 
 def _tiny_dit(dtype=torch.float32):
@@ -474,7 +475,7 @@ def _ddp_batch():
     g = torch.Generator().manual_seed(0)
     args = (torch.randn(4, 4, 8, 8, generator=g),)
     kwargs = {"timestep": torch.tensor([900, 500, 50, 10]), "class_labels": torch.tensor([1, 4, 9, 2])}
-    return args, kwargs, torch.tensor([1.0, 3.0, 6.0, 9.0]), torch.randn(4, 4, 8, 8, generator=g)
+    return args, kwargs, torch.tensor([1.0, 3.0, 6.0, 9.0]), torch.randn(4, 8, 8, 8, generator=g)
 
 
 @pytest.mark.slow
