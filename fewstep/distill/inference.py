@@ -70,6 +70,13 @@ def _doubled(output: Any) -> Any:
     return output
 
 
+def _given(value: Any) -> bool:
+    # An empty negative prompt is the pipelines' default unconditional input: nothing is lost.
+    if isinstance(value, (list, tuple)):
+        return any(_given(v) for v in value)
+    return value is not None and not (isinstance(value, str) and not value)
+
+
 def _recording_class(cls: type) -> type:
     """A subclass of pipeline class ``cls`` whose ``__call__`` tells the bound hooks its arguments."""
     if cls in _RECORDING:
@@ -127,7 +134,7 @@ class _OneForward:
         """Records the arguments of a call of the bound pipeline (its recording ``__call__``)."""
         self.call = arguments
         adapters = GuidanceAdapters.attached_to(self.denoiser)
-        dropped = [k for k in _NEGATIVE_ARGUMENTS if arguments.get(k) is not None]
+        dropped = [k for k in _NEGATIVE_ARGUMENTS if _given(arguments.get(k))]
         if dropped and adapters is not None and adapters.enabled and not self.warned_negative:
             self.warned_negative = True
             warnings.warn(f"guidance adapters are on: {', '.join(dropped)} is ignored (the unconditional half is "
