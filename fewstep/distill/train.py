@@ -353,7 +353,7 @@ def _sample(teacher: Teacher, runner: nn.Module, scheduler: Any, index: torch.Te
     return x
 
 
-def validation_conditions(cfg: DistillConfig, teacher: Teacher) -> torch.Tensor:
+def _validation_conditions(cfg: DistillConfig, teacher: Teacher) -> torch.Tensor:
     """The condition indices of ``cfg.validation_prompts`` (labels ``0..9`` by default for class models).
 
     Raises:
@@ -380,7 +380,7 @@ def _validate(cfg, teacher, adapters, scheduler_config, accelerator, step) -> No
 
     from .saving import _write_atomic
 
-    index = validation_conditions(cfg, teacher)
+    index = _validation_conditions(cfg, teacher)
     scheduler = build_scheduler(cfg.teacher_scheduler, scheduler_config)
     samples = {f"w{w:g}": _sample(teacher, adapters, scheduler, index, w, cfg.validation_num_inference_steps,
                                   seed=0).float().cpu().contiguous() for w in cfg.validation_guidance}
@@ -421,7 +421,7 @@ def train(cfg: DistillConfig, *, step_callback: Callable[[int], None] | None = N
         save_config(cfg, out)
     teacher, scheduler_config = build_teacher(cfg, accelerator.device)
     if cfg.validation_steps:
-        validation_conditions(cfg, teacher)  # bad labels fail now, not after collection and training
+        _validation_conditions(cfg, teacher)  # bad labels fail now, not after collection and training
     build_scheduler(cfg.teacher_scheduler, scheduler_config)  # so does a scheduler of the wrong family
 
     # Data first, while the base is still free of adapters (the teacher is the plain base).
