@@ -1,5 +1,6 @@
 """Guidance adapters (AGD): exactness at init, frozen base, save/load, one forward per step in pipelines."""
 
+import contextlib
 import copy
 import json
 
@@ -86,17 +87,23 @@ def _sample(out):
     return out[0] if isinstance(out, tuple) else out.sample
 
 
-def _frozen_output(base, args, kwargs):
+@contextlib.contextmanager
+def _frozen(base):
     # GuidanceAdapters freezes the base, and on some CPU builds requires_grad=False picks another
     # Linear kernel (outputs move by ~1e-6). Bitwise equality holds by construction against the
-    # base frozen the same way, so that is the reference.
+    # base frozen the same way, so references are computed that way.
     flags = [p.requires_grad for p in base.parameters()]
     base.requires_grad_(False)
     try:
-        return _sample(base(*args, **kwargs))
+        yield base
     finally:
         for param, flag in zip(base.parameters(), flags):
             param.requires_grad_(flag)
+
+
+def _frozen_output(base, args, kwargs):
+    with _frozen(base):
+        return _sample(base(*args, **kwargs))
 
 
 @pytest.mark.parametrize("model", ["digits", "sd", "sd3", "dit"], indirect=True)
@@ -370,9 +377,10 @@ def test_text_pipelines_run_one_forward_per_step_and_disable_restores_cfg(kind, 
     pipe = sd if kind == "sd" else sd3
     denoiser = pipe.unet if kind == "sd" else pipe.transformer
     w = 5.0
-    cfg = _text(pipe, guidance_scale=w)
-    cfg_negative = _text(pipe, guidance_scale=w, negative_prompt=["blurry", "dark"])
-    conditional = _text(pipe, guidance_scale=1.0)
+    with _frozen(denoiser):  # as the adapters will hold it (see _frozen)
+        cfg = _text(pipe, guidance_scale=w)
+        cfg_negative = _text(pipe, guidance_scale=w, negative_prompt=["blurry", "dark"])
+        conditional = _text(pipe, guidance_scale=1.0)
     assert not torch.equal(cfg, cfg_negative)
 
     save_adapters(GuidanceAdapters(denoiser), tmp_path / "zero")
