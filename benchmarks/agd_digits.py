@@ -9,6 +9,9 @@ budget for every run):
 - ``agd-wide``: AGD with ``width_ratio=1.0`` (13% extra parameters instead of 5%);
 - ``agd-traj40``: AGD on 40-step instead of 10-step teacher trajectories (4x the states,
   40 distinct timesteps instead of 10), same training budget;
+- ``agd-res``: adapters on the attention modules and every ResNet block
+  (``placement=attention+resnet``) at ``width_ratio=0.25`` (fewer parameters than ``agd``);
+- ``agd-res-noised``: the same on forward-noised training digits (the ablation at that placement);
 
 then samples every method with the ``DigitsPipeline`` and fewstep's UniPC scheduler at
 w = 1.5, 3, 5 and 5 / 10 / 20 steps: CFG runs the network on 2 samples per sample and step
@@ -23,7 +26,8 @@ share.
 
 Writes benchmarks/results/agd_digits.{json,md}; finished trainings (runs/agd-bench/<name>)
 and evaluations are reused when rerun, an interrupted training resumes from its last
-checkpoint.
+checkpoint. Runs whose training and every sample cell are already in the JSON (same
+``--max-steps`` / ``--num-samples``) are not redone: adding a run costs only that run.
 
     nice -n 10 python benchmarks/agd_digits.py [--max-steps 800] [--num-samples 500]
 """
@@ -53,6 +57,8 @@ RUNS = {  # name: overrides of configs/distill/digits.yaml
     "full": ["mode=full", "base_learning_rate=1e-4"],
     "agd-wide": ["width_ratio=1.0"],
     "agd-traj40": ["trajectory_steps=40", "trajectory_dir={runs}/trajectories-40"],
+    "agd-res": ["placement=attention+resnet", "width_ratio=0.25"],
+    "agd-res-noised": ["placement=attention+resnet", "width_ratio=0.25", "data=noised"],
 }
 GUIDANCE = (1.5, 3.0, 5.0)
 STEPS = (5, 10, 20)
@@ -132,7 +138,12 @@ def main() -> None:
     if results.get("settings") != key:
         results = {"settings": key, "training": {}, "samples": {}}
 
+    def done(method: str) -> bool:
+        return all(f"{method}|{w}|{steps}" in results["samples"] for w in GUIDANCE for steps in STEPS)
+
     for name, overrides in RUNS.items():
+        if name in results["training"] and done(name):
+            continue
         results["training"][name] = _train(name, overrides, args.max_steps, runs)
         path.write_text(json.dumps(results, indent=2))
 
@@ -149,6 +160,8 @@ def main() -> None:
     methods = {"conditional": None, **{name: name for name in RUNS}}
     conditional = {}  # w = 1 samples do not depend on the w they are compared at
     for method, run in methods.items():
+        if done(method):
+            continue
         pipe = _pipeline(run or "cfg", runs)
         if run is not None:
             enable_guidance_adapters(pipe, runs / run / "adapters")
@@ -186,12 +199,27 @@ def _table(results: dict) -> str:
             c = samples[f"cfg|{w}|{steps}"]
             lines.append(f"| {w:g} | {steps} | {c['fd']:.3f} / {c['accuracy']:.1f}% | "
                          f"{_cell(samples[f'agd|{w}|{steps}'])} | {_cell(samples[f'conditional|{w}|{steps}'])} |")
-    names = [name for name in RUNS if name != "agd"]
+    names = [name for name in RUNS if name not in ("agd", "agd-res", "agd-res-noised")]
     lines += ["", "| w | steps | AGD (trajectories) | " + " | ".join(names) + " |",
               "|---:|---:|---|" + "---|" * len(names)]
     for w in GUIDANCE:
         for steps in STEPS:
             cells = [_cell(samples[f"{name}|{w}|{steps}"]) for name in ("agd", *names)]
+            lines.append(f"| {w:g} | {steps} | " + " | ".join(cells) + " |")
+    placements = ("agd", "agd-res", "agd-noised", "agd-res-noised")
+    lines += ["", "Share of the conditional model's gap to CFG closed, `1 - d(method, CFG) / d(conditional, CFG)` "
+              "(FD / MSE to the CFG samples):", "",
+              "| w | steps | attention, trajectories (agd) | attention+resnet, trajectories (agd-res) "
+              "| attention, noised (agd-noised) | attention+resnet, noised (agd-res-noised) |",
+              "|---:|---:|---|---|---|---|"]
+    for w in GUIDANCE:
+        for steps in STEPS:
+            base = samples[f"conditional|{w}|{steps}"]
+            cells = []
+            for name in placements:
+                r = samples[f"{name}|{w}|{steps}"]
+                closed_fd, closed_mse = 1 - r["fd_to_cfg"] / base["fd_to_cfg"], 1 - r["mse_to_cfg"] / base["mse_to_cfg"]
+                cells.append(f"{r['fd_to_cfg']:.3f} / {r['mse_to_cfg']:.4f} ({closed_fd:.0%} / {closed_mse:.0%})")
             lines.append(f"| {w:g} | {steps} | " + " | ".join(cells) + " |")
     lines += ["", "| run | trainable params (% of base) | steps | data collection | training (1 thread) "
               "| load avg before / after |", "|---|---:|---:|---:|---:|---|"]

@@ -167,12 +167,13 @@ def test_trained_adapters_run_text_pipelines_with_one_forward_per_step(kind, tmp
     assert torch.isfinite(guided).all() and not torch.equal(guided, conditional)
 
 
-@pytest.mark.parametrize("name", ["sd15", "sd3"])
+@pytest.mark.parametrize("name", ["sd15", "sdxl", "sd3", "dit"])
 def test_real_model_recipes_parse(name):
     from fewstep.config import load_config
 
     cfg = load_config(DistillConfig, ROOT / f"configs/distill/{name}.yaml")
-    assert cfg.prompts_file and cfg.mixed_precision == "bf16" and cfg.w_max > cfg.w_min
+    assert cfg.mixed_precision == "bf16" and cfg.w_max > cfg.w_min and cfg.validation_prompts
+    assert bool(cfg.prompts_file) == (name != "dit")  # DiT is class-conditional
 
 
 @pytest.mark.slow

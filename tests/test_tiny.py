@@ -171,3 +171,23 @@ def test_cli(tmp_path, capsys):
     assert tiny.main(["sd3", str(out), "--seed", "1"]) == 0
     assert capsys.readouterr().out.strip() == str(out)
     assert (out / "model_index.json").is_file()
+
+
+@pytest.mark.parametrize("build", [tiny.build_tiny_sdxl_pipeline, tiny.build_tiny_dit_pipeline])
+def test_sdxl_and_dit_builders_are_deterministic_and_reload(build, tmp_path, offline):
+    torch.manual_seed(1234)
+    expected = torch.rand(3)
+    torch.manual_seed(1234)
+    first = _state(build(tmp_path / "pipe", seed=0))
+    torch.testing.assert_close(torch.rand(3), expected)  # caller's RNG stream untouched
+    for key, value in _state(tiny.load_tiny_pipeline(tmp_path / "pipe")).items():
+        assert torch.equal(first[key], value), key
+    assert any(not torch.equal(first[k], v) for k, v in _state(build(seed=1)).items())
+    pipe = tiny.load_tiny_pipeline(tmp_path / "pipe")
+    if build is tiny.build_tiny_dit_pipeline:
+        assert pipe.transformer.config.out_channels == 8  # learned variance, as DiT-XL/2
+        images = pipe([1, 999], guidance_scale=4.0, num_inference_steps=2, output_type="np").images
+        assert images.shape == (2, 64, 64, 3)
+    else:
+        assert pipe.unet.config.addition_embed_type == "text_time"
+        _assert_images(_generate(pipe, guidance_scale=4.0, height=32, width=32), size=32)

@@ -3,8 +3,8 @@
 Jensen & Sadat. Efficient Distillation of Classifier-Free Guidance using Adapters. TMLR 2025.
 
 - :class:`GuidanceAdapters` / :class:`AdapterConfig`: adapters attached to a frozen diffusers
-  network (``UNet2DConditionModel``, ``UNet2DModel``, ``SD3Transformer2DModel``,
-  ``DiTTransformer2DModel``).
+  network (``UNet2DConditionModel`` incl. SDXL's, ``UNet2DModel``, ``SD3Transformer2DModel``,
+  ``DiTTransformer2DModel``), on the attention modules or (UNets) also every ResNet block.
 - :func:`save_adapters` / :func:`load_adapters`: safetensors + JSON, validated against the model.
 - :func:`enable_guidance_adapters` / :func:`disable_guidance_adapters`: one network call per
   step inside an unmodified diffusers pipeline, and back to real CFG.
@@ -15,7 +15,7 @@ Jensen & Sadat. Efficient Distillation of Classifier-Free Guidance using Adapter
 """
 
 from .adapters import AdapterConfig, GuidanceAdapters
-from .architectures import CONDITIONS, SUPPORTED_MODELS, describe, fingerprint
+from .architectures import CONDITIONS, PLACEMENTS, SUPPORTED_MODELS, describe, fingerprint
 from .inference import disable_guidance_adapters, enable_guidance_adapters
 from .saving import load_adapters, save_adapters
 from .trajectories import LabelTeacher, PromptTeacher, TrajectorySpec, collect_trajectories, load_trajectories
@@ -24,6 +24,7 @@ __all__ = [
     "AdapterConfig",
     "GuidanceAdapters",
     "CONDITIONS",
+    "PLACEMENTS",
     "SUPPORTED_MODELS",
     "describe",
     "fingerprint",

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .architectures import CONDITIONS, Architecture, describe
+from .architectures import CONDITIONS, PLACEMENTS, Architecture, describe
 
 __all__ = ["AdapterConfig", "GuidanceEmbedding", "ConditionTokens", "BlockAdapter", "GuidanceAdapters"]
 
@@ -57,6 +57,9 @@ class AdapterConfig:
         fourier_scale: Standard deviation of their frequencies, in cycles per unit of ``w``.
         mlp_ratio: Hidden width of the guidance MLP relative to ``embed_dim``.
         seed: Seeds the Fourier features and the initial weights (the global RNG is left alone).
+        placement: ``attention`` (the paper's injection points) or ``attention+resnet``
+            (UNets only: also the ``conv2`` of every ResNet block); see
+            :func:`~fewstep.distill.architectures.describe`.
     """
 
     width_ratio: float = 0.25
@@ -67,6 +70,7 @@ class AdapterConfig:
     fourier_scale: float = 1.0
     mlp_ratio: float = 4.0
     seed: int = 0
+    placement: str = "attention"
 
     def __post_init__(self) -> None:
         kinds = {"width_ratio": float, "head_dim": int, "embed_dim": int, "fourier_features": int,
@@ -88,6 +92,8 @@ class AdapterConfig:
         for name, (ok, allowed) in ranges.items():
             if not ok:
                 raise ValueError(f"AdapterConfig.{name} must be {allowed}, got {getattr(self, name)!r}")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"AdapterConfig.placement must be one of {list(PLACEMENTS)}, got {self.placement!r}")
         if self.conditions is not None:
             if isinstance(self.conditions, str) or not isinstance(self.conditions, (tuple, list)):
                 raise TypeError(f"AdapterConfig.conditions must be None or a list of names, got {self.conditions!r}")
@@ -284,7 +290,7 @@ class GuidanceAdapters(nn.Module):
         config = AdapterConfig() if config is None else config
         if not isinstance(config, AdapterConfig):
             raise TypeError(f"config must be an AdapterConfig, got {type(config).__name__}")
-        arch = describe(model)
+        arch = describe(model, config.placement)
         if model.__dict__.get(_ATTACHED) is not None:
             raise ValueError(f"this {type(model).__name__} already has guidance adapters; call .remove() on them first")
 
@@ -510,7 +516,8 @@ class GuidanceAdapters(nn.Module):
     def extra_repr(self) -> str:
         share = 100 * self.num_parameters() / max(1, self.base_num_parameters())
         return (
-            f"base={self.architecture.model_class}, points={len(self.architecture.points)}, "
+            f"base={self.architecture.model_class}, placement={self.config.placement}, "
+            f"points={len(self.architecture.points)}, "
             f"conditions={list(self.config.conditions)}, parameters={self.num_parameters()} ({share:.2f}% of base), "
             f"enabled={self.enabled}"
         )

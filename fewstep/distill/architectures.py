@@ -9,17 +9,23 @@ Injection points follow the official AGD code (cristianpjensen/agd): the cross-a
 ``attn2`` of every transformer block of a ``UNet2DConditionModel``, the (joint) attention
 ``attn`` / ``attn1`` of every block of SD3 / DiT transformers, and, for the pixel
 ``UNet2DModel``, which has no transformer blocks, every ``Attention`` module.
+``placement="attention+resnet"`` (UNets only, an option beyond the paper) adds the
+``conv2`` of every ResNet block: on a UNet whose attention sits only at a low resolution
+(the digits model: 2x2), that is where most of the network's features are.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import re
 from dataclasses import dataclass
 
 from torch import nn
 
 __all__ = [
     "CONDITIONS",
+    "PLACEMENTS",
     "SUPPORTED_MODELS",
     "Condition",
     "InjectionPoint",
@@ -32,9 +38,12 @@ __all__ = [
 # What an adapter can condition on, besides the guidance scale (always used):
 #   timestep       the base's frozen timestep embedding
 #   class          the base's frozen class-label embedding (class-conditional models)
-#   pooled_prompt  the base's frozen projection of the pooled text embedding (SD3)
+#   pooled_prompt  the base's frozen projection of the pooled text embedding (SD3; SDXL's
+#                  add_embedding, which also carries the size/crop time ids)
 #   prompt         the prompt tokens (SD: what cross-attention sees; SD3: context_embedder output)
 CONDITIONS = ("timestep", "class", "pooled_prompt", "prompt")
+# Where adapters go: the paper's attention modules, or those plus every ResNet block (UNets).
+PLACEMENTS = ("attention", "attention+resnet")
 
 
 @dataclass(frozen=True)
@@ -57,7 +66,7 @@ class Condition:
 
 @dataclass(frozen=True)
 class InjectionPoint:
-    """An attention module whose output gets an adapter's output added.
+    """A module (attention, or a ResNet block's ``conv2``) whose output gets an adapter's output added.
 
     Attributes:
         name: Module path in the base model.
@@ -76,11 +85,13 @@ class Architecture:
         model_class: The supported diffusers class the model is (or derives from).
         points: Injection points in ``named_modules`` order.
         conditions: The frozen embeddings available for conditioning.
+        placement: One of :data:`PLACEMENTS`.
     """
 
     model_class: str
     points: tuple[InjectionPoint, ...]
     conditions: tuple[Condition, ...]
+    placement: str = "attention"
 
     def condition(self, name: str) -> Condition:
         """Returns the :class:`Condition` called ``name``.
@@ -119,25 +130,46 @@ def _vector(model: nn.Module, name: str, path: str) -> Condition | None:
     return Condition(name, path, _output_dim(module, path))
 
 
+def _unwrapped(module: nn.Module) -> nn.Module:
+    # An unfused PEFT LoRA wraps a Linear/Conv2d and keeps the original as base_layer.
+    return getattr(module, "base_layer", module)
+
+
 def _width(name: str, attention: nn.Module) -> int:
     to_out = getattr(attention, "to_out", None)
-    if not isinstance(to_out, nn.ModuleList) or not isinstance(to_out[0], nn.Linear):
+    if not isinstance(to_out, nn.ModuleList) or not isinstance(_unwrapped(to_out[0]), nn.Linear):
         raise ValueError(f"{name} ({type(attention).__name__}) has no to_out projection")
-    return to_out[0].out_features
+    return _unwrapped(to_out[0]).out_features
 
 
-def _points(model: nn.Module, accept) -> tuple[InjectionPoint, ...]:
-    return tuple(
-        InjectionPoint(name, _width(name, module))
-        for name, module in model.named_modules()
-        if type(module).__name__ == "Attention" and accept(name)
-    )
+def _resnet_width(name: str, block: nn.Module) -> int | None:
+    # The adapter reads conv2's input and adds to its output: both must have the block's width.
+    conv = _unwrapped(getattr(block, "conv2", nn.Identity()))
+    if type(block).__name__ != "ResnetBlock2D" or not isinstance(conv, nn.Conv2d):
+        return None
+    if conv.in_channels != conv.out_channels:
+        raise ValueError(f"{name}.conv2 maps {conv.in_channels} to {conv.out_channels} channels; expected equal")
+    return conv.out_channels
 
 
-def _unet_condition(model: nn.Module) -> Architecture:
-    points = _points(model, lambda name: name.endswith(".attn2"))
-    conditions = [_vector(model, "timestep", "time_embedding"), _vector(model, "class", "class_embedding")]
-    context_dims = {model.get_submodule(p.name).to_k.in_features for p in points}
+def _points(model: nn.Module, accept, resnets: bool = False) -> tuple[InjectionPoint, ...]:
+    points = []
+    for name, module in model.named_modules():
+        if type(module).__name__ == "Attention" and accept(name):
+            points.append(InjectionPoint(name, _width(name, module)))
+        elif resnets and (width := _resnet_width(name, module)) is not None:
+            points.append(InjectionPoint(f"{name}.conv2", width))
+    return tuple(points)
+
+
+def _unet_condition(model: nn.Module, resnets: bool) -> Architecture:
+    points = _points(model, lambda name: name.endswith(".attn2"), resnets)
+    # SDXL's add_embedding maps the pooled text embedding (+ size/crop time ids) to the
+    # timestep embedding's width: the pooled prompt as this architecture sees it.
+    conditions = [_vector(model, "timestep", "time_embedding"), _vector(model, "class", "class_embedding"),
+                  _vector(model, "pooled_prompt", "add_embedding")]
+    attention = [p for p in points if p.name.endswith(".attn2")]
+    context_dims = {_unwrapped(model.get_submodule(p.name).to_k).in_features for p in attention}
     # Prompt tokens are read where cross-attention reads them; one projection serves
     # every point, so their sizes must agree (they do unless cross_attention_dim is a list).
     if len(context_dims) == 1:
@@ -145,13 +177,13 @@ def _unet_condition(model: nn.Module) -> Architecture:
     return Architecture("UNet2DConditionModel", points, tuple(c for c in conditions if c))
 
 
-def _unet(model: nn.Module) -> Architecture:
-    points = _points(model, lambda name: True)
+def _unet(model: nn.Module, resnets: bool) -> Architecture:
+    points = _points(model, lambda name: True, resnets)
     conditions = [_vector(model, "timestep", "time_embedding"), _vector(model, "class", "class_embedding")]
     return Architecture("UNet2DModel", points, tuple(c for c in conditions if c))
 
 
-def _sd3(model: nn.Module) -> Architecture:
+def _sd3(model: nn.Module, resnets: bool) -> Architecture:
     points = _points(model, lambda name: name.startswith("transformer_blocks.") and name.endswith(".attn"))
     conditions = (
         _vector(model, "timestep", "time_text_embed.timestep_embedder"),
@@ -161,7 +193,7 @@ def _sd3(model: nn.Module) -> Architecture:
     return Architecture("SD3Transformer2DModel", points, tuple(c for c in conditions if c))
 
 
-def _dit(model: nn.Module) -> Architecture:
+def _dit(model: nn.Module, resnets: bool) -> Architecture:
     points = _points(model, lambda name: name.startswith("transformer_blocks.") and name.endswith(".attn1"))
     # diffusers' DiT gives every block its own copy of the (shared, in the original DiT)
     # timestep/label embedders; block 0's copy runs first.
@@ -180,30 +212,40 @@ _DESCRIBERS = {
     "DiTTransformer2DModel": _dit,
 }
 SUPPORTED_MODELS = tuple(_DESCRIBERS)
+_HAS_RESNETS = ("UNet2DConditionModel", "UNet2DModel")
 
 
-def describe(model: nn.Module) -> Architecture:
+def describe(model: nn.Module, placement: str = "attention") -> Architecture:
     """Finds the injection points and conditioning embeddings of ``model``.
 
     Args:
         model: A diffusers ``UNet2DConditionModel``, ``UNet2DModel``,
             ``SD3Transformer2DModel`` or ``DiTTransformer2DModel`` (or a subclass).
+        placement: ``attention`` (the paper's points) or ``attention+resnet`` (UNets: also
+            the ``conv2`` of every ResNet block).
 
     Returns:
         Its :class:`Architecture`.
 
     Raises:
         TypeError: If the model is none of the supported classes.
-        ValueError: If it has no attention module to put an adapter on.
+        ValueError: If it has no attention module to put an adapter on, or the placement is
+            unknown or not available for this architecture.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {list(PLACEMENTS)}, got {placement!r}")
     for cls in type(model).__mro__:
         if cls.__name__ in _DESCRIBERS:
-            arch = _DESCRIBERS[cls.__name__](model)
-            if not arch.points:
+            resnets = placement == "attention+resnet"
+            if resnets and cls.__name__ not in _HAS_RESNETS:
+                raise ValueError(f"placement 'attention+resnet' needs ResNet blocks, which a {cls.__name__} has "
+                                 f"none of; use placement='attention' (ResNet placement: {list(_HAS_RESNETS)})")
+            arch = _DESCRIBERS[cls.__name__](model, resnets)
+            if not any(type(model.get_submodule(p.name)).__name__ == "Attention" for p in arch.points):
                 raise ValueError(f"{type(model).__name__} has no attention block to put a guidance adapter on")
-            return arch
+            return dataclasses.replace(arch, placement=placement)
     raise TypeError(f"guidance adapters support {list(SUPPORTED_MODELS)}, got {type(model).__name__}")
 
 
@@ -214,11 +256,16 @@ def _group(name: str) -> str:
     return ".".join(parts[:2]) if len(parts) > 2 and parts[1].isdigit() else parts[0]
 
 
+_PEFT_PARAMETER = re.compile(r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)\.")
+
+
 def fingerprint(model: nn.Module) -> dict[str, str]:
     """A compact description of the parameter names and shapes of ``model``.
 
     Dtypes and values are left out, so a fine-tune, an fp16 copy or a model on another
-    device share the fingerprint of their base; any change of architecture does not.
+    device share the fingerprint of their base; any change of architecture does not. An
+    unfused PEFT LoRA is left out too (its ``lora_*`` parameters, and the ``base_layer``
+    level it adds to the wrapped layer's names): adapters load onto the model it rides on.
 
     Args:
         model: Any module.
@@ -229,6 +276,9 @@ def fingerprint(model: nn.Module) -> dict[str, str]:
     """
     groups: dict[str, list[str]] = {}
     for name, param in model.named_parameters():
+        if _PEFT_PARAMETER.search(name):
+            continue
+        name = name.replace(".base_layer.", ".")
         groups.setdefault(_group(name), []).append(f"{name}:{tuple(param.shape)}")
     return {
         group: hashlib.sha256("\n".join(entries).encode()).hexdigest()[:16]

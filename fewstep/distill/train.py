@@ -81,12 +81,15 @@ class DistillConfig:
         prompts: Training prompts of a text pipeline (or give ``prompts_file``, one a line).
         prompts_file: A text file with one prompt per line.
         negative_prompt: The unconditional prompt of the CFG teacher.
-        validation_prompts: Prompts (text models) or labels (class models, as strings) to sample.
+        validation_prompts: Prompts (text models: required when ``validation_steps`` > 0; encoded
+            with the training prompts, they need not be among them) or class labels (class
+            models, default ``0``-``9``) to sample at validation.
         output_dir: Where checkpoints, logs, validation samples and the adapters go.
         mode: ``adapters`` (AGD) or ``full`` (fine-tune the whole network as well).
         data: ``trajectories`` (CFG sampling states) or ``noised`` (forward-noised data).
-        width_ratio, head_dim, mlp_ratio, fourier_features, fourier_scale, conditions:
-            :class:`~fewstep.distill.AdapterConfig` settings.
+        width_ratio, head_dim, mlp_ratio, fourier_features, fourier_scale, conditions, placement:
+            :class:`~fewstep.distill.AdapterConfig` settings (``placement``: ``attention`` or,
+            for UNets, ``attention+resnet``).
         trajectory_dir: Folder of the CFG trajectories (default ``<output_dir>/trajectories``);
             an existing finished collection with the same settings is reused.
         teacher_scheduler: ``fewstep:<solver>`` or a diffusers scheduler class name.
@@ -137,6 +140,7 @@ class DistillConfig:
     fourier_features: int = 128
     fourier_scale: float = 1.0
     conditions: Optional[List[str]] = None
+    placement: str = "attention"
     trajectory_dir: Optional[str] = None
     teacher_scheduler: str = "DDIMScheduler"
     trajectory_steps: int = 20
@@ -169,6 +173,8 @@ class DistillConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if self.mixed_precision == "False":  # YAML reads a bare `no` as false; OmegaConf makes it "False"
+            self.mixed_precision = "no"
         choices = {"mode": _MODES, "data": _DATA, "mixed_precision": _PRECISIONS, "report_to": _REPORT,
                    "torch_dtype": _DTYPES, "trajectory_dtype": _DTYPES[1:]}
         for name, allowed in choices.items():
@@ -198,13 +204,16 @@ class DistillConfig:
             raise ValueError(f"resume_from_checkpoint must be 'latest' or a checkpoint folder, got {resume!r}")
         if self.data == "noised" and self.model != "digits":
             raise ValueError("data=noised needs training images; it is available for model=digits only")
+        if self.model == "digits" and (self.prompts or self.prompts_file):
+            raise ValueError("prompts/prompts_file are for text pipelines; model=digits is class-conditional "
+                             "(its conditions are the labels 0-9; validation_prompts picks labels to sample)")
         self.adapter_config()  # validates the adapter settings
 
     def adapter_config(self) -> AdapterConfig:
         """The :class:`AdapterConfig` of these settings."""
         return AdapterConfig(width_ratio=float(self.width_ratio), head_dim=self.head_dim,
                              mlp_ratio=float(self.mlp_ratio), fourier_features=self.fourier_features,
-                             fourier_scale=float(self.fourier_scale), seed=self.seed,
+                             fourier_scale=float(self.fourier_scale), seed=self.seed, placement=self.placement,
                              conditions=None if self.conditions is None else tuple(self.conditions))
 
     def trajectory_spec(self) -> TrajectorySpec:
@@ -265,12 +274,22 @@ def build_teacher(cfg: DistillConfig, device: torch.device) -> tuple[Teacher, An
     if hasattr(pipe, "encode_prompt"):
         prompts = list(cfg.prompts)
         if cfg.prompts_file:
+            if not Path(cfg.prompts_file).is_file():
+                raise ValueError(f"prompts_file {cfg.prompts_file!r} does not exist")
             lines = Path(cfg.prompts_file).read_text(encoding="utf-8").splitlines()
             prompts += [line.strip() for line in lines if line.strip()]
         if not prompts:
             raise ValueError(f"{cfg.model} is a text-conditional pipeline: give prompts=[...] or prompts_file=")
+        if cfg.validation_steps and not cfg.validation_prompts:
+            raise ValueError(f"{cfg.model} is a text-conditional pipeline and validation_steps={cfg.validation_steps} "
+                             "samples validation_prompts, but none are given: set validation_prompts=[...] "
+                             "or validation_steps=0")
         pipe.encode_prompt = _encode_in_chunks(pipe.encode_prompt)
-        return PromptTeacher(pipe, prompts, cfg.negative_prompt), pipe.scheduler.config
+        teacher = PromptTeacher(pipe, prompts, cfg.negative_prompt, validation_prompts=cfg.validation_prompts)
+        return teacher, pipe.scheduler.config
+    if cfg.prompts or cfg.prompts_file:
+        raise ValueError(f"prompts/prompts_file are for text pipelines; {cfg.model} ({type(pipe).__name__}) is "
+                         "class-conditional (validation_prompts picks the labels to sample)")
     if type(denoiser).__name__ == "DiTTransformer2DModel":
         classes = denoiser.config.num_embeds_ada_norm
         return LabelTeacher(denoiser, classes, classes), pipe.scheduler.config
@@ -442,18 +461,34 @@ def _sample(teacher: Teacher, runner: nn.Module, scheduler: Any, index: torch.Te
     return x
 
 
+def _validation_conditions(cfg: DistillConfig, teacher: Teacher) -> torch.Tensor:
+    """The condition indices of ``cfg.validation_prompts`` (labels ``0..9`` by default for class models).
+
+    Raises:
+        ValueError: A label that is not an integer of the model's range, or a text model without
+            validation prompts.
+    """
+    if isinstance(teacher, PromptTeacher):
+        if not cfg.validation_prompts:
+            raise ValueError("validation_prompts are needed to validate a text-conditional model")
+        return torch.tensor([teacher.index_of(p) for p in cfg.validation_prompts])
+    labels = cfg.validation_prompts or [str(i) for i in range(min(teacher.num_conditions, 10))]
+    index = []
+    for label in labels:
+        text = str(label).strip()
+        if not (text.lstrip("-").isdigit() and 0 <= int(text) < teacher.num_conditions):
+            raise ValueError(f"validation_prompts of a class-conditional model are class labels 0 to "
+                             f"{teacher.num_conditions - 1}, got {label!r}")
+        index.append(int(text))
+    return torch.tensor(index)
+
+
 def _validate(cfg, teacher, adapters, scheduler_config, accelerator, step) -> None:
     from safetensors.torch import save_file
 
     from .saving import _write_atomic
 
-    labels = cfg.validation_prompts or [str(i) for i in range(min(teacher.num_conditions, 10))]
-    if isinstance(teacher, PromptTeacher):
-        index = torch.tensor([teacher.prompts.index(p) if p in teacher.prompts else -1 for p in labels])
-        if (index < 0).any():
-            raise ValueError("validation_prompts must be among the training prompts")
-    else:
-        index = torch.tensor([int(v) for v in labels])
+    index = _validation_conditions(cfg, teacher)
     scheduler = build_scheduler(cfg.teacher_scheduler, scheduler_config)
     samples = {f"w{w:g}": _sample(teacher, adapters, scheduler, index, w, cfg.validation_num_inference_steps,
                                   seed=0).float().cpu().contiguous() for w in cfg.validation_guidance}
@@ -575,6 +610,9 @@ def _train(cfg: DistillConfig, accelerator: Any, tracker: str | None, out: Path,
     gc.collect()  # the pipeline's text encoders, VAE and safety checker are unreferenced now
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    if cfg.validation_steps:
+        _validation_conditions(cfg, teacher)  # bad labels fail now, not after collection and training
+    build_scheduler(cfg.teacher_scheduler, scheduler_config)  # so does a scheduler of the wrong family
 
     # Data first, while the base is still free of adapters (the teacher is the plain base).
     collection_started = time.perf_counter()

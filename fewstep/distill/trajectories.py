@@ -74,6 +74,10 @@ class Teacher:
         self.num_conditions = int(num_conditions)
         names = {cls.__name__ for cls in type(denoiser).__mro__}
         self._keywords = bool(names & set(_TRANSFORMERS))
+        # A network that also predicts its variance (DiT-XL/2: out_channels = 2 x in) gives
+        # [eps, variance]; as diffusers' DiTPipeline does, only eps is guided and sampled with.
+        out_channels = getattr(getattr(denoiser, "config", None), "out_channels", None)
+        self._learned_variance = out_channels == 2 * self.sample_shape[0]
 
     def condition(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
         """Conditional keyword arguments of the denoiser for condition indices [B]."""
@@ -93,14 +97,15 @@ class Teacher:
         """
         module = self.denoiser if module is None else module
         if self._keywords:
-            return module(hidden_states=x, timestep=t, **cond, **extra).sample
-        return module(x, t, **cond, **extra).sample
+            out = module(hidden_states=x, timestep=t, **cond, **extra).sample
+        else:
+            out = module(x, t, **cond, **extra).sample
+        return out[:, : self.sample_shape[0]] if self._learned_variance else out
 
     def guided(self, x: torch.Tensor, t: torch.Tensor, index: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """The CFG output ``out_u + w (out_c - out_u)`` with one ``w`` per sample, in one doubled batch."""
         batch = x.shape[0]
-        cond, null = self.condition(index), self.null_condition(batch)
-        both = {k: torch.cat([cond[k], null[k]]) for k in cond}
+        both = _stack(self.condition(index), self.null_condition(batch))
         out_c, out_u = self(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
         w = w.to(out_c.dtype).view(-1, *([1] * (out_c.ndim - 1)))
         return out_u + w * (out_c - out_u)
@@ -110,6 +115,11 @@ class Teacher:
         return {"class": type(self).__name__, "model_class": type(self.denoiser).__name__,
                 "fingerprint": fingerprint(self.denoiser), "sample_shape": list(self.sample_shape),
                 "num_conditions": self.num_conditions}
+
+
+def _stack(cond: Mapping[str, Any], null: Mapping[str, Any]) -> dict[str, Any]:
+    # Conditional rows first, then the null rows, through nested kwargs (SDXL's added_cond_kwargs).
+    return {k: _stack(v, null[k]) if isinstance(v, Mapping) else torch.cat([v, null[k]]) for k, v in cond.items()}
 
 
 class LabelTeacher(Teacher):
@@ -142,18 +152,26 @@ class LabelTeacher(Teacher):
 
 
 class PromptTeacher(Teacher):
-    """A text-conditional diffusers pipeline (Stable Diffusion, SD3): prompts encoded once.
+    """A text-conditional diffusers pipeline (Stable Diffusion, SDXL, SD3): prompts encoded once.
+
+    The unconditional input is what the pipeline itself uses for CFG: the encoded
+    ``negative_prompt`` (SDXL with ``force_zeros_for_empty_prompt`` and an empty negative
+    prompt: zeros, as ``StableDiffusionXLPipeline`` does).
 
     Args:
-        pipe: A ``StableDiffusionPipeline``-like (``unet``) or ``StableDiffusion3Pipeline``-like
-            (``transformer``, pooled projections) pipeline with ``encode_prompt``.
+        pipe: A ``StableDiffusionPipeline``-like (``unet``), ``StableDiffusionXLPipeline``-like
+            (``unet`` with ``text_time`` added conditions: pooled text embeddings and size/crop
+            time ids) or ``StableDiffusion3Pipeline``-like (``transformer``, pooled projections)
+            pipeline with ``encode_prompt``.
         prompts: The conditions.
         negative_prompt: The unconditional prompt ("" as in CFG training).
         sample_shape: Latent shape ``(C, H, W)``; defaults to the denoiser config's.
+        validation_prompts: Further prompts encoded for sampling only (:meth:`index_of`);
+            not training conditions and not part of the teacher's identity.
     """
 
     def __init__(self, pipe: Any, prompts: Sequence[str], negative_prompt: str = "",
-                 sample_shape: Sequence[int] | None = None) -> None:
+                 sample_shape: Sequence[int] | None = None, validation_prompts: Sequence[str] = ()) -> None:
         if isinstance(prompts, str) or not prompts:
             raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
         denoiser = getattr(pipe, "transformer", None) or pipe.unet
@@ -162,55 +180,97 @@ class PromptTeacher(Teacher):
             sample_shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
         super().__init__(denoiser, sample_shape, len(prompts))
         self.prompts, self.negative_prompt = list(prompts), negative_prompt
+        extra = [p for p in dict.fromkeys(validation_prompts) if p not in self.prompts]
+        self._texts = [*self.prompts, *extra]
         device = next(denoiser.parameters()).device
         with torch.no_grad():
-            texts = [*self.prompts, negative_prompt]
-            if hasattr(pipe, "transformer") and pipe.transformer is not None:  # SD3: embeddings + pooled
-                embeds, _, pooled, _ = pipe.encode_prompt(texts, texts, texts, device=device,
-                                                          do_classifier_free_guidance=False)
-                self._tables = {"encoder_hidden_states": embeds, "pooled_projections": pooled}
-            else:
-                embeds, _ = pipe.encode_prompt(texts, device, 1, False)
-                self._tables = {"encoder_hidden_states": embeds}
+            tables = self._encode(pipe, self._texts, negative_prompt, device)
         # The table of every prompt stays in host memory; a batch's rows go to the device.
-        self._tables = {k: v.to("cpu") for k, v in self._tables.items()}
+        self._tables = _rows(tables, lambda table: table.to("cpu"))
 
-    def condition(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
-        device = next(self.denoiser.parameters()).device
-        return {k: table[index.long().cpu()].to(device) for k, table in self._tables.items()}
+    def _encode(self, pipe: Any, texts: list[str], negative: str, device: torch.device) -> dict[str, Any]:
+        # One row per text, then the unconditional row last.
+        if getattr(pipe, "transformer", None) is not None:  # SD3: embeddings + pooled
+            all_texts = [*texts, negative]
+            embeds, _, pooled, _ = pipe.encode_prompt(all_texts, all_texts, all_texts, device=device,
+                                                      do_classifier_free_guidance=False)
+            return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+        if getattr(self.denoiser.config, "addition_embed_type", None) == "text_time":  # SDXL
+            embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
+                texts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True,
+                negative_prompt=[negative] * len(texts) if negative else None)
+            # original size + crop top-left + target size, in pixels, as the pipeline's defaults.
+            height, width = (s * pipe.vae_scale_factor for s in self.sample_shape[1:])
+            time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=embeds.dtype, device=device)
+            return {"encoder_hidden_states": torch.cat([embeds, neg[:1]]),
+                    "added_cond_kwargs": {"text_embeds": torch.cat([pooled, neg_pooled[:1]]),
+                                          "time_ids": time_ids.expand(len(texts) + 1, -1)}}
+        embeds, _ = pipe.encode_prompt([*texts, negative], device, 1, False)
+        return {"encoder_hidden_states": embeds}
 
-    def null_condition(self, batch: int) -> dict[str, torch.Tensor]:
+    def index_of(self, prompt: str) -> int:
+        """The condition index of a training or validation prompt.
+
+        Raises:
+            ValueError: If the prompt was not encoded.
+        """
+        if prompt not in self._texts:
+            raise ValueError(f"prompt {prompt!r} is neither a training nor a validation prompt of this teacher")
+        return self._texts.index(prompt)
+
+    def condition(self, index: torch.Tensor) -> dict[str, Any]:
         device = next(self.denoiser.parameters()).device
-        return {k: table[-1:].to(device).expand(batch, *table.shape[1:]) for k, table in self._tables.items()}
+        return _rows(self._tables, lambda table: table[index.long().cpu()].to(device))
+
+    def null_condition(self, batch: int) -> dict[str, Any]:
+        device = next(self.denoiser.parameters()).device
+        return _rows(self._tables, lambda table: table[-1:].to(device).expand(batch, *table.shape[1:]))
 
     def describe(self) -> dict[str, Any]:
         digest = hashlib.sha256(json.dumps([self.prompts, self.negative_prompt]).encode()).hexdigest()[:16]
         return {**super().describe(), "prompts_sha256": digest}
 
 
+def _rows(tables: Mapping[str, Any], take) -> dict[str, Any]:
+    return {k: _rows(v, take) if isinstance(v, Mapping) else take(v) for k, v in tables.items()}
+
+
 def build_scheduler(name: str, base_config: Mapping[str, Any]) -> Any:
     """A scheduler from a name and the model's scheduler config.
 
     Args:
-        name: ``fewstep:<solver>`` (a :class:`~fewstep.FewstepScheduler` running that
-            registered solver) or the name of a diffusers scheduler class
-            (``DDIMScheduler``, ``DPMSolverMultistepScheduler``, ...).
+        name: ``fewstep:<solver>[:key=value,...]`` (a :class:`~fewstep.FewstepScheduler`
+            running that registered solver with those options) or the name of a diffusers
+            scheduler class (``DDIMScheduler``, ``DPMSolverMultistepScheduler``, ...) of the
+            model's family (flow matching or VP).
         base_config: The config of the model's own scheduler.
 
     Raises:
-        ValueError: On an unknown name.
+        ValueError: On an unknown name or solver option, or a scheduler of the other family.
     """
     import diffusers
+
+    from fewstep.config import parse_spec
+    from fewstep.samplers.diffusers_config import is_flow_config
 
     if not isinstance(name, str):
         raise TypeError(f"scheduler must be a name, got {type(name).__name__}")
     if name.startswith("fewstep:"):
         from fewstep.samplers.scheduler import FewstepScheduler
 
-        return FewstepScheduler.from_config(dict(base_config), solver=name.split(":", 1)[1])
+        solver, options = parse_spec(name.split(":", 1)[1], "teacher_scheduler")
+        return FewstepScheduler.from_config(dict(base_config), solver=solver, solver_options=options or None)
     cls = getattr(diffusers, name, None)
     if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
         raise ValueError(f"unknown scheduler {name!r}: use fewstep:<solver> or a diffusers scheduler class name")
+    # from_config builds a flow sampler for a VP model (and the reverse) without a word: wrong noise levels.
+    flow_model, flow_scheduler = is_flow_config(dict(base_config)), name.startswith("FlowMatch")
+    if flow_model != flow_scheduler:
+        family = "flow-matching" if flow_model else "VP (betas)"
+        raise ValueError(f"scheduler {name} is {'a flow-matching' if flow_scheduler else 'a VP (betas)'} scheduler "
+                         f"but the model's scheduler config is {family}; use a {family} scheduler "
+                         f"({'FlowMatchEulerDiscreteScheduler' if flow_model else 'DDIMScheduler, ...'}) "
+                         "or fewstep:<solver>")
     return cls.from_config(dict(base_config))
 
 

@@ -2,14 +2,16 @@
 
 Everything is built from configs: no weights or tokenizer files are downloaded,
 so the builders work offline. The pipelines are architecturally faithful
-(same classes, scheduler configs and latent layout as Stable Diffusion 1.5 and
-Stable Diffusion 3) with under a million parameters each, so a two-step
-sample at 32x32 takes a few hundredths of a second on a CPU.
+(same classes, scheduler configs and latent layout as Stable Diffusion 1.5,
+SDXL, Stable Diffusion 3 and DiT) with at most 1.4 million parameters each, so a
+two-step sample at 32x32 takes a few hundredths of a second on a CPU.
 
 Usage::
 
     python -m fewstep.zoo.tiny sd  /tmp/tiny-sd
     python -m fewstep.zoo.tiny sd3 /tmp/tiny-sd3 --seed 1
+    python -m fewstep.zoo.tiny sdxl /tmp/tiny-sdxl
+    python -m fewstep.zoo.tiny dit /tmp/tiny-dit
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ __all__ = [
     "write_clip_tokenizer",
     "build_tiny_sd_pipeline",
     "build_tiny_sd3_pipeline",
+    "build_tiny_sdxl_pipeline",
+    "build_tiny_dit_pipeline",
     "load_tiny_pipeline",
     "main",
 ]
@@ -52,6 +56,36 @@ SD15_SCHEDULER_CONFIG = {
     "steps_offset": 1,
     "trained_betas": None,
     "clip_sample": False,
+}
+
+# scheduler_config.json of SDXL base 1.0 (EulerDiscreteScheduler).
+SDXL_SCHEDULER_CONFIG = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "interpolation_type": "linear",
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+    "clip_sample": False,
+}
+
+# scheduler_config.json of DiT-XL/2 (facebook/DiT-XL-2-256): DDIM over DiT's linear betas.
+DIT_SCHEDULER_CONFIG = {
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "num_train_timesteps": 1000,
+    "clip_sample": False,
+    "set_alpha_to_one": True,
+    "steps_offset": 0,
+    "prediction_type": "epsilon",
 }
 
 # A handful of merges so the tokenizer exercises real BPE behaviour (multi-char
@@ -381,7 +415,112 @@ def build_tiny_sd3_pipeline(
     return _save_and_reload(pipe, directory)
 
 
-_BUILDERS = {"sd": build_tiny_sd_pipeline, "sd3": build_tiny_sd3_pipeline}
+def build_tiny_sdxl_pipeline(
+    directory: str | os.PathLike | None = None, *, seed: int = 0
+) -> diffusers.StableDiffusionXLPipeline:
+    """Build a tiny random-weight SDXL-style pipeline.
+
+    Components: a two-level ``UNet2DConditionModel`` (32/64 channels, cross
+    attention on the lower level with 1 and 2 transformer layers, linear
+    projections) with SDXL's ``text_time`` added conditions (pooled text
+    embedding + six size/crop time ids), two CLIP text encoders (a
+    ``CLIPTextModel`` and a ``CLIPTextModelWithProjection``, hidden size 32,
+    so the concatenated prompt tokens are 64-d and the pooled embedding 32-d)
+    sharing the tokenizer from :func:`write_clip_tokenizer`, an
+    ``AutoencoderKL`` with SDXL's scaling factor and SDXL's
+    ``EulerDiscreteScheduler`` config. The default resolution is 64x64; any
+    multiple of 16 works.
+
+    Args:
+        directory: If given, the pipeline is saved there (safetensors) and the
+            returned pipeline is the one reloaded from it.
+        seed: Seed for weight initialisation; equal seeds give equal weights.
+
+    Returns:
+        The pipeline, on CPU in float32.
+    """
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = _fresh_tokenizer()
+    time_embed_dim, pooled_dim = 8, 32
+    with _seeded(seed):
+        unet = UNet2DConditionModel(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2),
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            cross_attention_dim=64,  # both encoders' hidden states side by side (32 + 32)
+            addition_embed_type="text_time",
+            addition_time_embed_dim=time_embed_dim,
+            # pooled text embedding + 6 time ids, each embedded to addition_time_embed_dim
+            projection_class_embeddings_input_dim=pooled_dim + 6 * time_embed_dim,
+            norm_num_groups=32,
+        )
+    with _seeded(seed + 1):
+        vae = _tiny_vae(latent_channels=4, scaling_factor=0.13025)
+    with _seeded(seed + 2):
+        text_encoder = CLIPTextModel(_clip_text_config(tokenizer)).eval()
+    with _seeded(seed + 3):
+        text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(tokenizer, projection_dim=pooled_dim)).eval()
+
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG),
+    )
+    return _save_and_reload(pipe, directory)
+
+
+def build_tiny_dit_pipeline(directory: str | os.PathLike | None = None, *, seed: int = 0) -> diffusers.DiTPipeline:
+    """Build a tiny random-weight DiT-style (class-conditional transformer) pipeline.
+
+    Components: a 2-layer ``DiTTransformer2DModel`` (patch size 2, 2 heads of
+    dim 8) with learned variance as DiT-XL/2 (8 output channels: noise and
+    variance for 4 latent channels) and 1000 classes (``DiTPipeline`` uses
+    label 1000 as the null class), an ``AutoencoderKL`` with 4 latent
+    channels and DiT-XL/2's ``DDIMScheduler`` config. The latent is 8x8
+    (64x64 images).
+
+    Args:
+        directory: If given, the pipeline is saved there (safetensors) and the
+            returned pipeline is the one reloaded from it.
+        seed: Seed for weight initialisation; equal seeds give equal weights.
+
+    Returns:
+        The pipeline, on CPU in float32.
+    """
+    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    with _seeded(seed):
+        transformer = DiTTransformer2DModel(
+            num_attention_heads=2,
+            attention_head_dim=8,
+            in_channels=4,
+            out_channels=8,  # learned sigma
+            num_layers=2,
+            sample_size=8,
+            patch_size=2,
+            num_embeds_ada_norm=1000,
+        )
+    with _seeded(seed + 1):
+        vae = _tiny_vae(latent_channels=4, scaling_factor=0.18215)
+    pipe = DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler.from_config(DIT_SCHEDULER_CONFIG))
+    return _save_and_reload(pipe, directory)
+
+
+_BUILDERS = {"sd": build_tiny_sd_pipeline, "sd3": build_tiny_sd3_pipeline, "sdxl": build_tiny_sdxl_pipeline,
+             "dit": build_tiny_dit_pipeline}
 
 
 def main(argv: list[str] | None = None) -> int:
