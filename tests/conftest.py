@@ -17,3 +17,18 @@ try:
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
 except ImportError:  # hypothesis is a test extra; tests/test_properties.py skips without it
     pass
+
+
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Each test starts without accelerate's process-wide state: it refuses a second Accelerator with other
+    settings (mixed precision, cpu) in one process, which in-process trainer tests create in turn."""
+    yield
+    state = sys.modules.get("accelerate.state")
+    if state is not None:
+        state.AcceleratorState._reset_state(reset_partial_state=True)
