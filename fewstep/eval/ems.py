@@ -30,7 +30,8 @@ from ..samplers.artifacts import model_fingerprint
 from ..samplers.ems import EMS
 from ..samplers.ems_compute import EMS_DATA_SEED, compute_ems
 from .distributed import ProcessGroup
-from .testbeds import check_model, per_sample_noise
+from .io import clean_temp_files
+from .testbeds import check_model, per_sample_noise, refuse_pipeline_settings
 
 __all__ = ["EMSComputeConfig", "EMSSource", "ems_source", "run_ems_compute", "add_ems_parser", "DATA_MODES"]
 
@@ -240,11 +241,13 @@ def ems_source(cfg: EMSComputeConfig, device: torch.device) -> EMSSource:
     Raises:
         ValueError: unknown model or unusable folder, or a data mode the model lacks.
     """
+    index = None if cfg.model in ("gmm", "gmm-flow") else check_model(cfg.model)
+    if index is None or index["_class_name"] == "DigitsPipeline":  # settings the built-in models would ignore
+        refuse_pipeline_settings(cfg.model, prompts=cfg.prompts, height=cfg.height, width=cfg.width)
     if cfg.model in ("gmm", "gmm-flow"):
         if device.type != "cpu":
             raise ValueError(f"the {cfg.model} model is exact and tiny and runs on the CPU only, not on {device}")
         return _gmm_source(cfg, cfg.model == "gmm-flow")
-    index = check_model(cfg.model)
     if index is None or index["_class_name"] == "DigitsPipeline":
         return _digits_source(cfg, device, None if index is None else Path(cfg.model))
     return _pipeline_source(cfg, Path(cfg.model), device)
@@ -266,6 +269,7 @@ def run_ems_compute(cfg: EMSComputeConfig, log: Callable[[str], None] = print) -
                           progress=cfg.progress)
         seconds = time.perf_counter() - start
         if group.is_main:
+            clean_temp_files(out.parent, name=out.name)  # of killed writers (OUT is outside the locked parts)
             ems.save(out)
             shutil.rmtree(parts, ignore_errors=True)
             t_hi, t_lo = ems.meta.extra["timesteps"]

@@ -106,7 +106,7 @@ def _cmd_run(schema: type, run: Callable[[Any], Any]) -> Callable[[argparse.Name
 
 def cmd_ref(args: argparse.Namespace) -> int:
     """CLI body of ``fewstep eval ref``."""
-    from .features import feature_extractor
+    from .features import build_extractor
     from .reference import default_cache_dir
     from .refstats import reference_statistics
 
@@ -114,7 +114,7 @@ def cmd_ref(args: argparse.Namespace) -> int:
     name, options = parse_extractor_spec(cfg.extractor)
 
     with torch_threads(cfg.threads):
-        extractor = feature_extractor(name, **options).to(resolve_device(cfg.device))
+        extractor = build_extractor(name, options).to(resolve_device(cfg.device))
         cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir().parent / "stats"
         stats = reference_statistics(cfg.source, extractor, cache, cfg.batch_size, progress=cfg.progress)
         stats.save(cfg.out)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import add_config_arguments, resolve_config, torch_threads
+from ..config import add_config_arguments, refuse_multiple_processes, resolve_config, torch_threads
 from ..eval.testbeds import make_testbed
 
 __all__ = ["add_search_parser"]
@@ -82,6 +82,7 @@ def add_search_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace, schema: type, runner) -> int:
+    refuse_multiple_processes(f"search {args.search_command}")
     cfg = resolve_config(schema, args)
     args.resume_hint = "finished evaluations are kept in the run folder; run the same command again to resume"
     with torch_threads(cfg.threads):

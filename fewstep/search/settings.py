@@ -75,6 +75,8 @@ class SearchSettings:
             raise ValueError(f"out={self.out!r} must name a .json or .yaml solver schedule file")
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.reference_nfe is not None and self.reference_nfe < 1:
+            raise ValueError(f"reference_nfe must be >= 1 (or null for the model's default), got {self.reference_nfe}")
 
     @property
     def samples(self) -> int:
