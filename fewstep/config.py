@@ -56,7 +56,7 @@ from typing import Any, Iterable, Iterator, Sequence, TypeVar
 
 __all__ = [
     "torch_threads",
-    "add_config_arguments", "resolve_config", "load_config", "save_config", "split_overrides",
+    "add_config_arguments", "add_runtime_arguments", "resolve_config", "load_config", "save_config", "split_overrides",
     "resolve_device", "parse_spec", "CONFIG_NAME", "refuse_multiple_processes", "override_example",
 ]
 
@@ -146,6 +146,32 @@ def _attribute_docs(schema: type) -> dict[str, str]:
     # plain text: ``x`` -> x, :class:`~a.B` -> B
     return {k: re.sub(r":\w+:`~?(?:[\w.]*\.)?(\w+)`", r"\1", " ".join(v.split())).replace("``", "")
             for k, v in docs.items()}
+
+
+MODEL_HELP = "digits (default), gmm, gmm-flow, or a diffusers pipeline folder"
+
+
+def add_runtime_arguments(parser: argparse.ArgumentParser, *, model: str | None = MODEL_HELP,
+                          distributed: bool = False, default_threads: int = 1) -> None:
+    """The flags every job command shares, in one "model and run" group: ``--model`` (when
+    ``model`` is its help text), ``--device``, ``--threads`` and ``--no-progress``.
+
+    Args:
+        parser: The command's subparser (``dest`` names are the schema keys model, device,
+            threads, progress).
+        model: Help text of ``--model``; None: the command takes no model.
+        distributed: The command runs data-parallel under torchrun (says what ``cuda`` means there).
+        default_threads: The schema's default thread count, for the help text.
+    """
+    group = parser.add_argument_group("model and run")
+    if model is not None:
+        group.add_argument("--model", metavar="NAME|DIR", help=model)
+    group.add_argument("--device", help="cpu (default), cuda" + (" (each process its LOCAL_RANK GPU)" if distributed
+                                                                else "") + ", cuda:N or mps")
+    group.add_argument("--threads", type=int, metavar="N", help="torch CPU threads" + (" per process" if distributed
+                                                                                     else "")
+                       + f" (default: {default_threads})")
+    group.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
 
 
 def split_overrides(argv: Sequence[str], schema: type) -> tuple[list[str], list[str]]:
@@ -243,7 +269,7 @@ def _parse_overrides(overrides: Iterable[str], schema: type) -> Any:
 
 
 def load_config(schema: type[T], path: str | Path | None = None, flags: dict[str, Any] | None = None,
-                overrides: Iterable[str] = ()) -> T:
+                overrides: Iterable[str] = (), flags_source: str = "command line") -> T:
     """Build a validated ``schema`` instance from the layers (no argparse needed).
 
     Args:
@@ -251,6 +277,7 @@ def load_config(schema: type[T], path: str | Path | None = None, flags: dict[str
         path: Optional YAML file (a mapping of schema keys).
         flags: Values of the flags that were given, keyed by schema key.
         overrides: OmegaConf dotlist items, applied last.
+        flags_source: How messages name the ``flags`` layer (an API passes its arguments there).
 
     Returns:
         An instance of ``schema`` (its ``__post_init__`` has run).
@@ -277,7 +304,7 @@ def load_config(schema: type[T], path: str | Path | None = None, flags: dict[str
             raise ValueError(f"{path} must hold a mapping of settings (key: value), got a {type(data).__name__}")
         layers.append((str(path), data))
     if flags:
-        layers.append(("command line", OmegaConf.create(dict(flags))))
+        layers.append((flags_source, OmegaConf.create(dict(flags))))
     overrides = list(overrides)
     if overrides:
         layers.append(("key=value overrides", _parse_overrides(overrides, schema)))

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -427,3 +428,92 @@ def test_17_validation_samples_are_also_a_png(tmp_path):
     assert validation_grid(samples, tmp_path / "v.png")
     assert Image.open(tmp_path / "v.png").size[1] >= 2 * 8 * 4
     assert not validation_grid({"w1": torch.rand(3, 16)}, tmp_path / "no.png") and not (tmp_path / "no.png").exists()
+
+
+# ------------------------------------------------------------------ kill -9, resume, two processes on one folder
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _cli(argv):
+    return [sys.executable, "-m", "fewstep.cli", *argv, "--no-progress"]
+
+
+def _wait(proc, ready, what, timeout=600):
+    import time
+
+    deadline = time.time() + timeout
+    while not ready() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, f"{what} finished before the kill point: raise its size"
+
+
+def _calibrate(tmp, name):
+    out = tmp / name / "r.json"
+    argv = ["calibrate", "dc", "--model", "gmm", "--nfe", "5", "--num-samples", "4", "--iterations", "40",
+            "--reference-nfe", "40", "--out", str(out)]
+    return argv, lambda: len(list((tmp / name / "r.calibration").glob("state-*.json"))) > 0, \
+        lambda: fewstep.DCRatios.load(out).ratios
+
+
+def _timesteps(tmp, name):
+    out = tmp / name / "t.json"
+    argv = ["search", "timesteps", "--model", "gmm", "--nfe", "5", "--budget", "60", "--num-samples", "64",
+            "--out", str(out)]
+    log = tmp / name / "t.run" / "search_log.jsonl"
+    return argv, lambda: log.exists() and len(log.read_text().splitlines()) >= 5, \
+        lambda: fewstep.load_solver_schedule(out).timesteps
+
+
+def _ems(tmp, name):
+    out = tmp / name / "e.safetensors"
+    argv = ["ems", "compute", "--model", "gmm", "--n-grid", "24", "--n-data", "64", "--batch-size", "16",
+            "--chunk-size", "4", "--out", str(out)]
+    parts = tmp / name / "e.safetensors.parts"
+    return argv, lambda: len(list(parts.glob("chunk_*.safetensors"))) >= 1, \
+        lambda: {k: v.tolist() for k, v in fewstep.EMS.load(out).tensors().items()}
+
+
+def _eval(tmp, name):
+    out = tmp / name / "run"
+    argv = ["eval", "mse", "--model", "gmm", "--solver", "ddim", "unipc", "--nfe", "4", "8", "--num-samples", "400",
+            "--batch-size", "50", "--reference-nfe", "50", "--no-plot", "--cache-dir", str(tmp / name / "cache"),
+            "--out", str(out)]
+    return argv, lambda: len(list(out.glob("shards/*/*.safetensors"))) >= 2, \
+        lambda: [(e["method"], e["nfe"], e["mse"]) for e in json.loads((out / "results.json").read_text())["entries"]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("job", [_calibrate, _timesteps, _ems, _eval], ids=["calibrate", "search", "ems", "eval"])
+def test_kill_9_resume_and_a_second_process_on_the_folder(job, tmp_path):
+    """A second process on a busy folder is refused in one line and changes nothing; the killed run
+    resumes to exactly the clean run's result (same process kind and batch: bitwise)."""
+    argv, _, result = job(tmp_path, "clean")
+    assert subprocess.run(_cli(argv), env=ENV, capture_output=True).returncode == 0
+    clean = result()
+    argv, ready, result = job(tmp_path, "killed")
+    first = subprocess.Popen(_cli(argv), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait(first, ready, argv[0])
+        first.send_signal(signal.SIGSTOP)  # holds its lock, mid-run, while the second one tries
+        second = subprocess.run(_cli(argv), env=ENV, capture_output=True, text=True)
+        err = second.stderr.strip().splitlines()
+        assert second.returncode == 2 and len(err) == 1 and "in use by another" in err[0], second.stderr[-500:]
+    finally:
+        first.kill()  # kill -9 (a stopped process dies on SIGKILL too)
+        first.wait()
+    assert first.returncode == -signal.SIGKILL
+    resumed = subprocess.run(_cli(argv), env=ENV, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert result() == clean
+    assert not [p for p in tmp_path.rglob(".*.tmp")]
+
+
+def test_runtime_flags_are_declared_once():
+    """--model/--device/--threads/--no-progress come from config.add_runtime_arguments in every job command."""
+    for words, leaf in _leaves():
+        if words == "distill train":  # settings only (a YAML file and key=value items)
+            continue
+        group = next((g for g in leaf._action_groups if g.title == "model and run"), None)
+        assert group is not None, words
+        assert {"device", "threads", "progress"} <= {a.dest for a in group._group_actions}, words

@@ -22,8 +22,8 @@ from typing import Any, Callable, List, Optional
 
 import torch
 
-from ..config import (add_config_arguments, refuse_multiple_processes, resolve_config, resolve_device, save_config,
-                      torch_threads)
+from ..config import (add_config_arguments, add_runtime_arguments, refuse_multiple_processes, resolve_config,
+                      resolve_device, save_config, torch_threads)
 from ..samplers import ArtifactMeta, GridSpec, model_fingerprint, sample
 from ..samplers.calibrate import DEFAULT_ITERATIONS, DEFAULT_LR, DEFAULT_REFERENCE_NFE, calibrate_dc
 from ..samplers.dc_artifacts import DCRatios, fit_cpr
@@ -291,7 +291,6 @@ def add_calibrate_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,
     )
-    d.add_argument("--model", metavar="NAME|DIR", help="digits (default), gmm, gmm-flow or a UNet pipeline folder")
     d.add_argument("--nfe", nargs="+", type=int, metavar="N", help="NFE (default: 5)")
     d.add_argument("--guidance", nargs="+", type=float, metavar="W", help="CFG scale (default: the model's)")
     d.add_argument("--grid", dest="grid", action="store_true",
@@ -309,9 +308,7 @@ def add_calibrate_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--height", type=int, metavar="PX", help="pipeline image height")
     d.add_argument("--width", type=int, metavar="PX", help="pipeline image width")
     d.add_argument("--out", metavar="FILE", help="ratios or CPR file (default: runs/calibrate-dc/ratios.json)")
-    d.add_argument("--device", help="cpu (default), cuda, cuda:N or mps")
-    d.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: 1)")
-    d.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
+    add_runtime_arguments(d, model="digits (default), gmm, gmm-flow or a UNet pipeline folder")
     add_config_arguments(d, CalibrateDCConfig)
     d.set_defaults(func=cmd_calibrate_dc)
 

@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..config import add_config_arguments, resolve_config, resolve_device, torch_threads
+from ..config import add_config_arguments, add_runtime_arguments, resolve_config, resolve_device, torch_threads
 from ..samplers import GridSpec, sample
 from ..samplers.artifacts import model_fingerprint
 from ..samplers.ems import EMS
@@ -290,7 +290,6 @@ def add_ems_parser(sub: argparse._SubParsersAction) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,
     )
-    p.add_argument("--model", metavar="NAME|DIR", help="digits (default), gmm, gmm-flow, or a diffusers pipeline folder")
     p.add_argument("--out", metavar="FILE", help="the EMS file to write (required)")
     p.add_argument("--n-grid", dest="n_grid", type=int, metavar="N", help="grid intervals N (default: 250)")
     p.add_argument("--n-data", dest="n_data", type=int, metavar="K", help="datapoints K (default: 1024)")
@@ -303,9 +302,7 @@ def add_ems_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, metavar="S", help=f"first EMS seed (default: {EMS_DATA_SEED})")
     p.add_argument("--height", type=int, metavar="PX", help="pipeline image height")
     p.add_argument("--width", type=int, metavar="PX", help="pipeline image width")
-    p.add_argument("--device", help="cpu (default), cuda, cuda:N or mps")
-    p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads per process (default: 1)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    add_runtime_arguments(p, distributed=True)
     add_config_arguments(p, EMSComputeConfig)
     p.set_defaults(func=cmd_ems_compute)
 

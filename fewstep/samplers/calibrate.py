@@ -147,7 +147,11 @@ def calibrate_dc(
 
     n = x_T.shape[0]
     chunks = [slice(i, i + (batch_size or n)) for i in range(0, n, batch_size or n)]
-    conds, unconds = ([None if a is None else a[c] for c in chunks] for a in (cond, uncond))
+    for name, a in (("cond", cond), ("uncond", uncond)):
+        if a is not None and len(chunks) > 1 and not isinstance(a, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor with one row per sample to split into batches "
+                            f"(batch_size={batch_size}), got {type(a).__name__}")
+    conds, unconds = ([a if a is None or len(chunks) == 1 else a[c] for c in chunks] for a in (cond, uncond))
 
     def watched(x: torch.Tensor, *args: Any) -> torch.Tensor:
         out = model(x, *args)

@@ -36,7 +36,7 @@ from ..samplers.solvers.usf import spell_out
 from .fitness import Fitness, check_reference
 from .predictor import FitnessPredictor
 from .runlog import SearchLog, check_identity, save_state
-from .settings import SearchSettings
+from .settings import SearchSettings, settings_from_api
 from .space import Candidate, LogSNRAxis, SearchSpace
 
 __all__ = ["USFSearchConfig", "search_usf", "run_usf_search", "hand_set_solvers"]
@@ -405,6 +405,6 @@ def search_usf(model: "str | Testbed" = "digits", nfe: int = 5, guidance: float 
     """
     testbed = model if isinstance(model, Testbed) else None
     name = testbed.name if testbed is not None else str(model)
-    cfg = USFSearchConfig(model=name, nfe=nfe, guidance=guidance, budget=budget, out=str(out), predictor=predictor,
-                          **settings)
+    cfg = settings_from_api(USFSearchConfig, "search_usf", model=name, nfe=nfe, guidance=guidance, budget=budget,
+                            out=str(out), predictor=predictor, **settings)
     return run_usf_search(cfg, testbed, log)

@@ -30,7 +30,7 @@ from ..eval.testbeds import Testbed, make_testbed
 from ..samplers import GridSpec, SolverSchedule, make_plan, solver_class
 from .fitness import Fitness, check_reference, noise_schedule_of
 from .runlog import SearchLog, check_identity, save_state
-from .settings import SearchSettings
+from .settings import SearchSettings, settings_from_api
 from .space import LogSNRAxis, logits_from_positions, positions_from_logits
 
 __all__ = ["TimestepSearchConfig", "search_timesteps", "run_timestep_search", "START_SPACINGS"]
@@ -231,6 +231,6 @@ def search_timesteps(model: "str | Testbed" = "digits", solver: str = "unipc", n
     """
     testbed = model if isinstance(model, Testbed) else None
     name = testbed.name if testbed is not None else str(model)
-    cfg = TimestepSearchConfig(model=name, solver=solver, nfe=nfe, guidance=guidance, budget=budget, out=str(out),
-                               **settings)
+    cfg = settings_from_api(TimestepSearchConfig, "search_timesteps", model=name, solver=solver, nfe=nfe,
+                            guidance=guidance, budget=budget, out=str(out), **settings)
     return run_timestep_search(cfg, testbed, log)
