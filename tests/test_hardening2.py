@@ -517,3 +517,26 @@ def test_runtime_flags_are_declared_once():
         group = next((g for g in leaf._action_groups if g.title == "model and run"), None)
         assert group is not None, words
         assert {"device", "threads", "progress"} <= {a.dest for a in group._group_actions}, words
+
+
+def test_05_06_deep_json_and_a_full_disk_are_one_line(tmp_path, capsys, monkeypatch):
+    deep = tmp_path / "deep.json"
+    deep.write_text('{"fewstep_artifact": "dc_ratios", "version": 1, "ratios": ' + "[" * 100000 + "]" * 100000 + "}")
+    line = _one_error_line(capsys, ["compare", "--model", "gmm", "--solvers", f"dc:dc_file={deep}", "--nfe", "4",
+                                    "--num-samples", "4", "--out", str(tmp_path / "c"), "--no-progress"], "compare")
+    assert "nested too deeply" in line
+    line = _one_error_line(capsys, ["search", "usf", "--model", "gmm", "--nfe", "4", "--budget", "2", "--num-samples",
+                                    "4", "--init", str(deep), "--out", str(tmp_path / "s.json"), "--no-progress"],
+                           "search usf")
+    assert "nested too deeply" in line
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    from fewstep.cli import _message
+    from fewstep.search.runlog import SearchLog
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError) as exc:
+        SearchLog(tmp_path / "search_log.jsonl").append({"i": 0})
+    assert _message(exc.value) == f"{tmp_path / 'search_log.jsonl'}: No space left on device"
