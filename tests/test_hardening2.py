@@ -310,8 +310,19 @@ def test_12_fid_checks_the_extractor_against_the_model_before_sampling():
         def fingerprint(self):
             return {}
 
-    with pytest.raises(ValueError, match=r"the digits extractor cannot read rgb's 3x16x16 images"):
+    with pytest.raises(ValueError, match=r"the digits extractor cannot read the 3x16x16 images of rgb"):
         _check_images(RGB.__new__(RGB), feature_extractor("digits"))
+
+
+@pytest.mark.slow
+def test_12_fid_of_a_pipeline_with_the_digits_extractor_stops_before_sampling(tmp_path, capsys):
+    from fewstep.zoo.tiny import build_tiny_sd_pipeline
+
+    build_tiny_sd_pipeline(tmp_path / "sd")
+    assert main(["eval", "fid", "--model", str(tmp_path / "sd"), "--solver", "ddim", "--nfe", "2", "--num-samples",
+                 "2", "--batch-size", "2", "--out", str(tmp_path / "f"), "--no-progress"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]  # (transformers may warn before it)
+    assert line.startswith("fewstep eval fid: error: ") and "the digits extractor cannot read the 3x64x64 images of sd" in line and not (tmp_path / "f").exists()
 
 
 # ------------------------------------------------------------------ 13: search resume, messages, provenance

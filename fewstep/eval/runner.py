@@ -364,9 +364,10 @@ def _check_images(testbed: Testbed, extractor) -> None:
     try:  # the model's image size through the extractor, before any sampling
         extract_features(extractor.to(testbed.device), pixels.to(testbed.device), batch_size=1)
     except (ValueError, RuntimeError) as exc:
-        raise ValueError(f"the {extractor.name} extractor cannot read {testbed.name}'s "
-                         f"{'x'.join(map(str, pixels.shape[1:]))} images ({' '.join(str(exc).split())}); "
-                         "choose an --extractor (e.g. inception) and a --ref of that kind of image") from None
+        model = Path(str(getattr(testbed, "path", testbed.name))).name
+        raise ValueError(f"the {extractor.name} extractor cannot read the {'x'.join(map(str, pixels.shape[1:]))} "
+                         f"images of {model} ({' '.join(str(exc).split())}); choose an --extractor (e.g. inception) "
+                         "and a --ref of that kind of image") from None
 
 
 def _run_fid(run: _Run, extractor, meta: dict[str, Any]) -> dict[str, Any] | None:
