@@ -1,15 +1,5 @@
 """The fewstep command line: fast diffusion sampling, one solver core.
 
-Commands:
-  solvers   list the registered solvers and their options
-  list      list solvers or built-in published schedules (list solvers|schedules)
-  compare   benchmark solvers at low NFE against a high-NFE reference
-  calibrate DC-Solver ratio calibration and CPR fits (calibrate dc)
-  search    search solver schedules: S3 over USF strategies (usf), tuned timesteps (timesteps)
-  ems       DPM-Solver-v3 empirical model statistics (ems compute)
-  eval      FID/FD and MSE benchmarks, reference statistics, FD of two files (eval fid|mse|ref|fd)
-  distill   train guidance adapters (distill train; also python -m fewstep.distill.train)
-
 Commands that run jobs read settings from flags, a YAML file (--config FILE.yaml) and
 key=value items, and save the resolved settings beside their results. A user mistake
 (bad setting, unreadable or malformed file) prints one "fewstep <command>: error: ..."
@@ -85,15 +75,35 @@ def cmd_list_schedules(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
-    """The ``fewstep`` parser and its subcommands."""
+# Each command's parser lives beside its code, whose import pulls in torch (seconds): only the
+# command named on the command line is built for real, the others are stubs with their one-line
+# help, so ``fewstep --help`` imports none of them. tests/test_hardening2.py checks that these
+# lines match the ones the modules register.
+_COMMANDS = {
+    "compare": ("fewstep.eval.compare", "add_compare_parser",
+                "benchmark solvers at low NFE against a high-NFE reference"),
+    "search": ("fewstep.search.cli", "add_search_parser",
+               "search solver schedules (S3 over USF strategies, or tuned timesteps)"),
+    "calibrate": ("fewstep.eval.calibrate", "add_calibrate_parser",
+                  "tune solver artifacts for a model (dc: DC-Solver ratios / CPR)"),
+    "ems": ("fewstep.eval.ems", "add_ems_parser", "DPM-Solver-v3 empirical model statistics"),
+    "eval": ("fewstep.eval.eval_cli", "add_eval_parser",
+             "FID/FD and MSE benchmarks of solvers, reference statistics, FD of two files"),
+    "distill": ("fewstep.distill.train", "add_distill_parser",
+                "guidance distillation: train AGD adapters (distill train)"),
+}
+
+
+def build_parser(only: str | None | bool = True) -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
+    """The ``fewstep`` parser and its subcommands.
+
+    Args:
+        only: ``True`` builds every command's parser; a command name builds that one and stubs
+            for the rest (enough to parse a command line naming it, fast); ``None`` builds stubs only.
+    """
+    import importlib
+
     from . import __version__
-    from .eval.calibrate import add_calibrate_parser
-    from .eval.compare import add_compare_parser
-    from .search.cli import add_search_parser
-    from .eval.ems import add_ems_parser
-    from .eval.eval_cli import add_eval_parser
-    from .distill.train import add_distill_parser
 
     parser = argparse.ArgumentParser(prog="fewstep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -114,12 +124,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
         q.add_argument("--json", action="store_true", help="machine-readable output")
         q.set_defaults(func=func)
 
-    add_compare_parser(sub)
-    add_search_parser(sub)
-    add_calibrate_parser(sub)
-    add_ems_parser(sub)
-    add_eval_parser(sub)
-    add_distill_parser(sub)
+    for name, (module, adder, help_line) in _COMMANDS.items():
+        if only is True or only == name:
+            getattr(importlib.import_module(module), adder)(sub)
+        else:
+            sub.add_parser(name, help=help_line, add_help=False)
     return parser, sub
 
 
@@ -138,6 +147,30 @@ def _command(sub: argparse._SubParsersAction, argv: Sequence[str]) -> tuple[str 
     if not words:
         return next((a for a in argv if not a.startswith("-")), None), None
     return " ".join(words), leaf
+
+
+def parse_command_line(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse a ``fewstep`` command line (without running it): the namespace whose ``func`` runs it.
+
+    ``key=value`` items may stand anywhere, even after a flag that takes several values.
+
+    Raises:
+        SystemExit: argparse's exit for ``--help`` or a malformed command line (status 2, the
+            message naming the subcommand).
+    """
+    argv = list(argv)
+    first = next((a for a in argv if not a.startswith("-")), None)
+    parser, sub = build_parser(first if first in _COMMANDS else None)
+    _, leaf = _command(sub, argv)
+    overrides: list[str] = []
+    if leaf is not None and leaf.get_default("config_schema") is not None:
+        argv, overrides = split_overrides(argv, leaf.get_default("config_schema"))
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # reported by the subcommand's parser, so the message names the subcommand
+        (leaf or parser).error(f"unrecognized arguments: {' '.join(unknown)}")
+    if overrides:
+        args.overrides = [*getattr(args, "overrides", []), *overrides]
+    return args
 
 
 def _message(exc: BaseException) -> str:
@@ -164,15 +197,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "?"
     args = None
     try:
-        parser, sub = build_parser()
         argv = list(sys.argv[1:] if argv is None else argv)
-        command, leaf = _command(sub, argv)
-        overrides: list[str] = []
-        if leaf is not None and leaf.get_default("config_schema") is not None:
-            argv, overrides = split_overrides(argv, leaf.get_default("config_schema"))
-        args = parser.parse_args(argv)
-        if overrides:
-            args.overrides = [*getattr(args, "overrides", []), *overrides]
+        command = next((a for a in argv if not a.startswith("-")), "?")
+        args = parse_command_line(argv)
+        command = " ".join(filter(None, [args.command, getattr(args, f"{args.command}_command", None)]))
         from .samplers.artifacts import ArtifactModelWarning
 
         with warnings.catch_warnings():

@@ -56,8 +56,8 @@ from typing import Any, Iterable, Iterator, Sequence, TypeVar
 
 __all__ = [
     "torch_threads",
-    "add_config_arguments", "resolve_config", "load_config", "save_config", "split_overrides",
-    "resolve_device", "parse_spec", "CONFIG_NAME",
+    "add_config_arguments", "add_runtime_arguments", "resolve_config", "load_config", "save_config", "split_overrides",
+    "resolve_device", "parse_spec", "CONFIG_NAME", "refuse_multiple_processes", "override_example",
 ]
 
 T = TypeVar("T")
@@ -83,11 +83,95 @@ def add_config_arguments(parser: argparse.ArgumentParser, schema: type) -> None:
         raise TypeError(f"{parser.prog}: create the subparser with argument_default=argparse.SUPPRESS")
     if not dataclasses.is_dataclass(schema):
         raise TypeError(f"schema must be a dataclass, got {schema!r}")
+    flagged = {a.dest for a in parser._actions}
     parser.add_argument("--config", metavar="FILE.yaml", default=None,
                         help="read settings from a YAML file (flags and key=value items override it)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", default=[],
-                        help="settings in OmegaConf dotlist form, applied last, e.g. nfe=[5,6] seed=1")
+                        help=f"settings in OmegaConf dotlist form, applied last, e.g. {override_example(schema)}")
     parser.set_defaults(config_schema=schema)
+    unflagged = [f for f in dataclasses.fields(schema) if f.name not in flagged]
+    if unflagged:  # settings only a file or key=value can set: list them, or help would hide them
+        docs = _attribute_docs(schema)
+        lines = [f"  {f.name}={_yaml_value(_default(f))}" + (f"  {docs[f.name]}" if f.name in docs else "")
+                 for f in unflagged]
+        heading = "Settings without a flag (key=value; shown with their defaults):"
+        parser.epilog = "\n".join(filter(None, [parser.epilog, heading, *lines]))
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def _yaml_value(value: Any) -> str:
+    """``value`` as a key=value item writes it (``[5,6]``, ``null``, ``true``)."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_yaml_value(v) for v in value) + "]"
+    if value is None or value is dataclasses.MISSING:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def override_example(schema: type) -> str:
+    """Two ``key=value`` items valid for ``schema`` (its own defaults), for help texts."""
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    preferred = [k for k in ("nfe", "seed", "num_samples", "budget") if k in fields]
+    rest = [k for k, f in fields.items() if isinstance(_default(f), (int, float, str)) and not isinstance(_default(f), bool)]
+    keys = list(dict.fromkeys(preferred + rest))[:2]
+    return " ".join(f"{k}={_yaml_value(_default(fields[k]))}" for k in keys)
+
+
+def _attribute_docs(schema: type) -> dict[str, str]:
+    """The ``Attributes:`` section of a Google-style docstring, as {field: first sentence}."""
+    docs, names, in_section = {}, [], False
+    for line in (schema.__doc__ or "").splitlines():
+        text = line.strip()
+        if text == "Attributes:":
+            in_section = True
+            continue
+        if not in_section:
+            continue
+        if not text:
+            break
+        m = re.match(r"^([\w, ]+):\s*(.*)$", text)
+        if m and all(n.strip().isidentifier() for n in m.group(1).split(",")):
+            names = [n.strip() for n in m.group(1).split(",")]
+            for n in names:
+                docs[n] = m.group(2)
+        else:
+            for n in names:
+                docs[n] += " " + text
+    # plain text: ``x`` -> x, :class:`~a.B` -> B
+    return {k: re.sub(r":\w+:`~?(?:[\w.]*\.)?(\w+)`", r"\1", " ".join(v.split())).replace("``", "")
+            for k, v in docs.items()}
+
+
+MODEL_HELP = "digits (default), gmm, gmm-flow, or a diffusers pipeline folder"
+
+
+def add_runtime_arguments(parser: argparse.ArgumentParser, *, model: str | None = MODEL_HELP,
+                          distributed: bool = False, default_threads: int = 1) -> None:
+    """The flags every job command shares, in one "model and run" group: ``--model`` (when
+    ``model`` is its help text), ``--device``, ``--threads`` and ``--no-progress``.
+
+    Args:
+        parser: The command's subparser (``dest`` names are the schema keys model, device,
+            threads, progress).
+        model: Help text of ``--model``; None: the command takes no model.
+        distributed: The command runs data-parallel under torchrun (says what ``cuda`` means there).
+        default_threads: The schema's default thread count, for the help text.
+    """
+    group = parser.add_argument_group("model and run")
+    if model is not None:
+        group.add_argument("--model", metavar="NAME|DIR", help=model)
+    group.add_argument("--device", help="cpu (default), cuda" + (" (each process its LOCAL_RANK GPU)" if distributed
+                                                                else "") + ", cuda:N or mps")
+    group.add_argument("--threads", type=int, metavar="N", help="torch CPU threads" + (" per process" if distributed
+                                                                                     else "")
+                       + f" (default: {default_threads})")
+    group.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
 
 
 def split_overrides(argv: Sequence[str], schema: type) -> tuple[list[str], list[str]]:
@@ -227,7 +311,7 @@ def _check_code_settings(schema: type, layers: list[tuple[str, Any]]) -> None:
 
 
 def load_config(schema: type[T], path: str | Path | None = None, flags: dict[str, Any] | None = None,
-                overrides: Iterable[str] = ()) -> T:
+                overrides: Iterable[str] = (), flags_source: str = "command line") -> T:
     """Build a validated ``schema`` instance from the layers (no argparse needed).
 
     Args:
@@ -235,6 +319,7 @@ def load_config(schema: type[T], path: str | Path | None = None, flags: dict[str
         path: Optional YAML file (a mapping of schema keys).
         flags: Values of the flags that were given, keyed by schema key.
         overrides: OmegaConf dotlist items, applied last.
+        flags_source: How messages name the ``flags`` layer (an API passes its arguments there).
 
     Returns:
         An instance of ``schema`` (its ``__post_init__`` has run).
@@ -267,7 +352,7 @@ def load_config(schema: type[T], path: str | Path | None = None, flags: dict[str
         _check_setting_names(path, data)
         layers.append((str(path), data))
     if flags:
-        layers.append(("command line", OmegaConf.create(dict(flags))))
+        layers.append((flags_source, OmegaConf.create(dict(flags))))
     overrides = list(overrides)
     if overrides:
         layers.append(("key=value overrides", _parse_overrides(overrides, schema)))
@@ -277,12 +362,34 @@ def load_config(schema: type[T], path: str | Path | None = None, flags: dict[str
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as exc:
             raise ValueError(_format_omegaconf_error(exc, source)) from None
+    _check_int_range(merged)
     try:
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise ValueError(_format_omegaconf_error(exc, "config")) from None
     except TypeError as exc:  # __post_init__ type checks
         raise ValueError(str(exc)) from None
+
+
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _check_int_range(cfg: Any) -> None:
+    """Whole numbers must fit 64 bits (seeds, counts): say which key, not "Overflow when unpacking long long"."""
+    from omegaconf import OmegaConf
+
+    def walk(value: Any, key: str) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{key}.{k}" if key else str(k))
+        elif isinstance(value, list):
+            for v in value:
+                walk(v, key)
+        elif isinstance(value, int) and not isinstance(value, bool) and not _INT64[0] <= value <= _INT64[1]:
+            raise ValueError(f"{key}={value} is out of range: whole-number settings must lie in "
+                             f"[{_INT64[0]}, {_INT64[1]}]")
+
+    walk(OmegaConf.to_container(cfg), "")
 
 
 def resolve_config(schema: type[T], args: argparse.Namespace) -> T:
@@ -349,6 +456,25 @@ def resolve_device(name: str):
     elif device.type != "cpu":
         raise ValueError(f"device {name!r} is not supported; use cpu, cuda, cuda:N or mps")
     return device
+
+
+def refuse_multiple_processes(command: str) -> None:
+    """Stop a command that runs as one process when it is launched by ``torchrun`` / ``accelerate launch``.
+
+    Every rank would run the whole job and collide on the output folder's lock; rank 0 reports it
+    (one line), the other ranks exit quietly with the same status.
+
+    Raises:
+        ValueError: on rank 0 of a multi-process launch.
+        SystemExit: (status 2) on the other ranks.
+    """
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        if int(os.environ.get("RANK", "0") or 0) != 0:
+            raise SystemExit(2)
+        raise ValueError(f"{command} runs as one process; run it without torchrun / accelerate launch "
+                         f"(WORLD_SIZE={os.environ['WORLD_SIZE']})")
 
 
 @contextmanager

@@ -117,6 +117,7 @@ def test_full_fine_tune_and_noised_data_options(tmp_path):
     assert not (tmp_path / "traj").exists()  # noised data: no trajectories
     samples = load_file(out / "validation" / "step-000002.safetensors")
     assert samples["w2"].shape == (10, 1, 8, 8) and torch.isfinite(samples["w2"]).all()
+    assert (out / "validation" / "step-000002.png").is_file()  # the same samples as an image grid
 
 
 def test_cli_rejects_bad_settings_in_one_line(capsys, tmp_path):

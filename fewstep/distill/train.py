@@ -486,6 +486,7 @@ def _validation_conditions(cfg: DistillConfig, teacher: Teacher) -> torch.Tensor
 def _validate(cfg, teacher, adapters, scheduler_config, accelerator, step) -> None:
     from safetensors.torch import save_file
 
+    from ..eval.report import validation_grid
     from .saving import _write_atomic
 
     index = _validation_conditions(cfg, teacher)
@@ -496,6 +497,7 @@ def _validate(cfg, teacher, adapters, scheduler_config, accelerator, step) -> No
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step-{step:06d}.safetensors"
     _write_atomic(path, lambda tmp: save_file(samples, tmp))
+    validation_grid(samples, path.with_suffix(".png"))  # the same samples to look at (image models)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard" and teacher.sample_shape[0] in (1, 3):
             for name, images in samples.items():
@@ -756,10 +758,14 @@ def add_distill_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    import os
+
     from fewstep.config import resolve_config
 
     args.resume_hint = "rerun with resume_from_checkpoint=latest to continue from the last checkpoint"
-    train(resolve_config(DistillConfig, args))
+    folder = train(resolve_config(DistillConfig, args))
+    if int(os.environ.get("RANK", "0")) == 0:  # one line, from the main process
+        print(f"wrote adapters to {folder}/ (load with fewstep.distill.load_adapters(pipe, {str(folder)!r}))")
     return 0
 
 

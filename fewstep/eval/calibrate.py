@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,8 @@ from typing import Any, Callable, List, Optional
 
 import torch
 
-from ..config import add_config_arguments, resolve_config, resolve_device, save_config, torch_threads
+from ..config import (add_config_arguments, add_runtime_arguments, refuse_multiple_processes, resolve_config,
+                      resolve_device, save_config, torch_threads)
 from ..samplers import ArtifactMeta, GridSpec, model_fingerprint, sample
 from ..samplers.calibrate import DEFAULT_ITERATIONS, DEFAULT_LR, DEFAULT_REFERENCE_NFE, calibrate_dc
 from ..samplers.dc_artifacts import DCRatios, fit_cpr
@@ -85,13 +87,16 @@ class CalibrateDCConfig:
             self.guidance = list(dict.fromkeys(float(g) for g in self.guidance))
             if not self.guidance:
                 raise ValueError("guidance must hold at least one scale (or be null for the model's default)")
+            bad = [g for g in self.guidance if not math.isfinite(g)]
+            if bad:  # nan > 1 is False: it would silently run unguided
+                raise ValueError(f"guidance must be finite numbers, got {bad[0]}")
         for key, low in (("num_samples", 1), ("iterations", 0), ("reference_nfe", 1), ("threads", 1)):
             if getattr(self, key) < low:
                 raise ValueError(f"{key} must be >= {low}, got {getattr(self, key)}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if Path(self.out).suffix not in (".json", ".yaml", ".yml"):
@@ -221,6 +226,7 @@ def run_calibrate_dc(testbed: Testbed, cfg: CalibrateDCConfig, log: Callable[[st
     identity = _identity(cfg, testbed)
     with lock_directory(work, _LOCK_HOLDER):
         clean_temp_files(work, all_stale=True)
+        clean_temp_files(out.parent, name=out.name)  # OUT lives outside the locked folder: killed writers' only
         claim_identity(work / "identity.json", identity, "a calibration with other settings",
                        "choose another out or delete the folder")
         save_config(cfg, work)
@@ -285,7 +291,6 @@ def add_calibrate_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,
     )
-    d.add_argument("--model", metavar="NAME|DIR", help="digits (default), gmm, gmm-flow or a UNet pipeline folder")
     d.add_argument("--nfe", nargs="+", type=int, metavar="N", help="NFE (default: 5)")
     d.add_argument("--guidance", nargs="+", type=float, metavar="W", help="CFG scale (default: the model's)")
     d.add_argument("--grid", dest="grid", action="store_true",
@@ -303,15 +308,14 @@ def add_calibrate_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--height", type=int, metavar="PX", help="pipeline image height")
     d.add_argument("--width", type=int, metavar="PX", help="pipeline image width")
     d.add_argument("--out", metavar="FILE", help="ratios or CPR file (default: runs/calibrate-dc/ratios.json)")
-    d.add_argument("--device", help="cpu (default), cuda, cuda:N or mps")
-    d.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: 1)")
-    d.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
+    add_runtime_arguments(d, model="digits (default), gmm, gmm-flow or a UNet pipeline folder")
     add_config_arguments(d, CalibrateDCConfig)
     d.set_defaults(func=cmd_calibrate_dc)
 
 
 def cmd_calibrate_dc(args: argparse.Namespace) -> int:
     """CLI body of ``fewstep calibrate dc``."""
+    refuse_multiple_processes("calibrate dc")
     # --grid nfe=5,6,8 guidance=2,4: comma lists are accepted for the two grid keys.
     args.overrides = [f"{m.group(1)}=[{m.group(2)}]" if (m := _LIST.match(o)) else o
                       for o in getattr(args, "overrides", [])]

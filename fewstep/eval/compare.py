@@ -28,7 +28,8 @@ from typing import Any, Callable, Iterable, List, Optional
 
 import torch
 
-from ..config import add_config_arguments, parse_spec, resolve_config, resolve_device, save_config, torch_threads
+from ..config import (add_config_arguments, add_runtime_arguments, parse_spec, resolve_config, resolve_device,
+                      save_config, torch_threads)
 from ..samplers import TimeShift, get_solver, list_solvers
 from ..samplers.artifacts import Artifact
 from ..samplers.timesteps import SPACINGS
@@ -477,7 +478,6 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,
     )
-    p.add_argument("--model", metavar="NAME|DIR", help="digits (default), gmm, gmm-flow, or a diffusers pipeline folder")
     p.add_argument("--solvers", nargs="+", metavar="SPEC",
                    help="solvers, e.g. ddim unipc:order=3,variant=bh1 dpmv3:ems=FILE (default: every registered solver "
                         "that needs no tuned file; "
@@ -498,13 +498,10 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="DIR", help="run folder (default: runs/compare)")
     p.add_argument("--cache-dir", dest="cache_dir", metavar="DIR",
                    help="reference cache (default: $FEWSTEP_CACHE/references or ~/.cache/fewstep/references)")
-    p.add_argument("--device", help="cpu (default), cuda, cuda:N or mps")
-    p.add_argument("--threads", type=int, metavar="N",
-                   help=f"torch CPU threads (default: {DEFAULT_THREADS}, the fastest on a shared 2-core machine)")
     p.add_argument("--repeats", type=int, metavar="N",
                    help="timed runs per solver and NFE; the time column is their median (default: 1)")
     p.add_argument("--no-plot", dest="plot", action="store_false", help="skip quality_vs_nfe.png")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
+    add_runtime_arguments(p, default_threads=DEFAULT_THREADS)
     add_config_arguments(p, CompareConfig)
     p.set_defaults(func=cmd_compare)
 

@@ -24,13 +24,14 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..config import add_config_arguments, resolve_config, resolve_device, torch_threads
+from ..config import add_config_arguments, add_runtime_arguments, resolve_config, resolve_device, torch_threads
 from ..samplers import GridSpec, sample
 from ..samplers.artifacts import model_fingerprint
 from ..samplers.ems import EMS
 from ..samplers.ems_compute import EMS_DATA_SEED, compute_ems
 from .distributed import ProcessGroup
-from .testbeds import check_model, per_sample_noise
+from .io import clean_temp_files
+from .testbeds import check_model, per_sample_noise, refuse_pipeline_settings
 
 __all__ = ["EMSComputeConfig", "EMSSource", "ems_source", "run_ems_compute", "add_ems_parser", "DATA_MODES"]
 
@@ -240,11 +241,13 @@ def ems_source(cfg: EMSComputeConfig, device: torch.device) -> EMSSource:
     Raises:
         ValueError: unknown model or unusable folder, or a data mode the model lacks.
     """
+    index = None if cfg.model in ("gmm", "gmm-flow") else check_model(cfg.model)
+    if index is None or index["_class_name"] == "DigitsPipeline":  # settings the built-in models would ignore
+        refuse_pipeline_settings(cfg.model, prompts=cfg.prompts, height=cfg.height, width=cfg.width)
     if cfg.model in ("gmm", "gmm-flow"):
         if device.type != "cpu":
             raise ValueError(f"the {cfg.model} model is exact and tiny and runs on the CPU only, not on {device}")
         return _gmm_source(cfg, cfg.model == "gmm-flow")
-    index = check_model(cfg.model)
     if index is None or index["_class_name"] == "DigitsPipeline":
         return _digits_source(cfg, device, None if index is None else Path(cfg.model))
     return _pipeline_source(cfg, Path(cfg.model), device)
@@ -266,6 +269,7 @@ def run_ems_compute(cfg: EMSComputeConfig, log: Callable[[str], None] = print) -
                           progress=cfg.progress)
         seconds = time.perf_counter() - start
         if group.is_main:
+            clean_temp_files(out.parent, name=out.name)  # of killed writers (OUT is outside the locked parts)
             ems.save(out)
             shutil.rmtree(parts, ignore_errors=True)
             t_hi, t_lo = ems.meta.extra["timesteps"]
@@ -286,7 +290,6 @@ def add_ems_parser(sub: argparse._SubParsersAction) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,
     )
-    p.add_argument("--model", metavar="NAME|DIR", help="digits (default), gmm, gmm-flow, or a diffusers pipeline folder")
     p.add_argument("--out", metavar="FILE", help="the EMS file to write (required)")
     p.add_argument("--n-grid", dest="n_grid", type=int, metavar="N", help="grid intervals N (default: 250)")
     p.add_argument("--n-data", dest="n_data", type=int, metavar="K", help="datapoints K (default: 1024)")
@@ -299,9 +302,7 @@ def add_ems_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, metavar="S", help=f"first EMS seed (default: {EMS_DATA_SEED})")
     p.add_argument("--height", type=int, metavar="PX", help="pipeline image height")
     p.add_argument("--width", type=int, metavar="PX", help="pipeline image width")
-    p.add_argument("--device", help="cpu (default), cuda, cuda:N or mps")
-    p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads per process (default: 1)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    add_runtime_arguments(p, distributed=True)
     add_config_arguments(p, EMSComputeConfig)
     p.set_defaults(func=cmd_ems_compute)
 

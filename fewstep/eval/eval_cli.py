@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ..config import add_config_arguments, resolve_config, resolve_device, torch_threads
+from ..config import add_config_arguments, add_runtime_arguments, resolve_config, resolve_device, torch_threads
 from .features import is_code_spec, parse_extractor_spec
 from ..samplers.timesteps import SPACINGS
 from .testbeds import check_model
@@ -72,7 +72,6 @@ class RefConfig:
 
 
 def _common_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", metavar="NAME|DIR", help="digits (default), gmm, gmm-flow, or a diffusers pipeline folder")
     p.add_argument("--solver", "--solvers", dest="solvers", nargs="+", metavar="SPEC",
                    help="solvers, e.g. ddim unipc:order=3,variant=bh1, or diffusers schedulers built from the "
                         "model's scheduler config, e.g. diffusers:UniPCMultistepScheduler:solver_order=3 "
@@ -89,10 +88,8 @@ def _common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="DIR", help="run folder")
     p.add_argument("--cache-dir", dest="cache_dir", metavar="DIR",
                    help="cache of references and statistics (default: $FEWSTEP_CACHE or ~/.cache/fewstep)")
-    p.add_argument("--device", help="cpu (default), cuda (each process its LOCAL_RANK GPU), cuda:N or mps")
-    p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads per process (default: 1)")
     p.add_argument("--no-plot", dest="plot", action="store_false", help="skip the metric-vs-NFE plot")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    add_runtime_arguments(p, distributed=True)
 
 
 def _cmd_run(schema: type, run: Callable[[Any], Any]) -> Callable[[argparse.Namespace], int]:
@@ -111,7 +108,7 @@ def _cmd_run(schema: type, run: Callable[[Any], Any]) -> Callable[[argparse.Name
 
 def cmd_ref(args: argparse.Namespace) -> int:
     """CLI body of ``fewstep eval ref``."""
-    from .features import feature_extractor
+    from .features import build_extractor
     from .reference import default_cache_dir
     from .refstats import reference_statistics
 
@@ -119,7 +116,7 @@ def cmd_ref(args: argparse.Namespace) -> int:
     name, options = parse_extractor_spec(cfg.extractor)
 
     with torch_threads(cfg.threads):
-        extractor = feature_extractor(name, **options).to(resolve_device(cfg.device))
+        extractor = build_extractor(name, options).to(resolve_device(cfg.device))
         cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir().parent / "stats"
         stats = reference_statistics(cfg.source, extractor, cache, cfg.batch_size, progress=cfg.progress)
         stats.save(cfg.out)
@@ -183,9 +180,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--out", metavar="FILE.npz", help="statistics file to write (default: ref.npz)")
     r.add_argument("--cache-dir", dest="cache_dir", metavar="DIR", help="statistics cache")
     r.add_argument("--batch-size", dest="batch_size", type=int, metavar="N", help="images per forward pass")
-    r.add_argument("--device", help="cpu (default), cuda, cuda:N or mps")
-    r.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: 1)")
-    r.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    add_runtime_arguments(r, model=None)
     add_config_arguments(r, RefConfig)
     r.set_defaults(func=cmd_ref)
 

@@ -505,6 +505,16 @@ def _check_options(name: str, factory: Callable, options: dict[str, Any]) -> Non
         raise TypeError(f"feature extractor {name!r} got unknown option(s) {unknown}; allowed: {allowed}")
 
 
+def _signature_mismatch(factory: Callable, options: dict[str, Any]) -> bool:
+    try:
+        inspect.signature(factory).bind(**options)
+    except TypeError:
+        return True
+    except ValueError:  # no signature (some builtins): assume the call itself failed
+        return True
+    return False
+
+
 def feature_extractor(name: str, **options: Any) -> FeatureExtractor:
     """Builds a feature extractor by name, offline.
 
@@ -533,12 +543,30 @@ def feature_extractor(name: str, **options: Any) -> FeatureExtractor:
     else:
         factory = entry
     _check_options(name, factory, options)
-    model = factory(**options)
+    try:
+        model = factory(**options)
+    except TypeError as exc:
+        if not _signature_mismatch(factory, options):
+            raise  # raised inside the factory: not a question of how it was called
+        raise TypeError(f"feature extractor {name!r} cannot be called with options {options}: {exc}") from None
     if not isinstance(model, nn.Module):
         raise TypeError(f"feature extractor {name!r} returned {type(model).__name__}, not an nn.Module")
     if not isinstance(model, FeatureExtractor):
         model = ModuleFeatureExtractor(model, name=name, options=options)
     return model.eval()
+
+
+def build_extractor(name: str, options: dict[str, Any]) -> FeatureExtractor:
+    """:func:`feature_extractor` for a spec a user typed: every failure to build it is a ``ValueError``.
+
+    Unknown options, a ``module:callable`` that needs arguments or returns no ``nn.Module`` are
+    ``TypeError`` in the API; on the command line they are the user's to fix (one line, no traceback).
+    """
+    try:
+        return feature_extractor(name, **options)
+    except TypeError as exc:
+        msg = " ".join(str(exc).split())  # the messages above name the extractor; a factory's own may not
+        raise ValueError(msg if repr(name) in msg else f"feature extractor {name!r}: {msg}") from None
 
 
 def parse_extractor_spec(spec: str) -> tuple[str, dict[str, Any]]:

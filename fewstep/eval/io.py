@@ -89,6 +89,8 @@ def read_json(path: str | Path) -> Any:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path} is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested too deeply") from None
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -139,13 +141,14 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def clean_temp_files(directory: str | Path, *, all_stale: bool = False) -> list[Path]:
+def clean_temp_files(directory: str | Path, *, all_stale: bool = False, name: str | None = None) -> list[Path]:
     """Remove temporary files left in ``directory`` by killed writers.
 
     Args:
         directory: Folder to clean (not recursive); a missing folder is fine.
         all_stale: Every temporary file there is stale (the caller holds the folder's
             lock); otherwise only those of processes that no longer exist are removed.
+        name: Only the temporary files of this final file (an output beside other people's files).
 
     Returns:
         The files removed.
@@ -155,14 +158,14 @@ def clean_temp_files(directory: str | Path, *, all_stale: bool = False) -> list[
         names = os.listdir(directory)
     except OSError:  # missing, not a folder, unreadable: nothing we may clean
         return removed
-    for name in names:
-        m = _TEMP_NAME.match(name)
-        if m is None:
+    for entry in names:
+        m = _TEMP_NAME.match(entry)
+        if m is None or (name is not None and not entry.startswith(f".{name}.")):
             continue
         pid = int(m.group(1))
         if pid == os.getpid() or (not all_stale and _pid_alive(pid)):
             continue
-        path = Path(directory) / name
+        path = Path(directory) / entry
         try:
             path.unlink()
             removed.append(path)

@@ -21,7 +21,8 @@ from .features import FeatureExtractor
 from .shards import identity_digest
 from .stats import FeatureStatistics, GaussianStats
 
-__all__ = ["BUILTIN_DATASETS", "IMAGE_SUFFIXES", "load_source", "reference_statistics", "is_stats_file"]
+__all__ = ["BUILTIN_DATASETS", "IMAGE_SUFFIXES", "load_source", "reference_statistics", "is_stats_file",
+           "real_vs_real"]
 
 # name -> "module:callable" returning images [N, C, H, W] (uint8, or float in [0, 1]).
 BUILTIN_DATASETS = {"digits": "fewstep.zoo.digits:reference_images"}
@@ -175,3 +176,21 @@ def reference_statistics(source: str, extractor: FeatureExtractor, cache_dir: st
     except OSError as exc:
         log(f"warning: the statistics cache is not writable ({exc})")
     return GaussianStats(stats.mu, stats.sigma, stats.n, stats.metadata, source)
+
+
+def real_vs_real(source: str, extractor: FeatureExtractor, batch_size: int = 100) -> float | None:
+    """FD between the two halves of a built-in dataset under ``extractor``: the level below which a
+    sampler's FD against that dataset means nothing (``fewstep compare`` draws the same line).
+
+    Returns:
+        None for other sources (folders and files can be large: their halves are not computed).
+    """
+    if source not in BUILTIN_DATASETS:
+        return None
+    from .fd import feature_statistics, frechet_distance
+    from .features import extract_features
+
+    images = load_source(source)[1]
+    feats = extract_features(extractor, images, batch_size=batch_size).double()
+    half = feats.shape[0] // 2
+    return frechet_distance(*feature_statistics(feats[:half]), *feature_statistics(feats[half:2 * half]))

@@ -12,7 +12,8 @@ import torch
 
 from .io import atomic_write_bytes
 
-__all__ = ["pivot_tables", "markdown_report", "plot_quality", "sample_grid", "time_label"]
+__all__ = ["pivot_tables", "markdown_report", "plot_quality", "sample_grid", "time_label", "validation_grid",
+           "fit_legend"]
 
 _METRIC_NAMES = {"mse": "MSE to reference", "fd": "FD", "accuracy": "accuracy",
                  "mse_ci95": "MSE 95% CI half-width", "gen_s": "sampling time (s, summed over processes)",
@@ -146,16 +147,28 @@ def plot_quality(results: dict[str, Any], path: str | Path, metrics: Sequence[st
             if lab not in handles:
                 handles[lab] = h
                 labels.append(lab)
-    fig.legend([handles[lab] for lab in labels], labels, loc="outside lower center",
-               ncol=min(len(labels), 4 if len(metrics) > 1 else 3), fontsize=8, frameon=False)
+    fit_legend(fig, [handles[lab] for lab in labels], labels, 4 if len(metrics) > 1 else 3)
     cfg = results["config"]
     fig.suptitle(f"{command}: {Path(str(cfg['model'])).name}, {cfg['num_samples']} samples, "
                  f"guidance {cfg['guidance']:g}, {cfg['spacing'] or 'model-default'} grid", fontsize=10)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")  # nothing drawn outside the image is lost
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
     return True
+
+
+def fit_legend(fig, handles: list, labels: list[str], max_columns: int):
+    """A legend below the panels with as many columns as fit the figure's width (long solver specs
+    get fewer columns instead of running off the image)."""
+    fig.canvas.draw()  # lays out the panels, so the legend's width can be measured
+    width = fig.get_window_extent().width
+    for ncol in range(min(len(labels), max_columns), 0, -1):
+        legend = fig.legend(handles, labels, loc="outside lower center", ncol=ncol, fontsize=8, frameon=False)
+        if ncol == 1 or legend.get_window_extent(fig.canvas.get_renderer()).width <= width:
+            return legend
+        legend.remove()
+    return None  # no labels
 
 
 def _font(size: int):
@@ -168,20 +181,23 @@ def _font(size: int):
 
 
 def _wrap(draw, text: str, font, width: int) -> list[str]:
-    # Break after '(' and ',' so solver options stay whole.
+    """Lines of ``text`` no wider than ``width``: broken after ``( , : = /`` so solver options stay
+    whole where they can, and inside a token that is wider than a line by itself (a long path)."""
     tokens, cur = [], ""
     for ch in text:
         cur += ch
-        if ch in "(,":
+        if ch in "(,:=/":
             tokens.append(cur)
             cur = ""
     tokens.append(cur)
     lines = [""]
     for tok in filter(None, tokens):
         if lines[-1] and draw.textlength(lines[-1] + tok, font=font) > width:
-            lines.append(tok)
-        else:
-            lines[-1] += tok
+            lines.append("")
+        for ch in tok:  # character by character only when one token overflows
+            if lines[-1] and draw.textlength(lines[-1] + ch, font=font) > width:
+                lines.append("")
+            lines[-1] += ch
     return lines
 
 
@@ -246,3 +262,35 @@ def sample_grid(reference: torch.Tensor, rows: Sequence[tuple[str, dict[int, Uni
     buf = io.BytesIO()
     canvas.save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
+
+
+def validation_grid(samples: dict[str, torch.Tensor], path: str | Path, scale: int = 4,
+                    value_range: tuple[float, float] = (-1.0, 1.0)) -> bool:
+    """A PNG of validation samples: one labelled row per entry of ``samples`` ([n, C, H, W], C 1 or 3).
+
+    Returns:
+        False (nothing written) when the samples are not images (other channel counts).
+    """
+    from PIL import Image, ImageDraw
+
+    rows = {k: v.detach().float().cpu() for k, v in samples.items()}
+    if not rows or any(v.dim() != 4 or v.shape[1] not in (1, 3) for v in rows.values()):
+        return False
+    low, high = value_range
+    font, pad, label_w = _font(13), 6, 70
+    n, c, h, w = next(iter(rows.values())).shape
+    cell_h, cell_w = h * scale, w * scale
+    width = label_w + max(v.shape[0] for v in rows.values()) * (cell_w + pad) + pad
+    canvas = Image.new("RGB", (width, len(rows) * (cell_h + pad) + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, (label, images) in enumerate(rows.items()):
+        y = pad + r * (cell_h + pad)
+        draw.text((6, y + cell_h // 2), label, fill="black", font=font, anchor="lm")
+        pixels = ((images - low) / (high - low)).clamp(0, 1).nan_to_num(0.0).mul(255).round().to(torch.uint8)
+        for i, img in enumerate(pixels.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).numpy()):
+            tile = Image.fromarray(np.ascontiguousarray(img)).resize((cell_w, cell_h), Image.NEAREST)
+            canvas.paste(tile, (label_w + i * (cell_w + pad), y))
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+    return True

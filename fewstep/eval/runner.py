@@ -35,12 +35,12 @@ from ..samplers import list_solvers, solver_class
 from ..samplers.timesteps import SPACINGS
 from .compare import Method
 from .distributed import ProcessGroup
-from .features import as_float_images, extract_features, feature_extractor, is_code_spec, parse_extractor_spec
-from .io import atomic_write_bytes, claim_identity, lock_directory, read_json, write_json
+from .features import as_float_images, build_extractor, extract_features, is_code_spec, parse_extractor_spec
+from .io import atomic_write_bytes, claim_identity, clean_temp_files, lock_directory, read_json, write_json
 from .reference import default_cache_dir, timed
 from .report import pivot_tables, plot_quality, sample_grid
 from .shards import ShardStore, identity_digest, shard_ranges
-from .refstats import BUILTIN_DATASETS, load_source, reference_statistics
+from .refstats import BUILTIN_DATASETS, load_source, real_vs_real, reference_statistics
 from .stats import FeatureStatistics, GaussianStats, check_compatible
 from .testbeds import PipelineTestbed, Testbed, make_testbed, model_identity
 
@@ -232,6 +232,7 @@ class _Run:
 
     def _claim_folder(self) -> None:
         self.stack.enter_context(lock_directory(self.out, _LOCK_HOLDER))
+        clean_temp_files(self.out, all_stale=True)  # results.json, plots... of a killed run (shards clean their own)
         run_file = self.out / "run.json"
         if run_file.exists():
             old = read_json(run_file)
@@ -245,12 +246,16 @@ class _Run:
         return ShardStore(self.out / "shards" / f"{method.slug}-nfe{nfe}",
                           {**self.identity, **_method_identity(method), "nfe": nfe}, self.log)
 
-    def loop(self, compute_shard: Callable[[int, int, list], None], stores: dict) -> None:
-        """Run ``compute_shard(start, stop, todo_pairs)`` for this process's shards with unfinished pairs."""
+    def loop(self, compute_shard: Callable[[int, int, list], None], stores: dict,
+             extra: Callable[[dict[int, list]], int] = lambda todo: 0) -> None:
+        """Run ``compute_shard(start, stop, todo_pairs)`` for this process's shards with unfinished pairs.
+
+        ``extra(todo)``: further units of work the bar counts (the MSE reference's shards).
+        """
         from tqdm.auto import tqdm
 
         todo = {k: [p for p in self.pairs if not stores[p].path(*self.ranges[k]).exists()] for k in self.mine}
-        total = sum(len(v) for v in todo.values())
+        total = sum(len(v) for v in todo.values()) + extra(todo)
         done = len(self.mine) * len(self.pairs) - total
         if done:
             self.log(f"resuming: {done} finished shard(s) of {len(self.ranges) * len(self.pairs)} found in {self.out}")
@@ -259,9 +264,22 @@ class _Run:
             for k in self.mine:
                 compute_shard(*self.ranges[k], todo[k], bar)
 
+    def warm_up(self, method: Method, nfe: int, x_T, cond) -> None:
+        """One untimed sample before the first timed shard: the model's first call pays one-time
+        costs (lazy initialisation, allocator, kernel selection) that no solver should be charged."""
+        if getattr(self, "_warm", False):
+            return
+        self._warm = True
+        try:
+            self.testbed.generate(method.solver, method.option_dict, nfe, x_T[:1], cond[:1], self.cfg.guidance,
+                                  self.cfg.spacing)
+        except (FloatingPointError, ValueError):  # the timed call reports what is wrong
+            pass
+
     def generate(self, method: Method, nfe: int, x_T, cond) -> tuple[torch.Tensor | None, float]:
         """Samples of one shard (None when the solver diverged) and their wall time."""
         cfg = self.cfg
+        self.warm_up(method, nfe, x_T, cond)
         try:
             samples, seconds = timed(lambda: self.testbed.generate(method.solver, method.option_dict, nfe, x_T, cond,
                                                                    cfg.guidance, cfg.spacing), self.testbed.device)
@@ -333,19 +351,28 @@ def run_fid(cfg: FIDConfig, log: Callable[[str], None] = print) -> dict[str, Any
         FileNotFoundError: the extractor's weights are missing (the message says what to put where).
     """
     name, options = cfg._extractor
-    extractor = feature_extractor(name, **options)
+    extractor = build_extractor(name, options)
     meta = extractor.metadata()  # hashes the weights: once
-    run = _Run(cfg, "fid", lambda tb: {"extractor": meta, "ref": cfg.ref}, log, _check_images)
+    run = _Run(cfg, "fid", lambda tb: {"extractor": meta, "ref": cfg.ref}, log,
+               lambda tb: _check_images(tb, extractor))
     try:
         return _run_fid(run, extractor.to(run.testbed.device), meta)
     finally:
         run.close()
 
 
-def _check_images(testbed: Testbed) -> None:
-    if testbed.pixels(testbed.initial_noise(1, 0)[0]) is None:
+def _check_images(testbed: Testbed, extractor) -> None:
+    pixels = testbed.pixels(testbed.initial_noise(1, 0)[0])
+    if pixels is None:
         raise ValueError(f"fewstep eval fid needs an image model; {testbed.name!r} has no images "
                          "(use fewstep eval mse or fewstep compare)")
+    try:  # the model's image size through the extractor, before any sampling
+        extract_features(extractor.to(testbed.device), pixels.to(testbed.device), batch_size=1)
+    except (ValueError, RuntimeError) as exc:
+        model = Path(str(getattr(testbed, "path", testbed.name))).name
+        raise ValueError(f"the {extractor.name} extractor cannot read the {'x'.join(map(str, pixels.shape[1:]))} "
+                         f"images of {model} ({' '.join(str(exc).split())}); choose an --extractor (e.g. inception) "
+                         "and a --ref of that kind of image") from None
 
 
 def _run_fid(run: _Run, extractor, meta: dict[str, Any]) -> dict[str, Any] | None:
@@ -418,14 +445,17 @@ def _run_fid(run: _Run, extractor, meta: dict[str, Any]) -> dict[str, Any] | Non
                               samples_per_s=cfg.num_samples / gen_s if gen_s and not diverged else None,
                               features_per_s=cfg.num_samples / feat_s if feat_s and not diverged else None))
     fd_name = "FID" if extractor.name == "inception" else f"FD ({extractor.name})"
+    floor = real_vs_real(cfg.ref, extractor)  # the plot's "real vs real data" line, as compare draws it
     results = {"config": run.identity, "fd_name": fd_name, "processes": run.group.world_size,
-               "reference": {"description": cfg.ref, "n": ref.n}, "floor": {}, "entries": entries,
-               "wall_s": time.perf_counter() - started}
+               "reference": {"description": cfg.ref, "n": ref.n}, "floor": {} if floor is None else {"fd": floor},
+               "entries": entries, "wall_s": time.perf_counter() - started}
     top, label = None, "reference"
     if cfg.ref in BUILTIN_DATASETS:
         top, label = as_float_images(load_source(cfg.ref)[1][:GRID_SAMPLES]), f"real data ({cfg.ref})"
     notes = [f"{fd_name} against `{cfg.ref}` ({ref.n or '?'} reference samples), extractor "
              f"`{extractor.name}`. Times are summed over processes and shards (resumed shards keep theirs)."]
+    if floor is not None:
+        notes.append(f"Real data against itself (the two halves of `{cfg.ref}`): {fd_name} {floor:.4g}.")
     run.report(results, ("fd", "samples_per_s", "features_per_s", "gen_s"), "fd", top, label, grids, notes)
     return results
 
@@ -471,9 +501,10 @@ def _run_mse(run: _Run, ref_method: Method) -> dict[str, Any] | None:
     info = {p: {"gen_s": 0.0, "diverged": False, "grid": None} for p in run.pairs}
     ref_info = {"time_s": 0.0, "grid": None}
 
-    def reference(start, stop, x_T, cond) -> torch.Tensor:
+    def reference(start, stop, x_T, cond, bar) -> torch.Tensor:
         found = ref_store.load(start, stop, ("x",))
         if found is None:
+            bar.set_postfix_str(f"reference samples {start}-{stop - 1}")
             try:
                 x, seconds = timed(lambda: testbed.reference(x_T, cond, cfg.guidance, cfg.spacing, ref_method.solver,
                                                              ref_method.option_dict, cfg.reference_nfe), testbed.device)
@@ -483,6 +514,7 @@ def _run_mse(run: _Run, ref_method: Method) -> dict[str, Any] | None:
                 raise ValueError(f"the reference ({description}) is not finite; check the model and the guidance")
             ref_store.save(start, stop, {"x": x.float()}, time_s=seconds)
             found = ref_store.load(start, stop, ("x",))
+            bar.update()
         ref_info["time_s"] += found[1]["time_s"]
         if start == 0:
             ref_info["grid"] = testbed.pixels(found[0]["x"][:GRID_SAMPLES])
@@ -490,12 +522,12 @@ def _run_mse(run: _Run, ref_method: Method) -> dict[str, Any] | None:
 
     def shard(start, stop, todo, bar):
         x_T, cond = testbed.initial_noise(stop - start, cfg.seed, start)
-        ref = reference(start, stop, x_T, cond) if todo or start == 0 else None
+        ref = reference(start, stop, x_T, cond, bar) if todo or start == 0 else None
         for p in run.pairs:
             found = None if p in todo else stores[p].load(start, stop, ())
             if found is None:
                 if ref is None:
-                    ref = reference(start, stop, x_T, cond)
+                    ref = reference(start, stop, x_T, cond, bar)
                 bar.set_postfix_str(f"{p[0].label} NFE {p[1]} samples {start}-{stop - 1}")
                 samples, gen_s = run.generate(*p, x_T, cond)
                 tensors = {}
@@ -515,7 +547,11 @@ def _run_mse(run: _Run, ref_method: Method) -> dict[str, Any] | None:
                 if "grid" in tensors:
                     info[p]["grid"] = tensors["grid"]
 
-    run.loop(shard, stores)
+    def reference_shards(todo: dict[int, list]) -> int:  # computed inside the loop: counted by its bar
+        return sum(1 for k, pairs in todo.items() if (pairs or run.ranges[k][0] == 0)
+                   and not ref_store.path(*run.ranges[k]).exists())
+
+    run.loop(shard, stores, reference_shards)
     gathered = run.group.gather(({p_key(p): (errors[p], info[p]) for p in run.pairs}, ref_info))
     if gathered is None:
         return None

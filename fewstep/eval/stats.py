@@ -417,7 +417,9 @@ class GaussianStats:
         n = arrays.get("n")
         if n is not None and (n.ndim != 0 or not np.issubdtype(n.dtype, np.integer)):
             raise ValueError(f"{path}: 'n' must be an integer scalar")
-        return cls(arrays["mu"], arrays["sigma"], None if n is None else int(n), metadata, str(path))
+        stats = cls(arrays["mu"], arrays["sigma"], None if n is None else int(n), metadata, str(path))
+        _check_psd(stats.sigma, str(path))
+        return stats
 
     def frechet_distance(self, other: GaussianStats) -> float:
         """Fréchet distance to ``other`` after :func:`check_compatible`.
@@ -427,6 +429,28 @@ class GaussianStats:
         """
         check_compatible(self, other)
         return frechet_distance(self.mu, self.sigma, other.mu, other.sigma)
+
+
+# Negative eigenvalues smaller than this (relative to the largest variance) are round-off: a
+# rank-deficient covariance stored as float32 has them at ~1e-7.
+_PSD_TOL = 1e-5
+
+
+def _check_psd(sigma: np.ndarray, where: str) -> None:
+    """Refuse a sigma that is no covariance (a negative eigenvalue beyond round-off): FD would be meaningless.
+
+    One Cholesky factorisation of ``sigma + tol I`` (a third of an eigendecomposition's cost).
+    """
+    sigma = np.asarray(sigma, dtype=np.float64)
+    if sigma.size == 0:
+        return
+    tol = _PSD_TOL * max(float(np.abs(np.diag(sigma)).max()), np.finfo(np.float64).tiny)
+    try:
+        np.linalg.cholesky(sigma + tol * np.eye(sigma.shape[0]))
+    except np.linalg.LinAlgError:
+        low = float(np.linalg.eigvalsh(sigma)[0])
+        raise ValueError(f"{where}: sigma is not a covariance matrix (not positive semi-definite: smallest "
+                         f"eigenvalue {low:.4g}); the file is corrupt or not a statistics file") from None
 
 
 def check_compatible(a: GaussianStats, b: GaussianStats) -> None:

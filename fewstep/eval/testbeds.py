@@ -56,6 +56,7 @@ class Testbed(ABC):
     default_guidance: float = 7.5
     default_num_samples: int = 1000
     default_reference_nfe: int = 200
+    exact_reference: bool = False  # the reference is no solver run: reference solver/steps do not apply
     batch_size: int = 100
     device: torch.device = torch.device("cpu")
 
@@ -242,6 +243,7 @@ class GMMTestbed(Testbed):
     name = "gmm"
     metrics = ("fd", "accuracy")
     default_guidance = 2.0
+    exact_reference = True
     batch_size = 250  # the float64 posterior's working set falls out of cache above this
 
     def __init__(self, dim: int = 16, components: int = 12, num_classes: int = 4, seed: int = 0,
@@ -483,6 +485,17 @@ def model_identity(model: str) -> str:
     return model if model in BUILTIN_MODELS else str(Path(model).resolve())
 
 
+def refuse_pipeline_settings(model: str, **settings: Any) -> None:
+    """Refuse settings that only a text-to-image pipeline reads (``prompts``, ``height``...) for ``model``.
+
+    Raises:
+        ValueError: naming the settings given.
+    """
+    given = [k for k, v in settings.items() if v]
+    if given:
+        raise ValueError(f"the settings {', '.join(given)} apply to text-to-image pipelines only, not to {model!r}")
+
+
 def make_testbed(model: str, device: str | torch.device = "cpu", prompts: Sequence[str] | None = None,
                  height: int | None = None, width: int | None = None) -> Testbed:
     """``digits``, ``gmm`` (or ``gmm-flow``), or a path to a local diffusers pipeline folder.
@@ -497,8 +510,7 @@ def make_testbed(model: str, device: str | torch.device = "cpu", prompts: Sequen
     index = check_model(model)
     if index is not None and index["_class_name"] != "DigitsPipeline":
         return PipelineTestbed(model, prompts or DEFAULT_PROMPTS, height, width, device)
-    if prompts or height or width:
-        raise ValueError(f"prompts, height and width apply to text-to-image pipelines only, not to {model!r}")
+    refuse_pipeline_settings(model, prompts=prompts, height=height, width=width)
     if model in ("gmm", "gmm-flow"):
         if device.type != "cpu":
             raise ValueError(f"the {model} testbed is exact and tiny and runs on the CPU only, not on {device}")

@@ -479,3 +479,5 @@ def _parse_json(text: str, path: Path, kind: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise ArtifactError(f"{kind} artifact {path}: not valid JSON ({exc})") from None
+    except RecursionError:  # e.g. 100000 nested brackets: no artifact looks like that
+        raise ArtifactError(f"{kind} artifact {path}: JSON nested too deeply to be an artifact") from None

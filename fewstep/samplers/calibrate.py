@@ -106,6 +106,7 @@ def calibrate_dc(
             calibration, or a model that is not differentiable.
     """
     schedule = make_schedule(schedule)
+    _check_noise(x_T)
     nfe = check_int("nfe", nfe, 1)
     iterations = check_int("iterations", iterations, 0)
     lr = check_real("lr", lr, 0.0, open_min=True)
@@ -146,7 +147,11 @@ def calibrate_dc(
 
     n = x_T.shape[0]
     chunks = [slice(i, i + (batch_size or n)) for i in range(0, n, batch_size or n)]
-    conds, unconds = ([None if a is None else a[c] for c in chunks] for a in (cond, uncond))
+    for name, a in (("cond", cond), ("uncond", uncond)):
+        if a is not None and len(chunks) > 1 and not isinstance(a, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor with one row per sample to split into batches "
+                            f"(batch_size={batch_size}), got {type(a).__name__}")
+    conds, unconds = ([a if a is None or len(chunks) == 1 else a[c] for c in chunks] for a in (cond, uncond))
 
     def watched(x: torch.Tensor, *args: Any) -> torch.Tensor:
         out = model(x, *args)
@@ -157,10 +162,14 @@ def calibrate_dc(
 
     def loss_and_grad(free: torch.Tensor, grad: bool) -> tuple[float, torch.Tensor | None]:
         free = free.detach().requires_grad_(grad)
-        plan = dc.compensated(base, torch.cat([torch.ones(dc_order, dtype=torch.float64), free]))
         total = 0.0
         for c, cc, uc in zip(chunks, conds, unconds):
             with torch.set_grad_enabled(grad):
+                # One plan per chunk: a backward pass frees the graph from the ratios to the coefficients.
+                try:
+                    plan = dc.compensated(base, torch.cat([torch.ones(dc_order, dtype=torch.float64), free]))
+                except FloatingPointError:  # ratios so large that the coefficients overflow: diverged
+                    return math.inf, torch.zeros_like(free)
                 x = sample(watched, x_T[c], plan=plan, guidance=guidance, cond=cc, uncond=uc)
                 loss = (x.double() - reference[c].double()).pow(2).sum() / (n * x[0].numel())
             if grad:
@@ -208,6 +217,18 @@ def calibrate_dc(
     meta = ArtifactMeta(fingerprint=model_fingerprint(model), schedule=schedule.to_dict(), nfe=nfe,
                         guidance=guidance, solver=dc.name, extra=extra)
     return DCRatios([1.0] * dc_order + state["best_params"], dc_order, meta)
+
+
+def _check_noise(x_T: Any) -> None:
+    if not isinstance(x_T, torch.Tensor):
+        raise TypeError(f"x_T must be a tensor of initial noise, got {type(x_T).__name__}")
+    if x_T.dim() < 1 or x_T.shape[0] == 0 or x_T.numel() == 0:
+        raise ValueError(f"x_T must hold at least one sample (shape [n, ...] with n >= 1), got shape {tuple(x_T.shape)}")
+    if x_T.requires_grad:
+        raise ValueError("x_T requires grad: calibrate_dc differentiates with respect to the ratios only; "
+                         "pass x_T.detach()")
+    if not x_T.is_floating_point():
+        raise TypeError(f"x_T must be a floating-point tensor, got {x_T.dtype}")
 
 
 def _identity(model, x_T, reference, solver, config, schedule, nfe, prediction, spacing, guidance, lr) -> str:

@@ -32,6 +32,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ..config import resolve_device
+
 from .artifacts import ArtifactMeta, model_fingerprint
 from .ems import EMS, MOMENTS, ems_from_moments, ems_lambda_grid
 from .prediction import cfg_combine, check_prediction, eps_coefficients
@@ -238,7 +240,8 @@ def compute_ems(
 
     schedule = make_schedule(schedule)
     prediction = check_prediction(prediction, schedule)
-    for name, value, low in (("n_data", n_data, 2), ("batch_size", batch_size, 1), ("chunk_size", chunk_size, 1)):
+    for name, value, low in (("n_data", n_data, 2), ("batch_size", batch_size, 1), ("chunk_size", chunk_size, 1),
+                             ("seed", seed, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name}={value!r} must be a whole number >= {low}")
     if guidance is not None:
@@ -246,7 +249,7 @@ def compute_ems(
 
         guidance = check_guidance(guidance)
     lambdas = ems_lambda_grid(schedule, n_grid, t_start, t_end)
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = resolve_device(device) if device is not None else _model_device(model)  # usable here, or ValueError
     rank, world = _dist()
     n_blocks = math.ceil(n_data / batch_size)
     mine = [b for b in range(n_blocks) if b % world == rank]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import add_config_arguments, resolve_config, torch_threads
+from ..config import (add_config_arguments, add_runtime_arguments, refuse_multiple_processes, resolve_config,
+                      torch_threads)
 from ..eval.testbeds import make_testbed
 
 __all__ = ["add_search_parser"]
@@ -26,7 +27,6 @@ def _on_off(value: str) -> bool:
 
 
 def _common(p: argparse.ArgumentParser, default_out: str, default_budget: int, default_samples: int) -> None:
-    p.add_argument("--model", metavar="NAME|DIR", help="digits (default), gmm, gmm-flow, or a diffusers pipeline folder")
     p.add_argument("--nfe", type=int, metavar="N", help="model evaluations of the schedule (default: 5)")
     p.add_argument("--guidance", type=float, metavar="W", help="classifier-free guidance scale (default: the model's)")
     p.add_argument("--budget", type=int, metavar="N", help=f"full evaluations (default: {default_budget})")
@@ -40,9 +40,7 @@ def _common(p: argparse.ArgumentParser, default_out: str, default_budget: int, d
     p.add_argument("--metric", choices=["mse", "fd"], help="fitness: MSE to the reference (default) or the FD")
     p.add_argument("--cache-dir", dest="cache_dir", metavar="DIR",
                    help="reference cache (default: $FEWSTEP_CACHE/references or ~/.cache/fewstep/references)")
-    p.add_argument("--device", help="cpu (default), cuda, cuda:N or mps")
-    p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: 1)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    add_runtime_arguments(p)
 
 
 def add_search_parser(sub: argparse._SubParsersAction) -> None:
@@ -82,6 +80,7 @@ def add_search_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace, schema: type, runner) -> int:
+    refuse_multiple_processes(f"search {args.search_command}")
     cfg = resolve_config(schema, args)
     args.resume_hint = "finished evaluations are kept in the run folder; run the same command again to resume"
     with torch_threads(cfg.threads):

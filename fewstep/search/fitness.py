@@ -39,6 +39,24 @@ def noise_schedule_of(testbed: Testbed) -> NoiseSchedule:
     return schedule
 
 
+def check_reference(testbed: Testbed, reference: str, reference_nfe: int | None) -> Method:
+    """The parsed reference spec, checked against the model (settings the model would ignore are refused).
+
+    Raises:
+        ValueError: ``reference_nfe`` < 1, or a reference/reference_nfe given for a model whose
+            reference is exact (the GMM's ODE solution).
+    """
+    method = Method.parse(reference)
+    if reference_nfe is not None and (isinstance(reference_nfe, bool) or not isinstance(reference_nfe, int)
+                                      or reference_nfe < 1):
+        raise ValueError(f"reference_nfe must be a whole number >= 1 (or None for the model's default), "
+                         f"got {reference_nfe!r}")
+    if testbed.exact_reference and (reference != DEFAULT_REFERENCE or reference_nfe is not None):
+        raise ValueError(f"the {testbed.name} model's reference is exact "
+                         f"({testbed.reference_description('', 0)}): reference and reference_nfe do not apply")
+    return method
+
+
 def testbed_fingerprint(testbed: Testbed) -> str | None:
     """:func:`~fewstep.model_fingerprint` of the network (or analytic model) behind a testbed."""
     for name in ("unet", "pipe", "model"):
@@ -78,11 +96,14 @@ class Fitness:
         self.schedule = noise_schedule_of(testbed)
         self.fingerprint = testbed_fingerprint(testbed)
         self.x_T, self.cond = testbed.initial_noise(num_samples, data_seed)
-        self.reference_method = Method.parse(reference)
+        self.reference_method = check_reference(testbed, reference, reference_nfe)
         self.reference_nfe = reference_nfe or testbed.default_reference_nfe
+        # What the reference is, as recorded in the run's identity and the result's provenance.
+        described = (dict(reference=testbed.reference_description("", 0), reference_nfe=None)
+                     if testbed.exact_reference else
+                     dict(reference=self.reference_method.label, reference_nfe=self.reference_nfe))
         self.identity = {"testbed": testbed.fingerprint(), "guidance": guidance, "num_samples": num_samples,
-                         "data_seed": data_seed, "reference": self.reference_method.label,
-                         "reference_nfe": self.reference_nfe}
+                         "data_seed": data_seed, **described}
         cache = default_cache_dir() if cache_dir is None else Path(cache_dir)
         self.reference = self._reference(Path(run_dir), cache, log)
         self.seconds = 0.0  # spent in evaluations

@@ -48,10 +48,13 @@ class SearchLog:
     def append(self, entry: dict[str, Any]) -> None:
         """Add one entry durably."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(finite_json(entry)) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(finite_json(entry)) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:  # a full disk raises without a file name: say which file
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from None
         self.entries.append(entry)
 
     def __len__(self) -> int:

@@ -33,10 +33,10 @@ from ..eval.io import clean_temp_files, lock_directory, read_json, write_json
 from ..eval.testbeds import Testbed, make_testbed
 from ..samplers import GridSpec, SolverSchedule, load_solver_schedule, make_plan
 from ..samplers.solvers.usf import spell_out
-from .fitness import Fitness
+from .fitness import Fitness, check_reference
 from .predictor import FitnessPredictor
 from .runlog import SearchLog, check_identity, save_state
-from .settings import SearchSettings
+from .settings import SearchSettings, settings_from_api
 from .space import Candidate, LogSNRAxis, SearchSpace
 
 __all__ = ["USFSearchConfig", "search_usf", "run_usf_search", "hand_set_solvers"]
@@ -182,7 +182,10 @@ def _screen(space: SearchSpace, fitness: Fitness, cfg: USFSearchConfig, hand: li
     if todo:
         log(f"screening {len(hand)} hand-set schedules on {cfg.init_screen} samples "
             f"(the best {cfg.init_size} start the search)")
-    for n, (c, label) in enumerate(todo):
+    from tqdm.auto import tqdm
+
+    for n, (c, label) in enumerate(tqdm(todo, desc=f"S3 screen NFE {cfg.nfe}", unit="schedule",
+                                        disable=not cfg.progress or not todo, leave=False)):
         start = time.perf_counter()
         scores[label] = cheap("usf", {"solver_schedule": space.schedule(c)})
         record["seconds"] += time.perf_counter() - start
@@ -220,9 +223,11 @@ def run_usf_search(cfg: USFSearchConfig, testbed: Testbed | None = None, log: Ca
     """
     testbed = testbed or make_testbed(cfg.model, cfg.device)
     guidance = cfg.guidance if cfg.guidance is not None else testbed.default_guidance
+    check_reference(testbed, cfg.reference, cfg.reference_nfe)  # before the run folder is claimed
     run_dir = cfg.run_path
     with lock_directory(run_dir, "another fewstep search"):
         clean_temp_files(run_dir, all_stale=True)
+        clean_temp_files(Path(cfg.out).parent, name=Path(cfg.out).name)  # outside the run folder: killed writers'
         identity = cfg.identity(testbed, guidance)
         state = check_identity(run_dir / "state.json", identity)
         save_config(cfg, run_dir)
@@ -242,6 +247,9 @@ def run_usf_search(cfg: USFSearchConfig, testbed: Testbed | None = None, log: Ca
         rng.setstate(_rng_state(state["rng"]))
         generation, polish = state["generation"], state["polish"]
         pending = [(Candidate.from_dict(p["candidate"]), p["origin"], p["predicted"]) for p in state["pending"]]
+        if state["logged"] > len(records):  # lines lost (a restored backup, an edited log): not a kill -9
+            raise ValueError(f"{records.path} holds {len(records)} evaluations but {run_dir / 'state.json'} says "
+                             f"{state['logged']} were logged; the run folder is inconsistent (delete it to start over)")
         done = records.entries[state["logged"]:]
         if len(done) > len(pending) or any(e["candidate"] != c.to_dict() for e, (c, _, _) in zip(done, pending)):
             raise ValueError(f"{records.path} does not continue {run_dir / 'state.json'}; the run folder is "
@@ -371,6 +379,9 @@ def _finish(cfg: USFSearchConfig, run_dir: Path, records: SearchLog, population:
     write_json(run_dir / "result.json", {**summary, "schedule": str(cfg.out)})
     log(f"best {cfg.metric} {values[best_i]:.5g} after {len(values)} evaluations (found at evaluation {best_i + 1}, "
         f"{summary['best_origin']}); hand-set start: {init_best:.5g}; wrote {cfg.out}")
+    if all(e["generation"] == 0 for e in records.entries):
+        log(f"note: the budget ({cfg.budget}) did not get past the initial population: the result is its best "
+            "schedule, no search step ran (raise --budget)")
     return sched
 
 
@@ -394,6 +405,6 @@ def search_usf(model: "str | Testbed" = "digits", nfe: int = 5, guidance: float 
     """
     testbed = model if isinstance(model, Testbed) else None
     name = testbed.name if testbed is not None else str(model)
-    cfg = USFSearchConfig(model=name, nfe=nfe, guidance=guidance, budget=budget, out=str(out), predictor=predictor,
-                          **settings)
+    cfg = settings_from_api(USFSearchConfig, "search_usf", model=name, nfe=nfe, guidance=guidance, budget=budget,
+                            out=str(out), predictor=predictor, **settings)
     return run_usf_search(cfg, testbed, log)

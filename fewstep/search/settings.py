@@ -75,6 +75,8 @@ class SearchSettings:
             raise ValueError(f"out={self.out!r} must name a .json or .yaml solver schedule file")
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.reference_nfe is not None and self.reference_nfe < 1:
+            raise ValueError(f"reference_nfe must be >= 1 (or null for the model's default), got {self.reference_nfe}")
 
     @property
     def samples(self) -> int:
@@ -91,3 +93,19 @@ class SearchSettings:
         skip = set(self._HOW) | {"model", "guidance"} | set(resolved)
         return {"model": testbed.fingerprint(), "guidance": guidance, **resolved,
                 **{k: v for k, v in dataclasses.asdict(self).items() if k not in skip}}
+
+
+def settings_from_api(schema: type, api: str, **values: Any) -> Any:
+    """A search's settings from keyword arguments, through the config layer as on the command line
+    (a wrong type is refused naming its key instead of failing later in a comparison).
+
+    Raises:
+        TypeError: an unknown keyword.
+        ValueError: a value of the wrong type or out of range (naming the key).
+    """
+    from ..config import load_config
+
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(schema)})
+    if unknown:
+        raise TypeError(f"{api}() got unknown setting(s) {unknown}; the settings are the fields of {schema.__name__}")
+    return load_config(schema, flags=values, flags_source=api)

@@ -18,6 +18,7 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, ClassVar, List
 
 import numpy as np
@@ -27,9 +28,9 @@ from ..eval.compare import Method
 from ..eval.io import clean_temp_files, lock_directory, write_json
 from ..eval.testbeds import Testbed, make_testbed
 from ..samplers import GridSpec, SolverSchedule, make_plan, solver_class
-from .fitness import Fitness
+from .fitness import Fitness, check_reference, noise_schedule_of
 from .runlog import SearchLog, check_identity, save_state
-from .settings import SearchSettings
+from .settings import SearchSettings, settings_from_api
 from .space import LogSNRAxis, logits_from_positions, positions_from_logits
 
 __all__ = ["TimestepSearchConfig", "search_timesteps", "run_timestep_search", "START_SPACINGS"]
@@ -110,7 +111,7 @@ class _Objective:
                      "timesteps": ts, "final": final, "key": key}
             self.records.append(entry)
             self.cached[key] = entry
-            self.bar.update()
+        self.bar.update()  # calls, as the budget counts them (a revisited point is answered from the log)
         if value < self.best[0]:
             self.best = (value, ts, final)
             self.bar.set_postfix_str(f"best {value:.4g}")
@@ -142,9 +143,15 @@ def run_timestep_search(cfg: TimestepSearchConfig, testbed: Testbed | None = Non
     """Run (or resume) the timestep search and write ``cfg.out``; returns the tuned schedule."""
     testbed = testbed or make_testbed(cfg.model, cfg.device)
     guidance = cfg.guidance if cfg.guidance is not None else testbed.default_guidance
+    check_reference(testbed, cfg.reference, cfg.reference_nfe)
+    try:  # the solver on its own grid: an artifact of another NFE fails here, with its own message
+        make_plan(noise_schedule_of(testbed), cfg.method.solver, nfe=cfg.nfe, **cfg.method.option_dict)
+    except ValueError as exc:
+        raise ValueError(f"solver {cfg.solver!r} at NFE {cfg.nfe}: {exc}") from None
     run_dir = cfg.run_path
     with lock_directory(run_dir, "another fewstep search"):
         clean_temp_files(run_dir, all_stale=True)
+        clean_temp_files(Path(cfg.out).parent, name=Path(cfg.out).name)  # outside the run folder: killed writers'
         identity = cfg.identity(testbed, guidance, solver=cfg.method.label)
         if check_identity(run_dir / "state.json", identity) is None:
             save_state(run_dir / "state.json", {"identity": identity})
@@ -157,8 +164,7 @@ def run_timestep_search(cfg: TimestepSearchConfig, testbed: Testbed | None = Non
             log(f"resuming: replaying {len(records)} logged evaluations from {records.path}")
         from tqdm.auto import tqdm
 
-        with tqdm(total=cfg.budget, initial=min(len(records), cfg.budget), desc=f"timesteps NFE {cfg.nfe}",
-                  unit="eval", disable=not cfg.progress) as bar:
+        with tqdm(total=cfg.budget, desc=f"timesteps NFE {cfg.nfe}", unit="eval", disable=not cfg.progress) as bar:
             objective = _Objective(fitness, cfg.method, axis, records, cfg.budget, bar)
             starts = {}
             try:
@@ -181,6 +187,12 @@ def run_timestep_search(cfg: TimestepSearchConfig, testbed: Testbed | None = Non
                              cfg.step, cfg.min_step)
             except _BudgetSpent:
                 pass
+            if bar.n < bar.total:  # the compass step fell below min_step before the budget was spent
+                bar.total = bar.n
+                bar.refresh()
+        if objective.calls <= len(starts):
+            log(f"note: the budget ({cfg.budget}) was spent on the start spacings ({len(starts)} evaluated): the "
+                "result is the best hand-set spacing, no timestep was tuned (raise --budget)")
         name = min(starts, key=lambda k: starts[k][0])
         value, ts, final = objective.best
         if ts is None or not math.isfinite(value):
@@ -219,6 +231,6 @@ def search_timesteps(model: "str | Testbed" = "digits", solver: str = "unipc", n
     """
     testbed = model if isinstance(model, Testbed) else None
     name = testbed.name if testbed is not None else str(model)
-    cfg = TimestepSearchConfig(model=name, solver=solver, nfe=nfe, guidance=guidance, budget=budget, out=str(out),
-                               **settings)
+    cfg = settings_from_api(TimestepSearchConfig, "search_timesteps", model=name, solver=solver, nfe=nfe,
+                            guidance=guidance, budget=budget, out=str(out), **settings)
     return run_timestep_search(cfg, testbed, log)
