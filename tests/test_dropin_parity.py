@@ -83,7 +83,7 @@ def run(s, n=None, start=0, x=None, model=smooth_model, **set_kwargs):
     s.set_timesteps(n, **set_kwargs)
     if isinstance(getattr(s, "sigmas", None), torch.Tensor):
         s.sigmas = s.sigmas.double()  # diffusers' schedulers then step in float64 too
-    if start:
+    if start and hasattr(s, "set_begin_index"):  # diffusers' DDIM is stateless: it has none
         s.set_begin_index(start)
     if x is None:
         x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -333,3 +333,72 @@ def test_save_and_reload_keep_the_config_equal(cls, tmp_path):
     assert "_use_default_values" not in again.config
     assert dict(cls.from_pretrained(tmp_path / "b").config) == dict(again.config)
     assert (tmp_path / "a" / "scheduler_config.json").read_text() == (tmp_path / "b" / "scheduler_config.json").read_text()
+
+
+# ---------------------------------------------------------------- diffusers' scheduler-test checks, for the drop-ins
+# What diffusers' common scheduler tests (and the UniPC / DPM multistep / DDIM suites) check of a
+# scheduler, as it applies to a drop-in: written here against the fewstep classes and their twins.
+def _twins():
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+    return [(UniPCScheduler, UniPCMultistepScheduler), (DPMSolverPPScheduler, DPMSolverMultistepScheduler),
+            (DDIMSolverScheduler, DDIMScheduler)]
+
+
+@pytest.mark.parametrize("pair", range(3), ids=["unipc", "dpmpp", "ddim"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("n", [1, 2, 3, 10, 50])
+def test_full_loops_equal_the_twin(pair, prediction_type, n):
+    ours_cls, theirs_cls = _twins()[pair]
+    cfg = {**SD, "prediction_type": prediction_type}
+    if ours_cls is DDIMSolverScheduler and n == 1:
+        cfg["set_alpha_to_one"] = True  # diffusers' DDIM ends one step on alphas_cumprod[0] otherwise
+    assert _rel(run(ours_cls.from_config(cfg), n), run(theirs_cls.from_config(cfg), n)) < 1e-6
+
+
+@pytest.mark.parametrize("pair", range(3), ids=["unipc", "dpmpp", "ddim"])
+def test_step_api_shape_tuple_fp16_and_public_attributes(pair):
+    ours_cls, theirs_cls = _twins()[pair]
+    s = ours_cls.from_config(SD)
+    assert s.init_noise_sigma == 1.0 and len(s) == 1000 and s.order == 1
+    assert theirs_cls.__name__ in {c.__name__ for c in s.compatibles}
+    s.set_timesteps(10)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(s.scale_model_input(x, s.timesteps[0]), x)
+    out = s.step(smooth_model(x, s.timesteps[0]), s.timesteps[0], x)
+    assert out.prev_sample.shape == x.shape and out.pred_original_sample.shape == x.shape
+    s.set_timesteps(10)
+    tup = s.step(smooth_model(x, s.timesteps[0]), s.timesteps[0], x, return_dict=False)
+    assert torch.equal(tup[0], out.prev_sample)  # return_dict=False: the same tensors, as a tuple
+    s.set_timesteps(10)
+    half = s.step(smooth_model(x, s.timesteps[0]).half(), s.timesteps[0], x.half()).prev_sample
+    assert half.dtype == torch.float16 and _rel(half, out.prev_sample) < 1e-3
+
+
+@pytest.mark.parametrize("pair", range(3), ids=["unipc", "dpmpp", "ddim"])
+def test_loop_with_noise_from_a_begin_index_equals_the_twin(pair):
+    # diffusers' test_full_loop_with_noise: add_noise at t_start, then step from there
+    ours_cls, theirs_cls = _twins()[pair]
+    x0 = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    outs = []
+    for cls in (ours_cls, theirs_cls):
+        s = cls.from_config(SD)
+        s.set_timesteps(10)
+        start = 4
+        x = s.add_noise(x0, noise, s.timesteps[start:start + 1])
+        outs.append(run(s, 10, start, x))
+    assert _rel(*outs) < 1e-6
+
+
+def test_config_switch_through_diffusers_schedulers_and_back():
+    # diffusers' test_switch: UniPC -> DPM singlestep -> DEIS -> DPM multistep -> UniPC gives the same run
+    from diffusers import DEISMultistepScheduler, DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler
+
+    first = UniPCScheduler.from_config(SD, order=3)
+    config = first.config
+    for cls in (DPMSolverSinglestepScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler):
+        config = cls.from_config(config).config
+    again = UniPCScheduler.from_config(config)
+    assert again.solver.config == first.solver.config
+    assert _rel(run(again, 10), run(first, 10)) == 0.0
