@@ -84,21 +84,21 @@ def render(records: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--results", type=Path, help="outcomes JSON to render (default: run the matrix)")
+    parser.add_argument("--results", type=Path, nargs="+",
+                        help="outcome JSON files to render together (default: run the matrix)")
     parser.add_argument("--readme", action="store_true", help="replace the table between the markers in README.md")
     args = parser.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    source = args.results
-    if source is None:
-        source = RESULTS / "pipeline_matrix.json"
-        status = run_matrix(source)
+    sources = args.results
+    if sources is None:
+        sources = [RESULTS / "pipeline_matrix.json"]
+        status = run_matrix(sources[0])
         if status not in (0, 1):
             print(f"pipeline_matrix: error: pytest exited with status {status}", file=sys.stderr)
             return status
-    records = json.loads(source.read_text())
+    records = [r for source in sources for r in json.loads(source.read_text())]
     table = render(records)
-    if source.resolve() != (RESULTS / "pipeline_matrix.json").resolve():
-        (RESULTS / "pipeline_matrix.json").write_text(json.dumps(records, indent=1))
+    (RESULTS / "pipeline_matrix.json").write_text(json.dumps(records, indent=1))
     with tempfile.NamedTemporaryFile("w", dir=RESULTS, delete=False, suffix=".md") as tmp:
         tmp.write(table)
     os.replace(tmp.name, RESULTS / "pipeline_matrix.md")

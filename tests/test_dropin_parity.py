@@ -241,6 +241,9 @@ def test_usf_runs_when_a_pipeline_passes_the_schedules_own_sigmas():
         usf.set_timesteps(n, sigmas=sigmas, mu=mu + 0.5)  # another resolution: another grid
     with pytest.raises(ValueError, match="the solver schedule runs its own 4 timesteps"):
         usf.set_timesteps(5, sigmas=np.linspace(1.0, 0.2, 5), mu=mu)
+    # the documented override: the schedule's grid, whatever the caller passes
+    forced = USFScheduler.from_config(cfg, solver_schedule=schedule, schedule_overrides_sigmas=True)
+    torch.testing.assert_close(run(forced, n, sigmas=sigmas, mu=mu + 0.5), ours, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("solver,options", [("unipc", {}), ("unipc", {"order": 3, "variant": "bh1"}),
@@ -402,3 +405,17 @@ def test_config_switch_through_diffusers_schedulers_and_back():
     again = UniPCScheduler.from_config(config)
     assert again.solver.config == first.solver.config
     assert _rel(run(again, 10), run(first, 10)) == 0.0
+
+
+def test_a_begin_index_past_every_step_is_accepted_as_diffusers_does():
+    # img2img at a low strength and step count (n = 1, strength 0.75): the pipeline cuts every step
+    from diffusers import UniPCMultistepScheduler
+
+    for s in (UniPCScheduler.from_config(SD), UniPCMultistepScheduler.from_config(SD)):
+        s.set_timesteps(1)
+        s.set_begin_index(1)
+        assert len(s.timesteps[1:]) == 0
+    s = UniPCScheduler.from_config(SD)
+    s.set_timesteps(1)
+    with pytest.raises(ValueError, match="begin_index=2 is out of range; allowed: 0 to 1"):
+        s.set_begin_index(2)

@@ -268,7 +268,7 @@ def test_f15_step_misuse_is_caught():
         s.step(torch.ones(2, 4, dtype=torch.int64), s.timesteps[0], torch.ones(2, 4, dtype=torch.int64))
     with pytest.raises(TypeError, match="begin_index=1.5"):
         s.set_begin_index(1.5)
-    with pytest.raises(ValueError, match="begin_index=10 is out of range; allowed: 0 to 4"):
+    with pytest.raises(ValueError, match="begin_index=10 is out of range; allowed: 0 to 5"):
         s.set_begin_index(10)
 
 

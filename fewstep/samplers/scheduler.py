@@ -115,6 +115,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             which are stored as these flags).
         use_flow_sigmas, flow_shift: UniPC/DPM's flow-matching flags (Wan, Sana): a flow
             config whose shift is ``flow_shift``.
+        schedule_overrides_sigmas: With a ``solver_schedule``: run the schedule's grid even when
+            the caller's ``sigmas``/``timesteps`` give another one (by default that is an error).
     """
 
     # diffusers lists these in .compatibles (the schedulers whose configs translate).
@@ -162,6 +164,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         use_lu_lambdas: bool = False,
         use_flow_sigmas: bool = False,
         flow_shift: float = 1.0,
+        schedule_overrides_sigmas: bool = False,
     ):
         if solver is not None and not isinstance(solver, str):
             raise TypeError(f"solver={solver!r} must be a registered solver name")
@@ -359,10 +362,12 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         """Start the next run at step ``begin_index`` (img2img / inpainting strength).
 
         Raises:
-            TypeError, ValueError: for a non-integer index or one beyond the last step.
+            TypeError, ValueError: for a non-integer index or one beyond the number of steps.
         """
-        last = (self.grid.n if self.grid is not None else MAX_NFE) - 1
-        self._begin_index = check_int("begin_index", begin_index, 0, last)
+        # n itself is allowed, as diffusers does: img2img at a low strength and step count cuts
+        # every step (the pipeline then takes none).
+        steps = self.grid.n if self.grid is not None else MAX_NFE
+        self._begin_index = check_int("begin_index", begin_index, 0, steps)
 
     def scale_model_input(self, sample: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """VP and flow models take the sample unscaled."""
@@ -460,7 +465,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         )
         if self.solver.config.get("solver_schedule") is not None:  # it fixes the grid (and checks the step count)
             if timesteps is not None or sigmas is not None:
-                self._check_requested_grid(build_grid(self.schedule, None, spec))
+                if not cfg.schedule_overrides_sigmas:
+                    self._check_requested_grid(build_grid(self.schedule, None, spec))
                 spec = spec.replace(timesteps=None, sigmas=None)
                 num_inference_steps = None  # the request's length was checked against the schedule's
             spec = apply_solver_schedule(self.solver, spec, self.schedule, steps=num_inference_steps)
@@ -480,8 +486,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         raise ValueError(
             f"the solver schedule runs its own {len(ours)} timesteps {[round(t, 3) for t in ours]}, but the "
             f"caller's sigmas/timesteps give {len(theirs)}: {[round(t, 3) for t in theirs]}; pass the schedule's "
-            "grid (a pipeline's default sigmas at the schedule's step count and resolution give it), or tune a "
-            "schedule for this grid")
+            "grid (a pipeline's default sigmas at the schedule's step count and resolution give it), tune a "
+            "schedule for this grid, or set schedule_overrides_sigmas=True to run the schedule's grid anyway")
 
     def index_for_timestep(self, timestep: float | torch.Tensor, schedule_timesteps: torch.Tensor | None = None) -> int:
         """Position of ``timestep`` in the schedule (looked up on the host, in float64).
@@ -712,7 +718,8 @@ def _host_scalar(name: str, value: Any) -> float:
 
 def _check_config_values(values: dict[str, Any], is_flow: bool) -> None:
     """Type and range checks of the config keys not validated by the schedule/solver they feed."""
-    for key in ("thresholding", "clip_sample", "use_dynamic_shifting", "rescale_betas_zero_snr"):
+    for key in ("thresholding", "clip_sample", "use_dynamic_shifting", "rescale_betas_zero_snr",
+                "schedule_overrides_sigmas"):
         check_bool(key, values[key])
     if values["set_alpha_to_one"] is not None:
         check_bool("set_alpha_to_one", values["set_alpha_to_one"])
