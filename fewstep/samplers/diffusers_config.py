@@ -2,11 +2,14 @@
 
 ``FewstepScheduler.from_config`` accepts the config of the diffusers schedulers listed in
 :data:`COMPATIBLE_SCHEDULERS` (VP schedulers with betas, and flow matching). Keys that describe
-the noise schedule and the grid keep their meaning; the flow and sigma flags of the
-multistep schedulers are renamed; solver settings (``solver_order``, ``solver_type``,
-``algorithm_type``, ...) carry over when the new solver has the same option; and keys
-that would change the model's noise levels in a way fewstep does not implement raise
-instead of being dropped. Configs of other model families (Wuerstchen, LTX's rectified
+the noise schedule and the grid keep their meaning, and every key of the source stays in
+the config (diffusers keeps the ones FewstepScheduler does not take as hidden entries), so a
+diffusers scheduler built from a fewstep config again runs as from the source; the flow
+flags of the multistep schedulers also set the flow schedule and its shift; solver settings
+(``solver_order``, ``solver_type``, ``algorithm_type``, ...) carry over when the new solver
+has the same option, and are written back under diffusers' names; and keys that would
+change the model's noise levels in a way fewstep does not implement raise instead of being
+dropped. Configs of other model families (Wuerstchen, LTX's rectified
 flow sampler, LCM, EDM, inversion schedulers, ...) are refused by name, or, for a live
 config without ``_class_name``, by the keys they carry.
 """
