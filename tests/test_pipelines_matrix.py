@@ -267,7 +267,7 @@ def run_cell(family, name, steps=STEPS, full=True, tmp_path=None):
         pipe.scheduler = build_for(name, config, pipe, family, n)
         reference = _call(pipe, family, n)
         _check_callbacks(pipe, family, name, n)
-        if tmp_path is not None and name in ("UniPC", "DPM-Solver-v3 (degenerate EMS)", "DC-Solver (unit ratios)"):
+        if tmp_path is not None:
             _check_save_reload(pipe, family, name, n, reference, tmp_path)
         _check_custom_grids(pipe, family, name, n, config)
         if FAMILIES[family][3]:
