@@ -1,6 +1,8 @@
 """fewstep: fast diffusion sampling with one solver core and drop-in diffusers schedulers."""
 
 import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
@@ -11,6 +13,47 @@ _SCHEDULERS = ["FewstepScheduler", "DDIMSolverScheduler", "DPMSolverPPScheduler"
                "DCSolverScheduler", "DPMSolverV3Scheduler"]
 _SUBMODULES = ["config", "eval", "zoo", "search", "samplers"]
 _SEARCHES = ["search_usf", "search_timesteps"]
+# Saved pipelines name their fewstep scheduler by module path in model_index.json, and diffusers'
+# from_pretrained only resolves modules already in sys.modules: register a stand-in there, so
+# `import fewstep` suffices and diffusers is still imported on first use only.
+_SCHEDULER_MODULE = f"{__name__}.samplers.scheduler"
+
+
+class _DeferredModule(types.ModuleType):
+    """Stands in sys.modules for a module until a public attribute is read, then imports it.
+
+    Dunder look-ups (``__file__``, ``__wrapped__``: what sys.modules scanners such as
+    ``inspect.getmodule`` probe) never trigger the import, so it cannot run half-way through
+    another package's import.
+    """
+
+    def _load(self):
+        name = self.__name__
+        if sys.modules.get(name) is self:
+            del sys.modules[name]
+            try:
+                importlib.import_module(name)
+            except BaseException:
+                sys.modules.setdefault(name, self)  # a later access retries (and reports) again
+                raise
+        return sys.modules[name]
+
+    def __getattr__(self, attr):
+        if attr.startswith("__") and attr.endswith("__"):
+            raise AttributeError(attr)
+        return getattr(self._load(), attr)
+
+    def __setattr__(self, attr, value):
+        if attr.startswith("__") and attr.endswith("__"):
+            return super().__setattr__(attr, value)
+        setattr(self._load(), attr, value)
+
+    def __delattr__(self, attr):
+        delattr(self._load(), attr)
+
+
+if _SCHEDULER_MODULE not in sys.modules:
+    sys.modules[_SCHEDULER_MODULE] = _DeferredModule(_SCHEDULER_MODULE)
 
 
 def __getattr__(name):

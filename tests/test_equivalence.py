@@ -286,9 +286,12 @@ def test_config_chains_behave_like_diffusers():
     a.set_timesteps(8)
     b.set_timesteps(8)
     assert torch.equal(a.timesteps, b.timesteps) and torch.equal(a.sigmas, b.sigmas)
-    # switching solver on a fewstep config drops the old solver's options
+    # switching solver on a fewstep config drops the old solver's options, but keeps what diffusers'
+    # names carry between its own schedulers (solver_order: UniPC order 3 -> DPM order 3)
     c = FewstepScheduler.from_config(UniPCScheduler.from_config(SD_CONFIG, order=3).config, solver="dpmpp")
-    assert c.solver.name == "dpmpp" and c.solver.config["order"] == 2
+    d = DPMSolverMultistepScheduler.from_config(UniPCMultistepScheduler.from_config(SD_CONFIG, solver_order=3).config)
+    assert c.solver.name == "dpmpp" and c.solver.config["order"] == d.config.solver_order == 3
+    assert c.solver.config["variant"] == d.config.solver_type == "midpoint"  # bh2 means nothing to DPM
 
 
 @pytest.mark.parametrize("solver,options", [("dpmpp", {"order": 3}), ("dpmpp", {"order": 3, "lower_order_final": False}),

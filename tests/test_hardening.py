@@ -268,7 +268,7 @@ def test_f15_step_misuse_is_caught():
         s.step(torch.ones(2, 4, dtype=torch.int64), s.timesteps[0], torch.ones(2, 4, dtype=torch.int64))
     with pytest.raises(TypeError, match="begin_index=1.5"):
         s.set_begin_index(1.5)
-    with pytest.raises(ValueError, match="begin_index=10 is out of range; allowed: 0 to 4"):
+    with pytest.raises(ValueError, match="begin_index=10 is out of range; allowed: 0 to 5"):
         s.set_begin_index(10)
 
 
@@ -363,7 +363,7 @@ def test_r2_config_chains_still_take_each_solvers_default_spacing():
 
 def test_r3_diffusers_flags_on_a_fewstep_config_are_translated_or_refused():
     fs = UniPCScheduler.from_config(SD)
-    assert UniPCScheduler.from_config(fs.config, use_karras_sigmas=True).config.timestep_spacing == "karras"
+    assert UniPCScheduler.from_config(fs.config, use_karras_sigmas=True)._spacing == "karras"
     b = DPMSolverPPScheduler.from_config(fs.config, use_flow_sigmas=True, flow_shift=3.0)
     assert (b.config.prediction_type, b.config.shift) == ("flow_prediction", 3.0)
     with pytest.raises(ValueError, match="lambda_min_clipped"):
@@ -373,7 +373,7 @@ def test_r3_diffusers_flags_on_a_fewstep_config_are_translated_or_refused():
 def test_r3_karras_flag_survives_a_default_spacing_in_a_config_chain():
     dpm = DPMSolverMultistepScheduler.from_config(PNDMScheduler.from_config(SD).config, use_karras_sigmas=True)
     ours = DPMSolverPPScheduler.from_config(dpm.config)
-    assert ours.config.timestep_spacing == "karras"
+    assert ours.config.use_karras_sigmas is True and ours._spacing == "karras"
     ours.set_timesteps(6)
     dpm.set_timesteps(6)
     torch.testing.assert_close(ours.sigmas, dpm.sigmas, rtol=1e-5, atol=1e-6)

@@ -156,11 +156,13 @@ def test_bf16_step_keeps_dtype_and_agrees_with_fp32(cls):
 
 def test_karras_and_logsnr_configs_translate():
     s = UniPCScheduler.from_config({**SD_CONFIG, "use_karras_sigmas": True})
-    assert s.config.timestep_spacing == "karras"
+    # stored as diffusers' flag (diffusers rejects timestep_spacing="karras"), run as the karras grid
+    assert s.config.use_karras_sigmas is True and s.config.timestep_spacing == "linspace"
+    assert s._spacing == "karras"
     s.set_timesteps(6)
     assert s.timesteps.dtype == torch.float32 and len(s) == 1000
     s = DPMSolverPPScheduler.from_config({**SD_CONFIG, "use_lu_lambdas": True})
-    assert s.config.timestep_spacing == "logsnr"
+    assert s.config.use_lu_lambdas is True and s._spacing == "logsnr"
 
 
 @pytest.mark.parametrize("extra,match", [
@@ -188,7 +190,7 @@ def test_diffusers_solver_settings_carry_over_when_meaningful():
     # keyword arguments win over what the config carried
     assert DPMSolverPPScheduler.from_config(dpm, order=1).solver.config["order"] == 1
     # diffusers' schedule flags work as keywords too
-    assert UniPCScheduler.from_config(SD_CONFIG, use_karras_sigmas=True).config.timestep_spacing == "karras"
+    assert UniPCScheduler.from_config(SD_CONFIG, use_karras_sigmas=True)._spacing == "karras"
 
 
 def test_learned_variance_channels_are_dropped():

@@ -2,11 +2,14 @@
 
 ``FewstepScheduler.from_config`` accepts the config of the diffusers schedulers listed in
 :data:`COMPATIBLE_SCHEDULERS` (VP schedulers with betas, and flow matching). Keys that describe
-the noise schedule and the grid keep their meaning; the flow and sigma flags of the
-multistep schedulers are renamed; solver settings (``solver_order``, ``solver_type``,
-``algorithm_type``, ...) carry over when the new solver has the same option; and keys
-that would change the model's noise levels in a way fewstep does not implement raise
-instead of being dropped. Configs of other model families (Wuerstchen, LTX's rectified
+the noise schedule and the grid keep their meaning, and every key of the source stays in
+the config (diffusers keeps the ones FewstepScheduler does not take as hidden entries), so a
+diffusers scheduler built from a fewstep config again runs as from the source; the flow
+flags of the multistep schedulers also set the flow schedule and its shift; solver settings
+(``solver_order``, ``solver_type``, ``algorithm_type``, ...) carry over when the new solver
+has the same option, and are written back under diffusers' names; and keys that would
+change the model's noise levels in a way fewstep does not implement raise instead of being
+dropped. Configs of other model families (Wuerstchen, LTX's rectified
 flow sampler, LCM, EDM, inversion schedulers, ...) are refused by name, or, for a live
 config without ``_class_name``, by the keys they carry.
 """
@@ -22,6 +25,9 @@ from .validation import check_bool
 
 __all__ = [
     "COMPATIBLE_SCHEDULERS",
+    "DIFFUSERS_SOLVER_KEYS",
+    "SIGMA_FLAG_SPACINGS",
+    "diffusers_solver_keys",
     "translate_schedule_flags",
     "check_foreign_source",
     "check_flag_types",
@@ -55,12 +61,17 @@ _UNSUPPORTED = {
     "solver_p": (lambda v: v is None, "UniPC's solver_p"),
 }
 
-# diffusers' grid flags: keys a user may also pass as keyword arguments of from_config.
-_SIGMA_FLAGS = ("use_karras_sigmas", "use_lu_lambdas", "use_exponential_sigmas")
+# diffusers' grid flags and the fewstep spacing each one selects (the flag is what a config stores).
+SIGMA_FLAG_SPACINGS = {"use_karras_sigmas": "karras", "use_exponential_sigmas": "exponential",
+                       "use_lu_lambdas": "logsnr"}
+_SIGMA_FLAGS = tuple(SIGMA_FLAG_SPACINGS)
+# Keys a user may also pass as keyword arguments of from_config, next to a fewstep config.
 SCHEDULE_KEYS_IN_KWARGS = (*_SIGMA_FLAGS, "use_flow_sigmas", "flow_shift", *_UNSUPPORTED)
 # Boolean keys of diffusers configs read here: a string such as "false" is truthy, so refuse it.
 _BOOL_KEYS = (*_SIGMA_FLAGS, "use_flow_sigmas", "use_beta_sigmas", "invert_sigmas", "stochastic_sampling",
               "lower_order_final", "euler_at_final", "predict_x0")
+# diffusers' multistep names for solver options (FewstepScheduler keeps them in its config).
+DIFFUSERS_SOLVER_KEYS = ("solver_order", "solver_type", "algorithm_type", "lower_order_final", "predict_x0")
 
 # Keys of the compatible schedulers that fewstep reads or may safely ignore (a live config
 # carrying any other key belongs to a scheduler fewstep does not understand).
@@ -134,11 +145,15 @@ def translate_schedule_flags(config: dict[str, Any], init_keys: set[str], given:
         if key in config and not neutral(config[key]):
             raise ValueError(f"{what} = {config[key]!r} is not supported by fewstep's schedulers")
     out = dict(config)
-    defaults = set(out.get("_use_default_values", ()))
-    set_keys = set()
-    sigma_flags = [k for k in _SIGMA_FLAGS if config.get(k)]
+    defaults = set(out.get("_use_default_values", ())) - set(given)  # a keyword is no default
+    set_keys = set(given)
+    sigma_flags = [k for k in _SIGMA_FLAGS if config.get(k) and k not in defaults]
     if len(sigma_flags) > 1:
         raise ValueError(f"{' and '.join(sigma_flags)} are mutually exclusive (each picks a different grid)")
+    if given & set(_SIGMA_FLAGS) and config.get("timestep_spacing") in SIGMA_FLAG_SPACINGS.values():
+        # a flag given as keyword replaces the grid the config's spacing named
+        out["timestep_spacing"] = None
+        set_keys.add("timestep_spacing")
     if is_flow_config(config):
         if sigma_flags and config.get("use_flow_sigmas"):
             # diffusers' UniPC/DPM build this grid from the VP betas the flow config never uses.
@@ -146,23 +161,47 @@ def translate_schedule_flags(config: dict[str, Any], init_keys: set[str], given:
                              "use the flow model's own grid or timestep_spacing='karras'/'exponential'")
         out["prediction_type"] = "flow_prediction"
         set_keys.add("prediction_type")
-        if "flow_shift" in config and ("shift" not in config or "flow_shift" in given):
+        if "flow_shift" in config and ("shift" not in config or "flow_shift" in given
+                                       or config.get("use_flow_sigmas")):
             out["shift"] = config["flow_shift"]
             set_keys.add("shift")
         if config.get("use_flow_sigmas") and config.get("timestep_spacing") in ("linspace", "leading", "trailing"):
             out["timestep_spacing"] = "linspace"  # diffusers ignores the spacing with use_flow_sigmas
             set_keys.add("timestep_spacing")
-    if sigma_flags:
-        out["timestep_spacing"] = {"use_karras_sigmas": "karras", "use_lu_lambdas": "logsnr",
-                                   "use_exponential_sigmas": "exponential"}[sigma_flags[0]]
-        set_keys.add("timestep_spacing")
-    if defaults & set_keys:
-        # A key we derived from a flag is no default: keep diffusers from dropping it.
+    if "_use_default_values" in out:
+        # A key given as keyword or derived from a flag is no default: keep diffusers from dropping it.
         out["_use_default_values"] = sorted(defaults - set_keys)
+    # Every other key stays, with its meaning: diffusers keeps the keys FewstepScheduler does
+    # not take as hidden config entries, so a diffusers scheduler built from this config
+    # again (pipe.scheduler = UniPCMultistepScheduler.from_config(...)) runs as from the source.
     # _use_default_values lets diffusers drop keys the source only had as defaults, as it
     # does between its own schedulers, so both sides fall back to their own defaults.
-    keep = init_keys | {"_class_name", "_diffusers_version", "_use_default_values"}
-    return {k: v for k, v in out.items() if k in keep}
+    return out
+
+
+def diffusers_solver_keys(solver: Solver, given: dict[str, Any]) -> dict[str, Any]:
+    """diffusers' names for ``solver``'s options where ``given`` (the config's values) does not already say so.
+
+    A given value that means nothing to this solver (a DPM ``solver_type`` on UniPC) stays, as
+    diffusers keeps it between its own schedulers; one that means something else is replaced.
+    """
+    names, cfg = solver.options, solver.config
+    wanted: dict[str, tuple[Any, Any]] = {}  # key -> (value in force, predicate: does a given value mean it?)
+    if "order" in names:
+        wanted["solver_order"] = (cfg["order"], lambda g: g == cfg["order"])
+    if "variant" in names:
+        choices = names["variant"].choices or ()
+        wanted["solver_type"] = (cfg["variant"], lambda g: g == cfg["variant"] or g not in choices)
+    if "lower_order_final" in names:
+        wanted["lower_order_final"] = (cfg["lower_order_final"], lambda g: g == cfg["lower_order_final"])
+    if "space" in names and solver.diffusers_convention == "dpmsolver":
+        data = cfg["space"] == "data"  # the SDE variants have the same ODE: keep them as given
+        wanted["algorithm_type"] = ("dpmsolver++" if data else "dpmsolver",
+                                    lambda g: g in (("dpmsolver++", "sde-dpmsolver++") if data
+                                                    else ("dpmsolver", "sde-dpmsolver")))
+    if "space" in names and solver.diffusers_convention == "multistep":
+        wanted["predict_x0"] = (cfg["space"] == "data", lambda g: g == (cfg["space"] == "data"))
+    return {k: v for k, (v, same) in wanted.items() if given.get(k) is None or not same(given[k])}
 
 
 def foreign_solver_options(config: dict[str, Any], solver: type[Solver]) -> dict[str, Any]:

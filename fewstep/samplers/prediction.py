@@ -121,8 +121,10 @@ class DynamicThreshold:
     max_value: float = 1.0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "ratio", check_real("dynamic thresholding ratio", self.ratio, 0.0, 1.0, open_min=True))
-        object.__setattr__(self, "max_value", check_real("dynamic thresholding max_value", self.max_value, 1.0))
+        # diffusers' ranges (s = clamp(q, 1, max_value) is max_value when max_value < 1)
+        object.__setattr__(self, "ratio", check_real("dynamic thresholding ratio", self.ratio, 0.0, 1.0))
+        object.__setattr__(self, "max_value", check_real("dynamic thresholding max_value", self.max_value, 0.0,
+                                                         open_min=True))
 
     def __call__(self, x0: torch.Tensor) -> torch.Tensor:
         if x0.dim() < 1:
@@ -130,7 +132,8 @@ class DynamicThreshold:
         if x0.numel() == 0:
             return x0
         flat = x0.reshape(x0.shape[0], -1)
-        s = torch.quantile(flat.abs().float(), self.ratio, dim=1).to(flat.dtype)
+        work = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()  # quantile's dtypes
+        s = torch.quantile(work.abs(), self.ratio, dim=1).to(flat.dtype)
         s = s.clamp(min=1.0, max=self.max_value).unsqueeze(1)
         return (torch.maximum(torch.minimum(flat, s), -s) / s).reshape(x0.shape)
 

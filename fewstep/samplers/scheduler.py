@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.configuration_utils import ConfigMixin, FrozenDict, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
@@ -30,8 +30,11 @@ from .artifact_checks import check_scheduler_run
 from .artifacts import Artifact, is_file_reference, resolve_file_reference
 from .diffusers_config import (
     COMPATIBLE_SCHEDULERS,
+    DIFFUSERS_SOLVER_KEYS,
     SCHEDULE_KEYS_IN_KWARGS,
+    SIGMA_FLAG_SPACINGS,
     check_foreign_source,
+    diffusers_solver_keys,
     foreign_solver_options,
     init_keys_of,
     translate_schedule_flags,
@@ -40,7 +43,7 @@ from .plan import PlanExecutor, SolverPlan
 from .prediction import Clip, DynamicThreshold, check_prediction
 from .registry import get_solver, solver_class
 from .sampling import compute_dtype
-from .schedules import DiscreteVPSchedule, FlowSchedule, NoiseSchedule
+from .schedules import DiscreteVPSchedule, FlowSchedule, NoiseSchedule, diffusers_betas
 from .solver_schedule import apply_solver_schedule
 from .timesteps import MAX_NFE, SPACINGS, GridSpec, TimeGrid, build_grid
 from .validation import as_real_vector, check_bool, check_choice, check_int, check_real
@@ -104,6 +107,17 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         shift, use_dynamic_shifting, base_shift, max_shift, base_image_seq_len,
             max_image_seq_len, time_shift_type, shift_terminal: Flow-matching grid shifts,
             as in FlowMatchEulerDiscreteScheduler.
+        solver_order, solver_type, algorithm_type, lower_order_final, predict_x0: diffusers'
+            multistep names for solver options; they fill ``solver_options`` where the solver
+            has the same option (explicit ``solver_options`` win) and are kept in the config
+            with the values in force, so a diffusers scheduler built from it runs the same.
+        use_karras_sigmas, use_exponential_sigmas, use_lu_lambdas: diffusers' grid flags
+            (the same grids as ``timestep_spacing`` ``karras``/``exponential``/``logsnr``,
+            which are stored as these flags).
+        use_flow_sigmas, flow_shift: UniPC/DPM's flow-matching flags (Wan, Sana): a flow
+            config whose shift is ``flow_shift``.
+        schedule_overrides_sigmas: With a ``solver_schedule``: run the schedule's grid even when
+            the caller's ``sigmas``/``timesteps`` give another one (by default that is an error).
     """
 
     # diffusers lists these in .compatibles (the schedulers whose configs translate).
@@ -141,6 +155,17 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         max_image_seq_len: int = 4096,
         time_shift_type: str = "exponential",
         shift_terminal: float | None = None,
+        solver_order: int | None = None,
+        solver_type: str | None = None,
+        algorithm_type: str | None = None,
+        lower_order_final: bool | None = None,
+        predict_x0: bool | None = None,
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_lu_lambdas: bool = False,
+        use_flow_sigmas: bool = False,
+        flow_shift: float = 1.0,
+        schedule_overrides_sigmas: bool = False,
     ):
         if solver is not None and not isinstance(solver, str):
             raise TypeError(f"solver={solver!r} must be a registered solver name")
@@ -152,17 +177,34 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             )
         if solver_options is not None and not isinstance(solver_options, dict):
             raise TypeError(f"solver_options must be a mapping of option names to values, got {solver_options!r}")
-        self.solver = get_solver(name, **(solver_options or {}))
+        diffusers_names = {k: v for k, v in locals().items() if k in DIFFUSERS_SOLVER_KEYS and v is not None}
+        options = {**foreign_solver_options(diffusers_names, solver_class(name)), **(solver_options or {})}
+        self.solver = get_solver(name, **options)
         # Record the resolved solver and its full option set, so saved configs are explicit.
-        self.register_to_config(solver=name, solver_options=_jsonable(self.solver))
+        synced = diffusers_solver_keys(self.solver, diffusers_names)
+        # diffusers' names that mean nothing here stay out of the config (diffusers would read a None)
+        unset = tuple(k for k in DIFFUSERS_SOLVER_KEYS if k not in synced and k not in diffusers_names)
+        _register_kept(self, drop=unset, solver=name, solver_options=_jsonable(self.solver), **synced)
+        if use_flow_sigmas:
+            if prediction_type not in ("flow", "flow_prediction"):
+                raise ValueError(f"use_flow_sigmas=True needs prediction_type='flow_prediction', got {prediction_type!r}")
+            check_real("flow_shift", flow_shift, 0.0, open_min=True)
+            if shift not in (1.0, flow_shift):
+                raise ValueError(f"shift={shift} and flow_shift={flow_shift} disagree (use_flow_sigmas=True reads "
+                                 "flow_shift, as diffusers' UniPC/DPM do); give one value")
+            if shift != flow_shift:
+                _register_kept(self, shift=flow_shift)  # FlowMatchEuler reads the same shift from this config
+                shift = flow_shift
         is_flow = prediction_type in ("flow", "flow_prediction")
         _check_config_values(locals(), is_flow)
+        timestep_spacing = self._resolve_sigma_flags(timestep_spacing)
         if timestep_spacing is None:
             # Resolve the solver's diffusers default now, so saved configs load into diffusers'
             # schedulers too; it stays listed in _use_default_values, so a config chain to
             # another solver still takes that solver's own default.
             ddim = self.solver.diffusers_convention == "ddim"
             self.register_to_config(timestep_spacing="leading" if ddim and not is_flow else "linspace")
+            self._spacing = self._spacing or self.config.timestep_spacing
         if set_alpha_to_one is None:
             self.register_to_config(set_alpha_to_one=final_sigmas_type == "zero")
 
@@ -173,7 +215,11 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             self.schedule = DiscreteVPSchedule.from_betas(
                 num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr
             )
+            # diffusers' attributes, for pipelines that read them (LEdits++, ...).
             self.alphas_cumprod = self.schedule.alphas_cumprod.float()
+            self.betas = diffusers_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                                         rescale_betas_zero_snr)
+            self.alphas = 1.0 - self.betas
         self.prediction = check_prediction(prediction_type, self.schedule)
         if thresholding:
             self.transform = DynamicThreshold(dynamic_thresholding_ratio, sample_max_value)
@@ -194,6 +240,22 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         self._executor: PlanExecutor | None = None
         self._run: _CachedGrid | None = None
         self._cache: OrderedDict[tuple, _CachedGrid] = OrderedDict()
+
+    def _resolve_sigma_flags(self, timestep_spacing: str | None) -> str | None:
+        """Store karras/exponential/logsnr as diffusers' flags; the spacing the grid uses is ``self._spacing``."""
+        flags = [k for k in SIGMA_FLAG_SPACINGS if check_bool(k, self.config[k])]
+        named = {v: k for k, v in SIGMA_FLAG_SPACINGS.items()}.get(timestep_spacing)
+        if named is not None:
+            if flags and flags != [named]:
+                raise ValueError(f"timestep_spacing={timestep_spacing!r} conflicts with {flags[0]}=True")
+            # diffusers rejects these spacing names: keep a spacing it reads and the flag it knows.
+            _register_kept(self, **{named: True})
+            self.register_to_config(timestep_spacing=None)
+            flags, timestep_spacing = [named], None
+        if len(flags) > 1:
+            raise ValueError(f"{' and '.join(flags)} are mutually exclusive (each picks a different grid)")
+        self._spacing = SIGMA_FLAG_SPACINGS[flags[0]] if flags else timestep_spacing
+        return timestep_spacing
 
     # ------------------------------------------------------------------ config translation
     @classmethod
@@ -301,10 +363,12 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         """Start the next run at step ``begin_index`` (img2img / inpainting strength).
 
         Raises:
-            TypeError, ValueError: for a non-integer index or one beyond the last step.
+            TypeError, ValueError: for a non-integer index or one beyond the number of steps.
         """
-        last = (self.grid.n if self.grid is not None else MAX_NFE) - 1
-        self._begin_index = check_int("begin_index", begin_index, 0, last)
+        # n itself is allowed, as diffusers does: img2img at a low strength and step count cuts
+        # every step (the pipeline then takes none).
+        steps = self.grid.n if self.grid is not None else MAX_NFE
+        self._begin_index = check_int("begin_index", begin_index, 0, steps)
 
     def scale_model_input(self, sample: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """VP and flow models take the sample unscaled."""
@@ -344,12 +408,23 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         except (RuntimeError, TypeError):
             raise ValueError(f"device={device!r} is not a torch device") from None
         is_flow = isinstance(self.schedule, FlowSchedule)
+        if mu is not None and is_flow and not cfg.use_dynamic_shifting:
+            mu = None  # Flux-family pipelines always pass mu; diffusers ignores it without dynamic shifting
         if mu is not None:
-            if not (is_flow and cfg.use_dynamic_shifting):
+            if not is_flow:
                 raise ValueError("mu (the dynamic shift) needs a flow-matching config with use_dynamic_shifting=True")
             mu = check_real("mu", mu)
         elif is_flow and cfg.use_dynamic_shifting:
             raise ValueError("mu must be passed to set_timesteps when use_dynamic_shifting=True")
+        if timesteps is not None and is_flow and (cfg.shift != 1.0 or cfg.use_dynamic_shifting or cfg.shift_terminal):
+            # diffusers' FlowMatchEuler feeds the model these timesteps but integrates between the
+            # *shifted* sigmas t / 1000 -> shift(t / 1000): the model sees other noise levels than the
+            # sample has. fewstep keeps one time per point, so it refuses instead of guessing.
+            raise ValueError(
+                f"custom timesteps on a shifted flow-matching config (shift={cfg.shift}, use_dynamic_shifting="
+                f"{cfg.use_dynamic_shifting}, shift_terminal={cfg.shift_terminal}): diffusers would shift the sigmas "
+                "derived from them but not the timesteps, so model input and noise level disagree; pass sigmas= "
+                "(they are shifted like the default grid) or use a config with shift=1")
         timesteps = None if timesteps is None else tuple(as_real_vector("timesteps", timesteps).tolist())
         sigmas = None if sigmas is None else tuple(as_real_vector("sigmas", sigmas).tolist())
         # Pipelines call set_timesteps with the same arguments for every image: the grid, its
@@ -378,7 +453,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         if self.solver.diffusers_convention == "ddim":
             final = "zero" if cfg.set_alpha_to_one else "sigma_min"
         spec = GridSpec(
-            spacing=cfg.timestep_spacing,
+            spacing=self._spacing,
             final_sigma="zero" if final == "zero" else "min",
             steps_offset=cfg.steps_offset,
             shift=cfg.shift if is_flow else 1.0,
@@ -390,6 +465,11 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             convention=self.solver.diffusers_convention,
         )
         if self.solver.config.get("solver_schedule") is not None:  # it fixes the grid (and checks the step count)
+            if timesteps is not None or sigmas is not None:
+                if not cfg.schedule_overrides_sigmas:
+                    self._check_requested_grid(build_grid(self.schedule, None, spec))
+                spec = spec.replace(timesteps=None, sigmas=None)
+                num_inference_steps = None  # the request's length was checked against the schedule's
             spec = apply_solver_schedule(self.solver, spec, self.schedule, steps=num_inference_steps)
             num_inference_steps = None
         plan = self.solver.plan(build_grid(self.schedule, num_inference_steps, spec), self.prediction)
@@ -397,6 +477,18 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         ts = grid.model_timesteps
         return _CachedGrid(grid, plan, ts.round().long() if grid.integer_timesteps else ts.float(),
                            grid.diffusers_sigmas().float(), ts.tolist())
+
+    def _check_requested_grid(self, requested: TimeGrid) -> None:
+        """A caller's sigmas/timesteps (Flux-family pipelines always pass them) must be the schedule's grid."""
+        ours = self.solver.config["solver_schedule"].timesteps
+        theirs = requested.model_timesteps.tolist()
+        if len(theirs) == len(ours) and max(abs(a - b) for a, b in zip(theirs, ours)) <= _SCHEDULE_MATCH:
+            return
+        raise ValueError(
+            f"the solver schedule runs its own {len(ours)} timesteps {[round(t, 3) for t in ours]}, but the "
+            f"caller's sigmas/timesteps give {len(theirs)}: {[round(t, 3) for t in theirs]}; pass the schedule's "
+            "grid (a pipeline's default sigmas at the schedule's step count and resolution give it), tune a "
+            "schedule for this grid, or set schedule_overrides_sigmas=True to run the schedule's grid anyway")
 
     def index_for_timestep(self, timestep: float | torch.Tensor, schedule_timesteps: torch.Tensor | None = None) -> int:
         """Position of ``timestep`` in the schedule (looked up on the host, in float64).
@@ -485,6 +577,13 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         i = self._index
         if i >= self.grid.n:
             raise ValueError(f"all {self.grid.n} steps have been taken; call set_timesteps again")
+        if not self._is_timestep(timestep, i):
+            # diffusers' DDIM steps from whatever timestep it is given, its multistep schedulers
+            # silently take their next step; a solver's plan is tied to its grid, so say so.
+            raise ValueError(
+                f"step() got timestep {_host_scalar('timestep', timestep):g}, but this run's next step is "
+                f"{i} (timestep {self._run.timestep_values[i]:g}); fewstep steps along the grid set_timesteps "
+                "made, in order: call set_timesteps (and set_begin_index) for another start")
         ex = self._executor
         if ex is None or (ex.next_step == 0 and ex.sample_dtype != sample.dtype) \
                 or ex.device != sample.device or ex.dtype != compute_dtype(sample.dtype):
@@ -492,6 +591,21 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                 raise ValueError("the sample moved device or dtype in the middle of a run")
             ex = self._executor = self._start_run(i, sample)
         return ex, i - self._run_start
+
+    def _is_timestep(self, timestep: float | torch.Tensor, i: int) -> bool:
+        """Whether ``timestep`` is grid point i, where that is known without a device sync (else True)."""
+        if isinstance(timestep, torch.Tensor):
+            ts = self.timesteps
+            if timestep.device.type == "meta" or timestep.numel() != 1:
+                return True
+            if (timestep.device == ts.device and ts.dim() == 1 and timestep.dim() == 0
+                    and timestep.untyped_storage().data_ptr() == ts.untyped_storage().data_ptr()):
+                # an element of self.timesteps (how pipelines loop): its position, from metadata alone
+                return timestep.storage_offset() - ts.storage_offset() == i * ts.stride(0)
+            if timestep.device.type != "cpu":
+                return True  # reading it would wait for the device
+        value = _host_scalar("timestep", timestep)
+        return abs(value - self._run.timestep_values[i]) <= 1e-4 * max(1.0, abs(value))
 
     def _end_step(self, ex: PlanExecutor, local: int) -> None:
         self._index = self._run_start + local + 1
@@ -564,6 +678,9 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
 
 
 _CACHE_SIZE = 8  # grids (with their plans and executors) kept per scheduler
+# How far (in model timesteps, 0..1000) a caller's grid may be from a solver schedule's and still
+# count as the same: float32 pipelines round sigmas to ~1e-7 relative.
+_SCHEDULE_MATCH = 1e-3
 
 
 @dataclass
@@ -578,6 +695,20 @@ class _CachedGrid:
     executors: dict = field(default_factory=dict)
 
 
+def _register_kept(scheduler: ConfigMixin, drop: tuple[str, ...] = (), **values: Any) -> None:
+    """Set config keys and drop them from ``_use_default_values``, so diffusers' from_config reads them.
+
+    Keys in ``drop`` are removed. An emptied ``_use_default_values`` is removed, as diffusers leaves
+    it out when every key was given (a saved and reloaded config then equals the one it was saved from).
+    """
+    config = {k: v for k, v in {**scheduler.config, **values}.items() if k not in drop}
+    defaults = [k for k in config.get("_use_default_values", ()) if k not in values and k not in drop]
+    config.pop("_use_default_values", None)
+    if defaults:
+        config["_use_default_values"] = defaults
+    scheduler._internal_dict = FrozenDict(config)
+
+
 def _host_scalar(name: str, value: Any) -> float:
     """A Python float from a number or a one-element tensor (one host read, before a run)."""
     if isinstance(value, torch.Tensor):
@@ -589,7 +720,8 @@ def _host_scalar(name: str, value: Any) -> float:
 
 def _check_config_values(values: dict[str, Any], is_flow: bool) -> None:
     """Type and range checks of the config keys not validated by the schedule/solver they feed."""
-    for key in ("thresholding", "clip_sample", "use_dynamic_shifting", "rescale_betas_zero_snr"):
+    for key in ("thresholding", "clip_sample", "use_dynamic_shifting", "rescale_betas_zero_snr",
+                "schedule_overrides_sigmas"):
         check_bool(key, values[key])
     if values["set_alpha_to_one"] is not None:
         check_bool("set_alpha_to_one", values["set_alpha_to_one"])
@@ -600,8 +732,9 @@ def _check_config_values(values: dict[str, Any], is_flow: bool) -> None:
                                                               "fixed_small_log", "fixed_large", "fixed_large_log"))
     check_choice("time_shift_type", values["time_shift_type"], ("exponential", "linear"))
     check_int("steps_offset", values["steps_offset"], 0, 100_000)
-    check_real("dynamic_thresholding_ratio", values["dynamic_thresholding_ratio"], 0.0, 1.0, open_min=True)
-    check_real("sample_max_value", values["sample_max_value"], 1.0)
+    # diffusers' ranges: ratio 0 takes the minimum |x0|, a max value below 1 caps s below 1.
+    check_real("dynamic_thresholding_ratio", values["dynamic_thresholding_ratio"], 0.0, 1.0)
+    check_real("sample_max_value", values["sample_max_value"], 0.0, open_min=True)
     check_real("clip_sample_range", values["clip_sample_range"], 0.0, open_min=True)
     check_real("shift", values["shift"], 0.0, open_min=True)
     for key in ("base_shift", "max_shift"):

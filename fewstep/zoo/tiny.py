@@ -3,8 +3,11 @@
 Everything is built from configs: no weights or tokenizer files are downloaded,
 so the builders work offline. The pipelines are architecturally faithful
 (same classes, scheduler configs and latent layout as Stable Diffusion 1.5,
-SDXL, Stable Diffusion 3 and DiT) with at most 1.4 million parameters each, so a
-two-step sample at 32x32 takes a few hundredths of a second on a CPU.
+SDXL, Stable Diffusion 3 and DiT, and SD inpainting, Flux, PixArt-Sigma, Sana and
+Wan 2.1 for the pipeline matrix) with at most 1.4 million parameters each, so a
+two-step sample at 32x32 takes a few hundredths of a second on a CPU. Text encoders
+whose real tokenizers would be downloaded (T5, UMT5, Gemma 2) are built tiny
+from configs and share the local CLIP BPE tokenizer (its vocabulary sizes them).
 
 Usage::
 
@@ -35,8 +38,13 @@ __all__ = [
     "write_clip_tokenizer",
     "build_tiny_sd_pipeline",
     "build_tiny_sd3_pipeline",
+    "build_tiny_sd_inpaint_pipeline",
     "build_tiny_sdxl_pipeline",
     "build_tiny_dit_pipeline",
+    "build_tiny_flux_pipeline",
+    "build_tiny_pixart_sigma_pipeline",
+    "build_tiny_sana_pipeline",
+    "build_tiny_wan_pipeline",
     "load_tiny_pipeline",
     "main",
 ]
@@ -55,24 +63,6 @@ SD15_SCHEDULER_CONFIG = {
     "skip_prk_steps": True,
     "steps_offset": 1,
     "trained_betas": None,
-    "clip_sample": False,
-}
-
-# scheduler_config.json of SDXL base 1.0 (EulerDiscreteScheduler).
-SDXL_SCHEDULER_CONFIG = {
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "interpolation_type": "linear",
-    "prediction_type": "epsilon",
-    "sample_max_value": 1.0,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "trained_betas": None,
-    "use_karras_sigmas": False,
     "clip_sample": False,
 }
 
@@ -290,7 +280,36 @@ def build_tiny_sd_pipeline(
     Returns:
         The pipeline, on CPU in float32, without safety checker.
     """
-    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(**_tiny_sd_components(seed, in_channels=4), requires_safety_checker=False)
+    return _save_and_reload(pipe, directory)
+
+
+def build_tiny_sd_inpaint_pipeline(
+    directory: str | os.PathLike | None = None, seed: int = 0
+) -> diffusers.StableDiffusionInpaintPipeline:
+    """Build a tiny random-weight SD inpainting pipeline (9-channel UNet: latents, mask, masked image).
+
+    The components of :func:`build_tiny_sd_pipeline` with a UNet that also takes the mask
+    and the masked image's latents, as ``runwayml/stable-diffusion-inpainting`` does.
+
+    Args:
+        directory: If given, the pipeline is saved there (safetensors) and the
+            returned pipeline is the one reloaded from it.
+        seed: Seed for weight initialisation; equal seeds give equal weights.
+
+    Returns:
+        The pipeline, on CPU in float32, without safety checker.
+    """
+    from diffusers import StableDiffusionInpaintPipeline
+
+    pipe = StableDiffusionInpaintPipeline(**_tiny_sd_components(seed, in_channels=9), requires_safety_checker=False)
+    return _save_and_reload(pipe, directory)
+
+
+def _tiny_sd_components(seed: int, in_channels: int) -> dict:
+    from diffusers import PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     tokenizer = _fresh_tokenizer()
@@ -298,7 +317,7 @@ def build_tiny_sd_pipeline(
     with _seeded(seed):
         unet = UNet2DConditionModel(
             sample_size=8,
-            in_channels=4,
+            in_channels=in_channels,
             out_channels=4,
             block_out_channels=(32, 64),
             layers_per_block=1,
@@ -317,17 +336,8 @@ def build_tiny_sd_pipeline(
     # from_config (not __init__) keeps clip_sample, which PNDM ignores but which
     # a DDIM/DPM scheduler built from this config must see as False.
     scheduler = PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG)
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    return _save_and_reload(pipe, directory)
+    return dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                safety_checker=None, feature_extractor=None)
 
 
 def build_tiny_sd3_pipeline(
@@ -415,21 +425,39 @@ def build_tiny_sd3_pipeline(
     return _save_and_reload(pipe, directory)
 
 
-def build_tiny_sdxl_pipeline(
-    directory: str | os.PathLike | None = None, *, seed: int = 0
-) -> diffusers.StableDiffusionXLPipeline:
-    """Build a tiny random-weight SDXL-style pipeline.
+# scheduler_config.json of stabilityai/stable-diffusion-xl-base-1.0.
+SDXL_SCHEDULER_CONFIG = {
+    "_class_name": "EulerDiscreteScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+}
 
-    Components: a two-level ``UNet2DConditionModel`` (32/64 channels, cross
-    attention on the lower level with 1 and 2 transformer layers, linear
-    projections) with SDXL's ``text_time`` added conditions (pooled text
-    embedding + six size/crop time ids), two CLIP text encoders (a
-    ``CLIPTextModel`` and a ``CLIPTextModelWithProjection``, hidden size 32,
-    so the concatenated prompt tokens are 64-d and the pooled embedding 32-d)
-    sharing the tokenizer from :func:`write_clip_tokenizer`, an
-    ``AutoencoderKL`` with SDXL's scaling factor and SDXL's
-    ``EulerDiscreteScheduler`` config. The default resolution is 64x64; any
-    multiple of 16 works.
+
+def build_tiny_sdxl_pipeline(
+    directory: str | os.PathLike | None = None, seed: int = 0
+) -> diffusers.StableDiffusionXLPipeline:
+    """Build a tiny random-weight Stable Diffusion XL-style pipeline.
+
+    Components: a two-level ``UNet2DConditionModel`` with SDXL's ``text_time``
+    added conditioning (size/crop ids and the pooled text embedding), two CLIP
+    text encoders (``CLIPTextModel`` and ``CLIPTextModelWithProjection``, hidden
+    size 32 each, so the cross attention sees 64 channels) sharing the tokenizer
+    from :func:`write_clip_tokenizer`, an ``AutoencoderKL`` with 4 latent
+    channels and SDXL-base's ``EulerDiscreteScheduler`` config. The default
+    resolution is 64x64; any multiple of 16 works. ``StableDiffusionXLImg2ImgPipeline.from_pipe``
+    of it is the refiner-style half of a ``denoising_end`` / ``denoising_start`` split.
 
     Args:
         directory: If given, the pipeline is saved there (safetensors) and the
@@ -443,7 +471,7 @@ def build_tiny_sdxl_pipeline(
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer = _fresh_tokenizer()
-    time_embed_dim, pooled_dim = 8, 32
+    time_embed_dim, projection_dim = 8, 32
     with _seeded(seed):
         unet = UNet2DConditionModel(
             sample_size=8,
@@ -453,14 +481,13 @@ def build_tiny_sdxl_pipeline(
             layers_per_block=1,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            transformer_layers_per_block=(1, 2),
             attention_head_dim=(2, 4),
             use_linear_projection=True,
-            cross_attention_dim=64,  # both encoders' hidden states side by side (32 + 32)
             addition_embed_type="text_time",
             addition_time_embed_dim=time_embed_dim,
-            # pooled text embedding + 6 time ids, each embedded to addition_time_embed_dim
-            projection_class_embeddings_input_dim=pooled_dim + 6 * time_embed_dim,
+            # six size/crop ids, each embedded in time_embed_dim, plus the pooled text embedding
+            projection_class_embeddings_input_dim=6 * time_embed_dim + projection_dim,
+            cross_attention_dim=64,  # both encoders' hidden states, concatenated (32 + 32)
             norm_num_groups=32,
         )
     with _seeded(seed + 1):
@@ -468,8 +495,8 @@ def build_tiny_sdxl_pipeline(
     with _seeded(seed + 2):
         text_encoder = CLIPTextModel(_clip_text_config(tokenizer)).eval()
     with _seeded(seed + 3):
-        text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(tokenizer, projection_dim=pooled_dim)).eval()
-
+        text_encoder_2 = CLIPTextModelWithProjection(
+            _clip_text_config(tokenizer, projection_dim=projection_dim)).eval()
     pipe = StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -478,7 +505,213 @@ def build_tiny_sdxl_pipeline(
         tokenizer_2=tokenizer,
         unet=unet,
         scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG),
+        image_encoder=None,
+        feature_extractor=None,
     )
+    return _save_and_reload(pipe, directory)
+
+
+def _tiny_t5(tokenizer, umt5: bool = False) -> transformers.PreTrainedModel:
+    # T5 / UMT5 encoders sized by the local tokenizer (the real T5 tokenizers are downloads).
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
+
+    config_cls, model_cls = (UMT5Config, UMT5EncoderModel) if umt5 else (T5Config, T5EncoderModel)
+    config = config_cls(vocab_size=len(tokenizer), d_model=32, d_ff=37, d_kv=8, num_layers=2, num_heads=4,
+                        relative_attention_num_buckets=8, decoder_start_token_id=0,
+                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    return model_cls(config).eval()
+
+
+def build_tiny_flux_pipeline(
+    directory: str | os.PathLike | None = None,
+    seed: int = 0,
+    use_dynamic_shifting: bool = True,
+) -> diffusers.FluxPipeline:
+    """Build a tiny random-weight Flux-style (flow matching) pipeline.
+
+    Components: a one-double-block, one-single-block ``FluxTransformer2DModel``
+    (2 heads of 16, rotary axes 4/6/6), a CLIP text encoder for the pooled
+    embedding and a tiny T5 encoder for the sequence, both on the tokenizer from
+    :func:`write_clip_tokenizer`, an ``AutoencoderKL`` with 4 latent channels
+    (packed 2x2 into 16 transformer channels) and the scheduler config of
+    FLUX.1-dev (dynamic shifting) or, with ``use_dynamic_shifting=False``,
+    FLUX.1-schnell. Resolutions: multiples of 16 (32x32 is 4 tokens).
+
+    Args:
+        directory: If given, the pipeline is saved there (safetensors) and the
+            returned pipeline is the one reloaded from it.
+        seed: Seed for weight initialisation; equal seeds give equal weights.
+        use_dynamic_shifting: FLUX.1-dev's resolution-dependent shift (True) or
+            FLUX.1-schnell's unshifted grid (False).
+
+    Returns:
+        The pipeline, on CPU in float32.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    tokenizer = _fresh_tokenizer()
+    latent_channels = 4
+    with _seeded(seed):
+        transformer = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=4 * latent_channels,  # 2x2 latent patches packed into channels
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,  # T5 d_model
+            pooled_projection_dim=32,  # CLIP hidden size (pooled output)
+            axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
+        )
+    with _seeded(seed + 1):
+        vae = _tiny_vae(latent_channels=latent_channels, scaling_factor=0.3611, shift_factor=0.1159,
+                        use_quant_conv=False, use_post_quant_conv=False)
+    with _seeded(seed + 2):
+        text_encoder = CLIPTextModel(_clip_text_config(tokenizer)).eval()
+    with _seeded(seed + 3):
+        text_encoder_2 = _tiny_t5(tokenizer)
+    if use_dynamic_shifting:  # FLUX.1-dev/scheduler/scheduler_config.json
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                    max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+    else:  # FLUX.1-schnell
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer, transformer=transformer)
+    return _save_and_reload(pipe, directory)
+
+
+def build_tiny_pixart_sigma_pipeline(
+    directory: str | os.PathLike | None = None, seed: int = 0
+) -> diffusers.PixArtSigmaPipeline:
+    """Build a tiny random-weight PixArt-Sigma-style pipeline.
+
+    Components: a 2-layer ``PixArtTransformer2DModel`` (adaLN-single, learned
+    variance: 8 output channels for 4 latent ones), a tiny T5 encoder on the
+    tokenizer from :func:`write_clip_tokenizer`, an ``AutoencoderKL`` with 4
+    latent channels and PixArt-Sigma's released ``DPMSolverMultistepScheduler``
+    config. Pass ``use_resolution_binning=False`` with small resolutions.
+
+    Args:
+        directory: If given, the pipeline is saved there (safetensors) and the
+            returned pipeline is the one reloaded from it.
+        seed: Seed for weight initialisation; equal seeds give equal weights.
+
+    Returns:
+        The pipeline, on CPU in float32.
+    """
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+
+    tokenizer = _fresh_tokenizer()
+    with _seeded(seed):
+        transformer = PixArtTransformer2DModel(
+            sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3,
+            caption_channels=32, in_channels=4, cross_attention_dim=24, out_channels=8, attention_bias=True,
+            activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+            norm_elementwise_affine=False, norm_eps=1e-6,
+        ).eval()
+    with _seeded(seed + 1):
+        vae = _tiny_vae(latent_channels=4, scaling_factor=0.13025)
+    with _seeded(seed + 2):
+        text_encoder = _tiny_t5(tokenizer)
+    scheduler = DPMSolverMultistepScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                                            prediction_type="epsilon", algorithm_type="dpmsolver++", solver_order=2,
+                                            solver_type="midpoint", lower_order_final=True, variance_type=None)
+    pipe = PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                               scheduler=scheduler)
+    return _save_and_reload(pipe, directory)
+
+
+def build_tiny_sana_pipeline(
+    directory: str | os.PathLike | None = None, seed: int = 0
+) -> diffusers.SanaPipeline:
+    """Build a tiny random-weight Sana-style pipeline.
+
+    Components: a one-layer ``SanaTransformer2DModel`` (linear attention), a tiny
+    ``AutoencoderDC`` (4 latent channels, 2x downsampling), a one-layer Gemma 2
+    text encoder on the tokenizer from :func:`write_clip_tokenizer` and Sana's
+    released scheduler (DPM-Solver++ with ``use_flow_sigmas``, ``flow_shift`` 3).
+    Pass ``complex_human_instruction=None`` and ``use_resolution_binning=False``.
+
+    Args:
+        directory: If given, the pipeline is saved there (safetensors) and the
+            returned pipeline is the one reloaded from it.
+        seed: Seed for weight initialisation; equal seeds give equal weights.
+
+    Returns:
+        The pipeline, on CPU in float32.
+    """
+    from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    tokenizer = _fresh_tokenizer()
+    with _seeded(seed):
+        transformer = SanaTransformer2DModel(
+            patch_size=1, in_channels=4, out_channels=4, num_layers=1, num_attention_heads=2, attention_head_dim=4,
+            num_cross_attention_heads=2, cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=8,
+            sample_size=32,
+        )
+    with _seeded(seed + 1):
+        vae = AutoencoderDC(
+            in_channels=3, latent_channels=4, attention_head_dim=2,
+            encoder_block_types=("ResBlock", "EfficientViTBlock"), decoder_block_types=("ResBlock", "EfficientViTBlock"),
+            encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+            encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)),
+            encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1), downsample_block_type="conv",
+            upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu",
+            scaling_factor=0.41407,
+        )
+    with _seeded(seed + 2):
+        text_encoder = Gemma2Model(Gemma2Config(
+            vocab_size=len(tokenizer), hidden_size=8, intermediate_size=64, head_dim=16, num_attention_heads=2,
+            num_key_value_heads=2, num_hidden_layers=1, max_position_embeddings=512,
+            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, attn_implementation="eager",
+        )).eval()
+    scheduler = DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+                                            solver_order=2, algorithm_type="dpmsolver++")
+    pipe = SanaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                        scheduler=scheduler)
+    return _save_and_reload(pipe, directory)
+
+
+def build_tiny_wan_pipeline(
+    directory: str | os.PathLike | None = None, seed: int = 0
+) -> diffusers.WanPipeline:
+    """Build a tiny random-weight Wan 2.1-style text-to-video pipeline.
+
+    Components: a 2-layer ``WanTransformer3DModel``, a tiny ``AutoencoderKLWan``
+    (16 latent channels, 8x spatial / 4x temporal compression), a tiny UMT5
+    encoder on the tokenizer from :func:`write_clip_tokenizer` and Wan 2.1's
+    released ``UniPCMultistepScheduler`` config (``use_flow_sigmas``, ``flow_shift`` 3).
+    Videos: ``num_frames`` = 4k + 1, height/width multiples of 16.
+
+    Args:
+        directory: If given, the pipeline is saved there (safetensors) and the
+            returned pipeline is the one reloaded from it.
+        seed: Seed for weight initialisation; equal seeds give equal weights.
+
+    Returns:
+        The pipeline, on CPU in float32.
+    """
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+
+    tokenizer = _fresh_tokenizer()
+    with _seeded(seed):
+        transformer = WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+            text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+        )
+    with _seeded(seed + 1):
+        vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                               temperal_downsample=[False, True, True])
+    with _seeded(seed + 2):
+        text_encoder = _tiny_t5(tokenizer, umt5=True)
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+                                        num_train_timesteps=1000, solver_order=2, solver_type="bh2")
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                       scheduler=scheduler)
     return _save_and_reload(pipe, directory)
 
 
@@ -519,8 +752,17 @@ def build_tiny_dit_pipeline(directory: str | os.PathLike | None = None, *, seed:
     return _save_and_reload(pipe, directory)
 
 
-_BUILDERS = {"sd": build_tiny_sd_pipeline, "sd3": build_tiny_sd3_pipeline, "sdxl": build_tiny_sdxl_pipeline,
-             "dit": build_tiny_dit_pipeline}
+_BUILDERS = {
+    "sd": build_tiny_sd_pipeline,
+    "sd3": build_tiny_sd3_pipeline,
+    "sd-inpaint": build_tiny_sd_inpaint_pipeline,
+    "sdxl": build_tiny_sdxl_pipeline,
+    "flux": build_tiny_flux_pipeline,
+    "pixart-sigma": build_tiny_pixart_sigma_pipeline,
+    "sana": build_tiny_sana_pipeline,
+    "wan": build_tiny_wan_pipeline,
+    "dit": build_tiny_dit_pipeline,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

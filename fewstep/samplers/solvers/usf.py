@@ -189,7 +189,7 @@ class USFSolver(Solver):
         for i in range(n):
             st = sched.steps[start + i]
             if st.order > i + 1:  # only after a cut: the schedule itself was validated
-                st = st.replace(order=i + 1)
+                st = st.replace(order=i + 1, **_relaxations_of_order(sched.steps, i + 1))
             h = lam[i + 1] - lam[i]
             reach = [i - k for k in range(1, st.order)] + ([i + 1] if st.corrector == "pseudo" else [])
             if st.order > 1 and math.isinf(h):
@@ -248,6 +248,18 @@ class USFSolver(Solver):
         return SolverPlan(grid, space, history, tables["x0_coef"], tables["predict"], correct=tables["correct"],
                           orders=[st.order for st in strategies],
                           info={"spaces": [st.space for st in strategies], "corrector_orders": corrector_orders})
+
+
+def _relaxations_of_order(steps: list[StepStrategy], order: int) -> dict[str, float | str]:
+    """The relaxations the schedule's own warm-up uses at ``order`` (empty if it has no such step).
+
+    A relaxation belongs to the order it was chosen for (UniPC's B(h) only at order 2), so a
+    step whose order a cut lowers takes the one the uncut run uses at that order.
+    """
+    for st in steps:
+        if st.order == order:
+            return {"relaxation": st.relaxation, "corrector_relaxation": st.corrector_relaxation}
+    return {}
 
 
 def spell_out(solver: "str | Solver", grid: TimeGrid, **options: Any) -> list[StepStrategy]:
