@@ -28,7 +28,7 @@ from ..config import add_config_arguments, resolve_config, resolve_device, torch
 from ..samplers import GridSpec, sample
 from ..samplers.artifacts import model_fingerprint
 from ..samplers.ems import EMS
-from ..samplers.ems_compute import EMS_DATA_SEED, compute_ems
+from ..samplers.ems_compute import EMS_DATA_SEED, TIME_DERIVATIVES, compute_ems
 from .distributed import ProcessGroup
 from .testbeds import check_model, per_sample_noise
 
@@ -59,6 +59,10 @@ class EMSComputeConfig:
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (under torchrun: ``cuda`` means each
             process's ``LOCAL_RANK`` GPU).
         threads: Torch CPU threads per process.
+        time_derivative: ``auto`` (finite differences in time for discrete-time models, the
+            digits UNet and DDPM/SD pipelines; forward AD for the continuous-time GMM and flow
+            models), ``jvp`` or ``finite_difference`` (see :func:`fewstep.compute_ems`).
+        fd_step: Half-width in log-SNR of the finite difference (None: the EMS grid spacing).
         progress: Show a progress bar.
     """
 
@@ -77,6 +81,8 @@ class EMSComputeConfig:
     width: Optional[int] = None
     device: str = "cpu"
     threads: int = 1
+    time_derivative: str = "auto"
+    fd_step: Optional[float] = None
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -86,6 +92,8 @@ class EMSComputeConfig:
                          ("threads", 1), ("seed", 0)):
             if getattr(self, key) < low:
                 raise ValueError(f"{key} must be >= {low}, got {getattr(self, key)}")
+        if self.time_derivative not in TIME_DERIVATIVES:
+            raise ValueError(f"time_derivative must be one of {', '.join(TIME_DERIVATIVES)}, got {self.time_derivative!r}")
         if self.data is not None and self.data not in DATA_MODES:
             raise ValueError(f"data must be one of {', '.join(DATA_MODES)}, got {self.data!r}")
         if self.guidance is not None and not (self.guidance == self.guidance and 0 <= self.guidance <= 1e4):
@@ -263,7 +271,7 @@ def run_ems_compute(cfg: EMSComputeConfig, log: Callable[[str], None] = print) -
                           prediction=src.prediction, guidance=cfg.guidance, batch_size=cfg.batch_size,
                           seed=cfg.seed, workdir=parts, chunk_size=cfg.chunk_size, device=device,
                           fingerprint=src.fingerprint, data_description=src.description,
-                          progress=cfg.progress)
+                          time_derivative=cfg.time_derivative, fd_step=cfg.fd_step, progress=cfg.progress)
         seconds = time.perf_counter() - start
         if group.is_main:
             ems.save(out)
@@ -301,6 +309,11 @@ def add_ems_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--width", type=int, metavar="PX", help="pipeline image width")
     p.add_argument("--device", help="cpu (default), cuda, cuda:N or mps")
     p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads per process (default: 1)")
+    p.add_argument("--time-derivative", dest="time_derivative", choices=TIME_DERIVATIVES,
+                   help="explicit time dependence: finite differences (discrete-time models, the default there) or "
+                        "forward AD (default: auto)")
+    p.add_argument("--fd-step", dest="fd_step", type=float, metavar="H",
+                   help="finite-difference half-width in log-SNR (default: the EMS grid spacing)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     add_config_arguments(p, EMSComputeConfig)
     p.set_defaults(func=cmd_ems_compute)
