@@ -149,3 +149,29 @@ def test_digits_ems_is_smooth_in_lambda(tmp_path):
         s = run_ems_compute(cfg, log=lambda _: None).s
         rough[how] = float((s[2:] - 2 * s[1:-1] + s[:-2]).abs().mean())
     assert rough["auto"] < 0.3 < rough["jvp"], rough
+
+
+@pytest.mark.parametrize("final_sigma", ["zero", "min"])
+def test_v3_endings(final_sigma):
+    """``zero``: the last step is the jump to the data prediction; ``min``: it ends on the EMS grid's last point
+    (t_min) with an ordinary v3 step on the statistics, as the official code does."""
+    sched = fewstep.make_schedule("linear")
+    lam = fewstep.samplers.ems.ems_lambda_grid(sched, 40)
+    g = torch.Generator().manual_seed(0)
+    l, s, b = (1.0 + 0.1 * torch.randn(41, 3, generator=g, dtype=torch.float64),
+               0.2 * torch.randn(41, 3, generator=g, dtype=torch.float64),
+               0.2 * torch.randn(41, 3, generator=g, dtype=torch.float64))
+    ems = EMS(lam, l, s, b, ArtifactMeta(schedule=sched.to_dict()), 8)
+    spec = fewstep.samplers.GridSpec("linspace", final_sigma=final_sigma, convention="multistep")
+    plan = fewstep.make_plan(sched, "dpmv3", 5, spacing=spec, ems=ems, order=3)
+    degenerate = fewstep.make_plan(sched, "dpmv3", 5, spacing=spec, ems=ems, order=3, degenerate=True)
+    last = plan.info["ems_index"][-1]
+    if final_sigma == "zero":
+        assert last is None and math.isinf(float(plan.grid.lambda_[-1]))
+        torch.testing.assert_close(plan.predict[-1, :2], torch.stack([plan.history_coef[-1, 0], -torch.ones(3,
+                                   dtype=torch.float64)]))  # x_0 = the data prediction: no statistics involved
+    else:
+        assert last == ems.n_grid and float(plan.grid.t[-1]) == sched.t_min
+        # the EMS shape the last step: e^{-int l} per dimension, unlike the degenerate (l = 1) step
+        a, a_degenerate = plan.predict[-1, 0], degenerate.predict[-1, 0].expand(3)
+        assert float(((a - a_degenerate) / a_degenerate).abs().min()) > 1e-3, (a, a_degenerate)

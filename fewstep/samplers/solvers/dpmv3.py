@@ -20,6 +20,12 @@ interval (``_psi``). With l = 1, s = b = 0 this is exact, so ``degenerate=True``
 DPM-Solver++ to round-off: order 2 is DPM-Solver++(2M) in its Taylor ("heun") form, order 3
 is ``dpmpp(order=3, third_order="taylor")`` (tests/test_dpmv3.py). The paper's noise-prediction
 case, l = 0, s = -1, b = 0, is likewise DPM-Solver in noise space (``dpmpp(space="noise")``).
+
+Ending: with ``final_sigma="zero"`` (the default grid, diffusers' convention) the last step is
+the jump to sigma = 0, x_0 = the data prediction at the last (corrected) point, the same for
+every solver; with ``final_sigma="min"`` (``final_sigmas_type="sigma_min"`` in the scheduler)
+the grid ends at t_min, the EMS grid's last point, and that last interval is an ordinary v3
+step on the statistics, as the official code ends.
 """
 
 from __future__ import annotations
