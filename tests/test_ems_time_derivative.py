@@ -10,7 +10,7 @@ import torch
 
 import fewstep
 from fewstep import EMS, ArtifactError, ArtifactMeta, compute_ems
-from fewstep.samplers.ems_compute import _fd_times, resolve_time_derivative
+from fewstep.samplers.ems_compute import _fd_stencil, resolve_time_derivative
 from fewstep.zoo.gmm import GaussianMixture, GMMModel
 
 DIM = 4
@@ -90,13 +90,21 @@ def test_auto_choice_and_option_checks():
     assert ems.meta.extra["time_derivative"] == "finite_difference" and ems.meta.extra["fd_step"] == 0.25
 
 
-def test_finite_difference_times_are_integer_timesteps_around_the_point():
+def test_finite_difference_stencils_use_integer_timesteps_around_the_point():
     sched = fewstep.make_schedule("linear")
-    for lam in torch.linspace(float(sched.lambda_(torch.tensor(999.0))), float(sched.lambda_(torch.tensor(0.0))), 37):
+    lams = torch.linspace(float(sched.lambda_(torch.tensor(999.0))), float(sched.lambda_(torch.tensor(0.0))), 37,
+                          dtype=torch.float64)
+    for k, lam in enumerate(lams):
         t = float(sched.t_from_lambda(lam.reshape(1))[0])
-        noisy, clean = _fd_times(sched, float(lam), 0.1).tolist()
-        assert noisy == round(noisy) and clean == round(clean) and 0 <= clean < noisy <= 999
-        assert clean - 0.5 <= t <= noisy + 0.5, (t, noisy, clean)
+        times, weights = _fd_stencil(sched, float(lam), 0.1)
+        assert all(v == round(v) and 0 <= v <= 999 for v in times.tolist()) and len(set(times.tolist())) == len(times)
+        x = sched.lambda_(times)
+        # exact for linear and (at the ends, three points) quadratic functions of lambda
+        assert abs(sum(weights)) < 1e-9 and abs(sum(w * float(v) for w, v in zip(weights, x)) - 1) < 1e-9
+        if 0 < k < 36:
+            assert len(times) == 2 and times[1] < times[0] and times[1] - 0.5 <= t <= times[0] + 0.5, (t, times)
+        else:
+            assert len(times) == 3 and abs(sum(w * float(v - lam) ** 2 for w, v in zip(weights, x))) < 1e-9
 
 
 def _with_version(path, version, schedule):

@@ -19,7 +19,8 @@ time embedding makes the output at a fixed x wiggle with fractional t (the digit
 follows, so s and b zig-zag between grid points. ``"finite_difference"`` keeps the exact JVP
 in x and the analytic lambda-dependence of the output conversion, and takes the network's
 explicit time dependence as a central difference over +-``fd_step`` in lambda (default: the
-EMS grid spacing), between integer timesteps on a discrete-time schedule. ``"auto"`` uses it for discrete-time models (a
+EMS grid spacing; one-sided, second order at the grid's ends), between integer timesteps on a
+discrete-time schedule. ``"auto"`` uses it for discrete-time models (a
 :class:`~fewstep.samplers.schedules.DiscreteVPSchedule`, unless the model says
 ``continuous_time = True``, as the analytic GMM does) and the pure JVP otherwise
 (continuous-time VP, EDM/VE and flow-matching models). The choice is recorded in the EMS.
@@ -150,29 +151,41 @@ class _Function:
         return torch.exp(-lam).to(x.dtype).reshape(col) * eps
 
 
-def _fd_times(schedule: NoiseSchedule, lam: float, fd_step: float) -> torch.Tensor:
-    """The two schedule times (noisier first) of the finite difference at ``lam``.
+def _fd_stencil(schedule: NoiseSchedule, lam: float, fd_step: float) -> tuple[torch.Tensor, list[float]]:
+    """Schedule times and weights of the finite difference d(out)/d lambda at ``lam``: sum_i w_i out(t_i).
 
-    lam -+ h, h = fd_step narrowed to stay inside the schedule (so the difference stays centred);
-    on a discrete-time schedule rounded to the integer timesteps the network was trained on, never
-    a fractional one, and at least one step apart. At the schedule's ends (h = 0) it is one-sided:
-    one timestep (discrete) or fd_step (continuous).
+    Central over lam -+ h, h = fd_step narrowed to stay inside the schedule; within fd_step / 2 of
+    the schedule's ends one-sided and second order over lam, lam +- fd_step, lam +- 2 fd_step. On a discrete-time
+    schedule every time is rounded to the integer timesteps the network was trained on (never a
+    fractional one), distinct ones, and the weights use the log-SNRs of those integers.
     """
     ends = schedule.lambda_(torch.tensor([schedule.t_max, schedule.t_min], dtype=torch.float64)).tolist()
     h = min(fd_step, lam - ends[0], ends[1] - lam)
-    discrete = isinstance(schedule, DiscreteVPSchedule)
-    if h > 1e-9 * max(1.0, abs(lam)):
-        pair = [lam - h, lam + h]
+    central = h >= 0.5 * fd_step  # closer to an end, a central difference would shrink to nothing
+    if central:
+        nodes = [lam - h, lam + h]
     else:
-        pair = [lam, lam + fd_step] if lam - ends[0] < ends[1] - lam else [lam - fd_step, lam]
-    t = schedule.t_from_lambda(torch.tensor(pair, dtype=torch.float64)).clamp(schedule.t_min, schedule.t_max)
-    if discrete:
+        sign = 1.0 if lam - ends[0] < ends[1] - lam else -1.0  # away from the end
+        nodes = [lam, lam + sign * fd_step, lam + 2 * sign * fd_step]
+    t = schedule.t_from_lambda(torch.tensor(nodes, dtype=torch.float64)).clamp(schedule.t_min, schedule.t_max)
+    if isinstance(schedule, DiscreteVPSchedule):
         t = t.round()
-        if t[0] == t[1] or h <= 1e-9 * max(1.0, abs(lam)):  # inside one step, or at an end: the step around lam
+        if central and t[0] == t[1]:  # both inside one step (the steep low-noise end): the step around lam
             lo = min(math.floor(float(schedule.t_from_lambda(torch.tensor([lam], dtype=torch.float64))[0])),
                      int(schedule.t_max) - 1)
             t = torch.tensor([lo + 1.0, float(lo)], dtype=torch.float64)
-    return t
+        elif not central:  # distinct integers, moving away from the end
+            step = 1.0 if t[0] == schedule.t_min else -1.0
+            for i in (1, 2):
+                if (t[i] - t[i - 1]) * step < 1:
+                    t[i] = t[i - 1] + step
+    x = schedule.lambda_(t).tolist()
+    if central:
+        return t, [-1.0 / (x[1] - x[0]), 1.0 / (x[1] - x[0])]
+    # derivative at x[0] of the parabola through the three nodes (Lagrange)
+    x0, x1, x2 = x
+    return t, [(2 * x0 - x1 - x2) / ((x0 - x1) * (x0 - x2)), (x0 - x2) / ((x1 - x0) * (x1 - x2)),
+               (x0 - x1) / ((x2 - x0) * (x2 - x1))]
 
 
 def _block_sums(fn: _Function, block: _Block, lam: float, schedule: NoiseSchedule,
@@ -180,7 +193,7 @@ def _block_sums(fn: _Function, block: _Block, lam: float, schedule: NoiseSchedul
     """[len(MOMENTS), *S] float64 sums of one block at one grid point.
 
     ``fd_step`` None: the total derivative is one JVP in (x, lambda). Else the network's explicit
-    time dependence is a central difference between the times of :func:`_fd_times` at this x,
+    time dependence is the finite difference of :func:`_fd_stencil` at this x,
     and the JVP covers x and the output conversion's own lambda-dependence.
     """
     x0 = block.x0
@@ -207,11 +220,11 @@ def _block_sums(fn: _Function, block: _Block, lam: float, schedule: NoiseSchedul
         # the network's time is a constant here: no tangent reaches its time embedding
         t_here = schedule.t_from_lambda(lam_t)
         _, da = torch.func.jvp(lambda x_, lam_: fn(x_, lam_, block, t_here), (x, lam_t), (dx, torch.ones_like(lam_t)))
-        t_fd = _fd_times(schedule, lam, fd_step)
-        noisy, clean = (torch.full_like(lam_t, float(v)) for v in t_fd)
-        # the conversion term e^{-lam} ex x cancels: what is left is e^{-lam} eo d(out)/d lam
-        diff = fn(x, lam_t, block, clean).double() - fn(x, lam_t, block, noisy).double()
-        da = da.double() + diff / float(schedule.lambda_(t_fd[1]) - schedule.lambda_(t_fd[0]))
+        times, weights = _fd_stencil(schedule, lam, fd_step)
+        # the weights sum to 0, so the conversion term e^{-lam} ex x cancels: e^{-lam} eo d(out)/d lam is left
+        da = da.double()
+        for t_i, w in zip(times.tolist(), weights):
+            da = da + w * fn(x, lam_t, block, torch.full_like(lam_t, t_i)).double()
     a, v = a.double(), x.double() / alpha
     lr = alpha * block.r.double() * ja.double()
     terms = (lr, a, v, da, a * a, a * v, v * v, a * da, v * da)
