@@ -3,6 +3,7 @@
     python benchmarks/dpmv3_ems.py                 # first: the EMS files (fewstep ems compute)
     python benchmarks/dpmv3_compare.py [SETTING ...]   # then this; resumes, skipping finished entries
     python benchmarks/dpmv3_compare.py --report    # the markdown (and intervals) from the results
+    python benchmarks/dpmv3_compare.py digits-cfg3 method=dpmv3 ending=min   # some rows only (parallel runs)
 
 Protocol (that of `fewstep compare`): samples i = 0..N-1 use noise seed i (N = 1000 for the
 mixture, 200 for digits), held out from the EMS seeds (100000+) and from the seeds that chose
@@ -216,7 +217,9 @@ def main(only: list[str]) -> None:
 
     torch.set_num_threads(1)
     refs_only = "--references" in only
-    only = [s for s in only if s != "--references"]
+    # method=LABEL / ending=NAME: run only those rows (to spread one setting over several processes)
+    pick = {k: {a.split("=", 1)[1] for a in only if a.startswith(k + "=")} for k in ("method", "ending")}
+    only = [s for s in only if s != "--references" and "=" not in s]
     done = {(e["setting"], e.get("ending", "zero"), e["method"], e["nfe"])
             for e in read_results()["entries"]} if RESULTS.exists() else set()
     beds, ems_cache, cases = {}, {}, []
@@ -232,6 +235,8 @@ def main(only: list[str]) -> None:
         return
     cases.sort(key=lambda c: c[2] not in MAIN)  # the three-solver comparison first, then the ablations
     for setting, ending, label, (solver, options, _), bed, x_T, labels, cond, ref in cases:
+        if (pick["method"] and label not in pick["method"]) or (pick["ending"] and ending not in pick["ending"]):
+            continue
         model, guidance, order = SETTINGS[setting]
         options = dict(options)
         if "ems" in options:

@@ -1,7 +1,7 @@
 """Which corrector settings DPM-Solver-v3 defaults to: fewstep's against the official scripts' rules.
 
     python benchmarks/dpmv3_ems.py          # first: the EMS files
-    python benchmarks/dpmv3_defaults.py [SETTING ...]
+    python benchmarks/dpmv3_defaults.py [SETTING ...] [--wait]   # --wait: for EMS files still being computed
 
 The official scripts (thu-ml/DPM-Solver-v3) use c_pseudo=False (an order-p corrector) and turn the
 corrector off above 8 steps (ScoreSDE CIFAR-10) or 6 steps (EDM), and for Stable Diffusion
@@ -16,10 +16,11 @@ and none. Writes benchmarks/results/dpmv3_defaults.{json,md}.
 from __future__ import annotations
 
 import sys
+import time
 
 import torch
 
-from dpmv3_compare import NFES, ROOT, SETTINGS, _load_ems, cached_reference, generate, testbed_inputs, update_json
+from dpmv3_compare import EMS_DIR, NFES, ROOT, SETTINGS, _load_ems, cached_reference, generate, testbed_inputs, update_json
 
 RESULTS = ROOT / "benchmarks" / "results" / "dpmv3_defaults.json"
 REPORT = ROOT / "benchmarks" / "results" / "dpmv3_defaults.md"
@@ -49,6 +50,8 @@ def main(only: list[str]) -> None:
     from fewstep.eval.io import read_json
 
     torch.set_num_threads(1)
+    wait = "--wait" in only
+    only = [s for s in only if s != "--wait"]
     empty = {"protocol": __doc__.strip(), "mse": {}}
     results = read_json(RESULTS) if RESULTS.exists() else empty
     beds, cache = {}, {}
@@ -56,12 +59,14 @@ def main(only: list[str]) -> None:
         if only and setting not in only:
             continue
         model, guidance, order = SETTINGS[setting]
+        bed, x_T, _, cond = testbed_inputs(setting, beds, CALIBRATION_SEED, NUM[model])
+        ref = cached_reference(f"{setting}-calibration", bed, x_T, cond, guidance, "zero")
+        while wait and (EMS_DIR / f"{setting}.safetensors").exists() is False:  # --wait: the EMS is being computed
+            time.sleep(15)
         ems = _load_ems(setting, cache)
         if ems is None:
             print(f"skip {setting}: no EMS file (run benchmarks/dpmv3_ems.py)", flush=True)
             continue
-        bed, x_T, _, cond = testbed_inputs(setting, beds, CALIBRATION_SEED, NUM[model])
-        ref = cached_reference(f"{setting}-calibration", bed, x_T, cond, guidance, "zero")
         table = results["mse"].setdefault(setting, {})
         for label, options in RUNS.items():
             for nfe in NFES:

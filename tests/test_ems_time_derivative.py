@@ -183,3 +183,20 @@ def test_v3_endings(final_sigma):
         # the EMS shape the last step: e^{-int l} per dimension, unlike the degenerate (l = 1) step
         a, a_degenerate = plan.predict[-1, 0], degenerate.predict[-1, 0].expand(3)
         assert float(((a - a_degenerate) / a_degenerate).abs().min()) > 1e-3, (a, a_degenerate)
+
+
+def test_corrector_max_steps_turns_the_corrector_off_on_longer_grids():
+    sched = fewstep.make_schedule("linear")
+    lam = fewstep.samplers.ems.ems_lambda_grid(sched, 40)
+    ones = torch.ones(41, 2, dtype=torch.float64)
+    ems = EMS(lam, ones, 0.1 * ones, 0.1 * ones, ArtifactMeta(schedule=sched.to_dict()), 8)
+    for nfe, corrected in ((8, True), (9, False)):
+        plan = fewstep.make_plan(sched, "dpmv3", nfe, ems=ems, order=2, corrector_max_steps=8)
+        assert (max(plan.info["corrector_orders"]) > 0) == corrected
+        same = fewstep.make_plan(sched, "dpmv3", nfe, ems=ems, order=2, corrector=corrected)
+        h = same.predict.shape[1]  # the history without corrector is shorter (no pseudo-order point)
+        torch.testing.assert_close(plan.predict[:, :h], same.predict, rtol=0, atol=0)
+        torch.testing.assert_close(plan.correct[:, :h], same.correct, rtol=0, atol=0)
+        assert corrected or float(plan.correct.abs().max()) == 0.0
+    with pytest.raises(ValueError, match="corrector_max_steps=-1 .* out of range"):
+        fewstep.get_solver("dpmv3", degenerate=True, corrector_max_steps=-1)
