@@ -158,10 +158,9 @@ def reference(bed, x_T, cond, guidance, ending: str, name: str | None = None) ->
         sched = bed.schedule
         t = torch.tensor([sched.t_min], dtype=torch.float64)
         alpha, sigma = (float(v) for v in sched.alpha_sigma(t))
-        steps = sched.model_time(t).float().expand(bed.batch_size)
+        step = sched.model_time(t).float().reshape(())  # a 0-d timestep: the testbed doubles CFG batches
         with torch.no_grad():
-            eps = torch.cat([bed.denoise(x[i:i + bed.batch_size], steps[:x[i:i + bed.batch_size].shape[0]],
-                                         cond[i:i + bed.batch_size], guidance).float()
+            eps = torch.cat([bed.denoise(x[i:i + bed.batch_size], step, cond[i:i + bed.batch_size], guidance).float()
                              for i in range(0, x.shape[0], bed.batch_size)])
         return (x.double() - sigma * eps.double()).div(alpha).float()
     if ending == "zero":

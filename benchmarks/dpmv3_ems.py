@@ -24,7 +24,9 @@ DIGITS = ["--model", "digits", "--batch-size", "128"]
 GMM = ["--model", "gmm", "--batch-size", "256"]
 # digits: K = 64 datapoints (one batch), N = 50, sized for a shared 2-core machine (the K = 256, N = 100 files
 # of earlier runs took 8 minutes per 8 grid points there); the K / N study below covers larger ones.
-DIGITS_MAIN = DIGITS[:2] + ["--batch-size", "64", "--n-grid", "50", "--n-data", "64"]
+# Batch 16: four blocks, so `torchrun --nproc_per_node 4 -m fewstep.cli ems compute ARGS` can split one over
+# processes (how these were made there; the file is the one a single process makes).
+DIGITS_MAIN = DIGITS[:2] + ["--batch-size", "16", "--n-grid", "50", "--n-data", "64"]
 RUNS = {
     # the EMS behind the MSE tables (the paper uses K = 1024)
     "digits-uncond": DIGITS_MAIN,
