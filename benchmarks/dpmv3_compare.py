@@ -45,6 +45,8 @@ NUM_SAMPLES = {"gmm": 1000, "digits": 200}
 MAIN = ("dpmpp", "unipc", "dpmv3")
 REFERENCE = ("dpmpp", {"order": 3, "third_order": "taylor"}, 200)
 RESAMPLES = 2000
+# rows compared with the baselines by paired bootstrap
+PAIRED = ("dpmv3", "dpmv3 EMS time_derivative=jvp", "dpmv3 K256-N100")
 
 # setting: (model, guidance, order)
 SETTINGS = {
@@ -79,7 +81,7 @@ def methods(setting: str, order: int) -> dict[str, tuple[str, dict, tuple[str, .
     if guidance_of(setting) is not None:  # the paper (Sec. 3.4): EMS of the unguided model also serve guided sampling
         rows["dpmv3 EMS without guidance"] = ("dpmv3", {"order": order, "ems": setting.split("-")[0] + "-uncond"},
                                               ("zero",))
-    study = {"digits-uncond": ("K128-N100", "K256-N100", "K512-N100", "N25", "N100"),
+    study = {"digits-uncond": ("K128-N100", "K256-N100", "K512-N100", "N25", "N100"), "digits-cfg3": ("K256-N100",),
              "gmm-uncond": ("K64", "K256", "N25", "N50", "N100", "N400")}.get(setting, ())
     for tag in study:
         rows[f"dpmv3 {tag}"] = ("dpmv3", {"order": order, "ems": f"{setting}-{tag}"}, ("zero",))
@@ -277,7 +279,7 @@ def paired_intervals(results: dict) -> None:
     paired = {(p["setting"], p["ending"], p["method"], p["versus"], p["nfe"]): p for p in results.get("paired", [])}
     keys = {(e["setting"], e.get("ending", "zero"), e["nfe"]) for e in results["entries"]}
     for setting, ending, nfe in sorted(keys):
-        for target in ("dpmv3", "dpmv3 EMS time_derivative=jvp"):
+        for target in PAIRED:
             for versus in ("dpmpp", "unipc"):
                 paths = [ERR_DIR / f"{_slug(setting, ending, m, nfe)}.safetensors" for m in (target, versus)]
                 if all(p.exists() for p in paths):
@@ -333,7 +335,8 @@ def report(results: dict) -> str:
              "that stops there too. Ratio rows: MSE(dpmv3) / MSE(baseline) [95% paired-bootstrap interval over the "
              "seeds]; below 1 means dpmv3 is better.", ""]
     rough = {name: ems_roughness(name) for name in ("digits-uncond", "digits-cfg3", "digits-cfg7.5",
-                                                     "digits-uncond-jvp", "gmm-uncond", "gmm-uncond-fd")}
+                                                     "digits-uncond-jvp", "digits-uncond-K256-N100",
+                                                     "digits-cfg3-K256-N100", "gmm-uncond", "gmm-uncond-fd")}
     rough = {k: v for k, v in rough.items() if v is not None}
     if rough:
         lines += ["EMS roughness (mean |s_{j+1} - 2 s_j + s_{j-1}| over grid points and pixels) and |b|:", "",
@@ -354,7 +357,7 @@ def report(results: dict) -> str:
             lines += [f"### {model}, {what}, ending `{ending}` (order {order}; EMS `{setting}`)", "",
                       head.format("solver"), rule]
             lines += [row(m, rows[m], best) for m in main]
-            for target in ("dpmv3", "dpmv3 EMS time_derivative=jvp"):
+            for target in PAIRED:
                 for versus in ("dpmpp", "unipc"):
                     cells = [paired.get((setting, ending, target, versus, n)) for n in NFES]
                     if any(cells):
