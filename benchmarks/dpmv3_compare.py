@@ -82,9 +82,13 @@ def methods(setting: str, order: int) -> dict[str, tuple[str, dict, tuple[str, .
         rows["dpmv3 EMS without guidance"] = ("dpmv3", {"order": order, "ems": setting.split("-")[0] + "-uncond"},
                                               ("zero",))
     study = {"digits-uncond": ("K128-N100", "K256-N100", "K512-N100", "N25", "N100"), "digits-cfg3": ("K256-N100",),
+             "digits-cfg7.5": ("K256-N100",),
              "gmm-uncond": ("K64", "K256", "N25", "N50", "N100", "N400")}.get(setting, ())
     for tag in study:
         rows[f"dpmv3 {tag}"] = ("dpmv3", {"order": order, "ems": f"{setting}-{tag}"}, ("zero",))
+    if setting == "digits-cfg7.5":  # the large-guidance preset (no corrector) with the larger EMS
+        rows["dpmv3 K256-N100 no corrector"] = ("dpmv3", {"order": order, "ems": f"{setting}-K256-N100",
+                                                          "corrector": False}, ("zero",))
     return rows
 
 

@@ -36,6 +36,7 @@ RUNS = {
     "gmm-cfg2": GMM + ["--n-grid", "200", "--n-data", "1024", "--guidance", "2"],
     # how the result varies with K and N (digits, unconditional)
     **{f"digits-uncond-K{k}-N100": DIGITS + ["--n-grid", "100", "--n-data", str(k)] for k in (128, 256, 512)},
+    **{f"digits-cfg{w}-K256-N100": DIGITS + ["--n-grid", "100", "--n-data", "256", "--guidance", w] for w in ("3", "7.5")},
     **{f"digits-uncond-N{n}": DIGITS_MAIN[:-4] + ["--n-grid", str(n), "--n-data", "64"] for n in (25, 100)},
     # the same on the exact mixture, where it is cheap
     **{f"gmm-uncond-K{k}": GMM + ["--n-grid", "200", "--n-data", str(k)] for k in (64, 256)},
