@@ -28,7 +28,7 @@ from ..config import add_config_arguments, add_runtime_arguments, resolve_config
 from ..samplers import GridSpec, sample
 from ..samplers.artifacts import model_fingerprint
 from ..samplers.ems import EMS
-from ..samplers.ems_compute import EMS_DATA_SEED, compute_ems
+from ..samplers.ems_compute import EMS_DATA_SEED, TIME_DERIVATIVES, compute_ems
 from .distributed import ProcessGroup
 from .io import clean_temp_files
 from .testbeds import check_model, per_sample_noise, refuse_pipeline_settings
@@ -60,6 +60,10 @@ class EMSComputeConfig:
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (under torchrun: ``cuda`` means each
             process's ``LOCAL_RANK`` GPU).
         threads: Torch CPU threads per process.
+        time_derivative: ``auto`` (finite differences in time for discrete-time models, the
+            digits UNet and DDPM/SD pipelines; forward AD for the continuous-time GMM and flow
+            models), ``jvp`` or ``finite_difference`` (see :func:`fewstep.compute_ems`).
+        fd_step: Half-width in log-SNR of the finite difference (None: the EMS grid spacing).
         progress: Show a progress bar.
     """
 
@@ -78,6 +82,8 @@ class EMSComputeConfig:
     width: Optional[int] = None
     device: str = "cpu"
     threads: int = 1
+    time_derivative: str = "auto"
+    fd_step: Optional[float] = None
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -87,6 +93,8 @@ class EMSComputeConfig:
                          ("threads", 1), ("seed", 0)):
             if getattr(self, key) < low:
                 raise ValueError(f"{key} must be >= {low}, got {getattr(self, key)}")
+        if self.time_derivative not in TIME_DERIVATIVES:
+            raise ValueError(f"time_derivative must be one of {', '.join(TIME_DERIVATIVES)}, got {self.time_derivative!r}")
         if self.data is not None and self.data not in DATA_MODES:
             raise ValueError(f"data must be one of {', '.join(DATA_MODES)}, got {self.data!r}")
         if self.guidance is not None and not (self.guidance == self.guidance and 0 <= self.guidance <= 1e4):
@@ -266,7 +274,7 @@ def run_ems_compute(cfg: EMSComputeConfig, log: Callable[[str], None] = print) -
                           prediction=src.prediction, guidance=cfg.guidance, batch_size=cfg.batch_size,
                           seed=cfg.seed, workdir=parts, chunk_size=cfg.chunk_size, device=device,
                           fingerprint=src.fingerprint, data_description=src.description,
-                          progress=cfg.progress)
+                          time_derivative=cfg.time_derivative, fd_step=cfg.fd_step, progress=cfg.progress)
         seconds = time.perf_counter() - start
         if group.is_main:
             clean_temp_files(out.parent, name=out.name)  # of killed writers (OUT is outside the locked parts)
@@ -303,6 +311,11 @@ def add_ems_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--height", type=int, metavar="PX", help="pipeline image height")
     p.add_argument("--width", type=int, metavar="PX", help="pipeline image width")
     add_runtime_arguments(p, distributed=True)
+    p.add_argument("--time-derivative", dest="time_derivative", choices=TIME_DERIVATIVES,
+                   help="explicit time dependence: finite differences (discrete-time models, the default there) or "
+                        "forward AD (default: auto)")
+    p.add_argument("--fd-step", dest="fd_step", type=float, metavar="H",
+                   help="finite-difference half-width in log-SNR (default: the EMS grid spacing)")
     add_config_arguments(p, EMSComputeConfig)
     p.set_defaults(func=cmd_ems_compute)
 

@@ -18,11 +18,11 @@ and the problem. :func:`fewstep.compute_ems` computes one for any model.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
-from .artifacts import Artifact, ArtifactMeta
+from .artifacts import Artifact, ArtifactError, ArtifactMeta
 from .schedules import FlowSchedule, NoiseSchedule, make_schedule
 
 __all__ = ["EMS", "ems_lambda_grid", "ems_from_moments", "MOMENTS"]
@@ -123,6 +123,8 @@ class EMS(Artifact):
     """
 
     kind = "dpmv3_ems"
+    # 2: meta.extra records the time derivative (finite differences for discrete-time models)
+    version = 2
     file_backed = True
     filename = "dpmv3_ems.safetensors"
 
@@ -160,6 +162,19 @@ class EMS(Artifact):
 
     def payload(self) -> dict[str, Any]:
         return {"n_grid": self.n_grid, "n_data": self.n_data, "sample_shape": list(self.sample_shape)}
+
+    @classmethod
+    def from_dict(cls, record: Any, source: str = "<inline>", tensors: dict[str, torch.Tensor] | None = None) -> "EMS":
+        """Validate a record; format 1 on a discrete-time schedule is refused (see :meth:`Artifact.from_dict`)."""
+        if isinstance(record, Mapping) and record.get("version") == 1:
+            meta = record.get("meta")
+            schedule = meta.get("schedule") if isinstance(meta, Mapping) else None
+            if isinstance(schedule, Mapping) and schedule.get("kind") == "vp_discrete":
+                raise ArtifactError(
+                    f"{cls.kind} artifact {source}: format 1 took the time derivative of a discrete-time model by "
+                    "forward AD between its integer timesteps, which makes s and b zig-zag; recompute it with "
+                    "'fewstep ems compute' (or fewstep.compute_ems), which writes format 2")
+        return super().from_dict(record, source, tensors)
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any], meta: ArtifactMeta,

@@ -12,6 +12,19 @@ integrates: the converted model output, CFG-combined when ``guidance`` is given.
 sums of :data:`fewstep.samplers.ems.MOMENTS` over the data determine l, s and b in closed form
 (:func:`~fewstep.samplers.ems.ems_from_moments`).
 
+The time derivative (``time_derivative``): a network trained at integer timesteps only (every
+diffusers UNet/DiT on a discrete DDPM schedule) was never fitted between them; its sinusoidal
+time embedding makes the output at a fixed x wiggle with fractional t (the digits UNet: period
+~6 steps, amplitude ~1e-3), and a JVP in t measures that wiggle, not the trend the sampler
+follows, so s and b zig-zag between grid points. ``"finite_difference"`` keeps the exact JVP
+in x and the analytic lambda-dependence of the output conversion, and takes the network's
+explicit time dependence as a central difference over +-``fd_step`` in lambda (default: the
+EMS grid spacing; one-sided, second order at the grid's ends), between integer timesteps on a
+discrete-time schedule. ``"auto"`` uses it for discrete-time models (a
+:class:`~fewstep.samplers.schedules.DiscreteVPSchedule`, unless the model says
+``continuous_time = True``, as the analytic GMM does) and the pure JVP otherwise
+(continuous-time VP, EDM/VE and flow-matching models). The choice is recorded in the EMS.
+
 Work is split into fixed blocks of ``batch_size`` datapoints, each always evaluated as one
 batch, and grid chunks of ``chunk_size`` points. Every chunk's sums are written atomically to
 ``workdir``; a rerun skips finished chunks, so a killed run resumes and ends with the same
@@ -37,13 +50,14 @@ from ..config import resolve_device
 from .artifacts import ArtifactMeta, model_fingerprint
 from .ems import EMS, MOMENTS, ems_from_moments, ems_lambda_grid
 from .prediction import cfg_combine, check_prediction, eps_coefficients
-from .schedules import NoiseSchedule, make_schedule
+from .schedules import DiscreteVPSchedule, NoiseSchedule, make_schedule
 
-__all__ = ["compute_ems", "EMS_DATA_SEED", "forward_ad_workarounds"]
+__all__ = ["compute_ems", "EMS_DATA_SEED", "TIME_DERIVATIVES", "forward_ad_workarounds", "resolve_time_derivative"]
 
 # EMS data, noise and Rademacher seeds start here: evaluation seeds are 0..N-1.
 EMS_DATA_SEED = 100_000
-_FORMAT = 1
+_FORMAT = 2  # 2: the time derivative is a recorded choice (finite difference for discrete-time models)
+TIME_DERIVATIVES = ("auto", "jvp", "finite_difference")
 
 
 @contextlib.contextmanager
@@ -118,11 +132,13 @@ class _Function:
     def __init__(self, model: Callable, schedule: NoiseSchedule, prediction: str, guidance: float | None):
         self.model, self.schedule, self.prediction, self.guidance = model, schedule, prediction, guidance
 
-    def __call__(self, x: torch.Tensor, lam: torch.Tensor, block: _Block) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, lam: torch.Tensor, block: _Block,
+                 network_t: torch.Tensor | None = None) -> torch.Tensor:
+        """a(x, lam); ``network_t`` (default: that of ``lam``) is the schedule time the network sees."""
         sched = self.schedule
         t = sched.t_from_lambda(lam)
         alpha, sigma = sched.alpha_sigma(t)
-        model_t = sched.model_time(t).to(x.dtype)
+        model_t = sched.model_time(t if network_t is None else network_t).to(x.dtype)
         if self.guidance is None:
             out = self.model(x, model_t) if block.cond is None else self.model(x, model_t, block.cond)
         else:
@@ -137,8 +153,51 @@ class _Function:
         return torch.exp(-lam).to(x.dtype).reshape(col) * eps
 
 
-def _block_sums(fn: _Function, block: _Block, lam: float, schedule: NoiseSchedule) -> torch.Tensor:
-    """[len(MOMENTS), *S] float64 sums of one block at one grid point."""
+def _fd_stencil(schedule: NoiseSchedule, lam: float, fd_step: float) -> tuple[torch.Tensor, list[float]]:
+    """Schedule times and weights of the finite difference d(out)/d lambda at ``lam``: sum_i w_i out(t_i).
+
+    Central over lam -+ h, h = fd_step narrowed to stay inside the schedule; within fd_step / 2 of
+    the schedule's ends one-sided and second order over lam, lam +- fd_step, lam +- 2 fd_step. On a discrete-time
+    schedule every time is rounded to the integer timesteps the network was trained on (never a
+    fractional one), distinct ones, and the weights use the log-SNRs of those integers.
+    """
+    ends = schedule.lambda_(torch.tensor([schedule.t_max, schedule.t_min], dtype=torch.float64)).tolist()
+    h = min(fd_step, lam - ends[0], ends[1] - lam)
+    central = h >= 0.5 * fd_step  # closer to an end, a central difference would shrink to nothing
+    if central:
+        nodes = [lam - h, lam + h]
+    else:
+        sign = 1.0 if lam - ends[0] < ends[1] - lam else -1.0  # away from the end
+        nodes = [lam, lam + sign * fd_step, lam + 2 * sign * fd_step]
+    t = schedule.t_from_lambda(torch.tensor(nodes, dtype=torch.float64)).clamp(schedule.t_min, schedule.t_max)
+    if isinstance(schedule, DiscreteVPSchedule):
+        t = t.round()
+        if central and t[0] == t[1]:  # both inside one step (the steep low-noise end): the step around lam
+            lo = min(math.floor(float(schedule.t_from_lambda(torch.tensor([lam], dtype=torch.float64))[0])),
+                     int(schedule.t_max) - 1)
+            t = torch.tensor([lo + 1.0, float(lo)], dtype=torch.float64)
+        elif not central:  # distinct integers, moving away from the end
+            step = 1.0 if t[0] == schedule.t_min else -1.0
+            for i in (1, 2):
+                if (t[i] - t[i - 1]) * step < 1:
+                    t[i] = t[i - 1] + step
+    x = schedule.lambda_(t).tolist()
+    if central:
+        return t, [-1.0 / (x[1] - x[0]), 1.0 / (x[1] - x[0])]
+    # derivative at x[0] of the parabola through the three nodes (Lagrange)
+    x0, x1, x2 = x
+    return t, [(2 * x0 - x1 - x2) / ((x0 - x1) * (x0 - x2)), (x0 - x2) / ((x1 - x0) * (x1 - x2)),
+               (x0 - x1) / ((x2 - x0) * (x2 - x1))]
+
+
+def _block_sums(fn: _Function, block: _Block, lam: float, schedule: NoiseSchedule,
+                fd_step: float | None = None) -> torch.Tensor:
+    """[len(MOMENTS), *S] float64 sums of one block at one grid point.
+
+    ``fd_step`` None: the total derivative is one JVP in (x, lambda). Else the network's explicit
+    time dependence is the finite difference of :func:`_fd_stencil` at this x,
+    and the JVP covers x and the output conversion's own lambda-dependence.
+    """
     x0 = block.x0
     n = x0.shape[0]
     lam_t = torch.full((n,), lam, dtype=torch.float64, device=x0.device)
@@ -156,11 +215,38 @@ def _block_sums(fn: _Function, block: _Block, lam: float, schedule: NoiseSchedul
     a, ja = torch.func.jvp(f, (x, lam_t), (block.r, torch.zeros_like(lam_t)))
     eps = a * math.exp(lam)
     dx = float(dlog_alpha) * x - sigma * eps
-    _, da = torch.func.jvp(f, (x, lam_t), (dx, torch.ones_like(lam_t)))
-    a, v, da = a.double(), x.double() / alpha, da.double()
+    if fd_step is None:
+        _, da = torch.func.jvp(f, (x, lam_t), (dx, torch.ones_like(lam_t)))
+        da = da.double()
+    else:
+        # the network's time is a constant here: no tangent reaches its time embedding
+        t_here = schedule.t_from_lambda(lam_t)
+        _, da = torch.func.jvp(lambda x_, lam_: fn(x_, lam_, block, t_here), (x, lam_t), (dx, torch.ones_like(lam_t)))
+        times, weights = _fd_stencil(schedule, lam, fd_step)
+        # the weights sum to 0, so the conversion term e^{-lam} ex x cancels: e^{-lam} eo d(out)/d lam is left
+        da = da.double()
+        for t_i, w in zip(times.tolist(), weights):
+            da = da + w * fn(x, lam_t, block, torch.full_like(lam_t, t_i)).double()
+    a, v = a.double(), x.double() / alpha
     lr = alpha * block.r.double() * ja.double()
     terms = (lr, a, v, da, a * a, a * v, v * v, a * da, v * da)
     return torch.stack([u.sum(0) for u in terms])
+
+
+def resolve_time_derivative(choice: str, model: Any, schedule: NoiseSchedule) -> str:
+    """``"jvp"`` or ``"finite_difference"`` for ``choice`` (``"auto"``: see the module docstring).
+
+    Raises:
+        ValueError: an unknown choice.
+    """
+    if choice not in TIME_DERIVATIVES:
+        raise ValueError(f"time_derivative={choice!r} must be one of {', '.join(TIME_DERIVATIVES)}")
+    if choice != "auto":
+        return choice
+    continuous = getattr(model, "continuous_time", None)
+    if continuous is None:
+        continuous = not isinstance(schedule, DiscreteVPSchedule)
+    return "jvp" if continuous else "finite_difference"
 
 
 def _dist() -> tuple[int, int]:
@@ -197,6 +283,8 @@ def compute_ems(
     device: "str | torch.device | None" = None,
     fingerprint: str | None = None,
     data_description: str = "user data_sampler",
+    time_derivative: str = "auto",
+    fd_step: float | None = None,
     progress: bool = True,
 ) -> EMS:
     """Estimate DPM-Solver-v3's EMS (l, s, b) of a model on a log-SNR grid.
@@ -227,6 +315,11 @@ def compute_ems(
         device: Where the model runs (default: the device of its parameters, else CPU).
         fingerprint: Model id recorded in the EMS (default: :func:`model_fingerprint`).
         data_description: Recorded in the EMS and the resume identity (e.g. ``"digits:real"``).
+        time_derivative: How the explicit time dependence of the model enters the total
+            derivative: ``"jvp"`` (forward-mode AD in lambda), ``"finite_difference"`` (a central
+            difference over +-``fd_step``; for networks trained at integer timesteps only) or
+            ``"auto"``: finite differences for discrete-time models (see the module docstring).
+        fd_step: Half-width in lambda of the finite difference (default: the EMS grid spacing).
         progress: Show a progress bar (on the first process only).
 
     Returns:
@@ -249,6 +342,16 @@ def compute_ems(
 
         guidance = check_guidance(guidance)
     lambdas = ems_lambda_grid(schedule, n_grid, t_start, t_end)
+    time_derivative = resolve_time_derivative(time_derivative, model, schedule)
+    if time_derivative == "jvp":
+        if fd_step is not None:
+            raise ValueError(f"fd_step={fd_step!r} needs time_derivative='finite_difference' (or 'auto' on a "
+                             "discrete-time model)")
+    else:
+        fd_step = float(lambdas[1] - lambdas[0]) if fd_step is None else fd_step
+        if isinstance(fd_step, bool) or not isinstance(fd_step, (int, float)) or not 0 < fd_step < math.inf:
+            raise ValueError(f"fd_step={fd_step!r} must be a positive number (a half-width in log-SNR)")
+        fd_step = float(fd_step)
     device = resolve_device(device) if device is not None else _model_device(model)  # usable here, or ValueError
     rank, world = _dist()
     n_blocks = math.ceil(n_data / batch_size)
@@ -265,7 +368,7 @@ def compute_ems(
         "format": _FORMAT, "fingerprint": fingerprint, "schedule": schedule.to_dict(), "prediction": prediction,
         "guidance": guidance, "n_grid": n_grid, "n_data": n_data, "batch_size": batch_size, "seed": seed,
         "chunk_size": chunk_size, "lambda": [float(lambdas[0]), float(lambdas[-1])], "sample_shape": list(shape),
-        "data": data_description,
+        "data": data_description, "time_derivative": time_derivative, "fd_step": fd_step,
     }
     fn = _Function(model, schedule, prediction, guidance)
     chunks = [list(range(c, min(c + chunk_size, n_grid + 1))) for c in range(0, n_grid + 1, chunk_size)]
@@ -306,7 +409,7 @@ def compute_ems(
                 per_block = torch.zeros(len(chunks[c]), n_blocks, len(MOMENTS), *shape, dtype=torch.float64)
                 for pos, j in enumerate(chunks[c]):
                     for b in mine:
-                        per_block[pos, b] = _block_sums(fn, blocks[b], float(lambdas[j]), schedule).cpu()
+                        per_block[pos, b] = _block_sums(fn, blocks[b], float(lambdas[j]), schedule, fd_step).cpu()
                         bar.update()
                 if world > 1:  # exact: every slot has one non-zero contributor
                     per_block = per_block.to(device) if torch.distributed.get_backend() == "nccl" else per_block
@@ -326,7 +429,8 @@ def compute_ems(
     meta = ArtifactMeta(
         fingerprint=fingerprint, schedule=schedule.to_dict(), guidance=guidance, solver="dpmv3",
         extra={"prediction": prediction, "n_grid": n_grid, "n_data": n_data, "batch_size": batch_size, "seed": seed,
-               "data": data_description, "timesteps": [t_hi, t_lo]},
+               "data": data_description, "timesteps": [t_hi, t_lo], "time_derivative": time_derivative,
+               "fd_step": fd_step},
     )
     return EMS(lambdas, l, s, b, meta, n_data)
 

@@ -194,6 +194,9 @@ class GMMModel:
         prediction: ``epsilon``, ``sample``, ``v_prediction`` or ``flow``.
     """
 
+    #: exact at every real t (not trained at integer timesteps): EMS keep the pure JVP in time
+    continuous_time = True
+
     def __init__(self, mixture: GaussianMixture, schedule: "str | NoiseSchedule" = "linear",
                  prediction: str = "epsilon"):
         self.mixture = mixture

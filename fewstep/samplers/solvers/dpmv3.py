@@ -20,6 +20,12 @@ interval (``_psi``). With l = 1, s = b = 0 this is exact, so ``degenerate=True``
 DPM-Solver++ to round-off: order 2 is DPM-Solver++(2M) in its Taylor ("heun") form, order 3
 is ``dpmpp(order=3, third_order="taylor")`` (tests/test_dpmv3.py). The paper's noise-prediction
 case, l = 0, s = -1, b = 0, is likewise DPM-Solver in noise space (``dpmpp(space="noise")``).
+
+Ending: with ``final_sigma="zero"`` (the default grid, diffusers' convention) the last step is
+the jump to sigma = 0, x_0 = the data prediction at the last (corrected) point, the same for
+every solver; with ``final_sigma="min"`` (``final_sigmas_type="sigma_min"`` in the scheduler)
+the grid ends at t_min, the EMS grid's last point, and that last interval is an ordinary v3
+step on the statistics, as the official code ends.
 """
 
 from __future__ import annotations
@@ -235,6 +241,9 @@ class DPMSolverV3(Solver):
         "corrector": Option(True, "correct each new point with its own model output (no extra NFE)", kind="bool"),
         "corrector_pseudo": Option(True, "corrector of order p + 1 with pseudo-order derivatives (else order p)",
                                    kind="bool"),
+        "corrector_max_steps": Option(
+            0, "no corrector on grids of more steps than this (0: no limit; the official scripts: 8 for "
+               "ScoreSDE, 6 for EDM)", bounds=(0, 1_000_000), kind="int"),
         "lower_order_final": Option(True, "order <= steps left at the end", kind="bool"),
         "half_corrector": Option(
             "off", "correct only in half of the time range: 'low_noise' (t <= 0.5, the paper's rule for large "
@@ -269,6 +278,11 @@ class DPMSolverV3(Solver):
             one = torch.ones_like(lam)
             return _Stats(lam, one, torch.zeros_like(lam), torch.zeros_like(lam)), grid, index
         return _Stats(lam, ems.l, ems.s, ems.b), grid, index
+
+    def _corrects(self, grid: TimeGrid) -> bool:
+        """Whether this grid gets the corrector (``corrector`` and the ``corrector_max_steps`` rule)."""
+        limit = self.config["corrector_max_steps"]
+        return self.config["corrector"] and (limit == 0 or grid.n <= limit)
 
     def _orders(self, grid: TimeGrid) -> list[int]:
         cfg, n = self.config, grid.n
@@ -334,7 +348,7 @@ class DPMSolverV3(Solver):
                     predict[i, 1 + q] = c
                 predict_bias[i] = bias
             # corrector of point i: the step i-1 -> i again, now with f_i (stencil i-1, i, i-2, ...)
-            if i == 0 or not cfg["corrector"] or index[i - 1] is None or not _region_allows(
+            if i == 0 or not self._corrects(grid) or index[i - 1] is None or not _region_allows(
                     cfg["half_corrector"], grid, i):
                 continue
             c = orders[i - 1] + int(cfg["corrector_pseudo"])  # the official rule: correct only when c > 1
