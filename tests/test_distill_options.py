@@ -101,7 +101,8 @@ def _collect(teacher, scheduler, spec, folder):
 
 def test_sdxl_teacher_reproduces_the_pipelines_cfg_trajectory(sdxl, tmp_path):
     teacher = PromptTeacher(sdxl, ["a red cube", "a blue ball"], validation_prompts=["a green cone"])
-    spec = TrajectorySpec(num_shards=1, shard_size=2, num_inference_steps=3, w_min=4.0, w_max=4.0, seed=7)
+    spec = TrajectorySpec(num_shards=1, shard_size=2, num_inference_steps=3, w_min=4.0, w_max=4.0, seed=7,
+                          dtype="float32")  # the states as computed, not rounded to float16 storage
     records = _collect(teacher, build_scheduler("EulerDiscreteScheduler", sdxl.scheduler.config), spec, tmp_path)
     # The shard's draws, replayed: conditions, w, then the unit noise the pipeline gets as latents.
     g = torch.Generator().manual_seed(7)
@@ -129,7 +130,8 @@ def test_learned_variance_dit_teacher_reproduces_the_dit_pipeline(dit, tmp_path)
     transformer = dit.transformer
     assert transformer.config.out_channels == 2 * transformer.config.in_channels
     teacher = LabelTeacher(transformer, 1000, 1000)
-    spec = TrajectorySpec(num_shards=1, shard_size=2, num_inference_steps=3, w_min=3.0, w_max=3.0, seed=5)
+    spec = TrajectorySpec(num_shards=1, shard_size=2, num_inference_steps=3, w_min=3.0, w_max=3.0, seed=5,
+                          dtype="float32")  # the states as computed, not rounded to float16 storage
     records = _collect(teacher, build_scheduler("DDIMScheduler", dit.scheduler.config), spec, tmp_path)
     assert records["target"].shape[1:] == (4, 8, 8)  # the noise half only, as the pipeline guides and samples
     g = torch.Generator().manual_seed(5)

@@ -264,7 +264,12 @@ def test_11_15_stray_temp_files_beside_outputs_are_cleaned(tmp_path, capsys):
 def test_12_06_extractor_mistakes_are_one_line(tmp_path, capsys):
     base = ["eval", "ref", "digits", "--out", str(tmp_path / "r.npz"), "--cache-dir", str(tmp_path / "c")]
     assert "unknown option(s) ['bogus']" in _one_error_line(capsys, [*base, "--extractor", "digits:bogus=1"], "eval ref")
-    assert "returned str, not an nn.Module" in _one_error_line(capsys, [*base, "--extractor", "os:getcwd"], "eval ref")
+    # a builtin is refused before any call (only nn.Module classes and Python functions are called) ...
+    line = _one_error_line(capsys, [*base, "--extractor", "os:getcwd"], "eval ref")
+    assert "must name an nn.Module class or a Python function" in line
+    # ... and a Python function must return a module
+    assert "returned str, not an nn.Module" in _one_error_line(capsys, [*base, "--extractor", "platform:system"],
+                                                                "eval ref")
     line = _one_error_line(capsys, [*base, "--extractor", "json:loads"], "eval ref")
     assert "'json:loads' cannot be called with options {}" in line
     line = _one_error_line(capsys, ["eval", "fid", "--model", "digits", "--extractor", "digits:bogus=1", "--out",
@@ -523,7 +528,7 @@ def test_kill_9_resume_and_a_second_process_on_the_folder(job, tmp_path):
 def test_runtime_flags_are_declared_once():
     """--model/--device/--threads/--no-progress come from config.add_runtime_arguments in every job command."""
     for words, leaf in _leaves():
-        if words == "distill train":  # settings only (a YAML file and key=value items)
+        if words in ("distill train", "distill estimate"):  # settings only (a YAML file and key=value items)
             continue
         group = next((g for g in leaf._action_groups if g.title == "model and run"), None)
         assert group is not None, words

@@ -98,8 +98,14 @@ def test_use_karras_sigmas_string_false_is_not_read_as_true():
     base = DPMSolverMultistepScheduler().config
     with pytest.raises(TypeError, match="use_karras_sigmas='false'"):
         UniPCScheduler.from_config(base, use_karras_sigmas="false")
-    assert UniPCScheduler.from_config(base, use_karras_sigmas=False).config.timestep_spacing == "linspace"
-    assert UniPCScheduler.from_config(base, use_karras_sigmas=True).config.timestep_spacing == "karras"
+    plain = UniPCScheduler.from_config(base, use_karras_sigmas=False)
+    karras = UniPCScheduler.from_config(base, use_karras_sigmas=True)
+    assert not plain.config.use_karras_sigmas and karras.config.use_karras_sigmas is True
+    for s in (plain, karras):
+        s.set_timesteps(10)
+    reference = UniPCScheduler.from_config(base, timestep_spacing="karras")
+    reference.set_timesteps(10)
+    assert torch.equal(karras.timesteps, reference.timesteps) and not torch.equal(plain.timesteps, karras.timesteps)
 
 
 # ---------------------------------------------------------------- item 4: file references in scheduler configs
