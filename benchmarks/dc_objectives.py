@@ -1,0 +1,114 @@
+"""DC-Solver's two calibration objectives and ``objective="auto"``, held out: the README's DC objective table.
+
+    python benchmarks/dc_objectives.py gmm                 # minutes on one CPU thread
+    python benchmarks/dc_objectives.py digits [--pairs K]  # hours; rerun to resume (K: pairs this run)
+
+For each (guidance, NFE) pair -- digits: guidance 1.5, 3, 5, 7.5 x NFE 5, 6, 8, 10; the mixture:
+guidance 2 x NFE 5, 6, 8, 10 -- ``fewstep.calibrate_dc(objective="auto")`` with the CLI's default
+split: fit on 10 samples (seeds 100000..100009), validation on the next 32 (100010..100041),
+DDIM-200 reference. It fits both objectives (``trajectory``: official, per step; ``final``: joint,
+final-sample MSE), keeps the one with the lower validation MSE, and writes all-ones ratios (plain
+UniPC) when that one does not beat UniPC on validation. Each candidate and the written ratios are
+then evaluated on the held-out evaluation seeds 0..N-1 against the evaluation reference (DPM-Solver++(3),
+200 steps; the mixture: its exact ODE), with a 95% paired-bootstrap interval of auto's MSE ratio to UniPC.
+Results: ``benchmarks/results/dc/objectives-{model}.json`` and ``.md``; ratio files under
+``benchmarks/results/dc/objectives-{model}/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dc_common import CALIBRATION_SEED, Bench  # noqa: E402
+
+import fewstep  # noqa: E402
+from fewstep.eval.calibrate import calibration_inputs  # noqa: E402
+from fewstep.eval.io import atomic_write_bytes  # noqa: E402
+from fewstep.eval.testbeds import DigitsTestbed, GMMTestbed  # noqa: E402
+from fewstep.samplers.holdout import paired_ratio  # noqa: E402
+
+FIT, VALIDATION = 10, 32
+SETTINGS = {"digits": (DigitsTestbed, (1.5, 3.0, 5.0, 7.5), (5, 6, 8, 10), 300),
+            "gmm": (GMMTestbed, (2.0,), (5, 6, 8, 10), 1000)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", choices=sorted(SETTINGS))
+    p.add_argument("--pairs", type=int, default=99, help="calibrate at most this many new pairs in this run")
+    p.add_argument("--eval-samples", type=int, default=None)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    make, guidances, nfes, n_eval = SETTINGS[args.model]
+    b = Bench(make(), f"objectives-{args.model}", args.eval_samples or n_eval)
+    b.artifacts.mkdir(parents=True, exist_ok=True)
+    res = lambda key, solver, options, nfe, g: b.unit(key, lambda: b.evaluate(solver, options, nfe, g, key))  # noqa: E731
+    fresh = 0
+    for n in nfes:  # NFE-major: a partial run still covers every guidance
+        for g in guidances:
+            path = b.artifacts / f"auto-nfe{n}-g{g:g}.json"
+            if not path.exists():
+                if fresh >= args.pairs:
+                    continue
+                fresh += 1
+                inputs = calibration_inputs(b.tb, g, FIT + VALIDATION, CALIBRATION_SEED, None)
+                start = time.perf_counter()
+                r = fewstep.calibrate_dc(**inputs, nfe=n, objective="auto", validation=VALIDATION,
+                                         checkpoint=b.work / f"objectives-state-nfe{n}-g{g:g}.json")
+                r.meta.extra.update(seconds=round(time.perf_counter() - start, 1), threads=1, seed=CALIBRATION_SEED)
+                r.save(path)
+                b.log(f"{b.name}: nfe {n} g {g:g}: {r.meta.extra['objective']} "
+                      f"(written: {r.meta.extra['validation']['written']}) in {r.meta.extra['seconds']:.0f} s")
+            r = fewstep.DCRatios.load(path)
+            k = f"g{g:g}/nfe{n}"
+            res(f"unipc/{k}", "unipc", {}, n, g)
+            for name, ratios in r.meta.extra["ratios_by_objective"].items():
+                res(f"{name}/{k}", "dc", {"ratios": ratios}, n, g)
+            if r.meta.extra["validation"]["written"] == "baseline":
+                b.store[f"auto/{k}"] = b.store[f"unipc/{k}"]
+                auto_err = b.errors(f"unipc/{k}")
+            else:
+                auto_err = b.errors(f"{r.meta.extra['objective']}/{k}")
+            b.store[f"auto-ci/{k}"] = list(paired_ratio(auto_err, b.errors(f"unipc/{k}")))
+    write_table(b, args.model, guidances, nfes)
+
+
+def write_table(b: Bench, model: str, guidances, nfes) -> None:
+    lines = [f"# DC objectives on {model}: held-out MSE ratio to UniPC-2 ({b.n} evaluation samples, seeds 0..{b.n - 1}; "
+             f"fit on seeds {CALIBRATION_SEED}..{CALIBRATION_SEED + FIT - 1}, validation on "
+             f"{CALIBRATION_SEED + FIT}..{CALIBRATION_SEED + FIT + VALIDATION - 1})", "",
+             "| guidance | NFE | UniPC-2 MSE | trajectory | final | auto: chosen (validation ratio) | auto, held out "
+             "[95% paired-bootstrap CI] |", "|---:|---:|---:|---:|---:|---|---:|"]
+    worst = 0.0
+    for g in guidances:
+        for n in nfes:
+            k = f"g{g:g}/nfe{n}"
+            path = b.artifacts / f"auto-nfe{n}-g{g:g}.json"
+            if f"auto-ci/{k}" not in b.store or not path.exists():
+                lines.append(f"| {g:g} | {n} | not run | | | | |")
+                continue
+            v = fewstep.DCRatios.load(path).meta.extra["validation"]
+            u = b.store[f"unipc/{k}"]["mse"]
+            cells = [f"{b.store[f'{name}/{k}']['mse'] / u:.2f}x" for name in ("trajectory", "final")]
+            chosen = v["tuned"].split("(")[1].rstrip(")")
+            pick = f"{chosen} ({v['ratio']:.2f}x)" + (" -> UniPC written" if v["written"] == "baseline" else "")
+            ratio, lo, hi = b.store[f"auto-ci/{k}"]
+            worst = max(worst, ratio)
+            lines.append(f"| {g:g} | {n} | {u:.2e} | {cells[0]} | {cells[1]} | {pick} | {ratio:.2f}x [{lo:.2f}, {hi:.2f}] |")
+    lines += ["", f"Worst held-out ratio of auto to UniPC over the pairs run: {worst:.2f}x."]
+    text = "\n".join(lines) + "\n"
+    atomic_write_bytes(b.results_dir / f"objectives-{model}.md", text.encode())
+    from fewstep.eval.io import write_json
+
+    write_json(b.path, b.store)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
