@@ -34,6 +34,7 @@ from ..eval.testbeds import Testbed, make_testbed
 from ..samplers import GridSpec, SolverSchedule, load_solver_schedule, make_plan
 from ..samplers.solvers.usf import spell_out
 from .fitness import Fitness
+from .guard import validate_against_baseline
 from .predictor import FitnessPredictor
 from .runlog import SearchLog, check_identity, save_state
 from .settings import SearchSettings
@@ -366,12 +367,27 @@ def _finish(cfg: USFSearchConfig, run_dir: Path, records: SearchLog, population:
         "seconds": sum(e.get("elapsed", 0.0) for e in records.entries) + screen["seconds"],
         "search_seeds": [cfg.data_seed, cfg.data_seed + num_samples],
     }
-    sched = space.schedule(population[best_i][0], fitness.meta("usf", search=summary))
+    hand = [i for i, e in enumerate(records.entries) if e["generation"] == 0 and _hand_set(e["origin"])]
+    base_i = min(hand, key=lambda i: (values[i], i)) if hand else best_i
+    summary["baseline"] = records.entries[base_i]["origin"]
+    summary["baseline_fitness"] = values[base_i]
+    record = validate_against_baseline(
+        cfg, fitness.testbed, fitness.guidance, run_dir, ("usf", {"solver_schedule": space.schedule(population[best_i][0])}),
+        ("usf", {"solver_schedule": space.schedule(population[base_i][0])}), f"S3 ({records.entries[best_i]['origin']})",
+        f"best hand-set {records.entries[base_i]['origin']}", log)
+    chosen = best_i if record["written"] == "tuned" else base_i
+    sched = space.schedule(population[chosen][0], fitness.meta("usf", search=summary, validation=record))
     sched.save(cfg.out)
-    write_json(run_dir / "result.json", {**summary, "schedule": str(cfg.out)})
+    write_json(run_dir / "result.json", {**summary, "validation": record, "schedule": str(cfg.out)})
     log(f"best {cfg.metric} {values[best_i]:.5g} after {len(values)} evaluations (found at evaluation {best_i + 1}, "
-        f"{summary['best_origin']}); hand-set start: {init_best:.5g}; wrote {cfg.out}")
+        f"{summary['best_origin']}); hand-set start: {init_best:.5g}; wrote {cfg.out}"
+        + ("" if chosen == best_i else f" (the baseline {records.entries[base_i]['origin']})"))
     return sched
+
+
+def _hand_set(origin: str) -> bool:
+    """Whether a log entry's origin is a hand-set solver of the initial population."""
+    return "@" in origin and not origin.startswith(("init:", "random"))
 
 
 def search_usf(model: "str | Testbed" = "digits", nfe: int = 5, guidance: float | None = None, budget: int = 200,

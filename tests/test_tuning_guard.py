@@ -1,0 +1,81 @@
+"""The held-out guard of the searches: a deliberately bad search budget must not reach the user unannounced."""
+
+import os
+
+import pytest
+import torch
+
+import fewstep
+from fewstep.cli import main
+from fewstep.eval.testbeds import GMMTestbed
+from fewstep.search import search_timesteps, search_usf
+
+# Two search samples: any tuning overfits them.
+BAD = dict(nfe=4, num_samples=2, validation_samples=64, progress=False)
+S3_BAD = dict(BAD, budget=60, init_screen=0, init_size=8, init_spacings=["time_quadratic"], pool=12, per_generation=3,
+              warmup=10, random_init=3, seed=7)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def reference_cache(tmp_path_factory):
+    old = os.environ.get("FEWSTEP_CACHE")
+    os.environ["FEWSTEP_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        del os.environ["FEWSTEP_CACHE"]
+    else:
+        os.environ["FEWSTEP_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def gmm():
+    return GMMTestbed()
+
+
+def _validation_mse(gmm, solver, options):
+    x, cond = gmm.initial_noise(64, 100002)  # the validation seeds: right after the 2 search samples
+    ref = gmm.reference(x, cond, 2.0, None, None, None, None)
+    return (gmm.generate(solver, options, 4, x, cond, 2.0, None) - ref).pow(2).flatten(1).mean(1).mean().item()
+
+
+def test_timestep_search_with_a_bad_budget_writes_the_untuned_grid(gmm, tmp_path):
+    messages = []
+    sched = search_timesteps(gmm, "unipc", out=tmp_path / "t.json", budget=30, log=messages.append, **BAD)
+    v = sched.meta.extra["validation"]
+    assert not v["beats_baseline"] and v["written"] == "baseline" and v["seeds"] == [100002, 100066]
+    assert v["tuned_value"] > v["baseline_value"] and v["interval95"][0] <= v["ratio"] <= v["interval95"][1]
+    assert sum("does not beat its baseline" in m and "writing the baseline" in m for m in messages) == 1
+    assert sched.meta.extra["search"]["best_fitness"] < sched.meta.extra["search"]["start_fitness"]  # it did overfit
+    # The written file runs the untuned solver (the same samples); the recorded figure was measured against the
+    # search's stored float32 reference, this one against a fresh one, hence the tolerance.
+    written = _validation_mse(gmm, "unipc", {"solver_schedule": str(tmp_path / "t.json")})
+    assert written == _validation_mse(gmm, "unipc", {}) == pytest.approx(v["baseline_value"], rel=1e-5)
+    kept = search_timesteps(gmm, "unipc", out=tmp_path / "k.json", budget=30, keep_worse=True,
+                            log=lambda m: None, **BAD)
+    assert kept.meta.extra["validation"]["written"] == "tuned" and kept.timesteps != sched.timesteps
+    assert _validation_mse(gmm, "unipc", {"solver_schedule": str(tmp_path / "k.json")}) == \
+        pytest.approx(v["tuned_value"], rel=1e-5)
+
+
+def test_s3_with_a_bad_budget_writes_the_best_hand_set_solver(gmm, tmp_path):
+    messages = []
+    sched = search_usf(gmm, out=tmp_path / "u.json", log=messages.append, **S3_BAD)
+    v, s = sched.meta.extra["validation"], sched.meta.extra["search"]
+    assert v["written"] == "baseline" and v["tuned_value"] > v["baseline_value"]
+    assert v["baseline"] == f"best hand-set {s['baseline']}" and "@" in s["baseline"]
+    assert s["best_fitness"] < s["baseline_fitness"]  # better on the 2 search samples, worse held out
+    assert any("writing the baseline instead" in m for m in messages)
+    assert _validation_mse(gmm, "usf", {"solver_schedule": str(tmp_path / "u.json")}) == \
+        pytest.approx(v["baseline_value"], rel=1e-5)
+
+
+def test_cli_reports_the_guard_and_keeps_worse_on_request(tmp_path, capsys):
+    args = ["search", "timesteps", "--model", "gmm", "--nfe", "4", "--num-samples", "2", "--validation-samples", "64",
+            "--budget", "30", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "a.json")]) == 0
+    assert "writing the baseline instead (--keep-worse writes the tuned one)" in capsys.readouterr().out
+    assert main([*args, "--keep-worse", "--out", str(tmp_path / "b.json")]) == 0
+    b = fewstep.load_solver_schedule(tmp_path / "b.json")
+    assert b.meta.extra["validation"]["written"] == "tuned"
+    assert main([*args, "--validation-samples", "1", "--out", str(tmp_path / "c.json")]) == 2
+    assert "validation_samples must be >= 2" in capsys.readouterr().err
