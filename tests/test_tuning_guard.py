@@ -1,5 +1,6 @@
 """The held-out guard of the searches: a deliberately bad search budget must not reach the user unannounced."""
 
+import math
 import os
 
 import pytest
@@ -79,3 +80,47 @@ def test_cli_reports_the_guard_and_keeps_worse_on_request(tmp_path, capsys):
     assert b.meta.extra["validation"]["written"] == "tuned"
     assert main([*args, "--validation-samples", "1", "--out", str(tmp_path / "c.json")]) == 2
     assert "validation_samples must be >= 2" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- S3's predictor earns its place
+
+S3_SMALL = dict(nfe=4, budget=24, num_samples=8, init_screen=8, init_size=8, init_spacings=["time_quadratic"],
+                pool=24, per_generation=3, warmup=10, random_init=3, seed=3, progress=False, validation_samples=4,
+                polish_first=False, polish_every=0)
+
+
+def _entries(run_dir):
+    from fewstep.search.runlog import SearchLog
+
+    return SearchLog(run_dir / "search_log.jsonl").entries
+
+
+def test_predictor_below_its_rank_threshold_is_plain_evolution(gmm, tmp_path):
+    quiet = dict(log=lambda m: None)
+    search_usf(gmm, out=tmp_path / "off.json", predictor=False, **S3_SMALL, **quiet)
+    search_usf(gmm, out=tmp_path / "gated.json", predictor_min_rank=1.0, **S3_SMALL, **quiet)  # never earned
+    off, gated = _entries(tmp_path / "off.run"), _entries(tmp_path / "gated.run")
+    assert [e["candidate"] for e in gated] == [e["candidate"] for e in off]
+    assert all(e["predicted"] is None for e in gated)
+    ranked = [e["origin"] for e in gated if "predictor rank" in e["origin"]]
+    assert ranked and all(o.endswith(", off)") for o in ranked)  # the skill was measured and logged
+    search_usf(gmm, out=tmp_path / "on.json", predictor_min_rank=-1.0, **S3_SMALL, **quiet)
+    assert any(e["predicted"] is not None for e in _entries(tmp_path / "on.run"))
+    with pytest.raises(ValueError, match="predictor_min_rank is a rank correlation"):
+        search_usf(gmm, out=tmp_path / "bad.json", predictor_min_rank=2.0, **S3_SMALL, **quiet)
+
+
+def test_predictor_skill_separates_signal_from_noise():
+    import random
+
+    from fewstep.search.s3 import predictor_skill
+    from fewstep.search.space import LogSNRAxis, SearchSpace
+
+    space = SearchSpace(LogSNRAxis(fewstep.make_schedule("linear")), 4)
+    rng = random.Random(0)
+    cands = [space.random(rng) for _ in range(64)]
+    # Fitness that depends smoothly on the first timestep position, which the encoding holds: learnable.
+    learnable = [(c, math.exp(3 * c.u[1])) for c in cands]
+    noise = [(c, math.exp(rng.gauss(0, 1))) for c in cands]
+    assert predictor_skill(learnable, 5, 0, 0) > 0.5
+    assert abs(predictor_skill(noise, 5, 0, 0)) < 0.5
