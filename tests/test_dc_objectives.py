@@ -225,3 +225,8 @@ def test_calibrate_cli_records_validation_seeds_and_objective(tmp_path, capsys):
     e = fewstep.DCRatios.load(out).meta.extra
     assert e["objective"] == "trajectory" and e["validation"]["seeds"] == [100003, 100007]
     assert "validation: " in capsys.readouterr().out
+    # compare shows the recorded validation figures beside its own
+    assert main(["compare", "--model", "gmm", "--solvers", "unipc", f"dc:dc_file={out}", "--nfe", "5",
+                 "--num-samples", "8", "--no-plot", "--no-progress", "--out", str(tmp_path / "cmp")]) == 0
+    line = f"dc(dc_file={out}): at tuning time, on 4 validation samples (seeds 100003..100006)"
+    assert line in capsys.readouterr().out and line in (tmp_path / "cmp" / "results.md").read_text()

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["paired_ratio", "validation_record", "describe", "BOOTSTRAP_RESAMPLES"]
+__all__ = ["paired_ratio", "validation_record", "describe", "recorded_validations", "BOOTSTRAP_RESAMPLES"]
 
 BOOTSTRAP_RESAMPLES = 2000
 
@@ -100,3 +100,16 @@ def _where(record: dict[str, Any]) -> str:
 
 def _num(v: float | None) -> str:
     return "inf" if v is None else f"{v:.4g}"
+
+
+def recorded_validations(solver: str, options: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ``validation`` records of the tuned artifacts a solver spec loads (none for plain solvers)."""
+    from .artifacts import Artifact
+    from .registry import get_solver
+
+    try:
+        config = get_solver(solver, **options).config
+    except (ValueError, TypeError, KeyError, OSError):  # not a fewstep solver (diffusers:...) or unloadable
+        return []
+    return [v.meta.extra["validation"] for v in config.values()
+            if isinstance(v, Artifact) and isinstance(v.meta.extra.get("validation"), dict)]
