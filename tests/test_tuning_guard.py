@@ -124,3 +124,20 @@ def test_predictor_skill_separates_signal_from_noise():
     noise = [(c, math.exp(rng.gauss(0, 1))) for c in cands]
     assert predictor_skill(learnable, 5, 0, 0) > 0.5
     assert abs(predictor_skill(noise, 5, 0, 0)) < 0.5
+
+
+def test_ems_compute_records_dpmv3_against_its_base_on_held_out_seeds(tmp_path, capsys):
+    from fewstep.samplers.ems import EMS
+
+    out = tmp_path / "g.safetensors"
+    assert main(["ems", "compute", "--model", "gmm", "--n-grid", "40", "--n-data", "32", "--guidance", "2",
+                 "--validation-samples", "16", "--validation-nfe", "5", "8", "--out", str(out), "--no-progress"]) == 0
+    v = EMS.load(out).meta.extra["validation"]
+    assert v["seeds"] == [100032, 100048] and v["nfe"] == [5, 8] and set(v["ratio_by_nfe"]) == {"5", "8"}
+    assert v["recommended_solver"] == ("dpmv3" if v["tuned_value"] < v["baseline_value"] else "dpmpp")
+    assert v["interval95"][0] <= v["ratio"] <= v["interval95"][1]
+    assert "validation: dpmv3/dpmpp MSE on 16 held-out samples (seeds 100032..100047)" in capsys.readouterr().out
+    assert main(["ems", "compute", "--model", "gmm", "--n-grid", "4", "--n-data", "4", "--validation-nfe", "8",
+                 "--out", str(tmp_path / "c.safetensors"), "--no-progress"]) == 0
+    assert "validation skipped" in capsys.readouterr().out
+    assert "validation" not in EMS.load(tmp_path / "c.safetensors").meta.extra
