@@ -29,7 +29,7 @@ from dc_common import CALIBRATION_SEED, Bench  # noqa: E402
 
 import fewstep  # noqa: E402
 from fewstep.eval.calibrate import calibration_inputs  # noqa: E402
-from fewstep.eval.io import atomic_write_bytes, load_tensors, save_tensors  # noqa: E402
+from fewstep.eval.io import atomic_write_bytes, load_tensors, read_json, save_tensors  # noqa: E402
 from fewstep.eval.testbeds import DigitsTestbed, GMMTestbed  # noqa: E402
 from fewstep.samplers.holdout import paired_ratio  # noqa: E402
 
@@ -41,14 +41,26 @@ SETTINGS = {"digits": (DigitsTestbed, (1.5, 3.0, 5.0, 7.5), (5, 6, 8, 10), 100),
 
 
 def main() -> None:
+    global VALIDATION
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", choices=sorted(SETTINGS))
     p.add_argument("--pairs", type=int, default=99, help="calibrate at most this many new pairs in this run")
     p.add_argument("--eval-samples", type=int, default=None)
+    p.add_argument("--part", nargs="+", type=int, metavar="NFE",
+                   help="only these NFEs, from the last guidance down, in a results file of their own (a second "
+                        "process on a shared machine); a run without --part merges every part into the table")
+    p.add_argument("--validation", type=int, default=VALIDATION,
+                   help=f"validation samples (default: {VALIDATION}, the CLI's; others get files of their own)")
     args = p.parse_args()
     torch.set_num_threads(1)
+    VALIDATION = args.validation
     make, guidances, nfes, n_eval = SETTINGS[args.model]
-    b = Bench(make(), f"objectives-{args.model}", args.eval_samples or n_eval)
+    stem = f"objectives-{args.model}" + ("" if VALIDATION == 32 else f"-v{VALIDATION}")
+    name = stem + ("" if not args.part else "-part" + "-".join(map(str, args.part)))
+    b = Bench(make(), name, args.eval_samples or n_eval)
+    b.artifacts = b.results_dir / stem
+    if args.part:
+        nfes, guidances = [n for n in nfes if n in args.part][::-1], guidances[::-1]
     b.artifacts.mkdir(parents=True, exist_ok=True)
     res = lambda key, solver, options, nfe, g: b.unit(key, lambda: b.evaluate(solver, options, nfe, g, key))  # noqa: E731
     fresh = 0
@@ -80,7 +92,10 @@ def main() -> None:
             else:
                 auto_err = b.errors(f"{r.meta.extra['objective']}/{k}")
             b.store[f"auto-ci/{k}"] = list(paired_ratio(auto_err, b.errors(f"unipc/{k}")))
-    write_table(b, args.model, guidances, nfes)
+    if not args.part:
+        for part in sorted(b.results_dir.glob(f"{stem}-part*.json")):
+            b.store.update({k: v for k, v in read_json(part).items() if k != "num_eval"})
+        write_table(b, stem, *SETTINGS[args.model][1:3])
 
 
 def ddim_reference(b: Bench, g: float, inputs: dict) -> torch.Tensor:
@@ -94,7 +109,8 @@ def ddim_reference(b: Bench, g: float, inputs: dict) -> torch.Tensor:
     return load_tensors(path)["x"]
 
 
-def write_table(b: Bench, model: str, guidances, nfes) -> None:
+def write_table(b: Bench, stem: str, guidances, nfes) -> None:
+    model = stem.split("-")[1]
     lines = [f"# DC objectives on {model}: held-out MSE ratio to UniPC-2 ({b.n} evaluation samples, seeds 0..{b.n - 1}; "
              f"fit on seeds {CALIBRATION_SEED}..{CALIBRATION_SEED + FIT - 1}, validation on "
              f"{CALIBRATION_SEED + FIT}..{CALIBRATION_SEED + FIT + VALIDATION - 1})", "",
@@ -118,7 +134,7 @@ def write_table(b: Bench, model: str, guidances, nfes) -> None:
             lines.append(f"| {g:g} | {n} | {u:.2e} | {cells[0]} | {cells[1]} | {pick} | {ratio:.2f}x [{lo:.2f}, {hi:.2f}] |")
     lines += ["", f"Worst held-out ratio of auto to UniPC over the pairs run: {worst:.2f}x."]
     text = "\n".join(lines) + "\n"
-    atomic_write_bytes(b.results_dir / f"objectives-{model}.md", text.encode())
+    atomic_write_bytes(b.results_dir / f"{stem}.md", text.encode())
     from fewstep.eval.io import write_json
 
     write_json(b.path, b.store)

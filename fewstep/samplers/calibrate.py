@@ -337,7 +337,7 @@ def _fit_trajectory(job: _Job, run: dict[str, Any], reference_nfe: int, iteratio
     from .calibrate_trajectory import fit_trajectory, ground_truth_trajectory
 
     nfe, dc_order = job.base.n, job.dc_order
-    key = identity + "/trajectory"
+    key = f"{identity}/trajectory/{iterations}/{reference_nfe}"  # every fitted step used these
     done: list[float] = []
     if checkpoint is not None and Path(checkpoint).exists():
         from ..eval.io import read_json
