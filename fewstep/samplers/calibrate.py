@@ -201,7 +201,7 @@ def calibrate_dc(
             fitted[name] = _fit_trajectory(job, run, reference_nfe, iterations, lr, bounds, identity, ck, progress)
 
     extra: dict[str, Any] = {
-        "objective": objectives[0], "reference": reference_what, "num_samples": n_all - held,
+        "reference": reference_what, "num_samples": n_all - held,
         "iterations": iterations, "lr": lr, "lr_schedule": lr_schedule, "bounds": None if bounds is None else list(bounds),
         "solver_options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dc.config.items()
                            if k not in _DC_KEYS},
@@ -215,10 +215,9 @@ def calibrate_dc(
         chosen = min(objectives, key=lambda k: float(errs[k].mean()))
         base_name = "unipc" if solver == "dc" else "dpmpp"
         record = validation_record(errs[chosen], errs["none"], tuned_label=f"{dc.name} ({chosen})",
-                                   baseline_label=f"{base_name} (ratios 1)", seeds=[n_all - held, n_all],
+                                   baseline_label=f"{base_name} (ratios 1)", seeds=[],  # the CLI knows the seeds
                                    keep_worse=keep_worse, objectives={k: float(v.mean()) for k, v in errs.items()
                                                                        if k != "none"})
-        record["seeds"] = None  # sample indices of x_T, not seeds: the caller (the CLI) knows the seeds
         record["samples_held_out"] = [n_all - held, n_all]
         extra["validation"] = record
     ratios, losses = fitted[chosen]
