@@ -61,6 +61,9 @@ def main() -> None:
     b.artifacts = b.results_dir / stem
     if args.part:
         nfes, guidances = [n for n in nfes if n in args.part][::-1], guidances[::-1]
+    else:  # what the parts evaluated is not evaluated again
+        for part in sorted(b.results_dir.glob(f"{stem}-part*.json")):
+            b.store.update({k: v for k, v in read_json(part).items() if k != "num_eval"})
     b.artifacts.mkdir(parents=True, exist_ok=True)
     res = lambda key, solver, options, nfe, g: b.unit(key, lambda: b.evaluate(solver, options, nfe, g, key))  # noqa: E731
     fresh = 0
@@ -93,8 +96,6 @@ def main() -> None:
                 auto_err = b.errors(f"{r.meta.extra['objective']}/{k}")
             b.store[f"auto-ci/{k}"] = list(paired_ratio(auto_err, b.errors(f"unipc/{k}")))
     if not args.part:
-        for part in sorted(b.results_dir.glob(f"{stem}-part*.json")):
-            b.store.update({k: v for k, v in read_json(part).items() if k != "num_eval"})
         write_table(b, stem, *SETTINGS[args.model][1:3])
 
 
