@@ -1,6 +1,7 @@
 """The held-out guard on the S3 settings that lost to the best hand-set solver (README, "USF", issue 18).
 
     python benchmarks/usf_guard.py [gmm-nfe8] [digits-g3-nfe6]   # resumable (the search run folders)
+    python benchmarks/usf_guard.py --report                       # the tables from guard.json
 
 Reruns `fewstep search usf` with the settings of benchmarks/usf_benchmark.py (budget 200, predictor on,
 seed 0; search batch: 1024 GMM / 128 digits samples from seed 100000) and the guard's defaults (128
@@ -36,7 +37,8 @@ OUT = ROOT / "benchmarks" / "results" / "usf" / "guard"
 
 def main() -> None:
     torch.set_num_threads(1)
-    names = sys.argv[1:] or list(SETTINGS)
+    report_only = sys.argv[1:] == ["--report"]  # only the tables, from guard.json
+    names = [] if report_only else (sys.argv[1:] or list(SETTINGS))
     path = OUT.with_suffix(".json")
     results = read_json(path) if path.exists() else {}
     for name in names:
