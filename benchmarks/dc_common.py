@@ -138,6 +138,7 @@ class Bench:
             x, labels = self.tb.initial_noise(num_samples, seed)
             options["reference"] = self.tb.reference(x, labels, guidance, None, *REFERENCE)
         start = time.perf_counter()
+        options.setdefault("objective", "final")  # the objective these benchmarks' committed ratios were made with
         ratios = fewstep.calibrate_dc(**inputs, nfe=nfe, solver=solver, checkpoint=self.work / f"state-{tag}.json",
                                       **options)
         ratios.meta.extra.update(seed=seed, seconds=round(time.perf_counter() - start, 1), threads=1)

@@ -50,7 +50,8 @@ def main() -> None:
             path = folder / "optimiser" / f"ratios-cosine-{tag}.json"
             if not path.exists():
                 inputs = calibration_inputs(tb, g, 10, CALIBRATION_SEED, None)
-                fewstep.calibrate_dc(**inputs, nfe=n, checkpoint=work / f"state-{tag}.json", **ALTERNATIVE).save(path)
+                fewstep.calibrate_dc(**inputs, nfe=n, checkpoint=work / f"state-{tag}.json", objective="final",
+                                     **ALTERNATIVE).save(path)
                 print(f"calibrated {tag}", flush=True)
             other = fewstep.DCRatios.load(path).meta.extra
             lines.append(f"| {g:g} | {n} | {default['loss'] / default['loss_uncompensated']:.3f} | "
@@ -73,7 +74,8 @@ def main() -> None:
             path = folder / "optimiser" / f"ratios-{name}-{tag}.json"
             if not path.exists():
                 inputs = calibration_inputs(tb, g, size, seed, None)
-                fewstep.calibrate_dc(**inputs, nfe=5, checkpoint=work / f"state-{name}-{tag}.json", **options).save(path)
+                fewstep.calibrate_dc(**inputs, nfe=5, checkpoint=work / f"state-{name}-{tag}.json", objective="final",
+                                     **options).save(path)
             ratios = fewstep.DCRatios.load(path)
             key = f"dc/g{g:g}/nfe5/calib{size}/" + name
             held = b.unit(key, lambda r=ratios, g=g: b.evaluate("dc", {"ratios": r}, 5, g))["mse"]

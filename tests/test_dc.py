@@ -320,7 +320,7 @@ def test_digits_pipeline_saved_with_dc_ratios_reloads_as_the_same_sampler(tmp_pa
 def _calibrate(**kw):
     cond = torch.arange(8) % 3
     return fewstep.calibrate_dc(MODEL, x_T(8), schedule="linear", nfe=5, guidance=3.0, cond=cond,
-                                uncond=torch.full_like(cond, -1), reference_nfe=60, **kw)
+                                uncond=torch.full_like(cond, -1), reference_nfe=60, **{"objective": "final", **kw})
 
 
 def test_calibration_lowers_the_loss_and_records_its_provenance():
@@ -393,7 +393,9 @@ def test_calibration_rejects_bad_setups():
             return MODEL(x, t)
 
     with pytest.raises(ValueError, match="must not run under torch.no_grad"):
-        fewstep.calibrate_dc(frozen, x_T(), schedule="linear", nfe=5, iterations=1, reference=x_T())
+        fewstep.calibrate_dc(frozen, x_T(), schedule="linear", nfe=5, iterations=1, reference=x_T(), objective="final")
+    with pytest.raises(ValueError, match="must not run under torch.no_grad"):
+        fewstep.calibrate_dc(frozen, x_T(), schedule="linear", nfe=5, iterations=1, objective="trajectory")
 
 
 CLI = ["calibrate", "dc", "--model", "gmm", "--num-samples", "2", "--iterations", "1", "--reference-nfe", "10",

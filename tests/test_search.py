@@ -23,7 +23,7 @@ from fewstep.search.space import Candidate, LogSNRAxis, SearchSpace, logits_from
 
 # Small but complete: initial population, predictor rounds, polish rounds.
 S3 = dict(nfe=4, budget=34, num_samples=24, init_screen=8, init_size=8, init_spacings=["time_quadratic"], pool=12,
-          per_generation=3, warmup=10, random_init=3, progress=False)
+          per_generation=3, warmup=10, random_init=3, progress=False, predictor_min_rank=-1.0)
 QUIET = dict(log=lambda msg: None)
 
 

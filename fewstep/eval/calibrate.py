@@ -7,7 +7,11 @@ the DDIM references (one per guidance), the optimiser state of the pair in progr
 (rewritten atomically after every iteration) and the ratios of every finished pair: a run
 killed at any point resumes where it stopped when the same command is run again and ends
 with the same files. Calibration noise uses seeds ``seed, seed + 1, ...`` (default 100000,
-disjoint from the evaluation seeds 0, 1, ... of ``fewstep compare``).
+disjoint from the evaluation seeds 0, 1, ... of ``fewstep compare``): the first
+``num_samples`` fit the ratios, the next ``validation_samples`` choose the objective
+(``auto``) and check the result against the base solver; ratios that lose there are written
+as all ones (the base solver, said in one line) unless ``keep_worse``. The verdict, both
+validation MSEs and a paired-bootstrap interval are in the file's ``meta.extra.validation``.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import argparse
 import itertools
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, List, Optional
@@ -25,7 +30,9 @@ import torch
 from ..config import (add_config_arguments, add_runtime_arguments, refuse_multiple_processes, resolve_config,
                       resolve_device, save_config, torch_threads)
 from ..samplers import ArtifactMeta, GridSpec, model_fingerprint, sample
-from ..samplers.calibrate import DEFAULT_ITERATIONS, DEFAULT_LR, DEFAULT_REFERENCE_NFE, calibrate_dc
+from ..samplers.calibrate import (DEFAULT_ITERATIONS, DEFAULT_LR, DEFAULT_OBJECTIVE, DEFAULT_REFERENCE_NFE, OBJECTIVES,
+                                  calibrate_dc)
+from ..samplers.holdout import describe as describe_validation
 from ..samplers.dc_artifacts import DCRatios, fit_cpr
 from ..samplers.solvers.dc import DynamicCompensation
 from .compare import Method
@@ -46,7 +53,13 @@ class CalibrateDCConfig:
         nfe: NFE(s) to calibrate.
         guidance: CFG scale(s); None: the model's default (<= 1: no guidance).
         grid: Calibrate every (NFE, guidance) pair and fit the CPR coefficients (out is a dc_cpr file).
-        num_samples: Calibration samples (the paper uses 10).
+        num_samples: Calibration (fit) samples (the paper uses 10).
+        validation_samples: Samples held out of the fit (seeds right after the fit's) on which
+            the objectives are compared and the result is checked against the base solver.
+        objective: ``auto`` (both, the better on validation), ``trajectory`` (official, per
+            step) or ``final`` (joint, final-sample MSE).
+        keep_worse: Write the calibrated ratios even when they lose to the base solver on the
+            validation samples (otherwise all-ones ratios, i.e. the base solver, are written).
         seed: First noise seed (sample i uses ``seed + i``).
         solver: ``dc`` or ``dc_dpmpp``, with options (``dc:order=3``).
         spacing: Timestep spacing; None: the model's own (the grid ``fewstep compare`` uses).
@@ -64,6 +77,9 @@ class CalibrateDCConfig:
     guidance: Optional[List[float]] = None
     grid: bool = False
     num_samples: int = 10
+    validation_samples: int = 32
+    objective: str = DEFAULT_OBJECTIVE
+    keep_worse: bool = False
     seed: int = 100000
     solver: str = "dc"
     spacing: Optional[str] = None
@@ -90,7 +106,12 @@ class CalibrateDCConfig:
             bad = [g for g in self.guidance if not math.isfinite(g)]
             if bad:  # nan > 1 is False: it would silently run unguided
                 raise ValueError(f"guidance must be finite numbers, got {bad[0]}")
-        for key, low in (("num_samples", 1), ("iterations", 0), ("reference_nfe", 1), ("threads", 1)):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.objective == "auto" and self.validation_samples < 1:
+            raise ValueError("objective auto chooses on validation samples: validation_samples must be >= 1")
+        for key, low in (("num_samples", 1), ("validation_samples", 0), ("iterations", 0), ("reference_nfe", 1),
+                         ("threads", 1)):
             if getattr(self, key) < low:
                 raise ValueError(f"{key} must be >= {low}, got {getattr(self, key)}")
         if self.seed < 0:
@@ -185,6 +206,7 @@ def _identity(cfg: CalibrateDCConfig, testbed: Testbed) -> dict[str, Any]:
     model = model_identity(cfg.model)
     method = Method.parse(cfg.solver)
     return {"fewstep": __version__, "model": model, "testbed": testbed.fingerprint(), "num_samples": cfg.num_samples,
+            "validation_samples": cfg.validation_samples, "objective": cfg.objective, "keep_worse": cfg.keep_worse,
             "seed": cfg.seed, "solver": repr(method.canonical), "spacing": cfg.spacing, "iterations": cfg.iterations,
             "lr": cfg.lr, "reference_nfe": cfg.reference_nfe, "batch_size": cfg.batch_size, "prompts": cfg.prompts,
             "height": cfg.height, "width": cfg.width, "device": testbed.device.type}
@@ -240,16 +262,26 @@ def run_calibrate_dc(testbed: Testbed, cfg: CalibrateDCConfig, log: Callable[[st
             if done.exists():
                 results.append(DCRatios.load(done))
                 continue
-            inputs = calibration_inputs(testbed, guidance, cfg.num_samples, cfg.seed, cfg.spacing)
+            total = cfg.num_samples + cfg.validation_samples
+            inputs = calibration_inputs(testbed, guidance, total, cfg.seed, cfg.spacing)
             ref = _reference(work, cfg, inputs, guidance, key)
-            ratios = calibrate_dc(**inputs, nfe=nfe, reference=ref, iterations=cfg.iterations, lr=cfg.lr,
-                                  solver=method.solver, batch_size=cfg.batch_size, checkpoint=work / f"state-{name}.json",
-                                  progress=cfg.progress, **method.option_dict)
-            ratios.meta.extra.update(seed=cfg.seed, model=cfg.model, reference=f"ddim, {cfg.reference_nfe} steps")
-            ratios.save(done)
+            with warnings.catch_warnings():  # the verdict is logged below, in one line
+                warnings.simplefilter("ignore", UserWarning)
+                ratios = calibrate_dc(**inputs, nfe=nfe, reference=ref, objective=cfg.objective,
+                                      validation=cfg.validation_samples, keep_worse=cfg.keep_worse,
+                                      iterations=cfg.iterations, lr=cfg.lr, solver=method.solver,
+                                      batch_size=cfg.batch_size, checkpoint=work / f"state-{name}.json",
+                                      progress=cfg.progress, **method.option_dict)
             e = ratios.meta.extra
-            log(f"{name}: ratios {[round(r, 4) for r in ratios.ratios]}; calibration MSE "
-                f"{e['loss_uncompensated']:.4g} -> {e['loss']:.4g}")
+            e.update(seed=cfg.seed, model=cfg.model, reference=f"ddim, {cfg.reference_nfe} steps")
+            if "validation" in e:
+                e["validation"].update(seeds=[cfg.seed + cfg.num_samples, cfg.seed + total])
+            ratios.save(done)
+            losses = "" if e.get("loss") is None else \
+                f"; calibration MSE {e['loss_uncompensated']:.4g} -> {e['loss']:.4g}"
+            log(f"{name}: objective {e['objective']}, ratios {[round(r, 4) for r in ratios.ratios]}{losses}")
+            if "validation" in e:
+                log(f"{name}: {describe_validation(e['validation'])}")
             results.append(ratios)
         if cfg.grid:
             first = results[0].meta
@@ -277,8 +309,11 @@ def add_calibrate_parser(sub: argparse._SubParsersAction) -> None:
         help="DC-Solver compensation ratios (one NFE/guidance) or CPR coefficients (--grid)",
         description=(
             "Calibrate DC-Solver's compensation ratios on a few samples against a 200-step DDIM reference\n"
-            "(gradients through the whole sampling run), or with --grid every (NFE, guidance) pair and the\n"
-            "36 cascade-polynomial-regression coefficients. Rerunning the same command resumes."
+            "(objective trajectory: the official per-step fit to the DDIM trajectory; final: all ratios\n"
+            "jointly on the final samples; auto: both, the better on validation samples), or with --grid\n"
+            "every (NFE, guidance) pair and the 36 cascade-polynomial-regression coefficients. Ratios that\n"
+            "do not beat the base solver on the validation samples are written as ones unless --keep-worse.\n"
+            "Rerunning the same command resumes."
         ),
         epilog=(
             "Examples:\n"
@@ -296,6 +331,14 @@ def add_calibrate_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--grid", dest="grid", action="store_true",
                    help="calibrate every (nfe, guidance) pair and fit CPR; takes nfe=A,B,... guidance=A,B,...")
     d.add_argument("--num-samples", dest="num_samples", type=int, metavar="N", help="calibration samples (default: 10)")
+    d.add_argument("--validation-samples", dest="validation_samples", type=int, metavar="N",
+                   help="samples held out of the fit to choose the objective and to check the result against the "
+                        "base solver (default: 32, seeds after the fit's)")
+    d.add_argument("--objective", choices=list(OBJECTIVES),
+                   help=f"trajectory (official, per step), final (joint, final-sample MSE) or auto: both, the better "
+                        f"on validation (default: {DEFAULT_OBJECTIVE})")
+    d.add_argument("--keep-worse", dest="keep_worse", action="store_true",
+                   help="write the calibrated ratios even when they lose to the base solver on validation")
     d.add_argument("--seed", type=int, metavar="N", help="first noise seed (default: 100000)")
     d.add_argument("--solver", metavar="SPEC", help="dc (default) or dc_dpmpp, with options: dc:order=3")
     d.add_argument("--spacing", metavar="NAME", help="timestep spacing (default: the model's own)")

@@ -36,7 +36,7 @@ from ..samplers.timesteps import SPACINGS
 from .diffusers_schedulers import DIFFUSERS_PREFIX, is_diffusers_spec, parse_diffusers_spec
 from .io import atomic_write_bytes, clean_temp_files, load_tensors, lock_directory, read_json, save_tensors, write_json
 from .reference import ReferenceStore, default_cache_dir, timed
-from .report import markdown_report, pivot_tables, plot_quality, sample_grid
+from .report import markdown_report, pivot_tables, plot_quality, sample_grid, tuned_notes
 from .testbeds import Testbed, check_model, make_testbed, model_identity
 
 __all__ = ["Method", "CompareConfig", "run_compare", "add_compare_parser", "DEFAULT_NFES", "DEFAULT_THREADS"]
@@ -408,6 +408,7 @@ def run_compare(testbed: Testbed, cfg: CompareConfig, log: Callable[[str], None]
                 write_json(results_path, results)
                 bar.update()
 
+        results["tuned_notes"] = tuned_notes(cfg.methods)
         # Report in the order asked for, with any extra resumed entries after.
         order = {(m.label, n): i for i, (m, n) in enumerate(pairs)}
         results["entries"].sort(key=lambda e: order.get((e["method"], e["nfe"]), len(order)))
@@ -426,6 +427,8 @@ def run_compare(testbed: Testbed, cfg: CompareConfig, log: Callable[[str], None]
 
     log("")
     log(pivot_tables(results, metrics))
+    for line in results["tuned_notes"]:
+        log(line)
     for k, v in results["floor"].items():
         name = results["fd_name"] if k == "fd" else k
         log(f"\n{name} of real data against itself (two halves): {v:.3f}; of the reference samples: "

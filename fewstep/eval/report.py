@@ -65,6 +65,26 @@ def pivot_tables(results: dict[str, Any], metrics: Sequence[str]) -> str:
     return "\n\n".join(blocks)
 
 
+def tuned_notes(methods: Sequence[Any]) -> list[str]:
+    """One line per compared method that runs a tuned artifact: the held-out figures recorded when it
+    was tuned (validation seeds, never these evaluation seeds), to read beside this run's own."""
+    from ..samplers.holdout import recorded_validations
+
+    lines = []
+    for m in methods:
+        for rec in recorded_validations(m.solver, m.option_dict):
+            ci = rec.get("interval95")
+            seeds = rec.get("seeds") or []
+            where = f"seeds {seeds[0]}..{seeds[1] - 1}" if seeds else f"{rec.get('samples')} held-out samples"
+            lines.append(
+                f"- {m.label}: at tuning time, on {rec.get('samples')} validation samples ({where}): {rec['metric']} "
+                f"{_fmt('mse', rec.get('tuned_value'))} ({rec.get('tuned')}) vs {_fmt('mse', rec.get('baseline_value'))} "
+                f"({rec.get('baseline')})"
+                + ("" if rec.get("ratio") is None else f", ratio {rec['ratio']:.2f}x")
+                + ("" if not ci else f" [95% CI {ci[0]:.2f}-{ci[1]:.2f}]") + f"; written: {rec.get('written')}")
+    return (["", "Tuned artifacts, as validated when they were made:", *lines]) if lines else []
+
+
 def markdown_report(results: dict[str, Any], metrics: Sequence[str]) -> str:
     """The full Markdown report written next to results.json."""
     cfg = results["config"]
@@ -79,6 +99,8 @@ def markdown_report(results: dict[str, Any], metrics: Sequence[str]) -> str:
         pivot_tables(results, metrics),
         "",
     ]
+    if results.get("tuned_notes"):
+        lines += [*results["tuned_notes"], ""]
     diverged = sorted({f"{e['method']} at NFE {e['nfe']}" for e in results["entries"] if e.get("diverged")})
     if diverged:
         lines.append("Diverged (no finite samples): " + ", ".join(diverged) + ".")

@@ -38,7 +38,7 @@ from .distributed import ProcessGroup
 from .features import as_float_images, build_extractor, extract_features, is_code_spec, parse_extractor_spec
 from .io import atomic_write_bytes, claim_identity, clean_temp_files, lock_directory, read_json, write_json
 from .reference import default_cache_dir, timed
-from .report import pivot_tables, plot_quality, sample_grid
+from .report import pivot_tables, plot_quality, sample_grid, tuned_notes
 from .shards import ShardStore, identity_digest, shard_ranges
 from .refstats import BUILTIN_DATASETS, load_source, real_vs_real, reference_statistics
 from .stats import FeatureStatistics, GaussianStats, check_compatible
@@ -305,6 +305,8 @@ class _Run:
                  f"{cfg['guidance']}, spacing `{cfg['spacing'] or 'model default'}`, shards of {cfg['batch_size']}, "
                  f"device {cfg['device']}, {results['processes']} process(es).", *notes, "",
                  pivot_tables(results, metrics), ""]
+        notes_tuned = tuned_notes(self.cfg.methods)
+        lines += notes_tuned
         diverged = [f"{e['method']} at NFE {e['nfe']}" for e in results["entries"] if e["diverged"]]
         if diverged:
             lines.append("Diverged (no finite samples): " + ", ".join(diverged) + ".")
@@ -322,6 +324,8 @@ class _Run:
             written.append("samples.png")
         self.log("")
         self.log(pivot_tables(results, metrics))
+        for line in notes_tuned:
+            self.log(line)
         self.log(f"\nwrote {out}{os.sep}: {', '.join(written)}")
 
     def close(self) -> None:

@@ -1,21 +1,24 @@
 """Offline, model-agnostic calibration of DC-Solver's compensation ratios: ``fewstep.calibrate_dc``.
 
-The ratios of steps ``dc_order .. NFE-1`` are found by gradient descent on the MSE between
-the final samples of a DC run and reference samples from the same noise (a 200-step DDIM
-run by default), backpropagating through the whole sampling run, model calls included
-(the plan's compensation weights are torch functions of the ratios). The official code
-instead searches one ratio at a time, greedily, against the reference trajectory at the
-next step (see the README); optimising the end result directly is what the evaluation
-measures. Adam (lr 0.1, no weight decay) from rho = 1; the iterate with the lowest
-calibration loss is returned. ``lr_schedule="cosine"`` anneals the rate to 0 and ``bounds``
-projects every step into a ratio range; on the 16 digits (NFE, guidance) pairs with 10
-samples the annealed, bounded optimiser did not lower the calibration loss (the annealed rate
-travels half as far in the same iterations; README, "DC-Solver"), so the default stays the
-constant rate, unbounded.
+Two objectives, neither of which dominates (README, "DC-Solver"):
 
-A ``checkpoint`` file (JSON, rewritten atomically after every iteration) makes a run
-resumable: rerun the same call after a crash and it continues where it stopped, ending
-with bitwise the same ratios (the optimiser is a plain float64 Adam whose state is saved
+- ``"trajectory"``, the official method (:mod:`.calibrate_trajectory`): one ratio per step,
+  greedily, against the DDIM trajectory at the next grid point.
+- ``"final"``: the ratios of steps ``dc_order .. NFE-1`` jointly, by gradient descent on the
+  MSE between the final samples of a DC run and reference samples from the same noise (a
+  200-step DDIM run by default), backpropagating through the whole sampling run, model calls
+  included (the plan's compensation weights are torch functions of the ratios). Adam (lr 0.1,
+  no weight decay) from rho = 1; the iterate with the lowest calibration loss is returned.
+  ``lr_schedule="cosine"`` anneals the rate to 0 and ``bounds`` projects every step into a
+  ratio range; on the 16 digits (NFE, guidance) pairs with 10 samples the annealed, bounded
+  optimiser did not lower the calibration loss, so the default stays the constant rate.
+
+``"auto"`` (the default) fits both on the first samples and keeps the one with the lower MSE on
+the last ones (``validation``), which also decide whether compensation helps at all: ratios
+that do not beat the base solver there are replaced by 1 (no compensation) unless
+``keep_worse``. A ``checkpoint`` file (JSON, rewritten atomically after every iteration or
+fitted step) makes a run resumable: rerun the same call after a crash and it continues where
+it stopped, ending with bitwise the same ratios (a plain float64 Adam whose state is saved
 exactly).
 """
 
@@ -26,6 +29,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,6 +37,8 @@ import torch
 
 from .artifacts import ArtifactMeta, model_fingerprint
 from .dc_artifacts import DCRatios
+from .holdout import describe as describe_validation
+from .holdout import validation_record
 from .registry import get_solver
 from .sampling import check_guidance, make_plan, sample
 from .schedules import NoiseSchedule, make_schedule
@@ -40,7 +46,7 @@ from .solvers.dc import DynamicCompensation
 from .timesteps import GridSpec
 from .validation import check_int, check_real
 
-__all__ = ["calibrate_dc", "DEFAULT_ITERATIONS", "DEFAULT_LR", "DEFAULT_LR_SCHEDULE", "DEFAULT_BOUNDS",
+__all__ = ["calibrate_dc", "OBJECTIVES", "DEFAULT_OBJECTIVE", "DEFAULT_ITERATIONS", "DEFAULT_LR", "DEFAULT_LR_SCHEDULE", "DEFAULT_BOUNDS",
            "DEFAULT_REFERENCE_NFE"]
 
 DEFAULT_ITERATIONS = 40
@@ -49,6 +55,8 @@ DEFAULT_LR_SCHEDULE = "constant"
 DEFAULT_BOUNDS = None
 LR_SCHEDULES = ("constant", "cosine")
 DEFAULT_REFERENCE_NFE = 200
+OBJECTIVES = ("auto", "trajectory", "final")
+DEFAULT_OBJECTIVE = "auto"
 _DC_KEYS = ("ratios", "cpr", "dc_file", "guidance")
 _ADAM = (0.9, 0.999, 1e-8)
 
@@ -65,6 +73,9 @@ def calibrate_dc(
     cond: Any = None,
     uncond: Any = None,
     reference: torch.Tensor | None = None,
+    objective: str = DEFAULT_OBJECTIVE,
+    validation: int | None = None,
+    keep_worse: bool = False,
     iterations: int = DEFAULT_ITERATIONS,
     lr: float = DEFAULT_LR,
     lr_schedule: str = DEFAULT_LR_SCHEDULE,
@@ -82,24 +93,39 @@ def calibrate_dc(
         model, x_T, schedule, nfe, prediction, spacing, guidance, cond, uncond: As in
             :func:`fewstep.sample`; ``model`` must be differentiable (no ``no_grad`` inside).
             The ratios are only valid for this grid, so sample with the same ``spacing``.
-        reference: Target samples (``x_T``'s shape); default: DDIM with ``reference_nfe``
-            steps from ``x_T`` on the same spacing.
-        iterations: Adam steps (each one sampling run forward and backward).
+        reference: Target samples (``x_T``'s shape) of the ``"final"`` objective and of the
+            validation; default: DDIM with ``reference_nfe`` steps from ``x_T`` on the same spacing.
+        objective: ``"trajectory"`` (the official method: one ratio per step, greedily, against
+            the DDIM trajectory at the next grid point), ``"final"`` (all ratios jointly on the
+            final-sample MSE) or ``"auto"`` (both; the one with the lower MSE on the validation
+            samples is kept).
+        validation: How many of the last samples of ``x_T`` (and rows of ``cond``/``uncond``/
+            ``reference``) are held out of the fit to choose the objective and to check the
+            result against no compensation (the base solver); None: a third of them
+            (at least 1) with ``"auto"``, none otherwise.
+        keep_worse: Return the calibrated ratios even when they do not beat the base solver
+            on the validation samples (otherwise all ratios are 1 then: the base solver).
+        iterations: Adam steps (each one sampling run forward and backward; with
+            ``"trajectory"``, per step, each one model call forward and backward).
         lr: Adam learning rate (the initial one with ``lr_schedule="cosine"``).
-        lr_schedule: ``"cosine"`` (annealed from ``lr`` to 0 over ``iterations``) or ``"constant"``.
+        lr_schedule: ``"cosine"`` (annealed from ``lr`` to 0 over ``iterations``) or ``"constant"``
+            (``"final"`` only).
         bounds: None (unbounded) or ``(low, high)`` with low < 1 < high: every Adam step is
             projected into it.
         solver: ``"dc"`` (UniPC + compensation) or ``"dc_dpmpp"`` (DPM-Solver++ + compensation).
-        reference_nfe: Steps of the default DDIM reference.
+        reference_nfe: Steps of the default DDIM reference and of the ground-truth trajectory.
         batch_size: Samples per forward/backward pass (gradients are accumulated); None: all.
-        checkpoint: JSON file holding the optimiser state after every iteration; an existing
-            one made by the same call is resumed.
+        checkpoint: JSON file holding the optimiser state after every iteration (``"final"``)
+            or fitted step (``"trajectory"``; with ``"auto"`` ``NAME-trajectory.json`` beside
+            it); an existing one made by the same call is resumed.
         progress: Show a progress bar.
         **solver_options: Options of the base solver (e.g. ``order=3``, ``dc_order=3``).
 
     Returns:
         A :class:`DCRatios` (NFE ratios, the first ``dc_order`` equal to 1) whose ``meta``
-        records the model fingerprint, schedule, NFE, guidance, solver and the losses.
+        records the model fingerprint, schedule, NFE, guidance, solver, the objective, the
+        losses and, with validation samples, ``validation`` (both MSEs, their ratio with a
+        paired-bootstrap interval, and whether the base solver was written instead).
 
     Raises:
         ValueError: bad arguments, a non-compensating solver, a checkpoint of another
@@ -113,6 +139,11 @@ def calibrate_dc(
     reference_nfe = check_int("reference_nfe", reference_nfe, 1)
     if lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got {lr_schedule!r}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
+    if objective == "trajectory" and lr_schedule != "constant":
+        raise ValueError("lr_schedule='cosine' applies to objective='final' only (the official per-step search "
+                         "uses a constant rate)")
     bounds = _check_bounds(bounds)
     if guidance is not None:
         guidance = check_guidance(guidance)
@@ -130,6 +161,12 @@ def calibrate_dc(
                          f"few outputs; use nfe > {dc_order}")
     if batch_size is not None:
         batch_size = check_int("batch_size", batch_size, 1)
+    n_all = x_T.shape[0]
+    held = _validation_count(validation, objective, n_all)
+    for name, a in (("cond", cond), ("uncond", uncond)):
+        if a is not None and not isinstance(a, torch.Tensor) and (held or (batch_size or n_all) < n_all):
+            raise TypeError(f"{name} must be a tensor with one row per sample to split into validation samples and "
+                            f"batches (validation={held}, batch_size={batch_size}), got {type(a).__name__}")
     run = dict(schedule=schedule, prediction=prediction, spacing=spacing, guidance=guidance, cond=cond, uncond=uncond)
     if reference is None:
         with torch.no_grad():
@@ -144,14 +181,8 @@ def calibrate_dc(
         raise ValueError("the reference samples contain NaN or Inf")
     base = make_plan(schedule, dc, nfe, prediction, spacing)
     reference = reference.detach().to(x_T.device)
-
-    n = x_T.shape[0]
-    chunks = [slice(i, i + (batch_size or n)) for i in range(0, n, batch_size or n)]
-    for name, a in (("cond", cond), ("uncond", uncond)):
-        if a is not None and len(chunks) > 1 and not isinstance(a, torch.Tensor):
-            raise TypeError(f"{name} must be a tensor with one row per sample to split into batches "
-                            f"(batch_size={batch_size}), got {type(a).__name__}")
-    conds, unconds = ([a if a is None or len(chunks) == 1 else a[c] for c in chunks] for a in (cond, uncond))
+    fit, val = slice(0, n_all - held), slice(n_all - held, n_all)
+    rows = lambda a, s: None if a is None else a[s]  # noqa: E731
 
     def watched(x: torch.Tensor, *args: Any) -> torch.Tensor:
         out = model(x, *args)
@@ -160,6 +191,111 @@ def calibrate_dc(
                              "torch.no_grad / inference_mode (calibration backpropagates through it)")
         return out
 
+    job = _Job(dc, base, dc_order, watched, x_T[fit], rows(cond, fit), rows(uncond, fit), guidance, batch_size)
+    identity = _identity(model, x_T, reference, solver, dc.config, schedule, nfe, prediction, spacing, guidance,
+                         (lr, lr_schedule, bounds, iterations if lr_schedule != "constant" else None))
+    objectives = ("trajectory", "final") if objective == "auto" else (objective,)
+    fitted: dict[str, tuple[list[float], dict[str, Any]]] = {}
+    for name in objectives:
+        ck = checkpoint
+        if ck is not None and objective == "auto" and name == "trajectory":
+            ck = Path(ck).with_name(Path(ck).stem + "-trajectory" + (Path(ck).suffix or ".json"))
+        if name == "final":
+            fitted[name] = _fit_final(job, reference[fit], iterations, lr, lr_schedule, bounds, identity, ck, progress)
+        else:
+            fitted[name] = _fit_trajectory(job, run, reference_nfe, iterations, lr, bounds, identity, ck, progress)
+
+    extra: dict[str, Any] = {
+        "reference": reference_what, "num_samples": n_all - held,
+        "iterations": iterations, "lr": lr, "lr_schedule": lr_schedule, "bounds": None if bounds is None else list(bounds),
+        "solver_options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dc.config.items()
+                           if k not in _DC_KEYS},
+        "spacing": _describe(spacing),
+        # the grid the ratios are per step of (checked at each use: fewstep/samplers/artifact_checks.py)
+        "grid": {"timesteps": base.grid.model_timesteps.tolist(), "final_sigma": float(base.grid.sigma[-1])},
+    }
+    chosen = objectives[0]
+    if held:
+        errs = {name: job.errors(r, x_T[val], rows(cond, val), rows(uncond, val), reference[val])
+                for name, (r, _) in fitted.items()}
+        errs["none"] = job.errors([1.0] * nfe, x_T[val], rows(cond, val), rows(uncond, val), reference[val])
+        chosen = min(objectives, key=lambda k: float(errs[k].mean()))
+        base_name = "unipc" if solver == "dc" else "dpmpp"
+        record = validation_record(errs[chosen], errs["none"], tuned_label=f"{dc.name} ({chosen})",
+                                   baseline_label=f"{base_name} (ratios 1)", seeds=[],  # the CLI knows the seeds
+                                   keep_worse=keep_worse, objectives={k: float(v.mean()) for k, v in errs.items()
+                                                                       if k != "none"})
+        record["samples_held_out"] = [n_all - held, n_all]
+        extra["validation"] = record
+    ratios, losses = fitted[chosen]
+    extra.update(objective=chosen, objective_requested=objective, **losses)
+    if len(fitted) > 1:
+        extra["ratios_by_objective"] = {k: r for k, (r, _) in fitted.items()}
+    if held and extra["validation"]["written"] == "baseline":
+        ratios = [1.0] * nfe
+        warnings.warn(describe_validation(extra["validation"]), stacklevel=2)
+    meta = ArtifactMeta(fingerprint=model_fingerprint(model), schedule=schedule.to_dict(), nfe=nfe,
+                        guidance=guidance, solver=dc.name, extra=extra)
+    return DCRatios(ratios, dc_order, meta)
+
+
+def _validation_count(validation: int | None, objective: str, n: int) -> int:
+    if validation is None:
+        return max(1, n // 3) if objective == "auto" and n >= 2 else 0
+    held = check_int("validation", validation, 0)
+    if held >= n:
+        raise ValueError(f"validation={held} leaves no sample to fit: x_T has {n} samples")
+    if objective == "auto" and held == 0:
+        raise ValueError("objective='auto' chooses between the objectives on validation samples; pass validation >= 1 "
+                         "(or objective='trajectory' / 'final')")
+    return held
+
+
+@dataclasses.dataclass
+class _Job:
+    """The fit samples of one calibration and how to sample them with given ratios."""
+
+    dc: DynamicCompensation
+    base: Any
+    dc_order: int
+    model: Callable[..., torch.Tensor]
+    x_T: torch.Tensor
+    cond: Any
+    uncond: Any
+    guidance: float | None
+    batch_size: int | None
+
+    @property
+    def chunks(self) -> list[slice]:
+        n = self.x_T.shape[0]
+        return [slice(i, i + (self.batch_size or n)) for i in range(0, n, self.batch_size or n)]
+
+    def plan(self, ratios: torch.Tensor):
+        return self.dc.compensated(self.base, ratios)
+
+    def errors(self, ratios: list[float], x_T: torch.Tensor, cond: Any, uncond: Any, reference: torch.Tensor
+               ) -> torch.Tensor:
+        """Per-sample MSE to ``reference`` of DC with ``ratios`` (no gradients)."""
+        plan = self.plan(torch.tensor(ratios, dtype=torch.float64))
+        n, bs = x_T.shape[0], self.batch_size or x_T.shape[0]
+        out = []
+        with torch.no_grad():
+            for i in range(0, n, bs):
+                c = slice(i, i + bs)
+                x = sample(self.model, x_T[c], plan=plan, guidance=self.guidance,
+                           cond=None if cond is None else cond[c], uncond=None if uncond is None else uncond[c])
+                out.append((x.double() - reference[c].double()).pow(2).flatten(1).mean(1))
+        return torch.cat(out).cpu()
+
+
+def _fit_final(job: _Job, reference: torch.Tensor, iterations: int, lr: float, lr_schedule: str,
+               bounds: tuple[float, float] | None, identity: str, checkpoint: Any, progress: bool
+               ) -> tuple[list[float], dict[str, Any]]:
+    """All ratios jointly on the final-sample MSE (Adam through the whole run)."""
+    n, nfe, dc_order = job.x_T.shape[0], job.base.n, job.dc_order
+    chunks = job.chunks
+    conds, unconds = ([None if a is None else a[c] for c in chunks] for a in (job.cond, job.uncond))
+
     def loss_and_grad(free: torch.Tensor, grad: bool) -> tuple[float, torch.Tensor | None]:
         free = free.detach().requires_grad_(grad)
         total = 0.0
@@ -167,22 +303,20 @@ def calibrate_dc(
             with torch.set_grad_enabled(grad):
                 # One plan per chunk: a backward pass frees the graph from the ratios to the coefficients.
                 try:
-                    plan = dc.compensated(base, torch.cat([torch.ones(dc_order, dtype=torch.float64), free]))
+                    plan = job.plan(torch.cat([torch.ones(dc_order, dtype=torch.float64), free]))
                 except FloatingPointError:  # ratios so large that the coefficients overflow: diverged
                     return math.inf, torch.zeros_like(free)
-                x = sample(watched, x_T[c], plan=plan, guidance=guidance, cond=cc, uncond=uc)
+                x = sample(job.model, job.x_T[c], plan=plan, guidance=job.guidance, cond=cc, uncond=uc)
                 loss = (x.double() - reference[c].double()).pow(2).sum() / (n * x[0].numel())
             if grad:
                 loss.backward()
             total += float(loss.detach())
         return total, (free.grad if grad else None)
 
-    identity = _identity(model, x_T, reference, solver, dc.config, schedule, nfe, prediction, spacing, guidance,
-                         (lr, lr_schedule, bounds, iterations if lr_schedule != "constant" else None))
     state = _load_checkpoint(checkpoint, identity, nfe - dc_order)
     from tqdm.auto import tqdm
 
-    with tqdm(total=iterations, initial=min(state["iteration"], iterations), desc=f"calibrate dc NFE {nfe}",
+    with tqdm(total=iterations, initial=min(state["iteration"], iterations), desc=f"calibrate dc NFE {nfe} (final)",
               disable=not progress, leave=False) as bar:
         while state["iteration"] < iterations:
             params = torch.tensor(state["params"], dtype=torch.float64)
@@ -200,23 +334,50 @@ def calibrate_dc(
         _record(state, params, state["final_loss"], final=True)
         if checkpoint is not None:
             _save_checkpoint(checkpoint, state)
-
     history = state["history"]
-    extra = {
-        "objective": "final-sample MSE, backpropagated through the whole run",
-        "reference": reference_what, "num_samples": n, "iterations": iterations, "lr": lr,
-        "lr_schedule": lr_schedule, "bounds": None if bounds is None else list(bounds),
-        "solver_options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dc.config.items()
-                           if k not in _DC_KEYS},
-        "spacing": _describe(spacing),
-        # the grid the ratios are per step of (checked at each use: fewstep/samplers/artifact_checks.py)
-        "grid": {"timesteps": base.grid.model_timesteps.tolist(), "final_sigma": float(base.grid.sigma[-1])},
-        "loss_uncompensated": history[0] if history else state["final_loss"],
-        "loss": state["best_loss"], "best_iteration": state["best_iteration"],
-    }
-    meta = ArtifactMeta(fingerprint=model_fingerprint(model), schedule=schedule.to_dict(), nfe=nfe,
-                        guidance=guidance, solver=dc.name, extra=extra)
-    return DCRatios([1.0] * dc_order + state["best_params"], dc_order, meta)
+    losses = {"loss_uncompensated": history[0] if history else state["final_loss"],
+              "loss": state["best_loss"], "best_iteration": state["best_iteration"]}
+    return [1.0] * dc_order + state["best_params"], losses
+
+
+def _fit_trajectory(job: _Job, run: dict[str, Any], reference_nfe: int, iterations: int, lr: float,
+                    bounds: tuple[float, float] | None, identity: str, checkpoint: Any, progress: bool
+                    ) -> tuple[list[float], dict[str, Any]]:
+    """One ratio per step, greedily, against the DDIM trajectory (:mod:`.calibrate_trajectory`)."""
+    from .calibrate_trajectory import fit_trajectory, ground_truth_trajectory
+
+    nfe, dc_order = job.base.n, job.dc_order
+    key = f"{identity}/trajectory/{iterations}/{reference_nfe}"  # every fitted step used these
+    done: list[float] = []
+    if checkpoint is not None and Path(checkpoint).exists():
+        from ..eval.io import read_json
+
+        state = read_json(checkpoint)
+        if not isinstance(state, dict) or set(state) != {"identity", "ratios"}:
+            raise ValueError(f"{checkpoint} is not a calibrate_dc trajectory checkpoint; delete it to start over")
+        if state["identity"] != key:
+            raise ValueError(f"{checkpoint} is the checkpoint of another calibration (model, noise, reference, solver "
+                             "or settings differ); delete it or choose another checkpoint file")
+        done = state["ratios"]
+
+    def save(ratios: list[float]) -> None:
+        if checkpoint is not None:
+            _save_checkpoint(checkpoint, {"identity": key, "ratios": ratios})
+
+    fit_run = dict(guidance=job.guidance, cond=job.cond, uncond=job.uncond)
+    gt = ground_truth_trajectory(job.model, job.x_T, job.base.grid, run["prediction"], reference_nfe, **fit_run) \
+        if len(done) < nfe else None
+    from tqdm.auto import tqdm
+
+    total = iterations * (nfe - dc_order)
+    with tqdm(total=total, initial=iterations * max(0, len(done) - dc_order), leave=False, disable=not progress,
+              desc=f"calibrate dc NFE {nfe} (trajectory)") as bar:
+        ratios = done if len(done) >= nfe else fit_trajectory(
+            job.plan, job.base, dc_order, job.model, job.x_T, gt, fit_run, job.chunks, iterations, lr, bounds,
+            done, save, bar)
+    losses = {"loss_uncompensated": None, "loss": None, "best_iteration": None,
+              "trajectory_reference": f"ddim, {reference_nfe} steps through the grid points"}
+    return ratios, losses
 
 
 def _check_noise(x_T: Any) -> None:
@@ -298,14 +459,16 @@ def _rate(lr: float, schedule: str, iteration: int, iterations: int) -> float:
 
 
 def _adam_step(state: dict[str, Any], params: torch.Tensor, grad: torch.Tensor, lr: float,
-               bounds: tuple[float, float] | None) -> None:
-    """One float64 Adam update of ``state``, projected into ``bounds`` (no weight decay: decay
-    towards rho = 0 means nothing here)."""
+               bounds: tuple[float, float] | None, weight_decay: float = 0.0) -> None:
+    """One float64 Adam(W) update of ``state``, projected into ``bounds``. The joint objective
+    uses no weight decay (decay towards rho = 0 means nothing here); the trajectory objective
+    keeps the official AdamW's decoupled 0.01."""
     b1, b2, eps = _ADAM
     k = state["iteration"] + 1
     m = b1 * torch.tensor(state["m"], dtype=torch.float64) + (1 - b1) * grad
     v = b2 * torch.tensor(state["v"], dtype=torch.float64) + (1 - b2) * grad.square()
     step = lr * (m / (1 - b1**k)) / ((v / (1 - b2**k)).sqrt() + eps)
+    params = params * (1 - lr * weight_decay) if weight_decay else params
     new = params - step if bounds is None else (params - step).clamp(*bounds)
     state.update(iteration=k, params=new.tolist(), m=m.tolist(), v=v.tolist())
 

@@ -38,6 +38,11 @@ def _common(p: argparse.ArgumentParser, default_out: str, default_budget: int, d
                    help="noise seed of the first search sample, >= 100000 so the batch never meets the "
                         "evaluation seeds 0..N-1 (default: 100000)")
     p.add_argument("--metric", choices=["mse", "fd"], help="fitness: MSE to the reference (default) or the FD")
+    p.add_argument("--validation-samples", dest="validation_samples", type=int, metavar="N",
+                   help="held-out samples (seeds after the search batch) on which the result is checked against "
+                        "its baseline (default: 128)")
+    p.add_argument("--keep-worse", dest="keep_worse", action="store_true",
+                   help="write the searched schedule even when it does not beat the baseline on validation")
     p.add_argument("--cache-dir", dest="cache_dir", metavar="DIR",
                    help="reference cache (default: $FEWSTEP_CACHE/references or ~/.cache/fewstep/references)")
     add_runtime_arguments(p)

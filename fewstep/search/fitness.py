@@ -142,6 +142,13 @@ class Fitness:
             return None
         return out if bool(torch.isfinite(out).all()) else None
 
+    def errors(self, solver: str, options: dict[str, Any]) -> torch.Tensor:
+        """Per-sample squared error to the reference (mean over dimensions); inf where sampling diverged."""
+        x = self.samples(solver, options)
+        if x is None:
+            return torch.full((self.x_T.shape[0],), float("inf"), dtype=torch.float64)
+        return (x - self.reference).pow(2).flatten(1).mean(1).double()
+
     def __call__(self, solver: str, options: dict[str, Any]) -> float:
         """The metric (``inf`` when sampling diverged)."""
         start = time.perf_counter()

@@ -6,9 +6,11 @@ the hand-set solvers spelled out as schedules (DDIM, DPM-Solver++(2M), Taylor-3M
 scored on the first 32 search samples and the best 24 are evaluated in full, with a few
 random schedules. Each generation proposes a pool of children of the
 best schedules so far (crossover with probability 0.3, then mutation); with the predictor
-on, an MLP trained on every evaluation so far ranks the pool and only the top few are
-sampled in full; with it off, the first few are (the plain evolutionary search of the
-released code). Right after the initial population (until the step has halved twice) and
+on, an MLP trained on every evaluation so far ranks the pool (256 children) and only the top
+few are sampled in full -- but only in generations where its held-out rank correlation on the
+evaluations so far reaches ``predictor_min_rank`` (trained on 32 evaluations it ranks no better
+than chance); otherwise, and with it off, the first few are (the plain evolutionary search of
+the released code). Right after the initial population (until the step has halved twice) and
 then every ``polish_every``-th generation, a generation is instead a compass step on the
 timesteps of the best schedule (each gap logit in turn moved by +-step, strategies kept,
 until a move improves; the step halves when a whole round brings nothing): at a few NFE the
@@ -34,6 +36,7 @@ from ..eval.testbeds import Testbed, make_testbed
 from ..samplers import GridSpec, SolverSchedule, load_solver_schedule, make_plan
 from ..samplers.solvers.usf import spell_out
 from .fitness import Fitness, check_reference
+from .guard import validate_against_baseline
 from .predictor import FitnessPredictor
 from .runlog import SearchLog, check_identity, save_state
 from .settings import SearchSettings, settings_from_api
@@ -53,9 +56,14 @@ class USFSearchConfig(SearchSettings):
     budget, out, search batch, reference, how to run; the budget counts the initial population):
 
     Attributes:
-        predictor: Rank each generation's pool with the learned predictor.
+        predictor: Rank each generation's pool with the learned predictor, once it has earned it.
+        predictor_min_rank: The predictor ranks a generation's pool only when its held-out rank
+            correlation (Spearman; trained on the earlier three quarters of the evaluations so
+            far, scored on the latest quarter) reaches this; below it the generation is plain
+            evolution.
         seed: Seed of the search's own random choices.
-        pool: Children proposed per generation.
+        pool: Children proposed per generation (the predictor ranks them all; plain evolution
+            samples the first ``per_generation``).
         per_generation: Children evaluated per generation.
         warmup: Evaluations before the predictor is trusted.
         parents: Size of the elite that parents are drawn from.
@@ -81,8 +89,9 @@ class USFSearchConfig(SearchSettings):
 
     out: str = "runs/usf-schedule.json"
     predictor: bool = True
+    predictor_min_rank: float = 0.3
     seed: int = 0
-    pool: int = 64
+    pool: int = 256
     per_generation: int = 4
     warmup: int = 32
     parents: int = 10
@@ -107,6 +116,8 @@ class USFSearchConfig(SearchSettings):
                 raise ValueError(f"{key} must be >= {lo}, got {getattr(self, key)}")
         if self.per_generation > self.pool:
             raise ValueError(f"per_generation ({self.per_generation}) cannot exceed pool ({self.pool})")
+        if not -1 <= self.predictor_min_rank <= 1:
+            raise ValueError(f"predictor_min_rank is a rank correlation in [-1, 1], got {self.predictor_min_rank}")
         if not 0 <= self.crossover <= 1:
             raise ValueError(f"crossover must be a probability in [0, 1], got {self.crossover}")
         if not 1 <= self.max_order <= 4:
@@ -330,11 +341,44 @@ def _select(pool: list[tuple[Candidate, str]], population: list[tuple[Candidate,
             space: SearchSpace, generation: int) -> list[tuple[Candidate, str, float | None]]:
     if not cfg.predictor or len(population) < cfg.warmup:
         return [(c, origin, None) for c, origin in pool[: cfg.per_generation]]
+    skill = predictor_skill(population, space.nfe + 1, cfg.seed, generation)
+    if not skill >= cfg.predictor_min_rank:  # not (yet) better than chance: plain evolution this generation
+        return [(c, f"{origin} (predictor rank {skill:.2f}, off)", None) for c, origin in pool[: cfg.per_generation]]
     predictor = FitnessPredictor(space.nfe + 1, seed=cfg.seed).fit([c for c, _ in population],
                                                                    [v for _, v in population], generation)
     scores = predictor.predict([c for c, _ in pool])
     order = sorted(range(len(pool)), key=lambda i: (scores[i], i))
-    return [(pool[i][0], pool[i][1], math.exp(scores[i])) for i in order[: cfg.per_generation]]
+    return [(pool[i][0], f"{pool[i][1]} (predictor rank {skill:.2f})", math.exp(scores[i]))
+            for i in order[: cfg.per_generation]]
+
+
+def predictor_skill(population: list[tuple[Candidate, float]], max_steps: int, seed: int, round_: int) -> float:
+    """Held-out Spearman correlation of the predictor: trained on the earlier three quarters of the
+    evaluations, scored on the latest quarter (the children of the current elite it will rank)."""
+    held = max(8, len(population) // 4)
+    train, test = population[:-held], population[-held:]
+    if len(train) < 8:
+        return -1.0
+    pred = FitnessPredictor(max_steps, seed=seed).fit([c for c, _ in train], [v for _, v in train], round_)
+    guess = pred.predict([c for c, _ in test])
+    finite = [math.log(v) for _, v in population if math.isfinite(v) and v > 0]
+    worst = max(finite, default=0.0) + 1.0
+    truth = [math.log(v) if math.isfinite(v) and v > 0 else worst for _, v in test]
+    return _spearman(guess, truth)
+
+
+def _spearman(a: list[float], b: list[float]) -> float:
+    rank = lambda v: sorted(range(len(v)), key=lambda i: (v[i], i))  # noqa: E731
+    ra, rb = [0] * len(a), [0] * len(b)
+    for r, i in enumerate(rank(a)):
+        ra[i] = r
+    for r, i in enumerate(rank(b)):
+        rb[i] = r
+    n = len(a)
+    mean = (n - 1) / 2
+    cov = sum((x - mean) * (y - mean) for x, y in zip(ra, rb))
+    var = sum((x - mean) ** 2 for x in ra)
+    return cov / var if var > 0 else 0.0
 
 
 def _save(run_dir: Path, identity: dict[str, Any], rng: random.Random, generation: int, logged: int,
@@ -374,15 +418,30 @@ def _finish(cfg: USFSearchConfig, run_dir: Path, records: SearchLog, population:
         "seconds": sum(e.get("elapsed", 0.0) for e in records.entries) + screen["seconds"],
         "search_seeds": [cfg.data_seed, cfg.data_seed + num_samples],
     }
-    sched = space.schedule(population[best_i][0], fitness.meta("usf", search=summary))
+    hand = [i for i, e in enumerate(records.entries) if e["generation"] == 0 and _hand_set(e["origin"])]
+    base_i = min(hand, key=lambda i: (values[i], i)) if hand else best_i
+    summary["baseline"] = records.entries[base_i]["origin"]
+    summary["baseline_fitness"] = values[base_i]
+    record = validate_against_baseline(
+        cfg, fitness.testbed, fitness.guidance, run_dir, ("usf", {"solver_schedule": space.schedule(population[best_i][0])}),
+        ("usf", {"solver_schedule": space.schedule(population[base_i][0])}), f"S3 ({records.entries[best_i]['origin']})",
+        f"best hand-set {records.entries[base_i]['origin']}", log)
+    chosen = best_i if record["written"] == "tuned" else base_i
+    sched = space.schedule(population[chosen][0], fitness.meta("usf", search=summary, validation=record))
     sched.save(cfg.out)
-    write_json(run_dir / "result.json", {**summary, "schedule": str(cfg.out)})
+    write_json(run_dir / "result.json", {**summary, "validation": record, "schedule": str(cfg.out)})
     log(f"best {cfg.metric} {values[best_i]:.5g} after {len(values)} evaluations (found at evaluation {best_i + 1}, "
-        f"{summary['best_origin']}); hand-set start: {init_best:.5g}; wrote {cfg.out}")
+        f"{summary['best_origin']}); hand-set start: {init_best:.5g}; wrote {cfg.out}"
+        + ("" if chosen == best_i else f" (the baseline {records.entries[base_i]['origin']})"))
     if all(e["generation"] == 0 for e in records.entries):
         log(f"note: the budget ({cfg.budget}) did not get past the initial population: the result is its best "
             "schedule, no search step ran (raise --budget)")
     return sched
+
+
+def _hand_set(origin: str) -> bool:
+    """Whether a log entry's origin is a hand-set solver of the initial population."""
+    return "@" in origin and not origin.startswith(("init:", "random"))
 
 
 def search_usf(model: "str | Testbed" = "digits", nfe: int = 5, guidance: float | None = None, budget: int = 200,

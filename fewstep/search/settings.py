@@ -32,6 +32,10 @@ class SearchSettings:
         reference: Solver spec of the reference (the GMM's is its exact ODE solution).
         reference_nfe: Its steps (None: the model's default).
         cache_dir: Reference cache (None: ``$FEWSTEP_CACHE/references``).
+        validation_samples: Samples right after the search batch (seeds ``data_seed + num_samples``
+            on) on which the result is checked against its baseline (:mod:`fewstep.search.guard`).
+        keep_worse: Write the searched schedule even when it does not beat the baseline there
+            (otherwise the baseline is written, and the search says so).
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
         threads: Torch CPU threads.
         progress: Show a progress bar.
@@ -49,13 +53,16 @@ class SearchSettings:
     reference: str = DEFAULT_REFERENCE
     reference_nfe: Optional[int] = None
     cache_dir: Optional[str] = None
+    validation_samples: int = 128
+    keep_worse: bool = False
     device: str = "cpu"
     threads: int = 1
     progress: bool = True
 
     default_samples: ClassVar[int] = 256
     # Settings that say how to run, not what is found (a larger budget continues a search).
-    _HOW = ("budget", "out", "run_dir", "cache_dir", "device", "threads", "progress")
+    _HOW = ("budget", "out", "run_dir", "cache_dir", "validation_samples", "keep_worse", "device", "threads",
+            "progress")
 
     def __post_init__(self) -> None:
         if self.nfe < 1:
@@ -73,6 +80,9 @@ class SearchSettings:
             raise ValueError(f"guidance must be a finite number >= 0, got {self.guidance}")
         if Path(self.out).suffix not in (".json", ".yaml", ".yml"):
             raise ValueError(f"out={self.out!r} must name a .json or .yaml solver schedule file")
+        if self.validation_samples < 2:
+            raise ValueError(f"validation_samples must be >= 2 (the held-out check of the result), "
+                             f"got {self.validation_samples}")
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.reference_nfe is not None and self.reference_nfe < 1:

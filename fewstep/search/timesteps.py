@@ -26,9 +26,10 @@ import numpy as np
 from ..config import save_config
 from ..eval.compare import Method
 from ..eval.io import clean_temp_files, lock_directory, write_json
-from ..eval.testbeds import Testbed, make_testbed
+from ..eval.testbeds import Testbed, _common_grid, make_testbed
 from ..samplers import GridSpec, SolverSchedule, make_plan, solver_class
 from .fitness import Fitness, check_reference, noise_schedule_of
+from .guard import validate_against_baseline
 from .runlog import SearchLog, check_identity, save_state
 from .settings import SearchSettings, settings_from_api
 from .space import LogSNRAxis, logits_from_positions, positions_from_logits
@@ -202,12 +203,23 @@ def run_timestep_search(cfg: TimestepSearchConfig, testbed: Testbed | None = Non
                    "starts": {k: v for k, (v, _, _) in starts.items()},
                    "seconds": sum(e["seconds"] for e in records.entries),
                    "search_seeds": [cfg.data_seed, cfg.data_seed + cfg.samples]}
-        sched = SolverSchedule(ts, final, meta=fitness.meta(cfg.method.solver, search=summary,
+        untuned = make_plan(fitness.schedule, cfg.method.solver, nfe=cfg.nfe, spacing=_common_grid(None, fitness.schedule),
+                            **cfg.method.option_dict).grid
+        record = validate_against_baseline(
+            cfg, testbed, guidance, run_dir, (cfg.method.solver, {**cfg.method.option_dict, "solver_schedule":
+                                                                  SolverSchedule(ts, final)}),
+            (cfg.method.solver, cfg.method.option_dict), f"{cfg.method.label} tuned timesteps",
+            f"{cfg.method.label} on the model's grid", log)
+        if record["written"] == "baseline":  # the untuned grid, as a timesteps-only schedule
+            ts, final = untuned.model_timesteps.tolist(), "zero" if float(untuned.sigma[-1]) == 0 else "min"
+        sched = SolverSchedule(ts, final, meta=fitness.meta(cfg.method.solver, search=summary, validation=record,
                                                               solver_options=cfg.method.option_dict))
         sched.save(cfg.out)
-        write_json(run_dir / "result.json", {**summary, "schedule": str(cfg.out), "timesteps": ts})
+        write_json(run_dir / "result.json", {**summary, "validation": record, "schedule": str(cfg.out),
+                                             "timesteps": ts})
         log(f"{cfg.method.label} NFE {cfg.nfe}: best {cfg.metric} {value:.5g} (start {name}: "
-            f"{starts[name][0]:.5g}) after {objective.calls} evaluations; wrote {cfg.out}")
+            f"{starts[name][0]:.5g}) after {objective.calls} evaluations; wrote {cfg.out}"
+            + (" (the untuned grid)" if record["written"] == "baseline" else ""))
         return sched
 
 
