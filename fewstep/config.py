@@ -362,6 +362,8 @@ def load_config(schema: type[T], path: str | Path | None = None, flags: dict[str
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as exc:
             raise ValueError(_format_omegaconf_error(exc, source)) from None
+        except TypeError:  # a mapping where the schema has a list (or the reverse): OmegaConf names no key
+            raise ValueError(_container_mismatch(merged, layer, source)) from None
     _check_int_range(merged)
     try:
         return OmegaConf.to_object(merged)
@@ -369,6 +371,20 @@ def load_config(schema: type[T], path: str | Path | None = None, flags: dict[str
         raise ValueError(_format_omegaconf_error(exc, "config")) from None
     except TypeError as exc:  # __post_init__ type checks
         raise ValueError(str(exc)) from None
+
+
+def _container_mismatch(merged: Any, layer: Any, source: str) -> str:
+    """Name the first key of ``layer`` whose container type does not fit the schema."""
+    from omegaconf import OmegaConf
+
+    for key in layer:
+        try:
+            OmegaConf.merge(merged, {key: layer[key]})
+        except Exception:  # noqa: BLE001 - this key is the culprit, whatever OmegaConf raises
+            expected = "a list" if OmegaConf.is_list(merged.get(key)) else "a mapping" \
+                if OmegaConf.is_dict(merged.get(key)) else "a single value"
+            return f"{key}: {source} gives {type(layer[key]).__name__}, the setting takes {expected}"
+    return f"{source}: a value does not fit its setting's type"
 
 
 _INT64 = (-(2**63), 2**63 - 1)

@@ -233,3 +233,52 @@ def test_eval_settings_any_input_validates_or_fails_clearly(args):
         return
     assert min(cfg.nfe) >= 1 and all(v is None or v >= 1 for v in (cfg.num_samples, cfg.batch_size))
     assert cfg.guidance is None or math.isfinite(cfg.guidance)
+
+
+# ------------------------------------------------------------------------ the distill config
+
+_DISTILL_VALID = {
+    "mode": st.sampled_from(["adapters", "full"]), "data": st.sampled_from(["trajectories", "noised"]),
+    "placement": st.sampled_from(["attention", "attention+resnet"]),
+    "width_ratio": st.floats(0.05, 2.0), "head_dim": st.sampled_from([8, 16, 64]),
+    "trajectory_steps": st.integers(1, 50), "num_shards": st.integers(1, 8), "shard_size": st.integers(1, 64),
+    "trajectory_dtype": st.sampled_from(["float16", "bfloat16", "float32"]),
+    "w_min": st.floats(1.0, 3.0), "w_max": st.floats(3.0, 12.0), "max_steps": st.integers(1, 1000),
+    "batch_size": st.integers(1, 64), "gradient_accumulation_steps": st.integers(1, 4),
+    "learning_rate": st.floats(1e-6, 1e-2), "weight_decay": st.floats(0.0, 0.1), "warmup_steps": st.integers(0, 50),
+    "max_grad_norm": st.floats(0.0, 10.0), "mixed_precision": st.sampled_from(["no", "bf16", "fp16"]),
+    "torch_dtype": st.sampled_from(["auto", "float32", "bfloat16"]), "gradient_checkpointing": st.booleans(),
+    "seed": st.integers(0, 2**31), "checkpointing_steps": st.integers(0, 100),
+    "validation_steps": st.integers(0, 100), "validation_guidance": st.lists(st.floats(1.0, 12.0), min_size=1,
+                                                                             max_size=3),
+}
+
+
+@st.composite
+def distill_settings(draw):
+    names = draw(st.lists(st.sampled_from(sorted(_DISTILL_VALID)), min_size=1, max_size=6, unique=True))
+    kwargs = {k: draw(_DISTILL_VALID[k]) for k in names}
+    _junk_one(draw, kwargs, [])
+    return kwargs
+
+
+@CHEAP
+@given(kwargs=distill_settings())
+def test_distill_settings_any_input_validates_or_fails_clearly(kwargs):
+    """``fewstep distill train`` settings through the config layer: a config whose numbers are usable, or one
+    ValueError naming the setting (the trainer checks the rest before any work)."""
+    from fewstep.config import load_config
+    from fewstep.distill.train import DistillConfig
+
+    flags = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items()}
+    try:
+        cfg = load_config(DistillConfig, flags=flags)
+    except ValueError as exc:  # the config layer turns every type and value error into a ValueError
+        msg = str(exc)
+        assert any(k in msg for k in kwargs), msg
+        return
+    assert cfg.max_steps >= 1 and cfg.batch_size >= 1 and cfg.gradient_accumulation_steps >= 1
+    assert cfg.num_shards >= 1 and cfg.shard_size >= 1 and cfg.trajectory_steps >= 1
+    assert _finite([cfg.w_min, cfg.w_max, cfg.learning_rate, cfg.weight_decay, cfg.max_grad_norm])
+    assert 1.0 <= cfg.w_min <= cfg.w_max and 0 < cfg.learning_rate <= 1
+    assert all(math.isfinite(w) for w in cfg.validation_guidance)

@@ -188,9 +188,10 @@ class DistillConfig:
         for name in ("warmup_steps", "checkpointing_steps", "validation_steps", "weight_decay", "max_grad_norm"):
             if not 0 <= getattr(self, name) < math.inf:
                 raise ValueError(f"{name} must be finite and >= 0, got {getattr(self, name)}")
-        rates = [self.learning_rate] + ([] if self.base_learning_rate is None else [self.base_learning_rate])
-        if not all(0 < r <= 1 for r in rates):  # AdamW overflows internally long before inf
-            raise ValueError(f"learning rates must be in (0, 1], got {rates}")
+        for name in ("learning_rate", "base_learning_rate"):
+            rate = getattr(self, name)
+            if rate is not None and not 0 < rate <= 1:  # AdamW overflows internally long before inf
+                raise ValueError(f"{name} must be in (0, 1], got {rate}")
         if not (1.0 <= self.w_min <= self.w_max < math.inf):
             raise ValueError(f"need 1 <= w_min <= w_max < inf, got w_min={self.w_min}, w_max={self.w_max}")
         bad = [w for w in self.validation_guidance if not 1.0 <= w < math.inf]
