@@ -105,7 +105,7 @@ def test_truncated_or_foreign_shards_are_refused_in_one_line(teacher, tmp_path, 
 
 def test_non_finite_settings_data_or_weights_stop_with_one_line(tmp_path, capsys):
     for bad, key in (("w_max=inf", "w_max"), ("weight_decay=inf", "weight_decay"),
-                     ("validation_guidance=[nan]", "validation_guidance"), ("learning_rate=1e38", "learning rates")):
+                     ("validation_guidance=[nan]", "validation_guidance"), ("learning_rate=1e38", "learning_rate must be in")):
         code, lines = _cli(capsys, tmp_path, "cfg", bad)
         assert code == 2 and len(lines) == 1 and key in lines[0], (bad, lines)
     # A finite but absurd guidance scale: the CFG targets overflow at the first step.
