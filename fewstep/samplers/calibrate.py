@@ -275,8 +275,11 @@ class _Job:
 
     def errors(self, ratios: list[float], x_T: torch.Tensor, cond: Any, uncond: Any, reference: torch.Tensor
                ) -> torch.Tensor:
-        """Per-sample MSE to ``reference`` of DC with ``ratios`` (no gradients)."""
-        plan = self.plan(torch.tensor(ratios, dtype=torch.float64))
+        """Per-sample MSE to ``reference`` of DC with ``ratios`` (no gradients; inf where they overflow)."""
+        try:
+            plan = self.plan(torch.tensor(ratios, dtype=torch.float64))
+        except FloatingPointError:  # coefficients overflow: these ratios lose to any finite result
+            return torch.full((x_T.shape[0],), math.inf, dtype=torch.float64)
         n, bs = x_T.shape[0], self.batch_size or x_T.shape[0]
         out = []
         with torch.no_grad():

@@ -116,11 +116,15 @@ def fit_trajectory(compensated: Callable[[torch.Tensor], SolverPlan], base: Solv
 
         def loss_and_grad(p: torch.Tensor) -> tuple[float, torch.Tensor]:
             p = p.detach().requires_grad_(True)
-            plan = compensated(torch.cat([fixed, p, ones]))
-            if correct_next:
-                plan = _stop_after_correction(plan, i + 1)
             total = 0.0
             for c, outs in zip(chunks, outputs):
+                # One plan per chunk: a backward pass frees the graph from the ratio to the coefficients.
+                try:
+                    plan = compensated(torch.cat([fixed, p, ones]))
+                except FloatingPointError:  # a ratio so large that the coefficients overflow: diverged
+                    return math.inf, torch.zeros_like(p)
+                if correct_next:
+                    plan = _stop_after_correction(plan, i + 1)
                 x = _run_to(model, x_T[c], plan, i, outs, correct_next, _rows(run, c))
                 loss = (x.double() - gt[i + 1][c].double()).pow(2).sum() / numel
                 loss.backward()
@@ -128,13 +132,19 @@ def fit_trajectory(compensated: Callable[[torch.Tensor], SolverPlan], base: Solv
             return total, p.grad
 
         state = {"iteration": 0, "params": [1.0], "m": [0.0], "v": [0.0]}
+        usable = 1.0  # the last ratio with a finite loss (a diverging learning rate must not leave a broken one)
         for _ in range(iterations):
             params = torch.tensor(state["params"], dtype=torch.float64)
             loss, g = loss_and_grad(params)
+            if math.isfinite(loss):
+                usable = float(params[0])
             _adam_step(state, params, g, lr, bounds, weight_decay=WEIGHT_DECAY)
             bar.update()
             bar.set_postfix(step=i, loss=f"{loss:.3e}")
-        ratios.append(float(state["params"][0]))
+        last = float(state["params"][0])  # the official search keeps the last iterate ...
+        if iterations and not math.isfinite(loss_and_grad(torch.tensor([last], dtype=torch.float64))[0]):
+            last = usable  # ... unless it diverged
+        ratios.append(last)
         on_step(list(ratios))
     return ratios
 

@@ -162,6 +162,7 @@ def _fd_stencil(schedule: NoiseSchedule, lam: float, fd_step: float) -> tuple[to
     fractional one), distinct ones, and the weights use the log-SNRs of those integers.
     """
     ends = schedule.lambda_(torch.tensor([schedule.t_max, schedule.t_min], dtype=torch.float64)).tolist()
+    fd_step = min(fd_step, (ends[1] - ends[0]) / 4)  # a one-sided stencil (2 fd_step wide) stays inside (n_grid=1)
     h = min(fd_step, lam - ends[0], ends[1] - lam)
     central = h >= 0.5 * fd_step  # closer to an end, a central difference would shrink to nothing
     if central:
