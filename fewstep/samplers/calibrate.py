@@ -182,7 +182,8 @@ def calibrate_dc(
     base = make_plan(schedule, dc, nfe, prediction, spacing)
     reference = reference.detach().to(x_T.device)
     fit, val = slice(0, n_all - held), slice(n_all - held, n_all)
-    rows = lambda a, s: None if a is None else a[s]  # noqa: E731
+    # non-tensor conditions pass whole (refused above where samples are split)
+    rows = lambda a, s: a[s] if isinstance(a, torch.Tensor) else a  # noqa: E731
 
     def watched(x: torch.Tensor, *args: Any) -> torch.Tensor:
         out = model(x, *args)
