@@ -377,9 +377,11 @@ def test_text_pipelines_run_one_forward_per_step_and_disable_restores_cfg(kind, 
     pipe = sd if kind == "sd" else sd3
     denoiser = pipe.unet if kind == "sd" else pipe.transformer
     w = 5.0
+    # CFG of the pipeline as the user holds it: disable_guidance_adapters restores exactly this state
+    # (requires_grad flags included), so these are bitwise references for the end of the test.
+    cfg = _text(pipe, guidance_scale=w)
+    cfg_negative = _text(pipe, guidance_scale=w, negative_prompt=["blurry", "dark"])
     with _frozen(denoiser):  # as the adapters will hold it (see _frozen)
-        cfg = _text(pipe, guidance_scale=w)
-        cfg_negative = _text(pipe, guidance_scale=w, negative_prompt=["blurry", "dark"])
         conditional = _text(pipe, guidance_scale=1.0)
     assert not torch.equal(cfg, cfg_negative)
 
