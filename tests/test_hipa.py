@@ -65,14 +65,15 @@ def test_zero_lora_reproduces_base_exactly(tiny_sd):
     assert 0 < lora < total
 
 
-def test_exported_lora_loads_into_stock_pipeline_and_unloads(tiny_sd, tmp_path):
+@pytest.mark.parametrize("include_resnets", [False, True])
+def test_exported_lora_loads_into_stock_pipeline_and_unloads(tiny_sd, tmp_path, include_resnets):
     from fewstep.zoo.tiny import build_tiny_sd_pipeline
 
     student = build_tiny_sd_pipeline().unet
     x, emb = _inputs(1)
     with torch.no_grad():
         base = one_step_sample(student, tiny_sd.scheduler, x, encoder_hidden_states=emb)
-        add_hipa_lora(student, HiPAConfig(rank=2, alpha=4))
+        add_hipa_lora(student, HiPAConfig(rank=2, alpha=4, include_resnets=include_resnets))
         g = torch.Generator().manual_seed(3)
         for name, p in student.named_parameters():
             if "lora_B" in name:
@@ -123,6 +124,8 @@ def test_bad_settings_are_named():
         HiPAConfig(edge_operator="canny")
     with pytest.raises(ValueError, match="bogus"):
         HiPAConfig.from_dict({"bogus": 1})
+    with pytest.raises(ValueError, match="no 'hipa' adapter"):
+        save_hipa_lora(torch.nn.Linear(2, 2), "unused")
     with pytest.raises(ValueError, match="feature_net"):
         hipa_loss(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4), HiPAConfig(feature_weight=1.0))
 
