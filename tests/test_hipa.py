@@ -122,6 +122,8 @@ def test_bad_settings_are_named():
         HiPAConfig(cutoff=1.5)
     with pytest.raises(ValueError, match="edge_operator"):
         HiPAConfig(edge_operator="canny")
+    with pytest.raises(ValueError, match="clip_sample"):
+        HiPAConfig(clip_sample=0)
     with pytest.raises(ValueError, match="bogus"):
         HiPAConfig.from_dict({"bogus": 1})
     with pytest.raises(ValueError, match="no 'hipa' adapter"):
@@ -138,12 +140,12 @@ def test_few_training_steps_on_digits_reduce_the_loss():
     assert data.samples.shape == data.noise.shape == (64, 1, 8, 8)
     sched = OneStepScheduler.from_config(pipe.scheduler.config)
     classifier = load_digits_classifier()
-    cfg = HiPAConfig(rank=4, feature_weight=0.1)
+    cfg = HiPAConfig(rank=4, feature_weight=0.1, clip_sample=1.0)
     eval_cfg = HiPAConfig(feature_weight=0.0)
 
     def full_loss():
         with torch.no_grad():
-            s = one_step_sample(pipe.unet, sched, data.noise, class_labels=data.labels)
+            s = one_step_sample(pipe.unet, sched, data.noise, class_labels=data.labels).clamp(-1, 1)
             return hipa_loss(s, data.samples, eval_cfg)["total"].item()
 
     before = full_loss()

@@ -76,6 +76,11 @@ class HiPAConfig:
         edge_weight: Weight of the edge-map MSE (0 disables it).
         cutoff: High-pass radius as a fraction of the Nyquist frequency, in [0, 1).
         edge_operator: ``"sobel"`` (both gradients) or ``"laplacian"``.
+        clip_sample: If set, the one-step sample is clamped to ``[-clip_sample, clip_sample]``
+            before the loss, as a pipeline that clamps its output does (digits: 1.0). Why: at
+            t = 999 the x0 prediction multiplies the noise-prediction error by
+            ``1 / sqrt(alpha_bar)`` (157 on digits), and an unclamped loss spends the adapter
+            on shrinking out-of-range pixels the pipeline clamps anyway.
     """
 
     rank: int = 4
@@ -87,6 +92,7 @@ class HiPAConfig:
     edge_weight: float = 1.0
     cutoff: float = 0.5
     edge_operator: str = "sobel"
+    clip_sample: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
@@ -101,6 +107,8 @@ class HiPAConfig:
             raise ValueError(f"cutoff must be in [0, 1) (fraction of Nyquist), got {self.cutoff!r}")
         if self.edge_operator not in EDGE_OPERATORS:
             raise ValueError(f"edge_operator must be one of {EDGE_OPERATORS}, got {self.edge_operator!r}")
+        if self.clip_sample is not None and not (isinstance(self.clip_sample, (int, float)) and self.clip_sample > 0):
+            raise ValueError(f"clip_sample must be a positive number or None, got {self.clip_sample!r}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "HiPAConfig":
@@ -327,6 +335,8 @@ def train_hipa(model: torch.nn.Module, scheduler: FewstepScheduler, data: Teache
     for _ in tqdm(range(steps), disable=not progress, desc="hipa"):
         idx = torch.randint(len(data.noise), (min(batch_size, len(data.noise)),), generator=gen)
         sample = one_step_sample(model, scheduler, data.noise[idx], class_labels=data.labels[idx])
+        if config.clip_sample is not None:
+            sample = sample.clamp(-config.clip_sample, config.clip_sample)
         terms = hipa_loss(sample, data.samples[idx], config, feature_net)
         opt.zero_grad(set_to_none=True)
         terms["total"].backward()
