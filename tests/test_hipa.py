@@ -11,6 +11,7 @@ from fewstep.distill.hipa import (  # noqa: E402
     add_hipa_lora,
     digits_teacher_data,
     edge_maps,
+    radial_power_spectrum,
     fourier_highpass_loss,
     hipa_loss,
     one_step_sample,
@@ -113,6 +114,10 @@ def test_high_frequency_terms_zero_for_identical_positive_for_blur():
     flat = torch.full_like(img, 0.3)
     assert fourier_highpass_loss(flat, torch.zeros_like(img)).item() == pytest.approx(0.0, abs=1e-12)
     assert edge_maps(flat).abs().max().item() == 0.0
+    spec = radial_power_spectrum(flat)
+    assert spec[0].item() == pytest.approx(0.09 * 64) and spec[1:].abs().max().item() < 1e-20
+    # Blurring removes power at the highest radius.
+    assert radial_power_spectrum(blur)[-1] < radial_power_spectrum(img)[-1]
 
 
 def test_bad_settings_are_named():

@@ -200,6 +200,17 @@ def fourier_highpass_loss(a: torch.Tensor, b: torch.Tensor, cutoff: float = 0.5)
     return diff.abs().pow(2).mean()
 
 
+def radial_power_spectrum(images: torch.Tensor) -> torch.Tensor:
+    """Radially averaged power spectrum: mean |FFT|^2 (ortho) per integer frequency radius, over images and channels."""
+    h, w = images.shape[-2:]
+    power = torch.fft.fft2(images.double(), norm="ortho").abs().pow(2).mean(dim=tuple(range(images.ndim - 2)))
+    fy = torch.fft.fftfreq(h, d=1.0 / h).abs()[:, None]
+    fx = torch.fft.fftfreq(w, d=1.0 / w).abs()[None, :]
+    radius = torch.sqrt(fy**2 + fx**2).round().long().flatten()
+    total = torch.zeros(int(radius.max()) + 1, dtype=torch.float64).index_add_(0, radius, power.flatten())
+    return total / torch.bincount(radius).double()
+
+
 def edge_maps(x: torch.Tensor, operator: str = "sobel") -> torch.Tensor:
     """Per-channel Sobel gradients ([N, 2C, H, W]) or Laplacian ([N, C, H, W]), replicate-padded."""
     if operator not in EDGE_OPERATORS:
