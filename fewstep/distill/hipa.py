@@ -25,6 +25,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from .._extras import import_optional
 from ..samplers.scheduler import FewstepScheduler
 
 ADAPTER_NAME = "hipa"
@@ -122,7 +123,7 @@ class HiPAConfig:
 
 def lora_config(config: HiPAConfig):
     """The peft ``LoraConfig`` of a HiPA student (B zero-initialised: starts as the base)."""
-    from peft import LoraConfig
+    LoraConfig = import_optional("peft", "HiPA adapters").LoraConfig
 
     targets = ATTENTION_TARGETS + (RESNET_TARGETS if config.include_resnets else ())
     return LoraConfig(r=config.rank, lora_alpha=config.alpha or config.rank, init_lora_weights=True,
