@@ -11,7 +11,8 @@ samples each, labels i mod 10; metrics per seed, reported as mean and min-max ov
 digits-FD to the 1797 real digits (shipped classifier's features), classifier accuracy on the
 intended label, and FD to the teacher's samples of the same noise. The base rows use CFG
 w = 1.5 (2 network evaluations per step); the students run one evaluation, no CFG.
-Not measured yet: a full fine-tune at NFE 1, base NFE 4, the power-spectrum plot.
+Also the radially averaged power spectrum (a table, no plot) of the teacher, base NFE 1 and
+both students on evaluation seed 0. Not measured yet: a full fine-tune at NFE 1, base NFE 4.
 
 Writes benchmarks/results/hipa_digits.{json,md}.
 
@@ -32,6 +33,7 @@ from fewstep.distill.hipa import (
     HiPAConfig,
     OneStepScheduler,
     digits_teacher_data,
+    radial_power_spectrum,
     one_step_sample,
     train_hipa,
     trainable_share,
@@ -98,8 +100,12 @@ def main() -> None:
         rows[name] = [_metrics(make(n, lab), lab, t, classifier, real) for (n, lab), t in zip(evals, teachers)]
 
     record(f"teacher unipc NFE {args.teacher_nfe} (CFG)", lambda n, lab: _base(pipe, "unipc", args.teacher_nfe, n, lab))
-    record("base NFE 1 (one-step DDIM = x0 at t=999, CFG)",
-           lambda n, lab: _base(pipe, "ddim", 1, n, lab, spacing="trailing"))
+    def base_nfe1(n, lab):
+        return _base(pipe, "ddim", 1, n, lab, spacing="trailing")
+
+    record("base NFE 1 (one-step DDIM = x0 at t=999, CFG)", base_nfe1)
+    spectra = {"teacher": radial_power_spectrum(teachers[0]).tolist(),
+               "base NFE 1": radial_power_spectrum(base_nfe1(*evals[0])).tolist()}
     for solver in ("ddim", "dpmpp", "unipc"):
         record(f"base NFE 2 {solver} (CFG)", lambda n, lab, s=solver: _base(pipe, s, 2, n, lab))
 
@@ -122,8 +128,10 @@ def main() -> None:
         train_info[name] = {"train_s": time.perf_counter() - t0, "lora_params": lora, "base_params": base,
                             "first_loss": hist[0]["total"], "last_loss": hist[-1]["total"], "config": vars(cfg)}
         record(name, lambda n, lab, u=unet: _student(u, one_step, n, lab))
+        spectra[name] = radial_power_spectrum(_student(unet, one_step, *evals[0])).tolist()
 
-    out = {"args": vars(args), "threads": torch.get_num_threads(), "rows": rows, "training": train_info}
+    out = {"args": vars(args), "threads": torch.get_num_threads(), "rows": rows, "training": train_info,
+           "radial_power_spectrum_seed0": spectra}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "hipa_digits.json").write_text(json.dumps(out, indent=1))
     lines = ["| method | digits-FD to real | accuracy | FD to teacher |", "|---|---|---|---|"]
@@ -134,7 +142,13 @@ def main() -> None:
             cells.append(f"{sum(vals) / len(vals):.3f} [{min(vals):.3f}, {max(vals):.3f}]")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     (RESULTS / "hipa_digits.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    lines = ["", "Radially averaged power spectrum (evaluation seed 0; radius in cycles per 8 pixels):", "",
+             "| samples | " + " | ".join(f"r={r}" for r in range(len(spectra["teacher"]))) + " |",
+             "|---|" + "---|" * len(spectra["teacher"])]
+    lines += [f"| {k} | " + " | ".join(f"{v:.4f}" for v in vals) + " |" for k, vals in spectra.items()]
+    with open(RESULTS / "hipa_digits.md", "a") as f:
+        f.write("\n".join(lines) + "\n")
+    print((RESULTS / "hipa_digits.md").read_text())
     print(json.dumps(train_info, indent=1))
 
 
