@@ -9,7 +9,7 @@ from types import ModuleType
 __all__ = ["MissingExtraError", "import_optional", "EXTRAS"]
 
 # Optional package -> the extra of pyproject.toml that installs it.
-EXTRAS = {"transformers": "pipelines", "matplotlib": "plot", "sklearn": "train"}
+EXTRAS = {"transformers": "pipelines", "matplotlib": "plot", "sklearn": "train", "peft": "distill"}
 
 
 class MissingExtraError(ImportError):

@@ -10,6 +10,8 @@ Jensen & Sadat. Efficient Distillation of Classifier-Free Guidance using Adapter
   step inside an unmodified diffusers pipeline, and back to real CFG.
 - :func:`collect_trajectories` / :func:`load_trajectories`: CFG teacher trajectories
   (sharded, resumable, split across processes) for a :class:`LabelTeacher` or :class:`PromptTeacher`.
+- :mod:`fewstep.distill.hipa`: HiPA one-step LoRA adapters (peft; imported on first use:
+  ``from fewstep.distill.hipa import train_hipa, save_hipa_lora, OneStepScheduler``).
 - ``python -m fewstep.distill.train --config configs/distill/<name>.yaml``: the accelerate
   trainer (:mod:`fewstep.distill.train`).
 """
