@@ -32,3 +32,12 @@ def _fresh_accelerate_state():
     state = sys.modules.get("accelerate.state")
     if state is not None:
         state.AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="module")
+def module_reference_cache(tmp_path_factory):
+    """One reference cache for a whole test module (searches on one batch share their reference), kept out of
+    ~/.cache. Use it with ``pytestmark = pytest.mark.usefixtures("module_reference_cache")``."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FEWSTEP_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield

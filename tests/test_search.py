@@ -27,17 +27,7 @@ S3 = dict(nfe=4, budget=34, num_samples=24, init_screen=8, init_size=8, init_spa
 QUIET = dict(log=lambda msg: None)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def reference_cache(tmp_path_factory):
-    """Searches on the same batch share their reference through the cache (kept out of ~/.cache)."""
-    old = os.environ.get("FEWSTEP_CACHE")
-    os.environ["FEWSTEP_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if old is None:
-        del os.environ["FEWSTEP_CACHE"]
-    else:
-        os.environ["FEWSTEP_CACHE"] = old
-
+pytestmark = pytest.mark.usefixtures("module_reference_cache")  # conftest: one cache per module
 
 @pytest.fixture(scope="module")
 def gmm():

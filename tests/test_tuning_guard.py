@@ -1,10 +1,8 @@
 """The held-out guard of the searches: a deliberately bad search budget must not reach the user unannounced."""
 
 import math
-import os
 
 import pytest
-import torch
 
 import fewstep
 from fewstep.cli import main
@@ -17,16 +15,7 @@ S3_BAD = dict(BAD, budget=60, init_screen=0, init_size=8, init_spacings=["time_q
               warmup=10, random_init=3, seed=7)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def reference_cache(tmp_path_factory):
-    old = os.environ.get("FEWSTEP_CACHE")
-    os.environ["FEWSTEP_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if old is None:
-        del os.environ["FEWSTEP_CACHE"]
-    else:
-        os.environ["FEWSTEP_CACHE"] = old
-
+pytestmark = pytest.mark.usefixtures("module_reference_cache")  # conftest: one cache per module
 
 @pytest.fixture(scope="module")
 def gmm():
