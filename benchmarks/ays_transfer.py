@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fewstep.eval.fd import feature_statistics, frechet_distance  # noqa: E402
-from fewstep.eval.io import atomic_write_bytes, read_json, write_json  # noqa: E402
+from fewstep.eval.metrics.fd import feature_statistics, frechet_distance  # noqa: E402
+from fewstep.infra.io import atomic_write_bytes, read_json, write_json  # noqa: E402
 from fewstep.eval.testbeds import DigitsTestbed, GMMTestbed  # noqa: E402
 
 SOLVERS = ("ddim", "dpmpp", "unipc")

@@ -20,8 +20,8 @@ from typing import Any, Callable
 import torch
 
 import fewstep
-from fewstep.eval.calibrate import calibration_inputs
-from fewstep.eval.io import load_tensors, read_json, save_tensors, write_json
+from fewstep.tuning.dc.command import calibration_inputs
+from fewstep.infra.io import load_tensors, read_json, save_tensors, write_json
 from fewstep.eval.testbeds import Testbed
 
 REFERENCE = ("dpmpp", {"order": 3, "third_order": "taylor"}, 200)

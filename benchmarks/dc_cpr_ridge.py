@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dc_common import CALIBRATION_SEED, ROOT  # noqa: E402
 
 import fewstep  # noqa: E402
-from fewstep.eval.calibrate import calibration_inputs  # noqa: E402
-from fewstep.eval.io import atomic_write_bytes, write_json  # noqa: E402
+from fewstep.tuning.dc.command import calibration_inputs  # noqa: E402
+from fewstep.infra.io import atomic_write_bytes, write_json  # noqa: E402
 from fewstep.eval.testbeds import DigitsTestbed  # noqa: E402
 
 GUIDANCES = (1.5, 3.0, 5.0, 7.5)

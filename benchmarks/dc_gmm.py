@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dc_common import CALIBRATION_SEED, Bench, fmt  # noqa: E402
 
-from fewstep.eval.io import atomic_write_bytes  # noqa: E402
+from fewstep.infra.io import atomic_write_bytes  # noqa: E402
 from fewstep.eval.testbeds import GMMTestbed  # noqa: E402
 
 GUIDANCE = 2.0

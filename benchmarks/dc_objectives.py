@@ -28,10 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dc_common import CALIBRATION_SEED, Bench  # noqa: E402
 
 import fewstep  # noqa: E402
-from fewstep.eval.calibrate import calibration_inputs  # noqa: E402
-from fewstep.eval.io import atomic_write_bytes, load_tensors, read_json, save_tensors  # noqa: E402
+from fewstep.tuning.dc.command import calibration_inputs  # noqa: E402
+from fewstep.infra.io import atomic_write_bytes, load_tensors, read_json, save_tensors  # noqa: E402
 from fewstep.eval.testbeds import DigitsTestbed, GMMTestbed  # noqa: E402
-from fewstep.samplers.holdout import paired_ratio  # noqa: E402
+from fewstep.eval.holdout import paired_ratio  # noqa: E402
 
 FIT, VALIDATION = 10, 32
 # Evaluation samples: 1000 on the mixture; 100 on digits (the machine this ran on was shared by 8 jobs on
@@ -141,7 +141,7 @@ def write_table(b: Bench, stem: str, guidances, nfes) -> None:
     lines += ["", f"Worst held-out ratio of auto to UniPC over the pairs run: {worst:.2f}x."]
     text = "\n".join(lines) + "\n"
     atomic_write_bytes(b.results_dir / f"{stem}.md", text.encode())
-    from fewstep.eval.io import write_json
+    from fewstep.infra.io import write_json
 
     write_json(b.path, b.store)
     print(text)

@@ -93,7 +93,7 @@ def methods(setting: str, order: int) -> dict[str, tuple[str, dict, tuple[str, .
 
 
 def read_results() -> dict:
-    from fewstep.eval.io import read_json
+    from fewstep.infra.io import read_json
 
     return read_json(RESULTS)
 
@@ -109,7 +109,7 @@ def _load_ems(name: str, cache: dict):
 
 def update_json(path: Path, change, empty: dict) -> dict:
     """Apply ``change(results)`` to a results file under a lock (several processes may run settings side by side)."""
-    from fewstep.eval.io import DirectoryLockedError, lock_directory, read_json, write_json
+    from fewstep.infra.io import DirectoryLockedError, lock_directory, read_json, write_json
 
     while True:
         try:
@@ -196,7 +196,7 @@ def testbed_inputs(setting: str, beds: dict, seed: int = 0, n: int | None = None
 
 
 def cached_reference(name: str, bed, x_T, cond, guidance, ending: str) -> torch.Tensor:
-    from fewstep.eval.io import load_tensors, save_tensors
+    from fewstep.infra.io import load_tensors, save_tensors
 
     path = REF_DIR / f"{name}{'' if ending == 'zero' else '-' + ending}.safetensors"
     if path.exists():
@@ -218,7 +218,7 @@ def main(only: list[str]) -> None:
         _update(paired_intervals)
         REPORT.write_text(report(read_results()))
         return
-    from fewstep.eval.io import save_tensors
+    from fewstep.infra.io import save_tensors
 
     torch.set_num_threads(1)
     refs_only = "--references" in only
@@ -280,7 +280,7 @@ def paired_bootstrap(target: torch.Tensor, base: torch.Tensor, resamples: int = 
 
 def paired_intervals(results: dict) -> None:
     """dpmv3 / dpmpp and dpmv3 / unipc with intervals, for every (setting, ending, NFE) with per-sample errors."""
-    from fewstep.eval.io import load_tensors
+    from fewstep.infra.io import load_tensors
 
     paired = {(p["setting"], p["ending"], p["method"], p["versus"], p["nfe"]): p for p in results.get("paired", [])}
     keys = {(e["setting"], e.get("ending", "zero"), e["nfe"]) for e in results["entries"]}
@@ -313,7 +313,7 @@ def ems_roughness(name: str) -> dict | None:
 
 def report(results: dict) -> str:
     """Markdown: per setting and ending the comparison with intervals, the ablations and the K / N study."""
-    from fewstep.eval.io import read_json
+    from fewstep.infra.io import read_json
 
     times = read_json(EMS_TIMES) if EMS_TIMES.exists() else {}
     by: dict = {}

@@ -47,7 +47,7 @@ def rules(setting: str) -> dict[str, dict[int, str]]:
 
 
 def main(only: list[str]) -> None:
-    from fewstep.eval.io import read_json
+    from fewstep.infra.io import read_json
 
     torch.set_num_threads(1)
     wait = "--wait" in only

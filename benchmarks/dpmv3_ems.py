@@ -52,7 +52,7 @@ RUNS = {
 
 def main(names: list[str]) -> None:
     from fewstep.cli import main as cli
-    from fewstep.eval.io import lock_directory, read_json, write_json
+    from fewstep.infra.io import lock_directory, read_json, write_json
 
     torch.set_num_threads(1)
     EMS_DIR.mkdir(parents=True, exist_ok=True)

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fewstep.eval.fd import frechet_distance
-from fewstep.eval.features import extract_features, feature_extractor, resize_images
-from fewstep.eval.inception import random_fid_inception
+from fewstep.eval.metrics.fd import frechet_distance
+from fewstep.eval.metrics.features import extract_features, feature_extractor, resize_images
+from fewstep.eval.metrics.inception import random_fid_inception
 
 RESULTS = Path(__file__).parent / "results" / "fid_checks.json"
 REPEATS = 3

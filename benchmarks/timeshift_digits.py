@@ -29,8 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fewstep  # noqa: E402
-from fewstep.eval.fd import feature_statistics, frechet_distance  # noqa: E402
-from fewstep.eval.io import load_tensors, read_json, save_tensors, write_json, atomic_write_bytes  # noqa: E402
+from fewstep.eval.metrics.fd import feature_statistics, frechet_distance  # noqa: E402
+from fewstep.infra.io import load_tensors, read_json, save_tensors, write_json, atomic_write_bytes  # noqa: E402
 from fewstep.eval.testbeds import DigitsTestbed, _common_grid  # noqa: E402
 from fewstep.samplers.timeshift import TargetMove  # noqa: E402
 

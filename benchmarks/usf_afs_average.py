@@ -22,8 +22,8 @@ import torch
 
 import fewstep
 from fewstep import SolverSchedule
-from fewstep.eval.fd import feature_statistics, frechet_distance
-from fewstep.eval.io import atomic_write_bytes, read_json, write_json
+from fewstep.eval.metrics.fd import feature_statistics, frechet_distance
+from fewstep.infra.io import atomic_write_bytes, read_json, write_json
 from fewstep.eval.testbeds import DigitsTestbed, GMMTestbed, _common_grid
 from fewstep.samplers.solvers.usf import spell_out
 

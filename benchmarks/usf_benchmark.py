@@ -38,10 +38,10 @@ sys.path.insert(0, str(ROOT))
 
 from fewstep import ArtifactMeta, GridSpec, SolverSchedule, make_plan  # noqa: E402
 from fewstep.eval.compare import CompareConfig, run_compare  # noqa: E402
-from fewstep.eval.io import read_json, write_json  # noqa: E402
+from fewstep.infra.io import read_json, write_json  # noqa: E402
 from fewstep.eval.testbeds import make_testbed  # noqa: E402
-from fewstep.search import search_timesteps, search_usf  # noqa: E402
-from fewstep.search.fitness import Fitness  # noqa: E402
+from fewstep.tuning.search import search_timesteps, search_usf  # noqa: E402
+from fewstep.tuning.search.fitness import Fitness  # noqa: E402
 
 SETTINGS = {"gmm": ("gmm", 2.0), "digits-g3": ("digits", 3.0), "digits-g7.5": ("digits", 7.5)}
 SPACINGS = ("linspace", "leading", "trailing", "logsnr", "time_uniform", "time_quadratic", "karras")
@@ -192,7 +192,7 @@ def stage_bootstrap(testbed, name, guidance, nfe, out, run, log, num_samples, re
     and resamples the N seeds jointly: a 95% interval for S3 / hand-set and S3 / tuned.
     """
     from fewstep.eval.compare import Method, _run_method
-    from fewstep.eval.io import load_tensors
+    from fewstep.infra.io import load_tensors
 
     ev = read_json(out / "evaluation.json")
     if ev["num_samples"] != num_samples:

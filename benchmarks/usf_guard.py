@@ -22,13 +22,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fewstep.eval.io import atomic_write_bytes, read_json, write_json  # noqa: E402
+from fewstep.infra.io import atomic_write_bytes, read_json, write_json  # noqa: E402
 from fewstep.eval.testbeds import make_testbed  # noqa: E402
-from fewstep.samplers.holdout import paired_ratio  # noqa: E402
-from fewstep.search import search_usf  # noqa: E402
-from fewstep.search.fitness import Fitness, noise_schedule_of  # noqa: E402
-from fewstep.search.runlog import SearchLog  # noqa: E402
-from fewstep.search.space import Candidate, LogSNRAxis, SearchSpace  # noqa: E402
+from fewstep.eval.holdout import paired_ratio  # noqa: E402
+from fewstep.tuning.search import search_usf  # noqa: E402
+from fewstep.tuning.search.fitness import Fitness, noise_schedule_of  # noqa: E402
+from fewstep.tuning.search.runlog import SearchLog  # noqa: E402
+from fewstep.tuning.search.space import Candidate, LogSNRAxis, SearchSpace  # noqa: E402
 
 SETTINGS = {"gmm-nfe8": ("gmm", 2.0, 8, 1024, 1000), "digits-g3-nfe6": ("digits", 3.0, 6, 128, 500)}
 RUNS = ROOT / "runs" / "usf-guard"

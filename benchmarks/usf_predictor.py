@@ -28,9 +28,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fewstep.eval.io import write_json  # noqa: E402
+from fewstep.infra.io import write_json  # noqa: E402
 from fewstep.eval.testbeds import make_testbed  # noqa: E402
-from fewstep.search import search_usf  # noqa: E402
+from fewstep.tuning.search import search_usf  # noqa: E402
 
 RUNS = ROOT / "runs" / "usf-bench" / "predictor"
 RESULTS = ROOT / "benchmarks" / "results" / "usf"

@@ -4,15 +4,17 @@ import importlib
 import sys
 import types
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 # Everything is loaded on first use: the solver core imports torch (about a second), the diffusers
 # adapter imports diffusers (slow), the subpackages pull in models and evaluation code; the
 # command line (``fewstep --help``) needs none of it.
 _SCHEDULERS = ["FewstepScheduler", "DDIMSolverScheduler", "DPMSolverPPScheduler", "UniPCScheduler", "USFScheduler",
                "DCSolverScheduler", "DPMSolverV3Scheduler"]
-_SUBMODULES = ["config", "eval", "zoo", "search", "samplers"]
-_SEARCHES = ["search_usf", "search_timesteps"]
+_SUBMODULES = ["config", "eval", "zoo", "tuning", "samplers", "distill"]
+# Tuning entry points, by the module that defines them (imported on first use).
+_TUNING = {"search_usf": "fewstep.tuning.search", "search_timesteps": "fewstep.tuning.search",
+           "calibrate_dc": "fewstep.tuning.dc.calibrate", "compute_ems": "fewstep.tuning.ems.compute"}
 # Saved pipelines name their fewstep scheduler by module path in model_index.json, and diffusers'
 # from_pretrained only resolves modules already in sys.modules: register a stand-in there, so
 # `import fewstep` suffices and diffusers is still imported on first use only.
@@ -61,10 +63,8 @@ def __getattr__(name):
         from .samplers import scheduler
 
         return getattr(scheduler, name)
-    if name in _SEARCHES:
-        from . import search
-
-        return getattr(search, name)
+    if name in _TUNING:
+        return getattr(importlib.import_module(_TUNING[name]), name)
     if name in _SUBMODULES:
         return importlib.import_module(f".{name}", __name__)
     if name == "__all__":  # ``from fewstep import *`` asks for it here (PEP 562): stays lazy too
@@ -81,7 +81,7 @@ def __getattr__(name):
 def _all() -> list:
     from . import samplers
 
-    return list(samplers.__all__) + _SCHEDULERS + _SEARCHES
+    return list(samplers.__all__) + _SCHEDULERS + list(_TUNING)
 
 
 def __dir__():

@@ -62,7 +62,7 @@ def cmd_solvers(args: argparse.Namespace) -> int:
 
 def cmd_list_schedules(args: argparse.Namespace) -> int:
     """List the built-in published schedules (``solver_schedule="ays:sd15"``)."""
-    from .samplers.published import list_published
+    from .samplers.solver_schedule import list_published
 
     entries = list_published()
     if args.json:
@@ -82,11 +82,11 @@ def cmd_list_schedules(args: argparse.Namespace) -> int:
 _COMMANDS = {
     "compare": ("fewstep.eval.compare", "add_compare_parser",
                 "benchmark solvers at low NFE against a high-NFE reference"),
-    "search": ("fewstep.search.cli", "add_search_parser",
+    "search": ("fewstep.tuning.search.cli", "add_search_parser",
                "search solver schedules (S3 over USF strategies, or tuned timesteps)"),
-    "calibrate": ("fewstep.eval.calibrate", "add_calibrate_parser",
+    "calibrate": ("fewstep.tuning.dc.command", "add_calibrate_parser",
                   "tune solver artifacts for a model (dc: DC-Solver ratios / CPR)"),
-    "ems": ("fewstep.eval.ems", "add_ems_parser", "DPM-Solver-v3 empirical model statistics"),
+    "ems": ("fewstep.tuning.ems.command", "add_ems_parser", "DPM-Solver-v3 empirical model statistics"),
     "eval": ("fewstep.eval.eval_cli", "add_eval_parser",
              "FID/FD and MSE benchmarks of solvers, reference statistics, FD of two files"),
     "distill": ("fewstep.distill.train", "add_distill_parser",
@@ -103,7 +103,7 @@ def build_parser(only: str | None | bool = True) -> tuple[argparse.ArgumentParse
     """
     import importlib
 
-    from . import __version__
+    from fewstep._version import __version__
 
     parser = argparse.ArgumentParser(prog="fewstep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -437,7 +437,7 @@ def save_config(cfg: Any, directory: str | Path, name: str = CONFIG_NAME) -> Pat
     """
     from omegaconf import OmegaConf
 
-    from .eval.io import atomic_write_bytes
+    from fewstep.infra.io import atomic_write_bytes
 
     path = Path(directory) / name
     atomic_write_bytes(path, OmegaConf.to_yaml(OmegaConf.structured(cfg)).encode())

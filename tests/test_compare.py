@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 import fewstep
 from fewstep.cli import main
 from fewstep.eval.compare import CompareConfig, Method, run_compare
-from fewstep.eval.io import lock_directory
+from fewstep.infra.io import lock_directory
 from fewstep.eval.testbeds import GMMTestbed, Testbed, make_testbed
 from fewstep.zoo import digits
 

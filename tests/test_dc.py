@@ -14,7 +14,7 @@ import torch
 import fewstep
 from fewstep import ArtifactError, ArtifactMeta, DCCPR, DCRatios, DCSolverScheduler, UniPCScheduler
 from fewstep.cli import main
-from fewstep.samplers import calibrate as calibrate_module
+from fewstep.tuning.dc import calibrate as calibrate_module
 from fewstep.samplers.dc_artifacts import cpr_features, fit_cpr, load_dc_file
 from fewstep.samplers.solvers.dc import compensation_table, lagrange_weights
 from fewstep.zoo.gmm import GaussianMixture, GMMModel
@@ -470,7 +470,7 @@ DC_PRESETS = sorted((ROOT / "configs" / "calibrate").glob("dc-*.yaml")) + sorted
 @pytest.mark.parametrize("path", DC_PRESETS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_sampler_presets_load_with_their_commands_schema(path, monkeypatch):
     from fewstep.config import load_config
-    from fewstep.eval.calibrate import CalibrateDCConfig
+    from fewstep.tuning.dc.command import CalibrateDCConfig
     from fewstep.eval.compare import CompareConfig
 
     monkeypatch.chdir(ROOT)  # presets name files relative to the repository root

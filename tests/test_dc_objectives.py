@@ -10,9 +10,9 @@ import torch
 
 import fewstep
 from fewstep.cli import main
-from fewstep.samplers import calibrate as calibrate_module
-from fewstep.samplers.calibrate_trajectory import ground_truth_trajectory, trajectory_grid
-from fewstep.samplers.holdout import paired_ratio, validation_record
+from fewstep.tuning.dc import calibrate as calibrate_module
+from fewstep.tuning.dc.trajectory import ground_truth_trajectory, trajectory_grid
+from fewstep.eval.holdout import paired_ratio, validation_record
 from fewstep.zoo.gmm import GaussianMixture, GMMModel
 
 MIX = GaussianMixture.random(dim=4, components=3, num_classes=3, seed=0)

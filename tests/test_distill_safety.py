@@ -205,7 +205,7 @@ def test_kill_9_then_resume_gives_the_same_adapters(tmp_path):
 def test_second_run_on_a_folder_in_use_is_refused(tmp_path, capsys):
     out = tmp_path / "busy"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from fewstep.eval.io import lock_directory\n"
+        [sys.executable, "-c", "import sys, time; from fewstep.infra.io import lock_directory\n"
          "with lock_directory(sys.argv[1]):\n    print('locked', flush=True); time.sleep(120)", str(out)],
         env=ENV, stdout=subprocess.PIPE, text=True)
     try:
@@ -216,7 +216,7 @@ def test_second_run_on_a_folder_in_use_is_refused(tmp_path, capsys):
     finally:
         holder.kill()
         holder.wait()
-    from fewstep.eval.io import lock_directory
+    from fewstep.infra.io import lock_directory
 
     with lock_directory(out):  # a killed holder leaves no stale lock
         pass

@@ -346,7 +346,7 @@ def test_scheduler_round_trip_with_its_ems_file(tmp_path):
 @pytest.mark.slow
 def test_scheduler_in_the_digits_pipeline_with_computed_ems(tmp_path):
     """A drop-in scheduler: EMS of the guided digits model, CFG inside the pipeline, save/load of the pipeline."""
-    from fewstep.eval.ems import EMSComputeConfig, run_ems_compute
+    from fewstep.tuning.ems.command import EMSComputeConfig, run_ems_compute
     from fewstep.zoo.digits import DigitsPipeline, load_digits_pipeline
 
     out = tmp_path / "ems.safetensors"

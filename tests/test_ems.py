@@ -327,7 +327,7 @@ def test_cli_presets_load():
     from pathlib import Path
 
     from fewstep.config import load_config
-    from fewstep.eval.ems import EMSComputeConfig
+    from fewstep.tuning.ems.command import EMSComputeConfig
 
     root = Path(__file__).parent.parent / "configs" / "ems"
     cfg = load_config(EMSComputeConfig, root / "digits.yaml", overrides=["guidance=7.5"])

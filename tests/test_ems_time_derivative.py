@@ -10,7 +10,7 @@ import torch
 
 import fewstep
 from fewstep import EMS, ArtifactError, ArtifactMeta, compute_ems
-from fewstep.samplers.ems_compute import _fd_stencil, resolve_time_derivative
+from fewstep.tuning.ems.compute import _fd_stencil, resolve_time_derivative
 from fewstep.zoo.gmm import GaussianMixture, GMMModel
 
 DIM = 4
@@ -148,7 +148,7 @@ def test_cli_records_the_choice(tmp_path):
 def test_digits_ems_is_smooth_in_lambda(tmp_path):
     """The digits UNet (trained at integer timesteps), the benchmark's EMS settings: mean |second difference of s|
     below 0.3 with the default (finite-difference) derivative (the old JVP files: 1.15-1.46)."""
-    from fewstep.eval.ems import EMSComputeConfig, run_ems_compute
+    from fewstep.tuning.ems.command import EMSComputeConfig, run_ems_compute
 
     cfg = EMSComputeConfig(model="digits", out=str(tmp_path / "e.safetensors"), n_grid=50, n_data=64, batch_size=16,
                            progress=False)

@@ -16,8 +16,8 @@ import torch
 
 import fewstep
 from fewstep.cli import main
-from fewstep.eval.fd import frechet_distance
-from fewstep.eval.stats import GaussianStats
+from fewstep.eval.metrics.fd import frechet_distance
+from fewstep.eval.metrics.stats import GaussianStats
 from fewstep.zoo import digits
 
 SMALL = ["--model", "digits", "--solver", "ddim", "unipc", "--nfe", "2", "3", "--num-samples", "24",
@@ -212,7 +212,7 @@ def pooled_pixels() -> torch.nn.Module:
 
 
 def test_extractor_specs():
-    from fewstep.eval.features import parse_extractor_spec
+    from fewstep.eval.metrics.features import parse_extractor_spec
 
     assert parse_extractor_spec("digits") == ("digits", {})
     assert parse_extractor_spec("inception:resize=clean,weights=/w.pth") == (

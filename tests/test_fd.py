@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from fewstep.eval.fd import feature_statistics, frechet_distance
+from fewstep.eval.metrics.fd import feature_statistics, frechet_distance
 
 
 class _Orthogonal:
@@ -147,8 +147,8 @@ class _TinyFeatures(nn.Module):
 def test_fd_matches_torchmetrics_on_a_custom_extractor():
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    from fewstep.eval.features import ModuleFeatureExtractor, extract_features
-    from fewstep.eval.stats import FeatureStatistics
+    from fewstep.eval.metrics.features import ModuleFeatureExtractor, extract_features
+    from fewstep.eval.metrics.stats import FeatureStatistics
 
     g = torch.Generator().manual_seed(0)
     real = torch.rand(96, 3, 16, 16, generator=g)

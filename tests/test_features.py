@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import fewstep.eval.features as features_module
-from fewstep.eval.features import (
+import fewstep.eval.metrics.features as features_module
+from fewstep.eval.metrics.features import (
     FeatureExtractor,
     ModuleFeatureExtractor,
     extract_features,
@@ -25,7 +25,7 @@ from fewstep.eval.features import (
     resize_images,
     state_dict_sha256,
 )
-from fewstep.eval.inception import (
+from fewstep.eval.metrics.inception import (
     INCEPTION_WEIGHTS_NAME,
     INCEPTION_WEIGHTS_URL,
     FIDInceptionV3,
@@ -125,8 +125,8 @@ def test_inception_features_do_not_depend_on_batch_size(inception):
 def test_inception_fd_matches_torchmetrics(inception):
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    from fewstep.eval.fd import frechet_distance
-    from fewstep.eval.stats import FeatureStatistics
+    from fewstep.eval.metrics.fd import frechet_distance
+    from fewstep.eval.metrics.stats import FeatureStatistics
 
     real, fake = _images(6, seed=1), _images(5, seed=2)
     metric = FrechetInceptionDistance(feature=inception, normalize=False)

@@ -116,7 +116,7 @@ def _leaves():
 
 
 def test_15_every_help_example_is_valid_for_its_command(monkeypatch):
-    from fewstep.eval.calibrate import _LIST
+    from fewstep.tuning.dc.command import _LIST
 
     monkeypatch.chdir(ROOT)  # the examples name the shipped configs/ relative to the project
     required = {"EMSComputeConfig": ["out=e.safetensors"]}
@@ -281,7 +281,7 @@ def test_12_06_extractor_mistakes_are_one_line(tmp_path, capsys):
 
 
 def test_12_12_statistics_that_are_no_covariance_are_refused(tmp_path, capsys):
-    from fewstep.eval.stats import GaussianStats
+    from fewstep.eval.metrics.stats import GaussianStats
 
     rs = np.random.RandomState(0)
     w, v = np.linalg.eigh(np.cov(rs.randn(200, 16), rowvar=False))
@@ -300,7 +300,7 @@ def test_12_12_statistics_that_are_no_covariance_are_refused(tmp_path, capsys):
 
 
 def test_12_fid_checks_the_extractor_against_the_model_before_sampling():
-    from fewstep.eval.features import feature_extractor
+    from fewstep.eval.metrics.features import feature_extractor
     from fewstep.eval.runner import _check_images
 
     class RGB(GMMTestbed.__mro__[1]):  # a testbed with 3x16x16 images, like a pipeline's
@@ -340,7 +340,7 @@ S3 = dict(nfe=4, num_samples=8, init_screen=4, init_size=4, init_spacings=["time
 
 
 def test_13_26_a_search_log_shorter_than_its_state_is_refused(gmm, tmp_path, capsys):
-    from fewstep.search import search_usf
+    from fewstep.tuning.search import search_usf
 
     out = tmp_path / "u.json"
     search_usf(gmm, out=out, budget=10, progress=True, **S3, **QUIET)
@@ -354,7 +354,7 @@ def test_13_26_a_search_log_shorter_than_its_state_is_refused(gmm, tmp_path, cap
 
 
 def test_13_budget_within_the_start_is_reported(gmm, tmp_path):
-    from fewstep.search import search_timesteps, search_usf
+    from fewstep.tuning.search import search_timesteps, search_usf
 
     messages = []
     search_usf(gmm, out=tmp_path / "u.json", budget=3, progress=False, **S3, log=messages.append)
@@ -369,7 +369,7 @@ def test_13_budget_within_the_start_is_reported(gmm, tmp_path):
 
 
 def test_13_05_a_tuned_file_of_another_nfe_is_named(gmm, tmp_path):
-    from fewstep.search import search_timesteps
+    from fewstep.tuning.search import search_timesteps
 
     model, x, kw = _gmm_calibration(nfe=5, iterations=0)
     fewstep.calibrate_dc(model, x, **kw).save(tmp_path / "r5.json")
@@ -382,7 +382,7 @@ def test_13_05_a_tuned_file_of_another_nfe_is_named(gmm, tmp_path):
 # ------------------------------------------------------------------ 16: progress bars
 
 def test_16_timesteps_bar_ends_full_when_the_search_converges_early(gmm, tmp_path, capsys):
-    from fewstep.search import search_timesteps
+    from fewstep.tuning.search import search_timesteps
 
     search_timesteps(gmm, nfe=3, budget=150, num_samples=4, out=tmp_path / "t.json", step=0.5, min_step=0.4,
                      progress=True, **QUIET)
@@ -424,8 +424,8 @@ def test_17_legend_fits_the_figure_and_fid_draws_real_vs_real(tmp_path):
     import matplotlib.pyplot as plt
 
     from fewstep.eval.report import fit_legend
-    from fewstep.eval.features import feature_extractor
-    from fewstep.eval.refstats import real_vs_real
+    from fewstep.eval.metrics.features import feature_extractor
+    from fewstep.eval.metrics.refstats import real_vs_real
 
     fig, ax = plt.subplots(figsize=(6, 3.9), layout="constrained")
     labels = [f"unipc(corrector=False,order={k},variant=bh1,space=noise,disable_corrector=[1])" for k in range(4)]
@@ -553,7 +553,7 @@ def test_05_06_deep_json_and_a_full_disk_are_one_line(tmp_path, capsys, monkeypa
         raise OSError(28, "No space left on device")
 
     from fewstep.cli import _message
-    from fewstep.search.runlog import SearchLog
+    from fewstep.tuning.search.runlog import SearchLog
 
     monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(OSError) as exc:

@@ -162,7 +162,7 @@ def search_arguments(draw):
 @CHEAP
 @given(args=search_arguments())
 def test_search_apis_any_input_works_or_fail_clearly(tiny_gmm, args):
-    from fewstep.search import search_timesteps, search_usf
+    from fewstep.tuning.search import search_timesteps, search_usf
 
     which, kwargs = args
     run = search_usf if which == "usf" else search_timesteps
@@ -189,7 +189,7 @@ def stats_arguments(draw):
 @CHEAP
 @given(args=stats_arguments())
 def test_statistics_files_any_content_loads_or_fails_clearly(args):
-    from fewstep.eval.stats import GaussianStats
+    from fewstep.eval.metrics.stats import GaussianStats
 
     mu, sigma, n = args
     with tempfile.TemporaryDirectory() as tmp:

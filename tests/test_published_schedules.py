@@ -9,7 +9,8 @@ import torch
 
 import fewstep
 from fewstep.samplers import solver_schedule as solver_schedule_module
-from fewstep.samplers.published import list_published, load_published, loglinear_interp
+from fewstep.samplers.published import loglinear_interp
+from fewstep.samplers.solver_schedule import list_published, load_published
 from fewstep.samplers.artifacts import ArtifactError
 
 NAMES = ("ays:sd15", "ays:sdxl", "ays:svd")

@@ -15,11 +15,17 @@ import torch
 import fewstep
 from fewstep.cli import main
 from fewstep.eval.testbeds import GMMTestbed
-from fewstep.search import search_timesteps, search_usf
-from fewstep.search.fitness import Fitness
-from fewstep.search.predictor import FitnessPredictor
-from fewstep.search.runlog import SearchLog
-from fewstep.search.space import Candidate, LogSNRAxis, SearchSpace, logits_from_positions, positions_from_logits
+from fewstep.tuning.search import search_timesteps, search_usf
+from fewstep.tuning.search.fitness import Fitness
+from fewstep.tuning.search.predictor import FitnessPredictor
+from fewstep.tuning.search.runlog import SearchLog
+from fewstep.tuning.search.space import (
+    Candidate,
+    LogSNRAxis,
+    SearchSpace,
+    logits_from_positions,
+    positions_from_logits,
+)
 
 # Small but complete: initial population, predictor rounds, polish rounds.
 S3 = dict(nfe=4, budget=34, num_samples=24, init_screen=8, init_size=8, init_spacings=["time_quadratic"], pool=12,
@@ -222,7 +228,7 @@ def test_bad_settings_fail_before_any_work():
 
 def test_shipped_search_configs_load(tmp_path):
     from fewstep.config import load_config
-    from fewstep.search import TimestepSearchConfig, USFSearchConfig
+    from fewstep.tuning.search import TimestepSearchConfig, USFSearchConfig
 
     root = Path(__file__).resolve().parents[1] / "configs" / "search"
     files = sorted(root.glob("*.yaml"))

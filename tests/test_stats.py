@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from fewstep.eval.fd import feature_statistics, frechet_distance
-from fewstep.eval.io import load_tensors, save_tensors
-from fewstep.eval.stats import FeatureStatistics, GaussianStats, check_compatible
+from fewstep.eval.metrics.fd import feature_statistics, frechet_distance
+from fewstep.infra.io import load_tensors, save_tensors
+from fewstep.eval.metrics.stats import FeatureStatistics, GaussianStats, check_compatible
 
 N, D, BLOCK = 1000, 24, 64
 
@@ -86,8 +86,8 @@ def test_two_processes_merge_to_the_single_process_bits(features, single_pass, t
     script = textwrap.dedent(f"""
         import torch
         torch.set_num_threads(1)
-        from fewstep.eval.io import save_tensors
-        from fewstep.eval.stats import FeatureStatistics
+        from fewstep.infra.io import save_tensors
+        from fewstep.eval.metrics.stats import FeatureStatistics
         f = torch.load({str(tmp_path / "features.pt")!r})
         stats = FeatureStatistics(block_size={BLOCK}).update(f[333:], start=333)
         save_tensors({str(tmp_path / "shard.safetensors")!r}, stats.state_dict())

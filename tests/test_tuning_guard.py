@@ -7,7 +7,7 @@ import pytest
 import fewstep
 from fewstep.cli import main
 from fewstep.eval.testbeds import GMMTestbed
-from fewstep.search import search_timesteps, search_usf
+from fewstep.tuning.search import search_timesteps, search_usf
 
 # Two search samples: any tuning overfits them.
 BAD = dict(nfe=4, num_samples=2, validation_samples=64, progress=False)
@@ -79,7 +79,7 @@ S3_SMALL = dict(nfe=4, budget=24, num_samples=8, init_screen=8, init_size=8, ini
 
 
 def _entries(run_dir):
-    from fewstep.search.runlog import SearchLog
+    from fewstep.tuning.search.runlog import SearchLog
 
     return SearchLog(run_dir / "search_log.jsonl").entries
 
@@ -102,8 +102,8 @@ def test_predictor_below_its_rank_threshold_is_plain_evolution(gmm, tmp_path):
 def test_predictor_skill_separates_signal_from_noise():
     import random
 
-    from fewstep.search.s3 import predictor_skill
-    from fewstep.search.space import LogSNRAxis, SearchSpace
+    from fewstep.tuning.search.s3 import predictor_skill
+    from fewstep.tuning.search.space import LogSNRAxis, SearchSpace
 
     space = SearchSpace(LogSNRAxis(fewstep.make_schedule("linear")), 4)
     rng = random.Random(0)

@@ -47,7 +47,7 @@ def test_extractor_code_from_a_settings_file_needs_allow_code_and_is_type_checke
         code, lines = _run(capsys, "eval", "ref", "--config", str(settings), *extra)
         assert code == 2 and "must name an nn.Module class or a Python function" in lines[0], lines
     assert not marker.exists()
-    from fewstep.eval.features import feature_extractor
+    from fewstep.eval.metrics.features import feature_extractor
 
     with pytest.raises(ValueError, match="is the class Path, not an nn.Module subclass"):
         feature_extractor("pathlib:Path")

@@ -358,7 +358,7 @@ def _checkpoint_state(path: Path, identity: dict[str, Any]) -> int:
             before this check, which pickled the step counter: never unpickled), or one of a run
             with other settings (the message names them).
     """
-    from fewstep.eval.io import read_json
+    from fewstep.infra.io import read_json
 
     file = path / CHECKPOINT_STATE
     if not file.is_file():
@@ -512,7 +512,7 @@ class NonFiniteTrainingError(ValueError):
 @contextmanager
 def _run_lock(accelerator: Any, out: Path) -> Iterator[None]:
     """The output folder's lock, taken by the main process; every process fails alike if it is held."""
-    from fewstep.eval.io import DirectoryLockedError, lock_directory
+    from fewstep.infra.io import DirectoryLockedError, lock_directory
 
     with ExitStack() as stack:
         error = None
@@ -569,7 +569,7 @@ def train(cfg: DistillConfig, *, step_callback: Callable[[int], None] | None = N
 
     Raises:
         ValueError: On bad settings or data, a checkpoint of another run, a folder in use
-            (:class:`~fewstep.eval.io.DirectoryLockedError`), or a non-finite loss or weight
+            (:class:`~fewstep.infra.io.DirectoryLockedError`), or a non-finite loss or weight
             (:class:`NonFiniteTrainingError`, naming the step).
     """
     from accelerate import Accelerator
@@ -720,7 +720,7 @@ def _train(cfg: DistillConfig, accelerator: Any, tracker: str | None, out: Path,
 def _checkpoint(accelerator: Any, out: Path, step: int, identity: dict[str, Any]) -> None:
     # Every rank calls save_state (it gathers/writes per-rank RNG state); the folder is
     # renamed into place once all ranks are done, so `latest` never picks a torn one.
-    from fewstep.eval.io import write_json
+    from fewstep.infra.io import write_json
 
     final = out / "checkpoints" / f"checkpoint-{step}"
     partial = final.with_name(final.name + ".partial")

@@ -34,10 +34,18 @@ from ..samplers import TimeShift, get_solver, list_solvers
 from ..samplers.artifacts import Artifact
 from ..samplers.timesteps import SPACINGS
 from .diffusers_schedulers import DIFFUSERS_PREFIX, is_diffusers_spec, parse_diffusers_spec
-from .io import atomic_write_bytes, clean_temp_files, load_tensors, lock_directory, read_json, save_tensors, write_json
+from fewstep.infra.io import (
+    atomic_write_bytes,
+    clean_temp_files,
+    load_tensors,
+    lock_directory,
+    read_json,
+    save_tensors,
+    write_json,
+)
 from .reference import ReferenceStore, default_cache_dir, timed
 from .report import markdown_report, pivot_tables, plot_quality, sample_grid, tuned_notes
-from .testbeds import Testbed, check_model, make_testbed, model_identity
+from fewstep.eval.testbeds import Testbed, check_model, make_testbed, model_identity
 
 __all__ = ["Method", "CompareConfig", "run_compare", "add_compare_parser", "DEFAULT_NFES", "DEFAULT_THREADS"]
 
@@ -255,7 +263,7 @@ class CompareConfig:
 
     def identity(self, testbed: Testbed) -> dict[str, Any]:
         """What results.json and the reference cache are keyed by (not the solver list)."""
-        from .. import __version__
+        from fewstep._version import __version__
 
         model = model_identity(self.model)
         return {

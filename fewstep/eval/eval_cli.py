@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..config import add_config_arguments, add_runtime_arguments, resolve_config, resolve_device, torch_threads
-from .features import is_code_spec, parse_extractor_spec
+from fewstep.eval.metrics.features import is_code_spec, parse_extractor_spec
 from ..samplers.timesteps import SPACINGS
-from .testbeds import check_model
+from fewstep.eval.testbeds import check_model
 from .runner import DEFAULT_MSE_REFERENCE, DEFAULT_MSE_REFERENCE_NFE, FIDConfig, MSEConfig, run_fid, run_mse
 
 __all__ = ["add_eval_parser", "RefConfig"]
@@ -108,9 +108,9 @@ def _cmd_run(schema: type, run: Callable[[Any], Any]) -> Callable[[argparse.Name
 
 def cmd_ref(args: argparse.Namespace) -> int:
     """CLI body of ``fewstep eval ref``."""
-    from .features import build_extractor
+    from fewstep.eval.metrics.features import build_extractor
     from .reference import default_cache_dir
-    from .refstats import reference_statistics
+    from fewstep.eval.metrics.refstats import reference_statistics
 
     cfg = resolve_config(RefConfig, args)
     name, options = parse_extractor_spec(cfg.extractor)
@@ -127,7 +127,7 @@ def cmd_ref(args: argparse.Namespace) -> int:
 
 def cmd_fd(args: argparse.Namespace) -> int:
     """CLI body of ``fewstep eval fd``: the distance alone on the last line."""
-    from .stats import GaussianStats
+    from fewstep.eval.metrics.stats import GaussianStats
 
     a, b = GaussianStats.load(args.a), GaussianStats.load(args.b)
     print(repr(a.frechet_distance(b)))

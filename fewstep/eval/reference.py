@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from .io import load_tensors, save_tensors
+from fewstep.infra.io import load_tensors, save_tensors
 
 __all__ = ["ReferenceStore", "default_cache_dir", "timed"]
 

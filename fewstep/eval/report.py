@@ -10,7 +10,7 @@ from typing import Any, Sequence, Union
 import numpy as np
 import torch
 
-from .io import atomic_write_bytes
+from fewstep.infra.io import atomic_write_bytes
 
 __all__ = ["pivot_tables", "markdown_report", "plot_quality", "sample_grid", "time_label", "validation_grid",
            "fit_legend"]
@@ -68,7 +68,7 @@ def pivot_tables(results: dict[str, Any], metrics: Sequence[str]) -> str:
 def tuned_notes(methods: Sequence[Any]) -> list[str]:
     """One line per compared method that runs a tuned artifact: the held-out figures recorded when it
     was tuned (validation seeds, never these evaluation seeds), to read beside this run's own."""
-    from ..samplers.holdout import recorded_validations
+    from fewstep.eval.holdout import recorded_validations
 
     lines = []
     for m in methods:

@@ -6,7 +6,7 @@ computed from them, are the same for any process count and any interruption:
 
 * ``fid``: each shard's features go to ``OUT/shards/<solver>-nfe<N>/``; the Fréchet distance
   to the reference statistics comes from float64 feature sums keyed by sample index
-  (:class:`~fewstep.eval.stats.FeatureStatistics`), merged across processes on rank 0.
+  (:class:`~fewstep.eval.metrics.stats.FeatureStatistics`), merged across processes on rank 0.
 * ``mse``: each shard's per-sample MSE (float64) to a high-NFE reference from the same noise
   goes to the run folder; reference shards are cached under ``cache_dir``. The table gives the
   mean and a 95% confidence interval (normal approximation, ``1.96 * std / sqrt(n)``).
@@ -34,15 +34,28 @@ from ..config import resolve_device, save_config
 from ..samplers import list_solvers, solver_class
 from ..samplers.timesteps import SPACINGS
 from .compare import Method
-from .distributed import ProcessGroup
-from .features import as_float_images, build_extractor, extract_features, is_code_spec, parse_extractor_spec
-from .io import atomic_write_bytes, claim_identity, clean_temp_files, lock_directory, read_json, write_json
+from fewstep.infra.distributed import ProcessGroup
+from fewstep.eval.metrics.features import (
+    as_float_images,
+    build_extractor,
+    extract_features,
+    is_code_spec,
+    parse_extractor_spec,
+)
+from fewstep.infra.io import (
+    atomic_write_bytes,
+    claim_identity,
+    clean_temp_files,
+    lock_directory,
+    read_json,
+    write_json,
+)
 from .reference import default_cache_dir, timed
 from .report import pivot_tables, plot_quality, sample_grid, tuned_notes
-from .shards import ShardStore, identity_digest, shard_ranges
-from .refstats import BUILTIN_DATASETS, load_source, real_vs_real, reference_statistics
-from .stats import FeatureStatistics, GaussianStats, check_compatible
-from .testbeds import PipelineTestbed, Testbed, make_testbed, model_identity
+from fewstep.infra.shards import ShardStore, identity_digest, shard_ranges
+from fewstep.eval.metrics.refstats import BUILTIN_DATASETS, load_source, real_vs_real, reference_statistics
+from fewstep.eval.metrics.stats import FeatureStatistics, GaussianStats, check_compatible
+from fewstep.eval.testbeds import PipelineTestbed, Testbed, make_testbed, model_identity
 
 __all__ = ["EvalConfig", "FIDConfig", "MSEConfig", "run_fid", "run_mse", "runnable_solvers", "DEFAULT_MSE_REFERENCE"]
 
@@ -121,7 +134,7 @@ class EvalConfig:
 
     def identity(self, testbed: Testbed) -> dict[str, Any]:
         """What the run folder's shards and results are keyed by (not the solver and NFE lists)."""
-        from .. import __version__
+        from fewstep._version import __version__
 
         model = model_identity(self.model)
         return {"fewstep": __version__, "model": model, "testbed": testbed.fingerprint(),

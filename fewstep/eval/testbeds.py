@@ -17,11 +17,16 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from ..samplers import Artifact, GridSpec, make_schedule, sample
-from ..samplers.schedules import DiscreteVPSchedule
-from .diffusers_schedulers import build_diffusers_scheduler, diffusers_sample, is_diffusers_spec, steps_for_nfe
-from .fd import feature_statistics, frechet_distance
-from .io import read_json
+from fewstep.samplers import Artifact, GridSpec, make_schedule, sample
+from fewstep.samplers.schedules import DiscreteVPSchedule
+from fewstep.eval.diffusers_schedulers import (
+    build_diffusers_scheduler,
+    diffusers_sample,
+    is_diffusers_spec,
+    steps_for_nfe,
+)
+from fewstep.eval.metrics.fd import feature_statistics, frechet_distance
+from fewstep.infra.io import read_json
 
 __all__ = ["Testbed", "DigitsTestbed", "GMMTestbed", "PipelineTestbed", "make_testbed", "check_model", "model_identity",
            "check_pipeline_folder", "BUILTIN_MODELS"]
@@ -157,7 +162,7 @@ class DigitsTestbed(Testbed):
     def __init__(self, device: str | torch.device = "cpu", path: str | Path | None = None):
         from diffusers import UNet2DModel
 
-        from ..zoo import digits
+        from fewstep.zoo import digits
 
         root = Path(path or digits.PIPELINE_DIR)
         self.root = root
@@ -248,7 +253,7 @@ class GMMTestbed(Testbed):
 
     def __init__(self, dim: int = 16, components: int = 12, num_classes: int = 4, seed: int = 0,
                  schedule: str = "linear"):
-        from ..zoo.gmm import GaussianMixture, GMMModel
+        from fewstep.zoo.gmm import GaussianMixture, GMMModel
 
         self.args = dict(dim=dim, components=components, num_classes=num_classes, seed=seed, schedule=schedule)
         self.mixture = GaussianMixture.random(dim, components, num_classes, seed=seed, std_range=(0.1, 0.5))
@@ -322,8 +327,8 @@ class PipelineTestbed(Testbed):
 
     def __init__(self, path: str | Path, prompts: Sequence[str] = DEFAULT_PROMPTS, height: int | None = None,
                  width: int | None = None, device: str | torch.device = "cpu"):
-        from ..samplers.scheduler import FewstepScheduler
-        from ..zoo.tiny import load_tiny_pipeline
+        from fewstep.samplers.scheduler import FewstepScheduler
+        from fewstep.zoo.tiny import load_tiny_pipeline
 
         self.path = Path(path)
         self.device = torch.device(device)
@@ -442,7 +447,7 @@ def check_pipeline_folder(path: Path) -> dict[str, Any]:
         ValueError: naming the file that is missing, malformed or truncated.
         MissingExtraError: a component needs an optional package that is not installed.
     """
-    from .._extras import EXTRAS, import_optional
+    from fewstep._extras import EXTRAS, import_optional
 
     index_path = path / "model_index.json"
     if not index_path.is_file():

@@ -2,7 +2,6 @@
 
 from .artifacts import Artifact, ArtifactError, ArtifactMeta, model_fingerprint
 from .ems import EMS
-from .ems_compute import compute_ems
 from .plan import PlanExecutor, SolverPlan
 from .prediction import PREDICTIONS, Clip, DynamicThreshold, cfg_combine
 from .registry import get_solver, list_solvers, register_solver, solver_class
@@ -19,15 +18,15 @@ from .solvers import dc, ddim, dpmpp, dpmv3, unipc, usf  # noqa: F401  (register
 from .solvers.base import Option, Solver
 from .sampling import StepInfo, make_plan, sample
 from .dc_artifacts import DCCPR, DCRatios, fit_cpr
-from .timeshift import TimeShift, time_shift
-from .calibrate import calibrate_dc
+from .timeshift import TimeShift
+from .timeshift_hook import time_shift
 from .timesteps import SPACINGS, GridSpec, TimeGrid, build_grid
 
 __all__ = [
-    "Artifact", "ArtifactError", "ArtifactMeta", "model_fingerprint", "EMS", "compute_ems",
+    "Artifact", "ArtifactError", "ArtifactMeta", "model_fingerprint", "EMS",
     "Clip", "ContinuousVPSchedule", "DiscreteVPSchedule", "DynamicThreshold", "FlowSchedule", "GridSpec",
     "NoiseSchedule", "Option", "PREDICTIONS", "PlanExecutor", "SPACINGS", "Solver", "SolverPlan", "SolverSchedule",
     "StepInfo", "StepStrategy", "TimeGrid", "VESchedule", "build_grid", "cfg_combine", "get_solver", "list_solvers",
     "load_solver_schedule", "make_plan", "make_schedule", "register_solver", "sample", "solver_class",
-    "DCRatios", "DCCPR", "fit_cpr", "TimeShift", "time_shift", "calibrate_dc",
+    "DCRatios", "DCCPR", "fit_cpr", "TimeShift", "time_shift",
 ]

@@ -42,8 +42,8 @@ from typing import Any, Callable, ClassVar, Mapping, TypeVar
 
 import torch
 
-from ..eval.io import atomic_write_bytes, load_tensors, save_tensors
-from .validation import check_int, check_real
+from fewstep.infra.io import atomic_write_bytes, load_tensors, save_tensors
+from fewstep.infra.validation import check_int, check_real
 
 __all__ = [
     "Artifact",
@@ -129,7 +129,7 @@ class ArtifactError(ValueError):
 
 
 def _version() -> str:
-    from .. import __version__
+    from fewstep._version import __version__
 
     return __version__
 

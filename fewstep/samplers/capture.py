@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 
 from .fold import fold_plan
-from .plan import PlanExecutor, SolverPlan
+from .plan import PlanExecutor, SolverPlan, compute_dtype
 
 __all__ = ["captured_sample", "clear_graphs", "CapturedRun", "MAX_GRAPHS_PER_MODEL"]
 
@@ -93,8 +93,6 @@ def captured_sample(step: Callable, model: Callable, plan: SolverPlan, x_T: torc
                     cond: Any, guidance: float | None, transform: Callable | None, check_finite: bool
                     ) -> torch.Tensor:
     """``fewstep.sample(..., graph=True)``: replay the cached capture for this call's structure, or capture one."""
-    from .sampling import compute_dtype
-
     if cond is not None and not isinstance(cond, torch.Tensor):
         raise TypeError("graph=True needs tensor cond/uncond (they are copied into the captured buffers)")
     folded = fold_plan(plan, transform is not None, guidance, fold_corrector=compute_dtype(x_T.dtype) == x_T.dtype)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .artifacts import Artifact, ArtifactError, ArtifactMeta
-from .validation import check_int, check_real
+from fewstep.infra.validation import check_int, check_real
 
 __all__ = ["DCRatios", "DCCPR", "cpr_features", "fit_cpr", "CPR_SIZE", "DEFAULT_DC_ORDER", "MAX_DC_ORDER"]
 

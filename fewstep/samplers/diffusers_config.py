@@ -21,7 +21,7 @@ import math
 from typing import Any
 
 from .solvers.base import Solver
-from .validation import check_bool
+from fewstep.infra.validation import check_bool
 
 __all__ = [
     "COMPATIBLE_SCHEDULERS",

@@ -37,6 +37,11 @@ __all__ = ["SolverPlan", "PlanExecutor", "FiniteMonitor", "SPACES"]
 SPACES = ("data", "noise")
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Solver arithmetic runs in float32, or float64 when the sample is float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 @dataclass
 class SolverPlan:
     """Float64 coefficient tables of one solver on one grid.

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .schedules import FlowSchedule, NoiseSchedule
-from .validation import check_real
+from fewstep.infra.validation import check_real
 
 __all__ = [
     "PREDICTIONS",

@@ -8,7 +8,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .artifact_checks import artifacts_of, check_run
-from .plan import PlanExecutor, SolverPlan
+from .plan import PlanExecutor, SolverPlan, compute_dtype
 from .prediction import Clip, DynamicThreshold, check_prediction
 from .registry import get_solver, solver_class
 from .schedules import NoiseSchedule, make_schedule
@@ -16,9 +16,9 @@ from .solver_schedule import apply_solver_schedule
 from .solvers.base import Solver
 from .timeshift import TimeShift
 from .timesteps import GridSpec, TimeGrid, build_grid
-from .validation import check_bool, check_real
+from fewstep.infra.validation import check_bool, check_real
 
-__all__ = ["sample", "make_plan", "StepInfo", "compute_dtype", "check_guidance", "DEFAULT_NFE", "MAX_GUIDANCE"]
+__all__ = ["sample", "make_plan", "StepInfo", "check_guidance", "DEFAULT_NFE", "MAX_GUIDANCE"]
 
 DEFAULT_NFE = 10
 # Guidance scales beyond this overflow float32 model outputs long before they mean anything.
@@ -34,11 +34,6 @@ class StepInfo:
     sigma: float
     x: torch.Tensor
     denoised: torch.Tensor
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Solver arithmetic runs in float32, or float64 when the sample is float64."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _grid_spec(spacing: "str | GridSpec | None", solver: Solver, schedule: NoiseSchedule, **overrides: Any) -> GridSpec:

@@ -42,11 +42,11 @@ from .diffusers_config import (
 from .plan import PlanExecutor, SolverPlan
 from .prediction import Clip, DynamicThreshold, check_prediction
 from .registry import get_solver, solver_class
-from .sampling import compute_dtype
+from .plan import compute_dtype
 from .schedules import DiscreteVPSchedule, FlowSchedule, NoiseSchedule, diffusers_betas
 from .solver_schedule import apply_solver_schedule
 from .timesteps import MAX_NFE, SPACINGS, GridSpec, TimeGrid, build_grid
-from .validation import as_real_vector, check_bool, check_choice, check_int, check_real
+from fewstep.infra.validation import as_real_vector, check_bool, check_choice, check_int, check_real
 
 __all__ = [
     "FewstepScheduler",

@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 
-from .validation import as_real_vector, check_bool, check_choice, check_int, check_real
+from fewstep.infra.validation import as_real_vector, check_bool, check_choice, check_int, check_real
 
 __all__ = [
     "NoiseSchedule",

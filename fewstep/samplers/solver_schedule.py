@@ -8,7 +8,7 @@ through :func:`apply_solver_schedule`, the one place where a schedule turns into
 :class:`~fewstep.samplers.timesteps.GridSpec`.
 
 Published optimised schedules (Align Your Steps, ...) are built in as such artifacts and load
-by name, ``solver_schedule="ays:sd15"`` (:mod:`fewstep.samplers.published`): they interpolate to
+by name, ``solver_schedule="ays:sd15"`` (:mod:`fewstep.samplers.published`, read by :func:`load_published`): they interpolate to
 other step counts as their authors recommend, and on another model family they warn once
 instead of refusing.
 
@@ -33,13 +33,19 @@ import os
 import warnings
 from typing import Any, Mapping, Sequence
 
+from functools import lru_cache
+
+import torch
+
 from .artifacts import Artifact, ArtifactError, ArtifactMeta
+from .published import is_published_name, loglinear_interp, published_files
+from .schedules import make_schedule
 from .timesteps import GridSpec, TimeGrid
-from .validation import check_choice, check_int
+from fewstep.infra.validation import check_choice, check_int
 
 __all__ = [
     "StepStrategy", "SolverSchedule", "load_solver_schedule", "apply_solver_schedule", "RELAXATION_FORMS",
-    "MAX_ORDER",
+    "MAX_ORDER", "list_published", "load_published",
 ]
 
 MAX_ORDER = 4
@@ -205,8 +211,6 @@ class SolverSchedule(Artifact):
     @classmethod
     def coerce(cls, value: Any, what: str = "artifact") -> "SolverSchedule":
         """As :meth:`Artifact.coerce`, plus built-in schedule names such as ``"ays:sd15"``."""
-        from .published import is_published_name, load_published
-
         if is_published_name(value) and not os.path.exists(value):
             return load_published(value)
         return super().coerce(value, what)
@@ -289,8 +293,6 @@ class SolverSchedule(Artifact):
     def _published_spec(self, spec: GridSpec, schedule: Any, solver: str, *, nfe: int | None,
                         steps: int | None) -> GridSpec:
         """A published schedule: any solver, any step count (interpolated), another model family with a warning."""
-        from .published import load_published
-
         info = self.published
         if spec.timesteps is not None or spec.sigmas is not None:
             raise ValueError("a solver schedule fixes the timesteps; do not pass timesteps or sigmas as well")
@@ -373,3 +375,57 @@ def apply_solver_schedule(solver: Any, spec: GridSpec, schedule: Any, *, nfe: in
                           f"{ {k: tuned[k] for k in differs} }, not { {k: solver.config[k] for k in differs} }",
                           UserWarning, stacklevel=3)
     return spec
+
+
+# ---------------------------------------------------------------------- built-in published schedules
+def list_published() -> list[dict[str, Any]]:
+    """Name, method, model family, native NFE and source of every built-in schedule."""
+    out = []
+    for name in published_files():
+        sched = _native(name)
+        info = sched.published
+        out.append({"name": name, "method": info["method"], "model_family": info["model_family"],
+                    "nfe": sched.nfe, "source": info["source"], "interpolation": info["interpolation"]})
+    return out
+
+
+@lru_cache(maxsize=None)
+def _native(name: str):
+    return SolverSchedule.load(published_files()[name])
+
+
+def load_published(name: str, steps: int | None = None):
+    """A built-in schedule, at its native step count or interpolated to ``steps`` steps.
+
+    Args:
+        name: ``method:family``, e.g. ``"ays:sd15"`` (see :func:`list_published`).
+        steps: Number of evaluated timesteps (NFE); None: the published count.
+
+    Returns:
+        A timesteps-only :class:`~fewstep.samplers.solver_schedule.SolverSchedule`.
+
+    Raises:
+        ValueError: an unknown name (naming the known ones) or a bad step count.
+    """
+    files = published_files()
+    if name not in files:
+        raise ValueError(f"unknown built-in schedule {name!r}; known: {', '.join(files) or 'none'} "
+                         "(fewstep list schedules)")
+    sched = _native(name)
+    if steps is None or check_int("steps", steps, 1, 1000) == sched.nfe:
+        return sched
+    info = sched.published
+    sigmas = loglinear_interp(info["sigmas"], steps + 1)[:-1]  # the last level is the terminal point
+    schedule = make_schedule(sched.meta.schedule)
+    lam = -torch.tensor(sigmas, dtype=torch.float64).log()  # sigma here is sigma / alpha = exp(-lambda)
+    timesteps = schedule.model_time(schedule.t_from_lambda(lam)).tolist()
+    knots = info.get("timesteps") or sched.timesteps
+    n = len(info["sigmas"]) - 1
+    for k in range(steps):  # points that fall on a published level keep its published timestep exactly
+        if (k * n) % steps == 0 and k * n // steps < len(knots):
+            timesteps[k] = float(knots[k * n // steps])
+    if any(b >= a for a, b in zip(timesteps, timesteps[1:])):
+        raise ValueError(f"{name} interpolated to {steps} steps gives repeated timesteps on the "
+                         f"{info['model_family']} schedule; use fewer steps")
+    extra = {**sched.meta.extra, "published": {**info, "interpolated_to": steps}}
+    return sched.replace(timesteps=timesteps, meta=dataclasses.replace(sched.meta, nfe=steps, extra=extra))

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from .schedules import DiscreteVPSchedule, FlowSchedule, NoiseSchedule
-from .validation import as_real_vector, check_choice, check_int, check_real
+from fewstep.infra.validation import as_real_vector, check_choice, check_int, check_real
 
 __all__ = ["GridSpec", "TimeGrid", "build_grid", "SPACINGS", "flow_shift"]
 

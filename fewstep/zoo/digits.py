@@ -9,7 +9,7 @@ Everything here runs offline from files shipped inside the package:
   (epsilon prediction, DDPM linear betas 1e-4..0.02 over 1000 steps).
 * ``weights/digits_classifier.safetensors``: a small CNN used to check conditional
   correctness and as the feature extractor of the digits-FD (:func:`digits_fd`; registered
-  as the ``digits`` extractor of ``fewstep.eval.features``).
+  as the ``digits`` extractor of ``fewstep.eval.metrics.features``).
 
 Class label 10 is the null label: it was used for label dropout during training and
 drives classifier-free guidance.
@@ -17,16 +17,16 @@ drives classifier-free guidance.
 The shipped artefacts were produced with these commands (seed 0, one torch thread so
 the runs are bit-reproducible; 2 shared CPU cores, torch 2.13 CPU, diffusers 0.42.1)::
 
-    python -m fewstep.zoo.digits export-data
-    python -m fewstep.zoo.digits train-classifier --threads 1 --seed 0 \\
+    python -m fewstep.zoo.digits_train export-data
+    python -m fewstep.zoo.digits_train train-classifier --threads 1 --seed 0 \\
         --out fewstep/zoo/weights/digits_classifier.safetensors          # ~45 s
-    python -m fewstep.zoo.digits train --threads 1 --seed 0 --steps 3000 \\
+    python -m fewstep.zoo.digits_train train --threads 1 --seed 0 --steps 3000 \\
         --out runs/digits                                        # ~9 min
-    python -m fewstep.zoo.digits train --threads 1 --seed 0 --steps 6000 \\
+    python -m fewstep.zoo.digits_train train --threads 1 --seed 0 --steps 6000 \\
         --out runs/digits                                        # resumed, ~10 min
-    python -m fewstep.zoo.digits train --threads 1 --seed 0 --steps 6000 \\
+    python -m fewstep.zoo.digits_train train --threads 1 --seed 0 --steps 6000 \\
         --out runs/digits --export fewstep/zoo/weights/digits    # export only
-    python -m fewstep.zoo.digits evaluate --threads 1 --nfe 100 --n 1000
+    python -m fewstep.zoo.digits_train evaluate --threads 1 --nfe 100 --n 1000
 
 Resuming is exact (see ``digits_train``), so the two ``train`` runs equal one
 uninterrupted 6000-step run (batch 128, AdamW lr 5e-4, EMA 0.999, label dropout 0.15,
@@ -34,7 +34,7 @@ train split only). Classifier test accuracy: 0.9972. ``evaluate`` at the default
 guidance 1.5 with DPM-Solver++ (100 steps, 1000 samples): accuracy 1.000 and digits-FD
 0.28 vs all real digits, against 0.30 between two random halves of the real data.
 
-Run ``python -m fewstep.zoo.digits --help`` for all options; the training and evaluation
+Run ``python -m fewstep.zoo.digits_train --help`` for all options; the training and evaluation
 code lives in ``fewstep.zoo.digits_train``.
 """
 
@@ -61,8 +61,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from safetensors import safe_open
 from torch import nn
 
-from fewstep.eval.fd import feature_statistics, frechet_distance
-from fewstep.eval.features import FeatureExtractor, as_float_images
+from fewstep.eval.metrics.fd import feature_statistics, frechet_distance
+from fewstep.eval.metrics.features import FeatureExtractor, as_float_images
 
 __all__ = [
     "NUM_CLASSES",
@@ -455,7 +455,7 @@ def load_digits_pipeline(
 class DigitsFeatureExtractor(FeatureExtractor):
     """The ``digits`` feature extractor: 64-d penultimate features of the digits classifier.
 
-    Takes the common extractor input (``fewstep.eval.features``): [N, 1, 8, 8] (or [N, 8, 8])
+    Takes the common extractor input (``fewstep.eval.metrics.features``): [N, 1, 8, 8] (or [N, 8, 8])
     images, ``uint8`` 0..255 or float in [0, 1], which are not quantised (the digits-FD of
     ``fewstep compare`` is computed on float samples).
 
@@ -545,8 +545,3 @@ def digits_fd(
     stats_b = feature_statistics(digits_features(samples_b, classifier))
     return frechet_distance(*stats_a, *stats_b)
 
-
-if __name__ == "__main__":
-    from fewstep.zoo.digits_train import main
-
-    main()

@@ -1,6 +1,6 @@
 """Training and evaluation commands for the built-in digits models.
 
-Run as ``python -m fewstep.zoo.digits <command>`` (see ``--help``):
+Run as ``python -m fewstep.zoo.digits_train <command>`` (see ``--help``):
 
 * ``export-data``: write ``data/digits.npz`` from scikit-learn's bundled UCI digits.
 * ``train-classifier``: train the digits CNN on the train split, report test accuracy.
@@ -28,7 +28,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from fewstep.eval.fd import feature_statistics, frechet_distance
+from fewstep.eval.metrics.fd import feature_statistics, frechet_distance
 from fewstep.zoo.digits import (
     CLASSIFIER_PATH,
     DATA_PATH,
@@ -366,7 +366,7 @@ def evaluate(
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m fewstep.zoo.digits",
+        prog="python -m fewstep.zoo.digits_train",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -409,7 +409,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Command-line entry point of ``python -m fewstep.zoo.digits``.
+    """Command-line entry point of ``python -m fewstep.zoo.digits_train``.
 
     Args:
         argv: Arguments (defaults to ``sys.argv[1:]``).

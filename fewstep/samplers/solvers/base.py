@@ -14,7 +14,7 @@ from ..plan import SolverPlan
 from ..prediction import x0_coefficients
 from ..solver_schedule import SolverSchedule
 from ..timesteps import TimeGrid
-from ..validation import check_index_list
+from fewstep.infra.validation import check_index_list
 
 __all__ = ["Option", "Solver", "SPACE_OPTION", "SOLVER_SCHEDULE_OPTION", "StepGeometry", "ei_coefficients",
            "usable_order", "empty_tables"]

@@ -33,7 +33,7 @@ from ..dc_artifacts import DEFAULT_DC_ORDER, MAX_DC_ORDER, DCCPR, DCRatios, load
 from ..plan import SolverPlan
 from ..registry import register_solver
 from ..timesteps import TimeGrid
-from ..validation import check_real
+from fewstep.infra.validation import check_real
 from .base import Option
 from .dpmpp import DPMSolverPP
 from .unipc import UniPCSolver

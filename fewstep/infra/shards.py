@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from .io import clean_temp_files, load_tensors, save_tensors
+from fewstep.infra.io import clean_temp_files, load_tensors, save_tensors
 
 __all__ = ["ShardStore", "shard_ranges", "identity_digest"]
 

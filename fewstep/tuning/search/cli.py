@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import (add_config_arguments, add_runtime_arguments, refuse_multiple_processes, resolve_config,
-                      torch_threads)
-from ..eval.testbeds import make_testbed
+from fewstep.config import (
+    add_config_arguments,
+    add_runtime_arguments,
+    refuse_multiple_processes,
+    resolve_config,
+    torch_threads,
+)
+from fewstep.eval.testbeds import make_testbed
 
 __all__ = ["add_search_parser"]
 
@@ -50,8 +55,8 @@ def _common(p: argparse.ArgumentParser, default_out: str, default_budget: int, d
 
 def add_search_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``fewstep search`` with its ``usf`` and ``timesteps`` subcommands."""
-    from .s3 import USFSearchConfig
-    from .timesteps import TimestepSearchConfig
+    from fewstep.tuning.search.s3 import USFSearchConfig
+    from fewstep.tuning.search.timesteps import TimestepSearchConfig
 
     search = sub.add_parser("search", help="search solver schedules (S3 over USF strategies, or tuned timesteps)",
                             description="Search solver schedules; the result is a file any fewstep scheduler loads.")
@@ -94,12 +99,12 @@ def _run(args: argparse.Namespace, schema: type, runner) -> int:
 
 
 def _cmd_usf(args: argparse.Namespace) -> int:
-    from .s3 import USFSearchConfig, run_usf_search
+    from fewstep.tuning.search.s3 import USFSearchConfig, run_usf_search
 
     return _run(args, USFSearchConfig, run_usf_search)
 
 
 def _cmd_timesteps(args: argparse.Namespace) -> int:
-    from .timesteps import TimestepSearchConfig, run_timestep_search
+    from fewstep.tuning.search.timesteps import TimestepSearchConfig, run_timestep_search
 
     return _run(args, TimestepSearchConfig, run_timestep_search)

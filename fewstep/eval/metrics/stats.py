@@ -39,8 +39,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from .fd import frechet_distance
-from .io import atomic_write_bytes
+from fewstep.eval.metrics.fd import frechet_distance
+from fewstep.infra.io import atomic_write_bytes
 
 __all__ = ["FeatureStatistics", "GaussianStats", "COMPARED_FIELDS", "check_compatible"]
 
@@ -252,7 +252,7 @@ class FeatureStatistics:
     # -- persistence (resumable runs) --------------------------------------------------------
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Everything needed to resume, as CPU tensors (save with ``fewstep.eval.io.save_tensors``)."""
+        """Everything needed to resume, as CPU tensors (save with ``fewstep.infra.io.save_tensors``)."""
         state = {
             "block_size": torch.tensor(self.block_size),
             "next_index": torch.tensor(self.next_index),

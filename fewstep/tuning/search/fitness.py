@@ -18,10 +18,10 @@ from typing import Any, Callable
 
 import torch
 
-from ..eval.compare import DEFAULT_REFERENCE, Method
-from ..eval.reference import ReferenceStore, default_cache_dir
-from ..eval.testbeds import PipelineTestbed, Testbed
-from ..samplers import ArtifactMeta, NoiseSchedule, model_fingerprint
+from fewstep.eval.compare import DEFAULT_REFERENCE, Method
+from fewstep.eval.reference import ReferenceStore, default_cache_dir
+from fewstep.eval.testbeds import PipelineTestbed, Testbed
+from fewstep.samplers import ArtifactMeta, NoiseSchedule, model_fingerprint
 
 __all__ = ["Fitness", "METRICS", "SEARCH_SEED", "noise_schedule_of", "testbed_fingerprint"]
 
@@ -33,7 +33,7 @@ def noise_schedule_of(testbed: Testbed) -> NoiseSchedule:
     """The noise schedule a testbed's model was trained with."""
     schedule = getattr(testbed, "schedule", None)
     if schedule is None:  # a pipeline: its scheduler config says
-        from ..samplers.scheduler import FewstepScheduler
+        from fewstep.samplers.scheduler import FewstepScheduler
 
         schedule = FewstepScheduler.from_config(testbed.base_config).schedule
     return schedule

@@ -24,14 +24,20 @@ from typing import Any, Callable, List, Optional
 
 import torch
 
-from ..config import add_config_arguments, add_runtime_arguments, resolve_config, resolve_device, torch_threads
-from ..samplers import GridSpec, sample
-from ..samplers.artifacts import model_fingerprint
-from ..samplers.ems import EMS
-from ..samplers.ems_compute import EMS_DATA_SEED, TIME_DERIVATIVES, compute_ems
-from .distributed import ProcessGroup
-from .io import clean_temp_files
-from .testbeds import check_model, per_sample_noise, refuse_pipeline_settings
+from fewstep.config import (
+    add_config_arguments,
+    add_runtime_arguments,
+    resolve_config,
+    resolve_device,
+    torch_threads,
+)
+from fewstep.samplers import GridSpec, sample
+from fewstep.samplers.artifacts import model_fingerprint
+from fewstep.samplers.ems import EMS
+from fewstep.tuning.ems.compute import EMS_DATA_SEED, TIME_DERIVATIVES, compute_ems
+from fewstep.infra.distributed import ProcessGroup
+from fewstep.infra.io import clean_temp_files
+from fewstep.eval.testbeds import check_model, per_sample_noise, refuse_pipeline_settings
 
 __all__ = ["EMSComputeConfig", "EMSSource", "ems_source", "run_ems_compute", "add_ems_parser", "DATA_MODES"]
 
@@ -142,8 +148,8 @@ def _sampled(model, schedule, prediction, shape, cfg: EMSComputeConfig, conds: C
 
 
 def _digits_source(cfg: EMSComputeConfig, device, path: Path | None) -> EMSSource:
-    from ..zoo import digits
-    from .testbeds import DigitsTestbed
+    from fewstep.zoo import digits
+    from fewstep.eval.testbeds import DigitsTestbed
 
     bed = DigitsTestbed(device, path)
     unet, null = bed.unet, bed.null_label
@@ -178,7 +184,7 @@ def _digits_source(cfg: EMSComputeConfig, device, path: Path | None) -> EMSSourc
 
 
 def _gmm_source(cfg: EMSComputeConfig, flow: bool) -> EMSSource:
-    from .testbeds import GMMTestbed
+    from fewstep.eval.testbeds import GMMTestbed
 
     bed = GMMTestbed(schedule="flow" if flow else "linear")
     mix, guided = bed.mixture, cfg.guidance is not None
@@ -202,7 +208,7 @@ def _gmm_source(cfg: EMSComputeConfig, flow: bool) -> EMSSource:
 
 
 def _read_prompts(path: str | None) -> list[str]:
-    from .testbeds import DEFAULT_PROMPTS
+    from fewstep.eval.testbeds import DEFAULT_PROMPTS
 
     if path is None:
         return list(DEFAULT_PROMPTS)
@@ -213,8 +219,8 @@ def _read_prompts(path: str | None) -> list[str]:
 
 
 def _pipeline_source(cfg: EMSComputeConfig, path: Path, device) -> EMSSource:
-    from ..samplers.scheduler import FewstepScheduler
-    from .testbeds import PipelineTestbed
+    from fewstep.samplers.scheduler import FewstepScheduler
+    from fewstep.eval.testbeds import PipelineTestbed
 
     if cfg.data == "real":
         raise ValueError("a pipeline has no dataset here: use data=samples (the default for pipelines)")
@@ -311,8 +317,8 @@ def validate_ems(cfg: EMSComputeConfig, ems: EMS, device: torch.device, log: Cal
     """
     if not cfg.validation_samples or cfg.model not in ("digits", "gmm", "gmm-flow"):
         return None
-    from ..samplers.holdout import paired_ratio, validation_record
-    from .testbeds import make_testbed
+    from fewstep.eval.holdout import paired_ratio, validation_record
+    from fewstep.eval.testbeds import make_testbed
 
     bed = make_testbed(cfg.model, str(device))
     first, n = cfg.seed + cfg.n_data, cfg.validation_samples

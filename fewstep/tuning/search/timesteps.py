@@ -23,16 +23,16 @@ from typing import Any, Callable, ClassVar, List
 
 import numpy as np
 
-from ..config import save_config
-from ..eval.compare import Method
-from ..eval.io import clean_temp_files, lock_directory, write_json
-from ..eval.testbeds import Testbed, _common_grid, make_testbed
-from ..samplers import GridSpec, SolverSchedule, make_plan, solver_class
-from .fitness import Fitness, check_reference, noise_schedule_of
-from .guard import validate_against_baseline
-from .runlog import SearchLog, check_identity, save_state
-from .settings import SearchSettings, settings_from_api
-from .space import LogSNRAxis, logits_from_positions, positions_from_logits
+from fewstep.config import save_config
+from fewstep.eval.compare import Method
+from fewstep.infra.io import clean_temp_files, lock_directory, write_json
+from fewstep.eval.testbeds import Testbed, _common_grid, make_testbed
+from fewstep.samplers import GridSpec, SolverSchedule, make_plan, solver_class
+from fewstep.tuning.search.fitness import Fitness, check_reference, noise_schedule_of
+from fewstep.tuning.search.guard import validate_against_baseline
+from fewstep.tuning.search.runlog import SearchLog, check_identity, save_state
+from fewstep.tuning.search.settings import SearchSettings, settings_from_api
+from fewstep.tuning.search.space import LogSNRAxis, logits_from_positions, positions_from_logits
 
 __all__ = ["TimestepSearchConfig", "search_timesteps", "run_timestep_search", "START_SPACINGS"]
 
@@ -43,7 +43,7 @@ START_SPACINGS = ("linspace", "leading", "trailing", "logsnr", "time_uniform", "
 class TimestepSearchConfig(SearchSettings):
     """Settings of ``fewstep search timesteps`` (also the schema of ``configs/search/timesteps*.yaml``).
 
-    Besides those of :class:`~fewstep.search.settings.SearchSettings` (the budget counts the
+    Besides those of :class:`~fewstep.tuning.search.settings.SearchSettings` (the budget counts the
     start spacings; the default search batch is 128 samples):
 
     Attributes:

@@ -34,7 +34,7 @@ def feature_statistics(features: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]
     """Mean and (unbiased) covariance of a feature set held in memory, in float64.
 
     For streamed, sharded or distributed feature sets use
-    :class:`fewstep.eval.stats.FeatureStatistics`.
+    :class:`fewstep.eval.metrics.stats.FeatureStatistics`.
 
     Args:
         features: [N, D] features, N >= 2.

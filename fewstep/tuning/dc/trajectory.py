@@ -8,7 +8,7 @@ ground-truth trajectory there. The ground truth is DDIM with ``reference_nfe`` s
 subdividing each interval of the sampling grid evenly in time, so it passes through every
 grid point. Each iteration costs one model call forward and backward (the model outputs up
 to step i do not depend on rho_i and are replayed); the joint ``"final"`` objective
-(:mod:`fewstep.samplers.calibrate`) backpropagates through the whole run instead.
+(:mod:`fewstep.tuning.dc.calibrate`) backpropagates through the whole run instead.
 """
 
 from __future__ import annotations
@@ -19,14 +19,32 @@ from typing import Any, Callable
 
 import torch
 
-from .plan import SolverPlan
-from .registry import get_solver
-from .sampling import sample
-from .timesteps import TimeGrid
+from fewstep.samplers.plan import SolverPlan
+from fewstep.samplers.registry import get_solver
+from fewstep.samplers.sampling import sample
+from fewstep.samplers.timesteps import TimeGrid
 
 __all__ = ["trajectory_grid", "ground_truth_trajectory", "fit_trajectory", "WEIGHT_DECAY"]
 
 WEIGHT_DECAY = 0.01  # torch.optim.AdamW's default, as the official search uses
+
+
+_ADAM = (0.9, 0.999, 1e-8)  # Adam betas and eps of both calibration objectives
+
+
+def adam_step(state: dict[str, Any], params: torch.Tensor, grad: torch.Tensor, lr: float,
+              bounds: tuple[float, float] | None, weight_decay: float = 0.0) -> None:
+    """One float64 Adam(W) update of ``state``, projected into ``bounds``. The joint objective
+    uses no weight decay (decay towards rho = 0 means nothing here); the trajectory objective
+    keeps the official AdamW's decoupled 0.01."""
+    b1, b2, eps = _ADAM
+    k = state["iteration"] + 1
+    m = b1 * torch.tensor(state["m"], dtype=torch.float64) + (1 - b1) * grad
+    v = b2 * torch.tensor(state["v"], dtype=torch.float64) + (1 - b2) * grad.square()
+    step = lr * (m / (1 - b1**k)) / ((v / (1 - b2**k)).sqrt() + eps)
+    params = params * (1 - lr * weight_decay) if weight_decay else params
+    new = params - step if bounds is None else (params - step).clamp(*bounds)
+    state.update(iteration=k, params=new.tolist(), m=m.tolist(), v=v.tolist())
 
 
 class _Stop(Exception):
@@ -102,7 +120,6 @@ def fit_trajectory(compensated: Callable[[torch.Tensor], SolverPlan], base: Solv
         on_step: Called with the ratios so far after every fitted step (checkpointing).
         bar: A progress bar updated once per iteration.
     """
-    from .calibrate import _adam_step  # one float64 Adam for both objectives
 
     n = base.n
     ratios = list(done) if done else [1.0] * dc_order
@@ -138,7 +155,7 @@ def fit_trajectory(compensated: Callable[[torch.Tensor], SolverPlan], base: Solv
             loss, g = loss_and_grad(params)
             if math.isfinite(loss):
                 usable = float(params[0])
-            _adam_step(state, params, g, lr, bounds, weight_decay=WEIGHT_DECAY)
+            adam_step(state, params, g, lr, bounds, weight_decay=WEIGHT_DECAY)
             bar.update()
             bar.set_postfix(step=i, loss=f"{loss:.3e}")
         last = float(state["params"][0])  # the official search keeps the last iterate ...

@@ -1,6 +1,6 @@
 """Feature extractors for Fréchet distances, chosen by name; weights are only read from disk.
 
-Names: ``inception`` (the standard FID network, :mod:`fewstep.eval.inception`), ``dinov2`` and
+Names: ``inception`` (the standard FID network, :mod:`fewstep.eval.metrics.inception`), ``dinov2`` and
 ``clip`` (FD_DINOv2 / FD_CLIP from local ``transformers`` checkpoints), ``digits`` (the built-in
 digits classifier, registered by :mod:`fewstep.zoo.digits` through a lazy ``module:attribute``
 entry, so this module never imports the zoo), any name added with
@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .inception import load_fid_inception
+from fewstep.eval.metrics.inception import load_fid_inception
 
 __all__ = [
     "RESIZE_MODES",
@@ -577,7 +577,7 @@ def parse_extractor_spec(spec: str) -> tuple[str, dict[str, Any]]:
     Raises:
         ValueError: a malformed option list (see :func:`fewstep.config.parse_spec`).
     """
-    from ..config import parse_spec
+    from fewstep.config import parse_spec
 
     head, _, rest = str(spec).partition(":")
     first, _, options = rest.partition(":")

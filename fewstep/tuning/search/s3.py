@@ -30,17 +30,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, List
 
-from ..config import save_config
-from ..eval.io import clean_temp_files, lock_directory, read_json, write_json
-from ..eval.testbeds import Testbed, make_testbed
-from ..samplers import GridSpec, SolverSchedule, load_solver_schedule, make_plan
-from ..samplers.solvers.usf import spell_out
-from .fitness import Fitness, check_reference
-from .guard import validate_against_baseline
-from .predictor import FitnessPredictor
-from .runlog import SearchLog, check_identity, save_state
-from .settings import SearchSettings, settings_from_api
-from .space import Candidate, LogSNRAxis, SearchSpace
+from fewstep.config import save_config
+from fewstep.infra.io import clean_temp_files, lock_directory, read_json, write_json
+from fewstep.eval.testbeds import Testbed, make_testbed
+from fewstep.samplers import GridSpec, SolverSchedule, load_solver_schedule, make_plan
+from fewstep.samplers.solvers.usf import spell_out
+from fewstep.tuning.search.fitness import Fitness, check_reference
+from fewstep.tuning.search.guard import validate_against_baseline
+from fewstep.tuning.search.predictor import FitnessPredictor
+from fewstep.tuning.search.runlog import SearchLog, check_identity, save_state
+from fewstep.tuning.search.settings import SearchSettings, settings_from_api
+from fewstep.tuning.search.space import Candidate, LogSNRAxis, SearchSpace
 
 __all__ = ["USFSearchConfig", "search_usf", "run_usf_search", "hand_set_solvers"]
 
@@ -52,7 +52,7 @@ HAND_SET_SPACINGS = ("linspace", "leading", "trailing", "logsnr", "time_uniform"
 class USFSearchConfig(SearchSettings):
     """Settings of ``fewstep search usf`` (also the schema of ``configs/search/usf*.yaml``).
 
-    Besides those of :class:`~fewstep.search.settings.SearchSettings` (model, nfe, guidance,
+    Besides those of :class:`~fewstep.tuning.search.settings.SearchSettings` (model, nfe, guidance,
     budget, out, search batch, reference, how to run; the budget counts the initial population):
 
     Attributes:

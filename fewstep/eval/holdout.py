@@ -104,8 +104,8 @@ def _num(v: float | None) -> str:
 
 def recorded_validations(solver: str, options: dict[str, Any]) -> list[dict[str, Any]]:
     """The ``validation`` records of the tuned artifacts a solver spec loads (none for plain solvers)."""
-    from .artifacts import Artifact
-    from .registry import get_solver
+    from fewstep.samplers.artifacts import Artifact
+    from fewstep.samplers.registry import get_solver
 
     try:
         config = get_solver(solver, **options).config

@@ -23,8 +23,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..samplers import NoiseSchedule, SolverSchedule, StepStrategy
-from ..samplers.solver_schedule import MAX_ORDER, RELAXATION_FORMS
+from fewstep.samplers import NoiseSchedule, SolverSchedule, StepStrategy
+from fewstep.samplers.solver_schedule import MAX_ORDER, RELAXATION_FORMS
 
 __all__ = ["LogSNRAxis", "Candidate", "SearchSpace", "positions_from_logits", "logits_from_positions"]
 

@@ -45,12 +45,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..config import resolve_device
+from fewstep.config import resolve_device
 
-from .artifacts import ArtifactMeta, model_fingerprint
-from .ems import EMS, MOMENTS, ems_from_moments, ems_lambda_grid
-from .prediction import cfg_combine, check_prediction, eps_coefficients
-from .schedules import DiscreteVPSchedule, NoiseSchedule, make_schedule
+from fewstep.samplers.artifacts import ArtifactMeta, model_fingerprint
+from fewstep.samplers.ems import EMS, MOMENTS, ems_from_moments, ems_lambda_grid
+from fewstep.samplers.prediction import cfg_combine, check_prediction, eps_coefficients
+from fewstep.samplers.schedules import DiscreteVPSchedule, NoiseSchedule, make_schedule
 
 __all__ = ["compute_ems", "EMS_DATA_SEED", "TIME_DERIVATIVES", "forward_ad_workarounds", "resolve_time_derivative"]
 
@@ -330,7 +330,7 @@ def compute_ems(
         ValueError: bad arguments, a data sampler or model returning the wrong shapes, or a
             workdir holding chunks of a different run.
     """
-    from ..eval.io import claim_identity, clean_temp_files, load_tensors, lock_directory, save_tensors
+    from fewstep.infra.io import claim_identity, clean_temp_files, load_tensors, lock_directory, save_tensors
 
     schedule = make_schedule(schedule)
     prediction = check_prediction(prediction, schedule)
@@ -339,7 +339,7 @@ def compute_ems(
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name}={value!r} must be a whole number >= {low}")
     if guidance is not None:
-        from .sampling import check_guidance
+        from fewstep.samplers.sampling import check_guidance
 
         guidance = check_guidance(guidance)
     lambdas = ems_lambda_grid(schedule, n_grid, t_start, t_end)

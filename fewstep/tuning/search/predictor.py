@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from .space import Candidate
+from fewstep.tuning.search.space import Candidate
 
 __all__ = ["encode", "FitnessPredictor"]
 

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..eval.io import atomic_write_bytes, finite_json, read_json, write_json
+from fewstep.infra.io import atomic_write_bytes, finite_json, read_json, write_json
 
 __all__ = ["SearchLog", "check_identity"]
 

@@ -35,16 +35,17 @@ from typing import Any, Callable
 
 import torch
 
-from .artifacts import ArtifactMeta, model_fingerprint
-from .dc_artifacts import DCRatios
-from .holdout import describe as describe_validation
-from .holdout import validation_record
-from .registry import get_solver
-from .sampling import check_guidance, make_plan, sample
-from .schedules import NoiseSchedule, make_schedule
-from .solvers.dc import DynamicCompensation
-from .timesteps import GridSpec
-from .validation import check_int, check_real
+from fewstep.samplers.artifacts import ArtifactMeta, model_fingerprint
+from fewstep.samplers.dc_artifacts import DCRatios
+from fewstep.eval.holdout import describe as describe_validation
+from fewstep.eval.holdout import validation_record
+from fewstep.samplers.registry import get_solver
+from fewstep.samplers.sampling import check_guidance, make_plan, sample
+from fewstep.samplers.schedules import NoiseSchedule, make_schedule
+from fewstep.samplers.solvers.dc import DynamicCompensation
+from fewstep.samplers.timesteps import GridSpec
+from fewstep.tuning.dc.trajectory import adam_step, fit_trajectory, ground_truth_trajectory
+from fewstep.infra.validation import check_int, check_real
 
 __all__ = ["calibrate_dc", "OBJECTIVES", "DEFAULT_OBJECTIVE", "DEFAULT_ITERATIONS", "DEFAULT_LR", "DEFAULT_LR_SCHEDULE", "DEFAULT_BOUNDS",
            "DEFAULT_REFERENCE_NFE"]
@@ -58,7 +59,6 @@ DEFAULT_REFERENCE_NFE = 200
 OBJECTIVES = ("auto", "trajectory", "final")
 DEFAULT_OBJECTIVE = "auto"
 _DC_KEYS = ("ratios", "cpr", "dc_file", "guidance")
-_ADAM = (0.9, 0.999, 1e-8)
 
 
 def calibrate_dc(
@@ -326,7 +326,7 @@ def _fit_final(job: _Job, reference: torch.Tensor, iterations: int, lr: float, l
             params = torch.tensor(state["params"], dtype=torch.float64)
             loss, g = loss_and_grad(params, grad=True)
             _record(state, params, loss)
-            _adam_step(state, params, g, _rate(lr, lr_schedule, state["iteration"], iterations), bounds)
+            adam_step(state, params, g, _rate(lr, lr_schedule, state["iteration"], iterations), bounds)
             state["final_loss"] = None
             if checkpoint is not None:
                 _save_checkpoint(checkpoint, state)
@@ -348,13 +348,12 @@ def _fit_trajectory(job: _Job, run: dict[str, Any], reference_nfe: int, iteratio
                     bounds: tuple[float, float] | None, identity: str, checkpoint: Any, progress: bool
                     ) -> tuple[list[float], dict[str, Any]]:
     """One ratio per step, greedily, against the DDIM trajectory (:mod:`.calibrate_trajectory`)."""
-    from .calibrate_trajectory import fit_trajectory, ground_truth_trajectory
 
     nfe, dc_order = job.base.n, job.dc_order
     key = f"{identity}/trajectory/{iterations}/{reference_nfe}"  # every fitted step used these
     done: list[float] = []
     if checkpoint is not None and Path(checkpoint).exists():
-        from ..eval.io import read_json
+        from fewstep.infra.io import read_json
 
         state = read_json(checkpoint)
         if not isinstance(state, dict) or set(state) != {"identity", "ratios"}:
@@ -413,7 +412,7 @@ def _load_checkpoint(path: str | os.PathLike | None, identity: str, free: int) -
              "final_loss": None}
     if path is None or not Path(path).exists():
         return fresh
-    from ..eval.io import read_json
+    from fewstep.infra.io import read_json
 
     state = read_json(path)
     if not isinstance(state, dict) or set(state) != set(fresh):
@@ -426,7 +425,7 @@ def _load_checkpoint(path: str | os.PathLike | None, identity: str, free: int) -
 
 
 def _save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    from ..eval.io import write_json
+    from fewstep.infra.io import write_json
 
     write_json(path, state)  # float64 values round-trip exactly through JSON's shortest repr
 
@@ -460,21 +459,6 @@ def _rate(lr: float, schedule: str, iteration: int, iterations: int) -> float:
     if schedule == "constant":
         return lr
     return lr * 0.5 * (1.0 + math.cos(math.pi * iteration / max(iterations, 1)))
-
-
-def _adam_step(state: dict[str, Any], params: torch.Tensor, grad: torch.Tensor, lr: float,
-               bounds: tuple[float, float] | None, weight_decay: float = 0.0) -> None:
-    """One float64 Adam(W) update of ``state``, projected into ``bounds``. The joint objective
-    uses no weight decay (decay towards rho = 0 means nothing here); the trajectory objective
-    keeps the official AdamW's decoupled 0.01."""
-    b1, b2, eps = _ADAM
-    k = state["iteration"] + 1
-    m = b1 * torch.tensor(state["m"], dtype=torch.float64) + (1 - b1) * grad
-    v = b2 * torch.tensor(state["v"], dtype=torch.float64) + (1 - b2) * grad.square()
-    step = lr * (m / (1 - b1**k)) / ((v / (1 - b2**k)).sqrt() + eps)
-    params = params * (1 - lr * weight_decay) if weight_decay else params
-    new = params - step if bounds is None else (params - step).clamp(*bounds)
-    state.update(iteration=k, params=new.tolist(), m=m.tolist(), v=v.tolist())
 
 
 def _describe(spacing: "str | GridSpec | None") -> str | None:

@@ -27,17 +27,37 @@ from typing import Any, Callable, List, Optional
 
 import torch
 
-from ..config import (add_config_arguments, add_runtime_arguments, refuse_multiple_processes, resolve_config,
-                      resolve_device, save_config, torch_threads)
-from ..samplers import ArtifactMeta, GridSpec, model_fingerprint, sample
-from ..samplers.calibrate import (DEFAULT_ITERATIONS, DEFAULT_LR, DEFAULT_OBJECTIVE, DEFAULT_REFERENCE_NFE, OBJECTIVES,
-                                  calibrate_dc)
-from ..samplers.holdout import describe as describe_validation
-from ..samplers.dc_artifacts import DCRatios, fit_cpr
-from ..samplers.solvers.dc import DynamicCompensation
-from .compare import Method
-from .io import claim_identity, clean_temp_files, load_tensors, lock_directory, save_tensors
-from .testbeds import DigitsTestbed, GMMTestbed, PipelineTestbed, Testbed, make_testbed, model_identity
+from fewstep.config import (
+    add_config_arguments,
+    add_runtime_arguments,
+    refuse_multiple_processes,
+    resolve_config,
+    resolve_device,
+    save_config,
+    torch_threads,
+)
+from fewstep.samplers import ArtifactMeta, GridSpec, model_fingerprint, sample
+from fewstep.tuning.dc.calibrate import (
+    DEFAULT_ITERATIONS,
+    DEFAULT_LR,
+    DEFAULT_OBJECTIVE,
+    DEFAULT_REFERENCE_NFE,
+    OBJECTIVES,
+    calibrate_dc,
+)
+from fewstep.eval.holdout import describe as describe_validation
+from fewstep.samplers.dc_artifacts import DCRatios, fit_cpr
+from fewstep.samplers.solvers.dc import DynamicCompensation
+from fewstep.eval.compare import Method
+from fewstep.infra.io import claim_identity, clean_temp_files, load_tensors, lock_directory, save_tensors
+from fewstep.eval.testbeds import (
+    DigitsTestbed,
+    GMMTestbed,
+    PipelineTestbed,
+    Testbed,
+    make_testbed,
+    model_identity,
+)
 
 __all__ = ["CalibrateDCConfig", "run_calibrate_dc", "calibration_inputs", "add_calibrate_parser"]
 
@@ -123,7 +143,7 @@ class CalibrateDCConfig:
         if Path(self.out).suffix not in (".json", ".yaml", ".yml"):
             raise ValueError(f"out={self.out!r} must end in .json or .yaml (a ratios or CPR file)")
         method = Method.parse(self.solver)
-        from ..samplers import get_solver
+        from fewstep.samplers import get_solver
 
         if not isinstance(get_solver(method.solver, **method.option_dict), DynamicCompensation):
             raise ValueError(f"solver {self.solver!r} has no dynamic compensation; use dc or dc_dpmpp[:options]")
@@ -160,7 +180,7 @@ def calibration_inputs(testbed: Testbed, guidance: float | None, num_samples: in
     Raises:
         ValueError: a pipeline whose denoiser is not a conditional UNet (e.g. SD3).
     """
-    from .testbeds import _common_grid
+    from fewstep.eval.testbeds import _common_grid
 
     guided = guidance is not None and guidance > 1
     x_T, labels = testbed.initial_noise(num_samples, seed)
@@ -185,7 +205,7 @@ def calibration_inputs(testbed: Testbed, guidance: float | None, num_samples: in
         model = _Denoiser(lambda x, t, c: unet(x.to(dtype), t, encoder_hidden_states=c).sample.to(x.dtype), unet)
         args.update(model=model, cond=cond, uncond=uncond if guided else None)
         # The grid DCSolverScheduler.from_config(pipe.scheduler.config) samples on (VP configs).
-        from ..samplers.scheduler import DCSolverScheduler
+        from fewstep.samplers.scheduler import DCSolverScheduler
 
         sched = DCSolverScheduler.from_config(testbed.base_config)
         schedule, prediction, c = sched.schedule, sched.prediction, sched.config
@@ -201,7 +221,7 @@ def _pair_name(nfe: int, guidance: float) -> str:
 
 
 def _identity(cfg: CalibrateDCConfig, testbed: Testbed) -> dict[str, Any]:
-    from .. import __version__
+    from fewstep._version import __version__
 
     model = model_identity(cfg.model)
     method = Method.parse(cfg.solver)

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Optional
 
-from ..eval.compare import DEFAULT_REFERENCE
-from .fitness import METRICS, SEARCH_SEED
+from fewstep.eval.compare import DEFAULT_REFERENCE
+from fewstep.tuning.search.fitness import METRICS, SEARCH_SEED
 
 __all__ = ["SearchSettings"]
 
@@ -33,7 +33,7 @@ class SearchSettings:
         reference_nfe: Its steps (None: the model's default).
         cache_dir: Reference cache (None: ``$FEWSTEP_CACHE/references``).
         validation_samples: Samples right after the search batch (seeds ``data_seed + num_samples``
-            on) on which the result is checked against its baseline (:mod:`fewstep.search.guard`).
+            on) on which the result is checked against its baseline (:mod:`fewstep.tuning.search.guard`).
         keep_worse: Write the searched schedule even when it does not beat the baseline there
             (otherwise the baseline is written, and the search says so).
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
@@ -113,7 +113,7 @@ def settings_from_api(schema: type, api: str, **values: Any) -> Any:
         TypeError: an unknown keyword.
         ValueError: a value of the wrong type or out of range (naming the key).
     """
-    from ..config import load_config
+    from fewstep.config import load_config
 
     unknown = sorted(set(values) - {f.name for f in dataclasses.fields(schema)})
     if unknown:

@@ -17,9 +17,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .features import FeatureExtractor
-from .shards import identity_digest
-from .stats import FeatureStatistics, GaussianStats
+from fewstep.eval.metrics.features import FeatureExtractor
+from fewstep.infra.shards import identity_digest
+from fewstep.eval.metrics.stats import FeatureStatistics, GaussianStats
 
 __all__ = ["BUILTIN_DATASETS", "IMAGE_SUFFIXES", "load_source", "reference_statistics", "is_stats_file",
            "real_vs_real"]
@@ -84,7 +84,7 @@ def load_source(source: str) -> tuple[str, torch.Tensor, str]:
         OSError: a file cannot be read.
     """
     if source in BUILTIN_DATASETS:
-        from .features import _import_entry
+        from fewstep.eval.metrics.features import _import_entry
 
         images = torch.as_tensor(_import_entry(BUILTIN_DATASETS[source])())
         data = images.contiguous().numpy().tobytes()
@@ -187,8 +187,8 @@ def real_vs_real(source: str, extractor: FeatureExtractor, batch_size: int = 100
     """
     if source not in BUILTIN_DATASETS:
         return None
-    from .fd import feature_statistics, frechet_distance
-    from .features import extract_features
+    from fewstep.eval.metrics.fd import feature_statistics, frechet_distance
+    from fewstep.eval.metrics.features import extract_features
 
     images = load_source(source)[1]
     feats = extract_features(extractor, images, batch_size=batch_size).double()

@@ -16,10 +16,10 @@ from typing import Any, Callable
 
 import torch
 
-from ..eval.testbeds import Testbed
-from ..samplers.holdout import describe, validation_record
-from .fitness import Fitness
-from .settings import SearchSettings
+from fewstep.eval.testbeds import Testbed
+from fewstep.eval.holdout import describe, validation_record
+from fewstep.tuning.search.fitness import Fitness
+from fewstep.tuning.search.settings import SearchSettings
 
 __all__ = ["validate_against_baseline"]
 
@@ -28,7 +28,7 @@ def validate_against_baseline(cfg: SearchSettings, testbed: Testbed, guidance: f
                               tuned: tuple[str, dict[str, Any]], baseline: tuple[str, dict[str, Any]],
                               tuned_label: str, baseline_label: str, log: Callable[[str], None]) -> dict[str, Any]:
     """Sample both (solver, options) on the validation seeds; the ``validation`` record (see
-    :func:`fewstep.samplers.holdout.validation_record`)."""
+    :func:`fewstep.eval.holdout.validation_record`)."""
     first = cfg.data_seed + cfg.samples
     fitness = Fitness(testbed, cfg.nfe, guidance, cfg.validation_samples, first, cfg.metric, run_dir / "validation",
                       cfg.reference, cfg.reference_nfe, cfg.cache_dir, log)

@@ -1,0 +1,1 @@
+"""The ground floor every long job shares: atomic files, locks, run identity, shards, process group, argument checks."""

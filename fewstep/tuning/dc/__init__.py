@@ -1,0 +1,1 @@
+"""DC-Solver tuning: compensation-ratio calibration and cascade polynomial regression, API and command."""

@@ -1,0 +1,1 @@
+"""DPM-Solver-v3 tuning: computing empirical model statistics, API and command."""
