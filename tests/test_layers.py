@@ -17,7 +17,7 @@ LAYERS = [
     ("ground floor", ["fewstep._extras", "fewstep._version", "fewstep.config", "fewstep.infra"]),
     ("kernels", ["fewstep.kernels"]),
     ("samplers", ["fewstep.samplers"]),
-    ("metrics", ["fewstep.eval.metrics"]),
+    ("metrics", ["fewstep.eval.metrics"]),  # metric code knows nothing of models: below the zoo
     ("zoo", ["fewstep.zoo"]),
     ("eval", ["fewstep.eval"]),
     ("tuning", ["fewstep.tuning"]),
