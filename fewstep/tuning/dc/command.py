@@ -50,7 +50,7 @@ from fewstep.samplers.dc_artifacts import DCRatios, fit_cpr
 from fewstep.samplers.solvers.dc import DynamicCompensation
 from fewstep.eval.compare import Method
 from fewstep.eval.reference import ReferenceStore
-from fewstep.infra.io import claim_identity, clean_temp_files, lock_directory
+from fewstep.infra.io import claim_identity, lock_directory, lock_work_folder
 from fewstep.eval.testbeds import (
     DigitsTestbed,
     GMMTestbed,
@@ -268,9 +268,7 @@ def run_calibrate_dc(testbed: Testbed, cfg: CalibrateDCConfig, log: Callable[[st
     work, out = cfg.work_dir, Path(cfg.out)
     method = Method.parse(cfg.solver)
     identity = _identity(cfg, testbed)
-    with lock_directory(work, _LOCK_HOLDER):
-        clean_temp_files(work, all_stale=True)
-        clean_temp_files(out.parent, name=out.name)  # OUT lives outside the locked folder: killed writers' only
+    with lock_work_folder(work, out, _LOCK_HOLDER):
         claim_identity(work / "identity.json", identity, "a calibration with other settings",
                        "choose another out or delete the folder")
         save_config(cfg, work)

@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterator
 
 from fewstep.config import save_config
 from fewstep.eval.testbeds import Testbed, make_testbed
-from fewstep.infra.io import clean_temp_files, lock_directory
+from fewstep.infra.io import lock_work_folder
 from fewstep.tuning.search.fitness import Fitness
 from fewstep.tuning.search.runlog import SearchLog, check_identity
 from fewstep.tuning.search.settings import SearchSettings
@@ -61,9 +61,7 @@ def open_search_run(cfg: SearchSettings, testbed: Testbed | None, log: Callable[
     guidance = cfg.guidance if cfg.guidance is not None else testbed.default_guidance
     cfg.check_model(testbed)
     run_dir = cfg.run_path
-    with lock_directory(run_dir, "another fewstep search"):
-        clean_temp_files(run_dir, all_stale=True)
-        clean_temp_files(Path(cfg.out).parent, name=Path(cfg.out).name)  # outside the run folder: killed writers'
+    with lock_work_folder(run_dir, cfg.out, "another fewstep search"):
         identity = cfg.identity(testbed, guidance, **resolved)
         state = check_identity(run_dir / "state.json", identity)
         save_config(cfg, run_dir)
