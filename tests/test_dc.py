@@ -501,3 +501,42 @@ def test_calibrate_cli_on_a_unet_pipeline_folder(tmp_path):
     latents = pipe(["a red cube"], num_inference_steps=4, guidance_scale=3.0, height=32, width=32,
                    output_type="latent").images
     assert latents.shape == (1, 4, 4, 4) and torch.isfinite(latents).all()
+
+
+def test_calibration_runs_on_the_grid_the_scheduler_samples(tmp_path):
+    # The pipeline grid comes from the scheduler (one derivation): with diffusers' use_karras_sigmas
+    # flag the calibration grid is the Karras grid the DCSolverScheduler samples on, not the config's
+    # nominal timestep_spacing.
+    from fewstep.eval.testbeds import make_testbed
+    from fewstep.tuning.dc.command import calibration_inputs
+    from fewstep.zoo.tiny import build_tiny_sd_pipeline
+
+    build_tiny_sd_pipeline(tmp_path / "sd")
+    testbed = make_testbed(str(tmp_path / "sd"), "cpu", None, 32, 32)
+    for flags in ({}, {"use_karras_sigmas": True}):
+        testbed.base_config = {**testbed.base_config, **flags}
+        sched = DCSolverScheduler.from_config(testbed.base_config)
+        sched.set_timesteps(5)
+        inputs = calibration_inputs(testbed, 3.0, 2, 100000, None)
+        plan = fewstep.make_plan(inputs["schedule"], "dc", 5, spacing=inputs["spacing"])
+        assert torch.equal(plan.grid.model_timesteps, sched.grid.model_timesteps), flags
+        assert inputs["spacing"] == sched.grid_spec()
+    assert calibration_inputs(testbed, 3.0, 2, 100000, "trailing")["spacing"].spacing == "trailing"
+
+
+def test_calibration_reference_is_kept_reused_and_checked(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    args = [*CLI, "--nfe", "4", "--guidance", "2.5", "--out", str(tmp_path / "a.json")]
+    assert main(args) == 0
+    work = tmp_path / "a.calibration"
+    path, done = work / "reference-g2.5.safetensors", work / "ratios-nfe4-g2.5.json"
+    ref = load_file(path)["samples"]
+    assert "reference: ddim, 10 steps" in capsys.readouterr().out
+    done.unlink()  # the pair again: the kept reference is used, not recomputed
+    assert main(args) == 0 and "reference:" not in capsys.readouterr().out
+    save_file({"x": ref}, path, {"identity": "[('model', 'gmm')]"})  # the layout before the ReferenceStore
+    done.unlink()
+    assert main(args) == 0
+    assert f"reference: ignoring {path}: it was made for another configuration" in capsys.readouterr().out
+    assert torch.equal(load_file(path)["samples"], ref)

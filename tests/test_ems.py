@@ -252,7 +252,7 @@ def test_interrupted_run_resumes_to_the_identical_statistics(tmp_path):
     kw = dict(n_grid=3, n_data=4, batch_size=2, chunk_size=2, progress=False)
     with pytest.raises(KeyboardInterrupt):
         compute_ems(failing, mixture_data(0), SCHED, workdir=tmp_path, **kw)
-    assert len(list(tmp_path.glob("chunk_*.safetensors"))) == 1  # 8 calls = one chunk of 2 points x 2 blocks
+    assert len(list(tmp_path.glob("shard-*.safetensors"))) == 1  # 8 calls = one chunk of 2 points x 2 blocks
     calls.clear()
     resumed = compute_ems(lambda x, t: calls.append(1) or model(x, t), mixture_data(0), SCHED, workdir=tmp_path, **kw)
     assert len(calls) == 2 * 2 * 2  # only the 2 unfinished grid points were computed
@@ -267,11 +267,11 @@ def test_kill_and_resume_gives_the_identical_file(tmp_path):
            f"slow_gmm_run({str(tmp_path / 'w')!r}, {str(tmp_path / 'killed.safetensors')!r}, 0.05)"
     proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 120
-    while not list((tmp_path / "w").glob("chunk_*.safetensors")) and time.time() < deadline:
+    while not list((tmp_path / "w").glob("shard-*.safetensors")) and time.time() < deadline:
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert 1 <= len(list((tmp_path / "w").glob("chunk_*.safetensors"))) < 6
+    assert 1 <= len(list((tmp_path / "w").glob("shard-*.safetensors"))) < 6
     assert not (tmp_path / "killed.safetensors").exists()
     slow_gmm_run(tmp_path / "w", tmp_path / "resumed.safetensors", 0.0)
     slow_gmm_run(None, tmp_path / "fresh.safetensors", 0.0)
@@ -347,3 +347,11 @@ def test_two_process_torchrun_equals_one_process(tmp_path):
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                     "-m", "fewstep.cli", *args, "--out", str(two)], check=True, env=env)
     assert two.read_bytes() == one.read_bytes()
+
+
+def test_a_work_folder_of_the_older_chunk_format_is_refused_by_name(tmp_path):
+    # format 2 kept chunk_C.safetensors files, which this version does not read: refused, not silently redone
+    (tmp_path / "run.json").write_text(json.dumps({"format": 2, "n_grid": 3}))
+    with pytest.raises(ValueError, match=r"older fewstep \(format 2; .*delete the folder to recompute"):
+        compute_ems(GMMModel(MIX, SCHED), mixture_data(0), SCHED, n_grid=3, n_data=4, batch_size=2,
+                    workdir=tmp_path, progress=False)

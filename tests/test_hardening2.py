@@ -489,7 +489,7 @@ def _ems(tmp, name):
     argv = ["ems", "compute", "--model", "gmm", "--n-grid", "24", "--n-data", "64", "--batch-size", "16",
             "--chunk-size", "4", "--out", str(out)]
     parts = tmp / name / "e.safetensors.parts"
-    return argv, lambda: len(list(parts.glob("chunk_*.safetensors"))) >= 1, \
+    return argv, lambda: len(list(parts.glob("shard-*.safetensors"))) >= 1, \
         lambda: {k: v.tolist() for k, v in fewstep.EMS.load(out).tensors().items()}
 
 

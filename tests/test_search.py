@@ -265,3 +265,18 @@ def test_fitness_reference_is_shared_through_the_cache_and_resumes_after_a_crash
     assert calls == [4, 4, 2, 2] and torch.equal(resumed, clean)  # the resumed run computed the last chunk only
     shared = Fitness(*args, tmp_path / "b", cache_dir=tmp_path / "cache", **QUIET).reference  # another run folder
     assert len(calls) == 4 and torch.equal(shared, clean) and (tmp_path / "b" / "reference.safetensors").is_file()
+
+
+def test_work_folder_lock_cleans_what_killed_writers_left(tmp_path):
+    # the run setup of the searches and calibrate dc: every temporary file in the locked folder is
+    # stale; beside OUT only OUT's own, of writers that are gone (pid 999999 is not running)
+    from fewstep.infra.io import lock_work_folder
+
+    work, out = tmp_path / "s.run", tmp_path / "s.json"
+    work.mkdir()
+    mine = work / f".state.json.{os.getpid() + 1}.0123abcd.tmp"  # a live-looking pid: still stale in our folder
+    dead_out, other = tmp_path / ".s.json.999999.0123abcd.tmp", tmp_path / ".t.json.999999.0123abcd.tmp"
+    for f in (mine, dead_out, other):
+        f.write_text("half")
+    with lock_work_folder(work, out, "another test") as held:
+        assert held == work and not mine.exists() and not dead_out.exists() and other.exists()

@@ -5,7 +5,8 @@ only when that identity, its shape and its finiteness check out, so a stale, for
 NaN file is recomputed, never reused. While it is computed, the finished chunks are kept
 in the run folder (``reference.partial.safetensors``), so an interrupted run resumes
 after them. The finished reference is kept in the run folder and, when the cache is
-writable, in the cache (an unwritable cache costs a warning, not the reference).
+writable, in the cache (an unwritable cache costs a warning, not the reference). The same
+store keeps the references of ``fewstep search`` and ``fewstep calibrate dc``.
 """
 
 from __future__ import annotations
@@ -45,17 +46,20 @@ class ReferenceStore:
         identity: Everything that determines the reference (JSON-serialisable).
         name: Short name for the cache file (the model's).
         out: Run folder.
-        cache: Cache folder.
+        cache: Cache folder; None keeps the reference in the run folder only.
         log: Where messages go.
+        stem: File name of the run folder's copy, without suffix (a run folder holding several
+            references, such as ``fewstep calibrate dc``'s one per guidance, names each).
     """
 
-    def __init__(self, identity: dict[str, Any], name: str, out: Path, cache: Path, log: Callable[[str], None]):
+    def __init__(self, identity: dict[str, Any], name: str, out: Path, cache: Path | None,
+                 log: Callable[[str], None], *, stem: str = "reference"):
         self.identity = json.dumps(identity, sort_keys=True)
         slug = "".join(c if c.isalnum() else "_" for c in name) or "model"
         digest = hashlib.sha256(self.identity.encode()).hexdigest()[:20]
-        self.run_copy = out / "reference.safetensors"
-        self.partial = out / "reference.partial.safetensors"
-        self.cached = cache / f"{slug}-{digest}.safetensors"
+        self.run_copy = out / f"{stem}.safetensors"
+        self.partial = out / f"{stem}.partial.safetensors"
+        self.cached = None if cache is None else cache / f"{slug}-{digest}.safetensors"
         self.log = log
         self.wrote_run_copy = False
 
@@ -101,12 +105,12 @@ class ReferenceStore:
             ValueError: the computed reference is not finite.
         """
         for path in (self.run_copy, self.cached):
-            found = self._read(path, x_T.shape)
+            found = None if path is None else self._read(path, x_T.shape)
             if found is not None:
                 if path == self.cached:
                     self.log(f"reference: cached {path}")
                     self._save(self.run_copy, *found)
-                elif not self.cached.exists():  # a run killed between writing its copy and the cache's
+                elif self.cached is not None and not self.cached.exists():  # killed between the two copies
                     self._save_in_cache(*found)
                 self.partial.unlink(missing_ok=True)
                 return found
@@ -117,6 +121,8 @@ class ReferenceStore:
         return samples, seconds
 
     def _save_in_cache(self, samples: torch.Tensor, seconds: float) -> None:
+        if self.cached is None:
+            return
         try:
             self._save(self.cached, samples, seconds)
         except OSError as exc:

@@ -22,7 +22,7 @@ import torch
 
 __all__ = [
     "atomic_write_bytes", "write_json", "read_json", "save_tensors", "load_tensors", "clean_temp_files",
-    "lock_directory", "DirectoryLockedError", "finite_json", "claim_identity",
+    "lock_directory", "lock_work_folder", "DirectoryLockedError", "finite_json", "claim_identity",
 ]
 
 _TEMP_NAME = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")
@@ -223,6 +223,22 @@ def lock_directory(directory: str | Path, what: str = "another fewstep run") -> 
         if held[1] == 0:
             del _HELD_LOCKS[key]
             os.close(held[0])  # closing the last descriptor releases the flock
+
+
+@contextmanager
+def lock_work_folder(folder: str | Path, out: str | Path, what: str) -> Iterator[Path]:
+    """Hold the lock of the work folder of a job whose output file ``out`` lies outside it, after
+    removing what killed writers left: every temporary file in ``folder`` (the lock is ours) and,
+    beside ``out`` (a folder other files share), only ``out``'s own of writers that are gone.
+
+    Raises:
+        DirectoryLockedError: another process holds the folder's lock.
+    """
+    out = Path(out)
+    with lock_directory(folder, what) as held:
+        clean_temp_files(held, all_stale=True)
+        clean_temp_files(out.parent, name=out.name)
+        yield held
 
 
 def claim_identity(path: str | Path, identity: dict[str, Any], holds: str, advice: str) -> None:

@@ -1,4 +1,4 @@
-"""Shard files of long ``fewstep eval`` jobs: one atomic safetensors file per block of samples.
+"""Shard files of long jobs (``fewstep eval``, EMS): one atomic safetensors file per block of work.
 
 A shard records the identity of the work that made it (configuration and sample range); a
 file whose identity, tensors or finiteness do not check out is recomputed, never used. A
@@ -50,8 +50,15 @@ class ShardStore:
     def _key(self, start: int, stop: int) -> str:
         return json.dumps({**self.identity, "start": start, "stop": stop}, sort_keys=True)
 
-    def load(self, start: int, stop: int, keys: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], dict] | None:
-        """``(tensors, extra metadata)`` of a finished shard, or None when it must be computed."""
+    def load(self, start: int, stop: int, keys: tuple[str, ...],
+             shapes: dict[str, tuple[int, ...]] | None = None) -> tuple[dict[str, torch.Tensor], dict] | None:
+        """``(tensors, extra metadata)`` of a finished shard, or None when it must be computed.
+
+        Args:
+            start, stop: The shard's range.
+            keys: Tensors it must hold.
+            shapes: Shapes some of them must have.
+        """
         path = self.path(start, stop)
         if not path.exists():
             return None
@@ -60,11 +67,13 @@ class ShardStore:
         except (OSError, ValueError) as exc:
             self.log(f"shards: recomputing {path}: {exc}")
             return None
-        missing = [k for k in keys if k not in tensors]
+        missing = [k for k in dict.fromkeys((*keys, *(shapes or {}))) if k not in tensors]
         if meta.get("identity") != self._key(start, stop):
             problem = "it was made for another configuration"
         elif missing:
             problem = f"it has no {missing}"
+        elif any(tuple(tensors[k].shape) != tuple(v) for k, v in (shapes or {}).items()):
+            problem = f"its shapes { {k: tuple(tensors[k].shape) for k in shapes} } are not {shapes}"
         elif not all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point()):
             problem = "it contains NaN or Inf"
         else:

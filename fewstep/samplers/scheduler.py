@@ -432,7 +432,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         key = (num_inference_steps, mu, timesteps, sigmas)
         entry = self._cache.get(key)
         if entry is None:
-            entry = self._build_grid(num_inference_steps, mu, timesteps, sigmas, is_flow)
+            entry = self._build_grid(num_inference_steps, mu, timesteps, sigmas)
             self._cache[key] = entry
             while len(self._cache) > _CACHE_SIZE:
                 self._cache.popitem(last=False)
@@ -447,12 +447,25 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         self._begin_index = None
         self._executor = None
 
-    def _build_grid(self, num_inference_steps, mu, timesteps, sigmas, is_flow) -> "_CachedGrid":
+    def grid_spec(self, mu: float | None = None, timesteps: tuple[float, ...] | None = None,
+                  sigmas: tuple[float, ...] | None = None) -> GridSpec:
+        """The grid this scheduler's config asks for (spacing, end point, offset, shifts, convention).
+
+        ``set_timesteps`` builds its grid from it (a solver schedule may then replace the points);
+        tools that must run on the same grid outside a pipeline (``fewstep calibrate dc``) take it
+        from here rather than re-deriving it from the config.
+
+        Args:
+            mu: The dynamic shift (flow-matching configs with ``use_dynamic_shifting``).
+            timesteps: Custom model timesteps.
+            sigmas: Custom diffusers sigmas.
+        """
         cfg = self.config
+        is_flow = isinstance(self.schedule, FlowSchedule)
         final = cfg.final_sigmas_type
         if self.solver.diffusers_convention == "ddim":
             final = "zero" if cfg.set_alpha_to_one else "sigma_min"
-        spec = GridSpec(
+        return GridSpec(
             spacing=self._spacing,
             final_sigma="zero" if final == "zero" else "min",
             steps_offset=cfg.steps_offset,
@@ -464,6 +477,10 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             sigmas=sigmas,
             convention=self.solver.diffusers_convention,
         )
+
+    def _build_grid(self, num_inference_steps, mu, timesteps, sigmas) -> "_CachedGrid":
+        cfg = self.config
+        spec = self.grid_spec(mu, timesteps, sigmas)
         if self.solver.config.get("solver_schedule") is not None:  # it fixes the grid (and checks the step count)
             if timesteps is not None or sigmas is not None:
                 if not cfg.schedule_overrides_sigmas:

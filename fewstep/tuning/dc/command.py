@@ -36,7 +36,7 @@ from fewstep.config import (
     save_config,
     torch_threads,
 )
-from fewstep.samplers import ArtifactMeta, GridSpec, model_fingerprint, sample
+from fewstep.samplers import ArtifactMeta, model_fingerprint, sample
 from fewstep.tuning.dc.calibrate import (
     DEFAULT_ITERATIONS,
     DEFAULT_LR,
@@ -49,7 +49,8 @@ from fewstep.eval.holdout import describe as describe_validation
 from fewstep.samplers.dc_artifacts import DCRatios, fit_cpr
 from fewstep.samplers.solvers.dc import DynamicCompensation
 from fewstep.eval.compare import Method
-from fewstep.infra.io import claim_identity, clean_temp_files, load_tensors, lock_directory, save_tensors
+from fewstep.eval.reference import ReferenceStore
+from fewstep.infra.io import claim_identity, lock_directory, lock_work_folder
 from fewstep.eval.testbeds import (
     DigitsTestbed,
     GMMTestbed,
@@ -208,9 +209,8 @@ def calibration_inputs(testbed: Testbed, guidance: float | None, num_samples: in
         from fewstep.samplers.scheduler import DCSolverScheduler
 
         sched = DCSolverScheduler.from_config(testbed.base_config)
-        schedule, prediction, c = sched.schedule, sched.prediction, sched.config
-        grid = GridSpec(spacing=spacing or c.timestep_spacing, steps_offset=c.steps_offset,
-                        final_sigma="zero" if c.final_sigmas_type == "zero" else "min", convention="multistep")
+        schedule, prediction, grid = sched.schedule, sched.prediction, sched.grid_spec()
+        grid = grid.replace(spacing=spacing) if spacing else grid
     else:
         raise ValueError(f"calibrate dc cannot drive a {type(testbed).__name__}")
     return dict(args, x_T=x_T.to(testbed.device), schedule=schedule, prediction=prediction, spacing=grid)
@@ -232,21 +232,23 @@ def _identity(cfg: CalibrateDCConfig, testbed: Testbed) -> dict[str, Any]:
             "height": cfg.height, "width": cfg.width, "device": testbed.device.type}
 
 
-def _reference(work: Path, cfg: CalibrateDCConfig, inputs: dict[str, Any], guidance: float, identity: str
-               ) -> torch.Tensor:
-    path = work / f"reference-g{guidance:g}.safetensors"
-    if path.exists():
-        try:
-            tensors, meta = load_tensors(path, with_metadata=True)
-            if meta.get("identity") == identity and tensors["x"].shape == inputs["x_T"].shape:
-                return tensors["x"].to(inputs["x_T"].device)
-        except (OSError, ValueError, KeyError):
-            pass  # unreadable or stale: recomputed below
-    run = {k: inputs[k] for k in ("schedule", "prediction", "spacing", "guidance", "cond", "uncond")}
-    with torch.no_grad():
-        ref = sample(inputs["model"], inputs["x_T"], solver="ddim", nfe=cfg.reference_nfe, **run)
-    save_tensors(path, {"x": ref}, {"identity": identity})
-    return ref
+def _reference(work: Path, cfg: CalibrateDCConfig, inputs: dict[str, Any], guidance: float,
+               identity: dict[str, Any], log: Callable[[str], None]) -> torch.Tensor:
+    """The DDIM reference of one guidance, kept in the work folder (computed once, in one batch)."""
+    store = ReferenceStore({**identity, "reference_guidance": guidance}, "calibrate-dc", work, None, log,
+                           stem=f"reference-g{guidance:g}")
+    x_T = inputs["x_T"]
+    run = {k: inputs[k] for k in ("schedule", "prediction", "spacing", "guidance")}
+
+    def compute(chunk: slice) -> torch.Tensor:
+        cond, uncond = (None if inputs[k] is None else inputs[k][chunk] for k in ("cond", "uncond"))
+        with torch.no_grad():
+            return sample(inputs["model"], x_T[chunk], solver="ddim", nfe=cfg.reference_nfe, cond=cond,
+                          uncond=uncond, **run)
+
+    description = f"ddim, {cfg.reference_nfe} steps, guidance {guidance:g}, on {x_T.shape[0]} samples"
+    # One batch, as the calibration always computed it (the batch size can change the last bits).
+    return store.get(x_T, compute, x_T.shape[0], description, x_T.device, progress=False)[0].to(x_T.device)
 
 
 def run_calibrate_dc(testbed: Testbed, cfg: CalibrateDCConfig, log: Callable[[str], None] = print) -> Path:
@@ -266,13 +268,10 @@ def run_calibrate_dc(testbed: Testbed, cfg: CalibrateDCConfig, log: Callable[[st
     work, out = cfg.work_dir, Path(cfg.out)
     method = Method.parse(cfg.solver)
     identity = _identity(cfg, testbed)
-    with lock_directory(work, _LOCK_HOLDER):
-        clean_temp_files(work, all_stale=True)
-        clean_temp_files(out.parent, name=out.name)  # OUT lives outside the locked folder: killed writers' only
+    with lock_work_folder(work, out, _LOCK_HOLDER):
         claim_identity(work / "identity.json", identity, "a calibration with other settings",
                        "choose another out or delete the folder")
         save_config(cfg, work)
-        key = repr(sorted(identity.items()))
         results: list[DCRatios] = []
         from tqdm.auto import tqdm
 
@@ -284,7 +283,7 @@ def run_calibrate_dc(testbed: Testbed, cfg: CalibrateDCConfig, log: Callable[[st
                 continue
             total = cfg.num_samples + cfg.validation_samples
             inputs = calibration_inputs(testbed, guidance, total, cfg.seed, cfg.spacing)
-            ref = _reference(work, cfg, inputs, guidance, key)
+            ref = _reference(work, cfg, inputs, guidance, identity, log)
             with warnings.catch_warnings():  # the verdict is logged below, in one line
                 warnings.simplefilter("ignore", UserWarning)
                 ratios = calibrate_dc(**inputs, nfe=nfe, reference=ref, objective=cfg.objective,

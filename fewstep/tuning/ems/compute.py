@@ -37,7 +37,6 @@ block order, so any number of processes gives the same statistics, bit for bit.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from pathlib import Path
 from typing import Any, Callable
@@ -46,7 +45,8 @@ import numpy as np
 import torch
 
 from fewstep.config import resolve_device
-
+from fewstep.infra.io import claim_identity, clean_temp_files, lock_directory, read_json
+from fewstep.infra.shards import ShardStore, shard_ranges
 from fewstep.samplers.artifacts import ArtifactMeta, model_fingerprint
 from fewstep.samplers.ems import EMS, MOMENTS, ems_from_moments, ems_lambda_grid
 from fewstep.samplers.prediction import cfg_combine, check_prediction, eps_coefficients
@@ -56,7 +56,9 @@ __all__ = ["compute_ems", "EMS_DATA_SEED", "TIME_DERIVATIVES", "forward_ad_worka
 
 # EMS data, noise and Rademacher seeds start here: evaluation seeds are 0..N-1.
 EMS_DATA_SEED = 100_000
-_FORMAT = 2  # 2: the time derivative is a recorded choice (finite difference for discrete-time models)
+# 2: the time derivative is a recorded choice (finite difference for discrete-time models);
+# 3: the grid chunks are ShardStore shards (``shard-START-STOP.safetensors``, was ``chunk_C.safetensors``).
+_FORMAT = 3
 TIME_DERIVATIVES = ("auto", "jvp", "finite_difference")
 
 
@@ -330,8 +332,6 @@ def compute_ems(
         ValueError: bad arguments, a data sampler or model returning the wrong shapes, or a
             workdir holding chunks of a different run.
     """
-    from fewstep.infra.io import claim_identity, clean_temp_files, load_tensors, lock_directory, save_tensors
-
     schedule = make_schedule(schedule)
     prediction = check_prediction(prediction, schedule)
     for name, value, low in (("n_data", n_data, 2), ("batch_size", batch_size, 1), ("chunk_size", chunk_size, 1),
@@ -372,32 +372,23 @@ def compute_ems(
         "data": data_description, "time_derivative": time_derivative, "fd_step": fd_step,
     }
     fn = _Function(model, schedule, prediction, guidance)
-    chunks = [list(range(c, min(c + chunk_size, n_grid + 1))) for c in range(0, n_grid + 1, chunk_size)]
+    chunks = [list(range(start, stop)) for start, stop in shard_ranges(n_grid + 1, chunk_size)]
     workdir = None if workdir is None else Path(workdir)
     lock = lock_directory(workdir, "another EMS computation") if workdir is not None and rank == 0 else (
         contextlib.nullcontext())
     with lock:
         if workdir is not None and rank == 0:
             clean_temp_files(workdir, all_stale=True)
+            _refuse_older_format(workdir / "run.json")
             claim_identity(workdir / "run.json", identity, "a partial EMS run with other settings",
                            "delete it or use the same settings to resume")
         _barrier(world)
-
-        def chunk_path(c: int) -> Path:
-            return workdir / f"chunk_{c:05d}.safetensors"
+        store = None if workdir is None else ShardStore(workdir, identity, print if rank == 0 else lambda _: None)
 
         def finished(c: int) -> torch.Tensor | None:
-            if workdir is None or not chunk_path(c).exists():
-                return None
-            try:
-                tensors, meta = load_tensors(chunk_path(c), with_metadata=True)
-            except (OSError, ValueError):
-                return None  # a corrupt chunk is recomputed
-            sums = tensors.get("sums")
-            expect = (len(chunks[c]), len(MOMENTS), *shape)
-            ok = meta.get("identity") == json.dumps(identity, sort_keys=True) and sums is not None and tuple(
-                sums.shape) == expect and bool(torch.isfinite(sums).all())
-            return sums if ok else None
+            found = None if store is None else store.load(
+                chunks[c][0], chunks[c][-1] + 1, ("sums",), {"sums": (len(chunks[c]), len(MOMENTS), *shape)})
+            return None if found is None else found[0]["sums"]
 
         done = {c: finished(c) for c in range(len(chunks))}
         todo = [c for c in done if done[c] is None]
@@ -421,8 +412,8 @@ def compute_ems(
                     raise FloatingPointError(f"the model output or its derivatives are not finite at EMS grid points "
                                              f"{chunks[c][0]}..{chunks[c][-1]}")
                 done[c] = sums
-                if workdir is not None and rank == 0:
-                    save_tensors(chunk_path(c), {"sums": sums}, {"identity": json.dumps(identity, sort_keys=True)})
+                if store is not None and rank == 0:
+                    store.save(chunks[c][0], chunks[c][-1] + 1, {"sums": sums})
         _barrier(world)
     sums = torch.cat([done[c] for c in range(len(chunks))])
     l, s, b = ems_from_moments(lambdas, sums, n_data)
@@ -434,6 +425,19 @@ def compute_ems(
                "fd_step": fd_step},
     )
     return EMS(lambdas, l, s, b, meta, n_data)
+
+
+def _refuse_older_format(run_file: Path) -> None:
+    """A work folder of an older fewstep holds chunk files this version does not read: say so."""
+    if not run_file.exists():
+        return
+    try:
+        old = read_json(run_file).get("format")
+    except (ValueError, AttributeError):
+        return  # not ours: claim_identity says what it holds
+    if isinstance(old, int) and old < _FORMAT:
+        raise ValueError(f"{run_file.parent} holds a partial EMS run of an older fewstep (format {old}; this "
+                         f"version writes format {_FORMAT} and cannot resume it); delete the folder to recompute")
 
 
 def _barrier(world: int) -> None:

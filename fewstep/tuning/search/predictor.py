@@ -15,6 +15,7 @@ from typing import Sequence
 
 import torch
 
+from fewstep.infra.seeds import derived_seed
 from fewstep.tuning.search.space import Candidate
 
 __all__ = ["encode", "FitnessPredictor"]
@@ -76,7 +77,7 @@ class FitnessPredictor:
         self.mean, self.std = float(y.mean()), float(y.std()) if len(y) > 1 else 1.0
         y = ((y - self.mean) / max(self.std, 1e-8)).reshape(1, -1, 1)
         x = self._features(candidates)
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + round_)
+        g = torch.Generator().manual_seed(derived_seed(self.seed, round_))
         sizes = [x.shape[1], self.hidden, self.hidden, 1]
         params = []
         for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):

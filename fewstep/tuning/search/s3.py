@@ -30,15 +30,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, List
 
-from fewstep.config import save_config
-from fewstep.infra.io import clean_temp_files, lock_directory, read_json, write_json
-from fewstep.eval.testbeds import Testbed, make_testbed
+from fewstep.infra.io import read_json, write_json
+from fewstep.eval.testbeds import Testbed
 from fewstep.samplers import GridSpec, SolverSchedule, load_solver_schedule, make_plan
 from fewstep.samplers.solvers.usf import spell_out
-from fewstep.tuning.search.fitness import Fitness, check_reference
+from fewstep.tuning.search.fitness import Fitness
 from fewstep.tuning.search.guard import validate_against_baseline
 from fewstep.tuning.search.predictor import FitnessPredictor
-from fewstep.tuning.search.runlog import SearchLog, check_identity, save_state
+from fewstep.tuning.search.run import open_search_run
+from fewstep.tuning.search.runlog import SearchLog, save_state
 from fewstep.tuning.search.settings import SearchSettings, settings_from_api
 from fewstep.tuning.search.space import Candidate, LogSNRAxis, SearchSpace
 
@@ -232,22 +232,11 @@ def run_usf_search(cfg: USFSearchConfig, testbed: Testbed | None = None, log: Ca
     Raises:
         ValueError: bad settings, a run folder holding another search, or a corrupt log.
     """
-    testbed = testbed or make_testbed(cfg.model, cfg.device)
-    guidance = cfg.guidance if cfg.guidance is not None else testbed.default_guidance
-    check_reference(testbed, cfg.reference, cfg.reference_nfe)  # before the run folder is claimed
-    run_dir = cfg.run_path
-    with lock_directory(run_dir, "another fewstep search"):
-        clean_temp_files(run_dir, all_stale=True)
-        clean_temp_files(Path(cfg.out).parent, name=Path(cfg.out).name)  # outside the run folder: killed writers'
-        identity = cfg.identity(testbed, guidance)
-        state = check_identity(run_dir / "state.json", identity)
-        save_config(cfg, run_dir)
-        fitness = Fitness(testbed, cfg.nfe, guidance, cfg.samples, cfg.data_seed, cfg.metric, run_dir,
-                          cfg.reference, cfg.reference_nfe, cfg.cache_dir, log)
+    with open_search_run(cfg, testbed, log) as run:
+        run_dir, identity, state, fitness, records = run.run_dir, run.identity, run.state, run.fitness, run.records
         space = SearchSpace(LogSNRAxis(fitness.schedule), cfg.nfe,
                             cfg.analytic_first_step and fitness.analytic_first_step_allowed, cfg.max_order,
                             free_start=cfg.free_start)
-        records = SearchLog(run_dir / "search_log.jsonl")
         rng = random.Random(cfg.seed)
         population = [(Candidate.from_dict(e["candidate"]), _fitness(e)) for e in records.entries]
         seen = {c.key() for c, _ in population}

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Optional
 
 from fewstep.eval.compare import DEFAULT_REFERENCE
-from fewstep.tuning.search.fitness import METRICS, SEARCH_SEED
+from fewstep.tuning.search.fitness import METRICS, SEARCH_SEED, check_reference
 
 __all__ = ["SearchSettings"]
 
@@ -97,6 +97,14 @@ class SearchSettings:
     def run_path(self) -> Path:
         """The run folder."""
         return Path(self.run_dir) if self.run_dir else Path(self.out).with_suffix(".run")
+
+    def check_model(self, testbed: Any) -> None:
+        """Refuse settings the model cannot run (before a run folder is claimed).
+
+        Raises:
+            ValueError: a reference or reference_nfe the model does not take.
+        """
+        check_reference(testbed, self.reference, self.reference_nfe)
 
     def identity(self, testbed: Any, guidance: float | None, **resolved: Any) -> dict[str, Any]:
         """What determines the result: the model's fingerprint, the resolved guidance and the settings."""

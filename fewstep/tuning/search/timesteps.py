@@ -18,19 +18,18 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, ClassVar, List
 
 import numpy as np
 
-from fewstep.config import save_config
 from fewstep.eval.compare import Method
-from fewstep.infra.io import clean_temp_files, lock_directory, write_json
-from fewstep.eval.testbeds import Testbed, _common_grid, make_testbed
+from fewstep.infra.io import write_json
+from fewstep.eval.testbeds import Testbed, _common_grid
 from fewstep.samplers import GridSpec, SolverSchedule, make_plan, solver_class
-from fewstep.tuning.search.fitness import Fitness, check_reference, noise_schedule_of
+from fewstep.tuning.search.fitness import Fitness, noise_schedule_of
 from fewstep.tuning.search.guard import validate_against_baseline
-from fewstep.tuning.search.runlog import SearchLog, check_identity, save_state
+from fewstep.tuning.search.run import open_search_run
+from fewstep.tuning.search.runlog import SearchLog, save_state
 from fewstep.tuning.search.settings import SearchSettings, settings_from_api
 from fewstep.tuning.search.space import LogSNRAxis, logits_from_positions, positions_from_logits
 
@@ -85,6 +84,13 @@ class TimestepSearchConfig(SearchSettings):
     @property
     def method(self) -> Method:
         return self._method
+
+    def check_model(self, testbed: Testbed) -> None:
+        super().check_model(testbed)
+        try:  # the solver on its own grid: an artifact of another NFE fails here, with its own message
+            make_plan(noise_schedule_of(testbed), self.method.solver, nfe=self.nfe, **self.method.option_dict)
+        except ValueError as exc:
+            raise ValueError(f"solver {self.solver!r} at NFE {self.nfe}: {exc}") from None
 
 
 class _Objective:
@@ -142,25 +148,11 @@ def _compass(objective: _Objective, z: np.ndarray, final: str, free_start: bool,
 def run_timestep_search(cfg: TimestepSearchConfig, testbed: Testbed | None = None,
                         log: Callable[[str], None] = print) -> SolverSchedule:
     """Run (or resume) the timestep search and write ``cfg.out``; returns the tuned schedule."""
-    testbed = testbed or make_testbed(cfg.model, cfg.device)
-    guidance = cfg.guidance if cfg.guidance is not None else testbed.default_guidance
-    check_reference(testbed, cfg.reference, cfg.reference_nfe)
-    try:  # the solver on its own grid: an artifact of another NFE fails here, with its own message
-        make_plan(noise_schedule_of(testbed), cfg.method.solver, nfe=cfg.nfe, **cfg.method.option_dict)
-    except ValueError as exc:
-        raise ValueError(f"solver {cfg.solver!r} at NFE {cfg.nfe}: {exc}") from None
-    run_dir = cfg.run_path
-    with lock_directory(run_dir, "another fewstep search"):
-        clean_temp_files(run_dir, all_stale=True)
-        clean_temp_files(Path(cfg.out).parent, name=Path(cfg.out).name)  # outside the run folder: killed writers'
-        identity = cfg.identity(testbed, guidance, solver=cfg.method.label)
-        if check_identity(run_dir / "state.json", identity) is None:
-            save_state(run_dir / "state.json", {"identity": identity})
-        save_config(cfg, run_dir)
-        fitness = Fitness(testbed, cfg.nfe, guidance, cfg.samples, cfg.data_seed, cfg.metric, run_dir,
-                          cfg.reference, cfg.reference_nfe, cfg.cache_dir, log)
+    with open_search_run(cfg, testbed, log, solver=cfg.method.label) as run:
+        testbed, guidance, run_dir, fitness, records = run.testbed, run.guidance, run.run_dir, run.fitness, run.records
+        if run.state is None:
+            save_state(run_dir / "state.json", {"identity": run.identity})
         axis = LogSNRAxis(fitness.schedule)
-        records = SearchLog(run_dir / "search_log.jsonl")
         if len(records):
             log(f"resuming: replaying {len(records)} logged evaluations from {records.path}")
         from tqdm.auto import tqdm
