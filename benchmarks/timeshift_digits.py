@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fewstep  # noqa: E402
 from fewstep.eval.metrics.fd import feature_statistics, frechet_distance  # noqa: E402
 from fewstep.infra.io import load_tensors, read_json, save_tensors, write_json, atomic_write_bytes  # noqa: E402
-from fewstep.eval.testbeds import DigitsTestbed, _common_grid  # noqa: E402
+from fewstep.eval.testbeds import DigitsTestbed, common_grid  # noqa: E402
 from fewstep.samplers.timeshift import TargetMove  # noqa: E402
 
 GUIDANCE, NFE = 1.5, 10
@@ -91,7 +91,7 @@ def generate(tb, solver, rule, x, cond, recorder=None):
         for i in range(0, len(x), tb.batch_size):
             xb, cb = x[i:i + tb.batch_size], cond[i:i + tb.batch_size]
             out.append(fewstep.sample(tb.model, xb, schedule=tb.schedule, solver=solver, nfe=NFE,
-                                      spacing=_common_grid(None, tb.schedule), guidance=GUIDANCE, cond=cb,
+                                      spacing=common_grid(None, tb.schedule), guidance=GUIDANCE, cond=cb,
                                       uncond=torch.full_like(cb, tb.null_label), time_shift=rule).float())
     finally:
         fewstep.TimeShift.select = staticmethod(select)

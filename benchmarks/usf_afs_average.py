@@ -24,7 +24,7 @@ import fewstep
 from fewstep import SolverSchedule
 from fewstep.eval.metrics.fd import feature_statistics, frechet_distance
 from fewstep.infra.io import atomic_write_bytes, read_json, write_json
-from fewstep.eval.testbeds import DigitsTestbed, GMMTestbed, _common_grid
+from fewstep.eval.testbeds import DigitsTestbed, GMMTestbed, common_grid
 from fewstep.samplers.solvers.usf import spell_out
 
 NFES = (5, 6, 8)
@@ -43,7 +43,7 @@ def data_mean(tb) -> torch.Tensor:
 def run(tb, arm: str, nfe: int, x: torch.Tensor, cond: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     g = tb.default_guidance
     null = tb.null_label if tb.name == "digits" else -1
-    spacing = _common_grid(None, tb.schedule)
+    spacing = common_grid(None, tb.schedule)
     if arm == "plain":
         opts = dict(solver="unipc", nfe=nfe, spacing=spacing)
     else:

@@ -36,7 +36,7 @@ DEFAULT_PROMPTS = ("a photograph of an astronaut riding a horse", "a watercolor 
                    "a red cube on a wooden table", "portrait of an old man, studio lighting")
 
 
-def _common_grid(spacing: str | None, schedule) -> GridSpec:
+def common_grid(spacing: str | None, schedule) -> GridSpec:
     # One grid for every solver (the multistep convention), so NFE-for-NFE comparisons are fair.
     return GridSpec(spacing=spacing or schedule.default_spacing, convention="multistep")
 
@@ -221,7 +221,7 @@ class DigitsTestbed(Testbed):
         guided = guidance is not None and guidance > 1
         out = sample(
             self.model, x_T, schedule=self.schedule, prediction=self.prediction, solver=solver, nfe=nfe,
-            spacing=_common_grid(spacing, self.schedule), guidance=guidance if guided else None, cond=cond,
+            spacing=common_grid(spacing, self.schedule), guidance=guidance if guided else None, cond=cond,
             uncond=torch.full_like(cond, self.null_label) if guided else None, **options,
         )
         return out.float().cpu()
@@ -289,7 +289,7 @@ class GMMTestbed(Testbed):
         guided = guidance is not None and guidance > 1
         out = sample(
             self.model, x_T.double(), schedule=self.schedule, prediction=self.prediction, solver=solver, nfe=nfe,
-            spacing=_common_grid(spacing, self.schedule), guidance=guidance if guided else None, cond=cond,
+            spacing=common_grid(spacing, self.schedule), guidance=guidance if guided else None, cond=cond,
             uncond=torch.full_like(cond, -1) if guided else None, **options,
         )
         return out.float()

@@ -181,13 +181,13 @@ def calibration_inputs(testbed: Testbed, guidance: float | None, num_samples: in
     Raises:
         ValueError: a pipeline whose denoiser is not a conditional UNet (e.g. SD3).
     """
-    from fewstep.eval.testbeds import _common_grid
+    from fewstep.eval.testbeds import common_grid
 
     guided = guidance is not None and guidance > 1
     x_T, labels = testbed.initial_noise(num_samples, seed)
     args: dict[str, Any] = dict(guidance=guidance if guided else None)
     schedule, prediction = getattr(testbed, "schedule", None), getattr(testbed, "prediction", None)
-    grid = _common_grid(spacing, schedule) if schedule is not None else None
+    grid = common_grid(spacing, schedule) if schedule is not None else None
     if isinstance(testbed, DigitsTestbed):
         unet = testbed.unet
         model = _Denoiser(lambda x, t, c: unet(x, t, class_labels=c).sample, unet)

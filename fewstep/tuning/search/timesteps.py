@@ -24,7 +24,7 @@ import numpy as np
 
 from fewstep.eval.compare import Method
 from fewstep.infra.io import write_json
-from fewstep.eval.testbeds import Testbed, _common_grid
+from fewstep.eval.testbeds import Testbed, common_grid
 from fewstep.samplers import GridSpec, SolverSchedule, make_plan, solver_class
 from fewstep.tuning.search.fitness import Fitness, noise_schedule_of
 from fewstep.tuning.search.guard import validate_against_baseline
@@ -195,7 +195,7 @@ def run_timestep_search(cfg: TimestepSearchConfig, testbed: Testbed | None = Non
                    "starts": {k: v for k, (v, _, _) in starts.items()},
                    "seconds": sum(e["seconds"] for e in records.entries),
                    "search_seeds": [cfg.data_seed, cfg.data_seed + cfg.samples]}
-        untuned = make_plan(fitness.schedule, cfg.method.solver, nfe=cfg.nfe, spacing=_common_grid(None, fitness.schedule),
+        untuned = make_plan(fitness.schedule, cfg.method.solver, nfe=cfg.nfe, spacing=common_grid(None, fitness.schedule),
                             **cfg.method.option_dict).grid
         record = validate_against_baseline(
             cfg, testbed, guidance, run_dir, (cfg.method.solver, {**cfg.method.option_dict, "solver_schedule":
