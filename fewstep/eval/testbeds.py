@@ -37,7 +37,7 @@ DEFAULT_PROMPTS = ("a photograph of an astronaut riding a horse", "a watercolor 
 
 
 def common_grid(spacing: str | None, schedule) -> GridSpec:
-    # One grid for every solver (the multistep convention), so NFE-for-NFE comparisons are fair.
+    """One grid for every solver (the multistep convention), so that NFE-for-NFE comparisons are fair."""
     return GridSpec(spacing=spacing or schedule.default_spacing, convention="multistep")
 
 
