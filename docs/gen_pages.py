@@ -3,6 +3,7 @@
 - ``reference/``: one API page per module of the ``fewstep`` package, found by walking the source tree
   (mkdocstrings renders the docstrings by static analysis; nothing is imported), and its nav.
 - ``cli.md``: the reference of every ``fewstep`` command, appended from the argparse parsers.
+- ``development.md``: the module map (every module of ``fewstep`` with its docstring's first line).
 - ``benchmarks.md``: every table under ``benchmarks/results/`` (``*.md``), appended as stored; the
   figures (``*.png``) are copied to ``results/``.
 """
@@ -10,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import re
 import sys
@@ -23,21 +25,38 @@ PACKAGE = ROOT / "fewstep"
 
 def api_pages() -> None:
     nav = mkdocs_gen_files.Nav()
+    for name, doc, path in _modules():
+        nav[tuple(name.split("."))] = doc.relative_to("reference").as_posix()
+        with mkdocs_gen_files.open(doc, "w") as f:
+            f.write(f"# `{name}`\n\n::: {name}\n")
+        mkdocs_gen_files.set_edit_path(doc, path.relative_to(ROOT))
+    with mkdocs_gen_files.open("reference/SUMMARY.md", "w") as f:
+        f.writelines(nav.build_literate_nav())
+
+
+def _modules():
+    """(dotted name, API page, source path) of every module of the package (``__main__`` aside)."""
     for path in sorted(PACKAGE.rglob("*.py")):
         parts = path.relative_to(ROOT).with_suffix("").parts
         if parts[-1] == "__main__":
             continue
-        if parts[-1] == "__init__":  # a package: its folder's index page
+        if parts[-1] == "__init__":
             parts = parts[:-1]
-            doc = Path("reference", *parts, "index.md")
+            yield ".".join(parts), Path("reference", *parts, "index.md"), path
         else:
-            doc = Path("reference", *parts).with_suffix(".md")
-        nav[parts] = doc.relative_to("reference").as_posix()
-        with mkdocs_gen_files.open(doc, "w") as f:
-            f.write(f"# `{'.'.join(parts)}`\n\n::: {'.'.join(parts)}\n")
-        mkdocs_gen_files.set_edit_path(doc, path.relative_to(ROOT))
-    with mkdocs_gen_files.open("reference/SUMMARY.md", "w") as f:
-        f.writelines(nav.build_literate_nav())
+            yield ".".join(parts), Path("reference", *parts).with_suffix(".md"), path
+
+
+def module_map() -> None:
+    out = ["", "## Module map (generated)", "",
+           "Every module of the package with the first line of its docstring, read from the source when the",
+           "site is built; each links to its API page.", "", "| module | what it is |", "|---|---|"]
+    for name, doc, path in _modules():
+        summary = (ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or "").strip().split("\n")[0]
+        summary = summary.replace("|", r"\|")
+        out.append(f"| [`{name}`]({doc.as_posix()}) | {summary} |")
+    with mkdocs_gen_files.open("development.md", "a") as f:
+        f.write("\n".join(out) + "\n")
 
 
 def _subcommands(parser: argparse.ArgumentParser):
@@ -84,5 +103,6 @@ def benchmark_tables() -> None:
 
 
 api_pages()
+module_map()
 cli_reference()
 benchmark_tables()
