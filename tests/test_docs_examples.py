@@ -23,12 +23,43 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>[\w+-]*)[^\n]*\n(?P<body>.*?)^(?P=indent)```[ \t]*$",
                    re.MULTILINE | re.DOTALL)
 
-# hub id -> (fewstep.zoo.tiny builder, the family's pipeline); the ids the docs use
+def _tiny_sd3_with_t5(directory: Path) -> None:
+    """The tiny SD3 pipeline with a tiny T5 as its third text encoder.
+
+    ``fewstep.zoo.tiny`` saves SD3 without T5 (components ``None``), which plain
+    ``StableDiffusion3Pipeline.from_pretrained(id)`` refuses; the released checkpoint has one. The
+    T5 width is the transformer's ``joint_attention_dim`` (64), as SD3 concatenates the encoders'
+    tokens.
+    """
+    from transformers import T5Config, T5EncoderModel
+
+    from fewstep.zoo import tiny
+
+    pipe = tiny.build_tiny_sd3_pipeline()
+    tokenizer = pipe.tokenizer
+    torch.manual_seed(0)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=pipe.transformer.config.joint_attention_dim,
+                                 d_ff=37, d_kv=8, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+                                 decoder_start_token_id=0, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)).eval()
+    pipe.register_modules(text_encoder_3=t5, tokenizer_3=tokenizer)
+    pipe.save_pretrained(directory)
+
+
+def _tiny(builder: str, **options):
+    def build(directory: Path) -> None:
+        from fewstep.zoo import tiny
+
+        getattr(tiny, builder)(directory, **options)
+    return build
+
+
+# hub id -> builder of a tiny random-weight pipeline of the same family (loads with the same class)
 HUB_MODELS = {
-    "stable-diffusion-v1-5/stable-diffusion-v1-5": "build_tiny_sd_pipeline",
-    "stabilityai/stable-diffusion-xl-base-1.0": "build_tiny_sdxl_pipeline",
-    "black-forest-labs/FLUX.1-schnell": "build_tiny_flux_pipeline",
-    "stabilityai/stable-diffusion-3-medium-diffusers": "build_tiny_sd3_pipeline",
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": _tiny("build_tiny_sd_pipeline"),
+    "stabilityai/stable-diffusion-xl-base-1.0": _tiny("build_tiny_sdxl_pipeline"),
+    "black-forest-labs/FLUX.1-schnell": _tiny("build_tiny_flux_pipeline", use_dynamic_shifting=False),
+    "stabilityai/stable-diffusion-3-medium-diffusers": _tiny_sd3_with_t5,
 }
 _REVISION = "0" * 40  # the snapshot's commit hash; refs/main names it, as after a real download
 
@@ -85,8 +116,6 @@ def test_source_paths_exist():
 @pytest.fixture(scope="session")
 def hub_cache(tmp_path_factory):
     """A Hugging Face cache folder; ``serve(id)`` builds the tiny pipeline for ``id`` into it once."""
-    from fewstep.zoo import tiny
-
     cache = tmp_path_factory.mktemp("hf-hub-cache")
 
     def serve(repo_id: str) -> None:
@@ -94,7 +123,7 @@ def hub_cache(tmp_path_factory):
         if repo.exists():
             return
         snapshot = repo / "snapshots" / _REVISION
-        getattr(tiny, HUB_MODELS[repo_id])(snapshot)
+        HUB_MODELS[repo_id](snapshot)
         (repo / "refs").mkdir()
         (repo / "refs" / "main").write_text(_REVISION)
 
