@@ -1,12 +1,12 @@
-"""README compatibility table (pipeline family x scheduler) from the pipeline matrix's outcomes.
+"""Compatibility table of the docs (pipeline family x scheduler) (pipeline family x scheduler) from the pipeline matrix's outcomes.
 
     python benchmarks/pipeline_matrix.py                      # run the full matrix, then render
     python benchmarks/pipeline_matrix.py --results FILE.json  # render outcomes recorded earlier
-    python benchmarks/pipeline_matrix.py --readme             # ... and replace the table in README.md
 
 Running means ``FEWSTEP_MATRIX_RESULTS=FILE pytest -m slow tests/test_pipelines_matrix.py`` (tiny
 random-weight pipelines, no downloads; about 20 minutes on one CPU core). Outcomes go to
-benchmarks/results/pipeline_matrix.json, the table to benchmarks/results/pipeline_matrix.md.
+benchmarks/results/pipeline_matrix.json, the table to benchmarks/results/pipeline_matrix.md, which
+the docs page docs/diffusers-differences.md includes when the site is built (``mkdocs build``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-START, END = "<!-- pipeline-matrix:start -->", "<!-- pipeline-matrix:end -->"
 
 
 def run_matrix(out: Path) -> int:
@@ -86,7 +85,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, nargs="+",
                         help="outcome JSON files to render together (default: run the matrix)")
-    parser.add_argument("--readme", action="store_true", help="replace the table between the markers in README.md")
     args = parser.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
     sources = args.results
@@ -102,14 +100,6 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.NamedTemporaryFile("w", dir=RESULTS, delete=False, suffix=".md") as tmp:
         tmp.write(table)
     os.replace(tmp.name, RESULTS / "pipeline_matrix.md")
-    if args.readme:
-        readme = ROOT / "README.md"
-        text = readme.read_text()
-        if START not in text or END not in text:
-            print(f"pipeline_matrix: error: README.md has no {START} ... {END} markers", file=sys.stderr)
-            return 2
-        head, rest = text.split(START, 1)
-        readme.write_text(head + START + "\n" + table + END + rest.split(END, 1)[1])
     print(table)
     return 0 if not any(r["status"] == "fail" for r in records) else 1
 

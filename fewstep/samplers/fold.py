@@ -88,15 +88,15 @@ class FoldedPlan:
 
     Attributes:
         registers: The register layout.
-        rows: [n, 4, K, *S] coefficients of the outputs :data:`OUTPUTS` over the K registers.
-        bias: [n, 4, *S] additive terms of the outputs :data:`OUTPUTS`, or None (no step has one).
-        pre: [n, K] row of the untransformed x0 (only with a transform; reads x and out).
-        needed: [n][4] which outputs step i must write (``x0`` is always listed; callers
+        rows: ``[n, 4, K, *S]`` coefficients of the outputs :data:`OUTPUTS` over the K registers.
+        bias: ``[n, 4, *S]`` additive terms of the outputs :data:`OUTPUTS`, or None (no step has one).
+        pre: ``[n, K]`` row of the untransformed x0 (only with a transform; reads x and out).
+        needed: ``[n][4]`` which outputs step i must write (``x0`` is always listed; callers
             that do not want it skip it).
-        active: [n][4][K] which coefficients are non-zero (one host read of the whole table).
-        pre_active: [n][K] the same for ``pre``.
-        x0_is_d0: [n] whether ``x0`` and ``d0`` have identical rows (then x0 is a copy).
-        bias_active: [n][4] which outputs of step i have a non-zero bias (None without bias).
+        active: ``[n][4][K]`` which coefficients are non-zero (one host read of the whole table).
+        pre_active: ``[n][K]`` the same for ``pre``.
+        x0_is_d0: ``[n]`` whether ``x0`` and ``d0`` have identical rows (then x0 is a copy).
+        bias_active: ``[n][4]`` which outputs of step i have a non-zero bias (None without bias).
     """
 
     registers: Registers
