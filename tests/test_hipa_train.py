@@ -176,6 +176,20 @@ def test_config_errors_are_one_line_naming_the_key(capsys):
         assert err.count("\n") == 1, err
     assert main(["--config", str(ROOT / "configs/distill/hipa_sd15.yaml"), "hipa.feature_weight=0.1"]) == 2
     assert "only model=digits ships one" in capsys.readouterr().err
+    from fewstep.cli import main as cli_main
+
+    assert cli_main(["distill", "estimate", "--config", digits]) == 2  # the estimate models AGD only
+    assert "method=hipa is not estimated" in capsys.readouterr().err
+
+
+def test_mixed_precision_trains_float32_lora_on_a_bf16_base(tmp_path):
+    cfg = _digits(tmp_path, "bf16", "mixed_precision=bf16", "max_steps=2", "checkpointing_steps=2",
+                  "validation_steps=0", "num_shards=1")
+    assert cfg.base_dtype() == torch.bfloat16
+    lora = load_file(train(cfg) / "pytorch_lora_weights.safetensors")
+    assert lora and all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in lora.values())
+    saved = load_file(tmp_path / "bf16" / "checkpoints" / "checkpoint-2" / "model.safetensors")
+    assert all(v.dtype == torch.float32 for v in saved.values())
 
 
 def test_student_model_check_names_the_problem():

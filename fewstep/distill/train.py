@@ -1,8 +1,13 @@
-"""Train guidance adapters (AGD) with accelerate: ``accelerate launch -m fewstep.distill.train --config FILE``.
+"""Train guidance adapters (AGD) or HiPA one-step LoRA with accelerate:
+``accelerate launch -m fewstep.distill.train --config FILE``.
 
 Jensen & Sadat. Efficient Distillation of Classifier-Free Guidance using Adapters. TMLR 2025.
 
-One trainer for the method and its baselines:
+``method: hipa`` trains HiPA's one-step LoRA instead (Zhang & Hooi, arXiv 2311.18158;
+:mod:`fewstep.distill.hipa_train` supplies its teacher triples, student, loss and export); the
+run itself (config, lock, checkpoints, resume, mixed precision, validation) is the one below.
+
+One trainer for AGD and its baselines:
 
 - ``mode=adapters`` (AGD): the base is frozen, only the guidance adapters train;
   ``mode=full``: the whole network trains too, with ``w`` entering through the same
@@ -579,7 +584,7 @@ def train(cfg: DistillConfig, *, step_callback: Callable[[int], None] | None = N
         step_callback: Called with the step number after every optimizer step (all ranks).
 
     Returns:
-        The adapter folder ``<output_dir>/adapters``.
+        The export folder: ``<output_dir>/adapters`` (AGD) or ``<output_dir>/lora`` (HiPA).
 
     Raises:
         ValueError: On bad settings or data, a checkpoint of another run, a folder in use
