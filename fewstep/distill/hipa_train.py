@@ -19,6 +19,7 @@ mixed precision, progress bar, validation samples); this module supplies what di
 from __future__ import annotations
 
 import math
+import shutil
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,7 +238,14 @@ class HiPATraining:
 
         denoiser = self.teacher.denoiser
         sdxl = getattr(denoiser.config, "addition_embed_type", None) == "text_time"
-        save_hipa_lora(denoiser, self.export_folder(out), StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline)
+        final = self.export_folder(out)
+        partial = final.with_name(f".{final.name}.partial")  # written whole, then renamed into place
+        if partial.exists():
+            shutil.rmtree(partial)
+        save_hipa_lora(denoiser, partial, StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline)
+        if final.exists():
+            shutil.rmtree(final)
+        partial.rename(final)
         if self.adapters is not None:
             save_adapters(self.adapters, out / "adapters")
 
