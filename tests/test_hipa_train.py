@@ -80,7 +80,7 @@ class _Killed(Exception):
 
 def test_kill_and_resume_reaches_the_same_lora(tmp_path):
     extra = ["max_steps=4", "checkpointing_steps=2", "gradient_accumulation_steps=2", "validation_steps=0"]
-    straight = train(_digits(tmp_path, "straight", *extra))
+    straight = train(_digits(tmp_path, "straight", *extra[:-1], "validation_steps=4"))
     assert straight == tmp_path / "straight" / "lora"
 
     def crash(step):
@@ -102,6 +102,23 @@ def test_kill_and_resume_reaches_the_same_lora(tmp_path):
     assert all(a[k].abs().sum() > 0 for k in a)  # B moved off zero: it trained
     summary = json.loads((tmp_path / "resumed" / "train_summary.json").read_text())
     assert summary["lora_parameters"] > 0 and summary["adapter_parameters"] == 0
+
+    # The digits UNet2DModel has no diffusers LoRA loader: load_hipa_lora reads the export; one step from the
+    # validation noise gives the trainer's validation samples (same layers, kernels and batch: bitwise).
+    from fewstep.distill.hipa import one_step_sample
+    from fewstep.distill.hipa_train import load_hipa_lora
+    from fewstep.zoo.digits import load_digits_pipeline
+
+    pipe = load_digits_pipeline()
+    load_hipa_lora(pipe.unet, straight)
+    noise = torch.randn(10, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sample = one_step_sample(pipe.unet, OneStepScheduler.from_config(pipe.scheduler.config), noise,
+                                 class_labels=torch.arange(10))
+    validation = load_file(tmp_path / "straight" / "validation" / "step-000004.safetensors")
+    assert validation.keys() == {"w1.5"} and torch.equal(sample, validation["w1.5"])
+    with pytest.raises(ValueError, match="already has an adapter"):
+        load_hipa_lora(pipe.unet, straight)
 
 
 def _prompt_embeds(pipe, texts):

@@ -28,13 +28,13 @@ from typing import TYPE_CHECKING, Any, List, Mapping, Optional
 import torch
 from torch import nn
 
-from .hipa import HiPAConfig, OneStepScheduler, add_hipa_lora, hipa_loss, save_hipa_lora
+from .hipa import ATTENTION_TARGETS, RESNET_TARGETS, HiPAConfig, OneStepScheduler, add_hipa_lora, hipa_loss, save_hipa_lora
 
 if TYPE_CHECKING:  # train.py imports this module
     from .train import DistillConfig
     from .trajectories import Teacher
 
-__all__ = ["HiPASettings", "HiPATraining", "HiPAStudent", "check_student_model", "LORA_FOLDER"]
+__all__ = ["HiPASettings", "HiPATraining", "HiPAStudent", "check_student_model", "load_hipa_lora", "LORA_FOLDER"]
 
 LORA_FOLDER = "lora"
 # The export writes diffusers' UNet LoRA format (save_lora_weights(unet_lora_layers=...)).
@@ -223,8 +223,12 @@ class HiPATraining:
         noise = torch.randn(len(index), *self.teacher.sample_shape, generator=g).to(param.device)
         cond = self.teacher.condition(index.to(param.device))
         scales = self.cfg.validation_guidance if self.adapters is not None else [self.settings.guidance]
-        return {f"w{w:g}": runner(noise, cond, torch.full((len(index),), float(w), device=param.device))
-                for w in scales}
+        runner.eval()  # as a user samples (on digits train mode changes the last bits)
+        try:
+            return {f"w{w:g}": runner(noise, cond, torch.full((len(index),), float(w), device=param.device))
+                    for w in scales}
+        finally:
+            runner.train()
 
     @staticmethod
     def export_folder(out: Path) -> Path:
@@ -260,3 +264,46 @@ def done_message(folder: Path) -> str:
     """The CLI's last line after a HiPA run."""
     return (f"wrote the HiPA LoRA to {folder}/ (pipe.load_lora_weights({str(folder)!r}); sample with "
             "fewstep.distill.hipa.OneStepScheduler and num_inference_steps=1)")
+
+
+def load_hipa_lora(model: nn.Module, directory: str | Path) -> nn.Module:
+    """Attaches an exported HiPA LoRA to a network without diffusers' LoRA loader (the digits ``UNet2DModel``).
+
+    Pipelines with a loader use ``pipe.load_lora_weights(directory)`` instead; this reads the same file.
+
+    Args:
+        model: The base network the LoRA was trained on (it must not carry a HiPA adapter yet).
+        directory: The export folder (``<output_dir>/lora``).
+
+    Returns:
+        ``model``, with the adapter on (sample it with :func:`~fewstep.distill.hipa.one_step_sample`).
+
+    Raises:
+        ValueError: If the file is not a HiPA export (other target modules, no LoRA config metadata).
+    """
+    import json
+
+    from peft.utils import set_peft_model_state_dict
+    from safetensors import safe_open
+
+    path = Path(directory) / "pytorch_lora_weights.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    targets = set(meta.get("unet.target_modules") or ())
+    attention, resnets = set(ATTENTION_TARGETS), set(RESNET_TARGETS)
+    if targets not in (attention, attention | resnets) or "unet.r" not in meta:
+        raise ValueError(f"{path} is not a HiPA export (target modules {sorted(targets)}; expected "
+                         f"{sorted(attention)}, optionally with {sorted(resnets)})")
+    config = HiPAConfig(rank=int(meta["unet.r"]), alpha=meta.get("unet.lora_alpha"), include_resnets=bool(targets & resnets))
+    add_hipa_lora(model, config)
+    # diffusers' names back to peft's: unet.<module>.lora.down/up.weight -> <module>.lora_A/B.weight
+    peft_state = {k.removeprefix("unet.").replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B."): v
+                  for k, v in state.items()}
+    result = set_peft_model_state_dict(model, peft_state, adapter_name="hipa")
+    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+    if missing or getattr(result, "unexpected_keys", []):
+        raise ValueError(f"{path} does not fit this model (missing {missing[:3]}, unexpected "
+                         f"{list(getattr(result, 'unexpected_keys', []))[:3]})")
+    model.requires_grad_(False)
+    return model
