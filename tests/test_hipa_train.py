@@ -34,7 +34,8 @@ def _digits(tmp_path, name, *extra):
 def _recipe(recipe, tmp_path, name, *extra):
     """A shipped recipe scaled down and pointed at its tiny pipeline (built into tmp_path once)."""
     if not (tmp_path / "pipe" / "model_index.json").is_file():
-        {"hipa_sd15": tiny.build_tiny_sd_pipeline, "hipa_sdxl": tiny.build_tiny_sdxl_pipeline}[recipe](tmp_path / "pipe")
+        build = {"hipa_sd15": tiny.build_tiny_sd_pipeline, "hipa_sdxl": tiny.build_tiny_sdxl_pipeline}[recipe]
+        build(tmp_path / "pipe")
         (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     return load_config(DistillConfig, ROOT / f"configs/distill/{recipe}.yaml",
                        overrides=[*TINY, "mixed_precision=no", "gradient_checkpointing=false",
@@ -100,6 +101,10 @@ def test_kill_and_resume_reaches_the_same_lora(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any("lora_B" in k or "lora.up" in k for k in a)
     assert all(a[k].abs().sum() > 0 for k in a)  # B moved off zero: it trained
+    assert json.loads((tmp_path / "resumed" / "checkpoints" / "checkpoint-4" / "fewstep_state.json").read_text())[
+        "run"]["hipa"]["rank"] == 4  # the HiPA settings are part of the run's identity (AGD's identity has none)
+    agd = load_config(DistillConfig, ROOT / "configs/distill/digits.yaml")
+    assert "hipa" not in agd.run_identity(1) and "method" not in agd.run_identity(1)
     summary = json.loads((tmp_path / "resumed" / "train_summary.json").read_text())
     assert summary["lora_parameters"] > 0 and summary["adapter_parameters"] == 0
 

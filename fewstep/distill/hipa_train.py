@@ -28,7 +28,9 @@ from typing import TYPE_CHECKING, Any, List, Mapping, Optional
 import torch
 from torch import nn
 
-from .hipa import ATTENTION_TARGETS, RESNET_TARGETS, HiPAConfig, OneStepScheduler, add_hipa_lora, hipa_loss, save_hipa_lora
+from .hipa import (
+    ATTENTION_TARGETS, RESNET_TARGETS, HiPAConfig, OneStepScheduler, add_hipa_lora, hipa_loss, save_hipa_lora,
+)
 
 if TYPE_CHECKING:  # train.py imports this module
     from .train import DistillConfig
@@ -295,7 +297,8 @@ def load_hipa_lora(model: nn.Module, directory: str | Path) -> nn.Module:
     if targets not in (attention, attention | resnets) or "unet.r" not in meta:
         raise ValueError(f"{path} is not a HiPA export (target modules {sorted(targets)}; expected "
                          f"{sorted(attention)}, optionally with {sorted(resnets)})")
-    config = HiPAConfig(rank=int(meta["unet.r"]), alpha=meta.get("unet.lora_alpha"), include_resnets=bool(targets & resnets))
+    config = HiPAConfig(rank=int(meta["unet.r"]), alpha=meta.get("unet.lora_alpha"),
+                        include_resnets=bool(targets & resnets))
     add_hipa_lora(model, config)
     # diffusers' names back to peft's: unet.<module>.lora.down/up.weight -> <module>.lora_A/B.weight
     peft_state = {k.removeprefix("unet.").replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B."): v

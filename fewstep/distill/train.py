@@ -188,8 +188,8 @@ class DistillConfig:
     def __post_init__(self) -> None:
         if self.mixed_precision == "False":  # YAML reads a bare `no` as false; OmegaConf makes it "False"
             self.mixed_precision = "no"
-        choices = {"method": _METHODS, "mode": _MODES, "data": _DATA, "mixed_precision": _PRECISIONS, "report_to": _REPORT,
-                   "torch_dtype": _DTYPES, "trajectory_dtype": _DTYPES[1:]}
+        choices = {"method": _METHODS, "mode": _MODES, "data": _DATA, "mixed_precision": _PRECISIONS,
+                   "report_to": _REPORT, "torch_dtype": _DTYPES, "trajectory_dtype": _DTYPES[1:]}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
@@ -254,6 +254,8 @@ class DistillConfig:
     def run_identity(self, num_processes: int) -> dict[str, Any]:
         """The settings that determine a run's results, recorded in its checkpoints."""
         values = {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_IDENTITY}
+        if self.method == "agd":  # as before HiPA joined: AGD checkpoints of earlier versions still resume
+            del values["method"], values["hipa"]
         return {**values, "num_processes": int(num_processes)}
 
 

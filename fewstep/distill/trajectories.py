@@ -322,7 +322,7 @@ class TrajectorySpec:
         return self.shard_size * (self.num_inference_steps if self.record == "states" else 1)
 
     def identity(self) -> dict[str, Any]:
-        """The spec as the manifest records it (``record`` only when not the default: older AGD collections stay valid)."""
+        """The spec as the manifest records it (``record`` only when not the default: AGD collections stay valid)."""
         values = asdict(self)
         if values["record"] == "states":
             del values["record"]
