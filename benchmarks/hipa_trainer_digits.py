@@ -71,7 +71,9 @@ def main() -> None:
            "train_summary": summary, "rows": rows}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "hipa_trainer_digits.json").write_text(json.dumps(out, indent=1) + "\n")
-    lines = ["| method | digits-FD to real | accuracy | FD to teacher |", "|---|---|---|---|"]
+    lines = ["`fewstep distill train --config configs/distill/hipa_digits.yaml output_dir=RUN` (the recipe as "
+             "shipped), then `python benchmarks/hipa_trainer_digits.py RUN`.", "",
+             "| method | digits-FD to real | accuracy | FD to teacher |", "|---|---|---|---|"]
     for name, per_seed in rows.items():
         cells = []
         for key in ("fd_real", "accuracy", "fd_teacher"):
