@@ -299,10 +299,13 @@ def estimate(cfg: Any) -> MemoryEstimate:
     """The disk and per-process memory an AGD run of ``cfg`` (a :class:`~fewstep.distill.train.DistillConfig`) needs.
 
     Raises:
-        ValueError: If the model is neither ``digits``, a local pipeline folder, nor a known hub id.
+        ValueError: If the model is neither ``digits``, a local pipeline folder, nor a known hub id, or the
+            run is not AGD's (``method=hipa``).
     """
     from .adapters import GuidanceAdapters
 
+    if getattr(cfg, "method", "agd") != "agd":  # HiPA's LoRA, one-row teacher data and one-step loss are not modelled
+        raise ValueError(f"the estimate models AGD runs; method={cfg.method} is not estimated")
     base_dtype = cfg.base_dtype()
     base_bytes = base_dtype.itemsize
     if cfg.model == "digits":

@@ -1,8 +1,13 @@
-"""Train guidance adapters (AGD) with accelerate: ``accelerate launch -m fewstep.distill.train --config FILE``.
+"""Train guidance adapters (AGD) or HiPA one-step LoRA with accelerate:
+``accelerate launch -m fewstep.distill.train --config FILE``.
 
 Jensen & Sadat. Efficient Distillation of Classifier-Free Guidance using Adapters. TMLR 2025.
 
-One trainer for the method and its baselines:
+``method: hipa`` trains HiPA's one-step LoRA instead (Zhang & Hooi, arXiv 2311.18158;
+:mod:`fewstep.distill.hipa_train` supplies its teacher triples, student, loss and export); the
+run itself (config, lock, checkpoints, resume, mixed precision, validation) is the one below.
+
+One trainer for AGD and its baselines:
 
 - ``mode=adapters`` (AGD): the base is frozen, only the guidance adapters train;
   ``mode=full``: the whole network trains too, with ``w`` entering through the same
@@ -52,6 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapters import AdapterConfig, GuidanceAdapters
+from .hipa_train import HiPASettings
 from .saving import save_adapters
 from .trajectories import (
     LabelTeacher, PromptTeacher, Teacher, TrajectoryShards, TrajectorySpec, build_scheduler, collect_trajectories,
@@ -60,6 +66,7 @@ from .trajectories import (
 
 __all__ = ["DistillConfig", "NonFiniteTrainingError", "build_teacher", "train", "latest_checkpoint", "main"]
 
+_METHODS = ("agd", "hipa")
 _MODES = ("adapters", "full")
 _DATA = ("trajectories", "noised")
 _PRECISIONS = ("no", "bf16", "fp16")
@@ -85,6 +92,10 @@ class DistillConfig:
             with the training prompts, they need not be among them) or class labels (class
             models, default ``0``-``9``) to sample at validation.
         output_dir: Where checkpoints, logs, validation samples and the adapters go.
+        method: ``agd`` (guidance adapters) or ``hipa`` (one-step LoRA, settings in ``hipa``; it uses
+            the ``trajectories`` settings for its teacher samples, ``hipa.guidance`` instead of
+            ``w_min``/``w_max``, and the adapter settings only with ``hipa.guidance_range``).
+        hipa: :class:`~fewstep.distill.hipa_train.HiPASettings` (the ``hipa:`` section).
         mode: ``adapters`` (AGD) or ``full`` (fine-tune the whole network as well).
         data: ``trajectories`` (CFG sampling states) or ``noised`` (forward-noised data).
         width_ratio, head_dim, mlp_ratio, fourier_features, fourier_scale, conditions, placement:
@@ -132,6 +143,8 @@ class DistillConfig:
     negative_prompt: str = ""
     validation_prompts: List[str] = field(default_factory=list)
     output_dir: str = "runs/agd"
+    method: str = "agd"
+    hipa: HiPASettings = field(default_factory=HiPASettings)
     mode: str = "adapters"
     data: str = "trajectories"
     width_ratio: float = 0.25
@@ -175,8 +188,8 @@ class DistillConfig:
     def __post_init__(self) -> None:
         if self.mixed_precision == "False":  # YAML reads a bare `no` as false; OmegaConf makes it "False"
             self.mixed_precision = "no"
-        choices = {"mode": _MODES, "data": _DATA, "mixed_precision": _PRECISIONS, "report_to": _REPORT,
-                   "torch_dtype": _DTYPES, "trajectory_dtype": _DTYPES[1:]}
+        choices = {"method": _METHODS, "mode": _MODES, "data": _DATA, "mixed_precision": _PRECISIONS,
+                   "report_to": _REPORT, "torch_dtype": _DTYPES, "trajectory_dtype": _DTYPES[1:]}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
@@ -208,6 +221,8 @@ class DistillConfig:
         if self.model == "digits" and (self.prompts or self.prompts_file):
             raise ValueError("prompts/prompts_file are for text pipelines; model=digits is class-conditional "
                              "(its conditions are the labels 0-9; validation_prompts picks labels to sample)")
+        if self.method == "hipa":
+            self.hipa.check_run(self)
         self.adapter_config()  # validates the adapter settings
 
     def adapter_config(self) -> AdapterConfig:
@@ -219,6 +234,11 @@ class DistillConfig:
 
     def trajectory_spec(self) -> TrajectorySpec:
         """The :class:`TrajectorySpec` of these settings."""
+        if self.method == "hipa":  # (noise, condition, final sample) triples at HiPA's guidance
+            w_min, w_max = self.hipa.w_range()
+            return TrajectorySpec(num_shards=self.num_shards, shard_size=self.shard_size,
+                                  num_inference_steps=self.trajectory_steps, w_min=w_min, w_max=w_max,
+                                  seed=self.data_seed, dtype=self.trajectory_dtype, record="final")
         return TrajectorySpec(num_shards=self.num_shards, shard_size=self.shard_size,
                               num_inference_steps=self.trajectory_steps, w_min=float(self.w_min),
                               w_max=float(self.w_max), seed=self.data_seed, dtype=self.trajectory_dtype)
@@ -234,6 +254,8 @@ class DistillConfig:
     def run_identity(self, num_processes: int) -> dict[str, Any]:
         """The settings that determine a run's results, recorded in its checkpoints."""
         values = {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_IDENTITY}
+        if self.method == "agd":  # as before HiPA joined: AGD checkpoints of earlier versions still resume
+            del values["method"], values["hipa"]
         return {**values, "num_processes": int(num_processes)}
 
 
@@ -484,16 +506,15 @@ def _validation_conditions(cfg: DistillConfig, teacher: Teacher) -> torch.Tensor
     return torch.tensor(index)
 
 
-def _validate(cfg, teacher, adapters, scheduler_config, accelerator, step) -> None:
+def _validate(cfg, teacher, method, runner, accelerator, step) -> None:
     from safetensors.torch import save_file
 
     from ..eval.report import validation_grid
     from .saving import _write_atomic
 
     index = _validation_conditions(cfg, teacher)
-    scheduler = build_scheduler(cfg.teacher_scheduler, scheduler_config)
-    samples = {f"w{w:g}": _sample(teacher, adapters, scheduler, index, w, cfg.validation_num_inference_steps,
-                                  seed=0).float().cpu().contiguous() for w in cfg.validation_guidance}
+    samples = {name: images.float().cpu().contiguous()
+               for name, images in method.validation_samples(runner, index).items()}
     folder = Path(cfg.output_dir) / "validation"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step-{step:06d}.safetensors"
@@ -565,7 +586,7 @@ def train(cfg: DistillConfig, *, step_callback: Callable[[int], None] | None = N
         step_callback: Called with the step number after every optimizer step (all ranks).
 
     Returns:
-        The adapter folder ``<output_dir>/adapters``.
+        The export folder: ``<output_dir>/adapters`` (AGD) or ``<output_dir>/lora`` (HiPA).
 
     Raises:
         ValueError: On bad settings or data, a checkpoint of another run, a folder in use
@@ -603,6 +624,7 @@ def _train(cfg: DistillConfig, accelerator: Any, tracker: str | None, out: Path,
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out)
+    if accelerator.is_main_process and cfg.method == "agd":  # the estimate models AGD's adapters
         from .estimate import estimate, format_estimate
 
         try:  # what `fewstep distill estimate` prints for this config
@@ -616,6 +638,10 @@ def _train(cfg: DistillConfig, accelerator: Any, tracker: str | None, out: Path,
     if cfg.validation_steps:
         _validation_conditions(cfg, teacher)  # bad labels fail now, not after collection and training
     build_scheduler(cfg.teacher_scheduler, scheduler_config)  # so does a scheduler of the wrong family
+    if cfg.method == "hipa":
+        from .hipa_train import check_student_model
+
+        check_student_model(teacher.denoiser, scheduler_config)  # before the teacher samples are made
 
     # Data first, while the base is still free of adapters (the teacher is the plain base).
     collection_started = time.perf_counter()
@@ -633,19 +659,17 @@ def _train(cfg: DistillConfig, accelerator: Any, tracker: str | None, out: Path,
     collection_seconds = time.perf_counter() - collection_started
 
     _prepare_base(teacher.denoiser, cfg)
-    adapters = GuidanceAdapters(teacher.denoiser, cfg.adapter_config())
-    if cfg.mode == "full":
-        module: nn.Module = _FullFineTune(adapters)
-        groups = adapters.parameter_groups(cfg.weight_decay) + [
-            {"params": list(adapters.base.parameters()), "weight_decay": cfg.weight_decay,
-             "lr": cfg.base_learning_rate or cfg.learning_rate}]
+    if cfg.method == "hipa":
+        from .hipa_train import HiPATraining
+
+        method: Any = HiPATraining(cfg, teacher, scheduler_config)
     else:
-        module, groups = adapters, adapters.parameter_groups(cfg.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate)
+        method = _AGDTraining(cfg, teacher, scheduler_config)
+    optimizer = torch.optim.AdamW(method.groups, lr=cfg.learning_rate)
     # accelerate steps a prepared scheduler once per process per optimizer step.
     lr_scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps * accelerator.num_processes,
                                                    cfg.max_steps * accelerator.num_processes)
-    runner, optimizer, lr_scheduler = accelerator.prepare(module, optimizer, lr_scheduler)
+    runner, optimizer, lr_scheduler = accelerator.prepare(method.module, optimizer, lr_scheduler)
     step = 0
     if cfg.resume_from_checkpoint:
         if resume is None:
@@ -656,13 +680,12 @@ def _train(cfg: DistillConfig, accelerator: Any, tracker: str | None, out: Path,
             accelerator.load_state(str(resume))
             accelerator.print(f"fewstep distill train: resumed from {resume} at step {step}")
     if tracker:
-        accelerator.init_trackers("agd", config={k: str(v) for k, v in dataclasses.asdict(cfg).items()})
+        accelerator.init_trackers(cfg.method, config={k: str(v) for k, v in dataclasses.asdict(cfg).items()})
 
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="AGD training",
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=f"{method.title} training",
                disable=not (cfg.progress and accelerator.is_local_main_process))
     runner.train()
     device, started, accumulated = accelerator.device, time.perf_counter(), []  # started: training only
-    dtype = next(teacher.denoiser.parameters()).dtype
     trainable = [p for p in runner.parameters() if p.requires_grad]
     while step < cfg.max_steps:
         loss_bad = torch.zeros((), dtype=torch.bool, device=device)
@@ -670,12 +693,8 @@ def _train(cfg: DistillConfig, accelerator: Any, tracker: str | None, out: Path,
             k = step * cfg.gradient_accumulation_steps + micro
             batch = batches(k, accelerator.process_index, accelerator.num_processes, cfg.batch_size)
             batch = {name: value.to(device) for name, value in batch.items()}
-            batch["x"] = batch["x"].to(dtype)  # the base's dtype (stored half-precision states are upcast)
             with accelerator.accumulate(runner):
-                with accelerator.autocast():
-                    out_ = teacher(batch["x"], batch["t"], teacher.condition(batch["cond"]), module=runner,
-                                   guidance_scale=batch["w"])
-                loss = F.mse_loss(out_.float(), batch["target"].float())
+                loss = method.loss(runner, batch, accelerator)
                 loss_bad |= ~torch.isfinite(loss.detach())
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
@@ -695,26 +714,74 @@ def _train(cfg: DistillConfig, accelerator: Any, tracker: str | None, out: Path,
         if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0:
             _checkpoint(accelerator, out, step, identity)
         if cfg.validation_steps and step % cfg.validation_steps == 0 and accelerator.is_main_process:
-            _validate(cfg, teacher, accelerator.unwrap_model(runner), scheduler_config, accelerator, step)
+            _validate(cfg, teacher, method, accelerator.unwrap_model(runner), accelerator, step)
         if step_callback is not None:
             step_callback(step)
     bar.close()
 
     accelerator.wait_for_everyone()
-    folder = out / "adapters"
+    folder = method.export_folder(out)
     if accelerator.is_main_process:
         if cfg.validation_steps and cfg.max_steps % cfg.validation_steps:
-            _validate(cfg, teacher, accelerator.unwrap_model(runner), scheduler_config, accelerator, step)
-        save_adapters(adapters, folder)
-        if cfg.mode == "full":
-            adapters.base.save_pretrained(out / "model")
+            _validate(cfg, teacher, method, accelerator.unwrap_model(runner), accelerator, step)
+        method.export(out)
         summary = {"steps": step, "training_seconds_this_session": time.perf_counter() - started,
-                   "data_seconds_this_session": collection_seconds,
-                   "adapter_parameters": adapters.num_parameters(),
-                   "base_parameters": adapters.base_num_parameters(), "processes": accelerator.num_processes}
+                   "data_seconds_this_session": collection_seconds, **method.parameter_counts(),
+                   "processes": accelerator.num_processes}
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     accelerator.end_training()
     return folder
+
+
+class _AGDTraining:
+    """AGD's part of a run: the guidance adapters (and, ``mode=full``, the base) regress the CFG output."""
+
+    title = "AGD"
+
+    def __init__(self, cfg: DistillConfig, teacher: Teacher, scheduler_config: Any) -> None:
+        self.cfg, self.teacher, self.scheduler_config = cfg, teacher, scheduler_config
+        self.adapters = adapters = GuidanceAdapters(teacher.denoiser, cfg.adapter_config())
+        if cfg.mode == "full":
+            self.module: nn.Module = _FullFineTune(adapters)
+            self.groups = adapters.parameter_groups(cfg.weight_decay) + [
+                {"params": list(adapters.base.parameters()), "weight_decay": cfg.weight_decay,
+                 "lr": cfg.base_learning_rate or cfg.learning_rate}]
+        else:
+            self.module, self.groups = adapters, adapters.parameter_groups(cfg.weight_decay)
+        self.dtype = next(teacher.denoiser.parameters()).dtype
+
+    def loss(self, runner: nn.Module, batch: dict[str, torch.Tensor], accelerator: Any) -> torch.Tensor:
+        """MSE between the one-forward output at ``(x, t, c, w)`` and the stored CFG output."""
+        x = batch["x"].to(self.dtype)  # the base's dtype (stored half-precision states are upcast)
+        with accelerator.autocast():
+            out = self.teacher(x, batch["t"], self.teacher.condition(batch["cond"]), module=runner,
+                               guidance_scale=batch["w"])
+        return F.mse_loss(out.float(), batch["target"].float())
+
+    def validation_samples(self, runner: nn.Module, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Samples of the validation conditions with the teacher's scheduler, one forward per step."""
+        cfg = self.cfg
+        scheduler = build_scheduler(cfg.teacher_scheduler, self.scheduler_config)
+        return {f"w{w:g}": _sample(self.teacher, runner, scheduler, index, w, cfg.validation_num_inference_steps,
+                                   seed=0) for w in cfg.validation_guidance}
+
+    @staticmethod
+    def export_folder(out: Path) -> Path:
+        return out / "adapters"
+
+    def export(self, out: Path) -> None:
+        """The adapters to ``<out>/adapters``; ``mode=full``: the network to ``<out>/model`` too."""
+        save_adapters(self.adapters, self.export_folder(out))
+        if self.cfg.mode == "full":
+            self.adapters.base.save_pretrained(out / "model")
+
+    def parameter_counts(self) -> dict[str, int]:
+        return {"adapter_parameters": self.adapters.num_parameters(),
+                "base_parameters": self.adapters.base_num_parameters()}
+
+    @staticmethod
+    def done_message(folder: Path) -> str:
+        return f"wrote adapters to {folder}/ (load with fewstep.distill.load_adapters(pipe, {str(folder)!r}))"
 
 
 def _checkpoint(accelerator: Any, out: Path, step: int, identity: dict[str, Any]) -> None:
@@ -743,13 +810,16 @@ def add_distill_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``fewstep distill train`` (also ``python -m fewstep.distill.train``)."""
     from fewstep.config import add_config_arguments
 
-    group = sub.add_parser("distill", help="guidance distillation: train AGD adapters (distill train | estimate)",
-                           description="Adapter guidance distillation (AGD).")
+    group = sub.add_parser("distill", help="distillation: train AGD guidance adapters or HiPA one-step LoRA "
+                                           "(distill train | estimate)",
+                           description="Adapter guidance distillation (AGD) and HiPA one-step adapters.")
     inner = group.add_subparsers(dest="distill_command", required=True, metavar="SUBCOMMAND")
     p = inner.add_parser(
         "train", argument_default=argparse.SUPPRESS,
-        help="train guidance adapters on CFG teacher trajectories (resumable; accelerate launch / torchrun)",
-        description="Train guidance adapters (AGD) on CFG teacher trajectories. "
+        help="train AGD guidance adapters or (method=hipa) HiPA one-step LoRA on CFG teacher data "
+             "(resumable; accelerate launch / torchrun)",
+        description="Train guidance adapters (AGD) on CFG teacher trajectories, or with method=hipa a one-step "
+                    "LoRA (HiPA) on CFG teacher samples. "
                     "Settings: see configs/distill/*.yaml; key=value items override the file.")
     add_config_arguments(p, DistillConfig)
     p.set_defaults(func=_cmd_train)
@@ -764,9 +834,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from fewstep.config import resolve_config
 
     args.resume_hint = "rerun with resume_from_checkpoint=latest to continue from the last checkpoint"
-    folder = train(resolve_config(DistillConfig, args))
+    cfg = resolve_config(DistillConfig, args)
+    folder = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:  # one line, from the main process
-        print(f"wrote adapters to {folder}/ (load with fewstep.distill.load_adapters(pipe, {str(folder)!r}))")
+        if cfg.method == "hipa":
+            from .hipa_train import done_message
+        else:
+            done_message = _AGDTraining.done_message
+        print(done_message(folder))
     return 0
 
 

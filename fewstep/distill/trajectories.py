@@ -18,6 +18,11 @@ process ``p`` of ``P`` writes the shards ``i % P == p``, every shard is written
 atomically, and a rerun skips the shards already on disk. Conditions are stored as
 indices; the :class:`Teacher` turns them into model inputs when training.
 
+``TrajectorySpec.record="final"`` stores one row per trajectory instead (HiPA's teacher
+triples, :mod:`fewstep.distill.hipa_train`): ``x`` the unit initial noise (before
+``init_noise_sigma``; the teacher starts from exactly the stored, rounded noise), ``t`` the
+first timestep, ``cond``, ``w`` and ``target`` the teacher's final sample.
+
 Storage: ``x`` and ``target`` in ``TrajectorySpec.dtype`` (float16 by default: half the
 disk and I/O of float32; the MSE target loses ~1e-3 relative precision, far below the
 loss values training reaches). Every shard records the collection's identity (a hash of
@@ -52,6 +57,7 @@ MANIFEST_NAME = "trajectories.json"
 FORMAT = "fewstep-cfg-trajectories"
 FORMAT_VERSION = 2  # 2: storage dtype in the spec, collection identity and index in every shard
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+RECORDS = ("states", "final")
 _TRANSFORMERS = ("SD3Transformer2DModel", "DiTTransformer2DModel")
 
 
@@ -285,6 +291,8 @@ class TrajectorySpec:
         w_min, w_max: Range of the per-trajectory guidance scale (uniform, finite).
         seed: Shard ``i`` uses seed ``seed + i`` (keep training seeds apart from evaluation seeds).
         dtype: Storage dtype of ``x`` and ``target``: ``float16`` (default), ``bfloat16`` or ``float32``.
+        record: ``states`` (every step's model input and CFG output, AGD) or ``final`` (one row per
+            trajectory: unit initial noise and the final sample, HiPA).
     """
 
     num_shards: int
@@ -294,6 +302,7 @@ class TrajectorySpec:
     w_max: float = 5.0
     seed: int = 100_000
     dtype: str = "float16"
+    record: str = "states"
 
     def __post_init__(self) -> None:
         for name in ("num_shards", "shard_size", "num_inference_steps"):
@@ -304,11 +313,20 @@ class TrajectorySpec:
             raise ValueError(f"need 1 <= w_min <= w_max < inf, got w_min={self.w_min}, w_max={self.w_max}")
         if self.dtype not in STORAGE_DTYPES:
             raise ValueError(f"trajectory dtype must be one of {list(STORAGE_DTYPES)}, got {self.dtype!r}")
+        if self.record not in RECORDS:
+            raise ValueError(f"TrajectorySpec.record must be one of {list(RECORDS)}, got {self.record!r}")
 
     @property
     def rows_per_shard(self) -> int:
-        """States in one shard: every step of every trajectory."""
-        return self.shard_size * self.num_inference_steps
+        """Rows in one shard: every step of every trajectory (``states``) or one per trajectory (``final``)."""
+        return self.shard_size * (self.num_inference_steps if self.record == "states" else 1)
+
+    def identity(self) -> dict[str, Any]:
+        """The spec as the manifest records it (``record`` only when not the default: AGD collections stay valid)."""
+        values = asdict(self)
+        if values["record"] == "states":
+            del values["record"]
+        return values
 
 
 def initial_noise(scheduler: Any, noise: torch.Tensor) -> torch.Tensor:
@@ -373,12 +391,15 @@ def _collect_shard(teacher: Teacher, scheduler: Any, spec: TrajectorySpec, index
     n = spec.shard_size
     cond = torch.randint(teacher.num_conditions, (n,), generator=g)
     w = spec.w_min + (spec.w_max - spec.w_min) * torch.rand(n, generator=g)
-    x = torch.randn(n, *teacher.sample_shape, generator=g).to(device)
+    x = torch.randn(n, *teacher.sample_shape, generator=g)
+    store = STORAGE_DTYPES[spec.dtype]
+    if spec.record == "final":
+        return _collect_final(teacher, scheduler, spec, index, x.to(store), cond, w, device)
+    x = x.to(device)
     dtype = next(teacher.denoiser.parameters()).dtype
     scheduler.set_timesteps(spec.num_inference_steps, device=device)
     x = initial_noise(scheduler, x).to(dtype)
     cond_d, w_d = cond.to(device), w.to(device)
-    store = STORAGE_DTYPES[spec.dtype]
     records: dict[str, list[torch.Tensor]] = {"x": [], "t": [], "cond": [], "w": [], "target": []}
     for step, t in enumerate(scheduler.timesteps):
         inputs = model_input(scheduler, x, t)
@@ -399,6 +420,26 @@ def _collect_shard(teacher: Teacher, scheduler: Any, spec: TrajectorySpec, index
     out = {k: torch.cat(v).contiguous() for k, v in records.items()}
     out["t"], out["w"], out["cond"] = out["t"].float(), out["w"].float(), out["cond"].long()
     return out
+
+
+def _collect_final(teacher: Teacher, scheduler: Any, spec: TrajectorySpec, index: int, noise: torch.Tensor,
+                   cond: torch.Tensor, w: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+    """One row per trajectory: the stored (rounded) unit noise the teacher started from and its final sample."""
+    dtype = next(teacher.denoiser.parameters()).dtype
+    scheduler.set_timesteps(spec.num_inference_steps, device=device)
+    x = initial_noise(scheduler, noise.to(device).float()).to(dtype)
+    cond_d, w_d, n = cond.to(device), w.to(device), len(cond)
+    for t in scheduler.timesteps:
+        x = scheduler.step(teacher.guided(model_input(scheduler, x, t), t.to(device).expand(n), cond_d, w_d),
+                           t, x).prev_sample
+    final = x.to(STORAGE_DTYPES[spec.dtype])
+    if not torch.isfinite(final).all():
+        cause = "is not finite" if not torch.isfinite(x).all() else f"overflows {spec.dtype} storage"
+        raise ValueError(f"trajectory shard {index}: the teacher's final sample {cause} (guidance scales "
+                         f"{float(w.min()):g}..{float(w.max()):g}); nothing of this shard was written")
+    first = scheduler.timesteps[0].detach().float().cpu().expand(n)
+    return {"x": noise.contiguous(), "t": first.contiguous(), "cond": cond.long(), "w": w.float(),
+            "target": final.cpu().contiguous()}
 
 
 def collect_trajectories(
@@ -438,7 +479,7 @@ def collect_trajectories(
         raise ValueError(f"process_index must be in [0, {num_processes}), got {process_index}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    manifest = {"format": FORMAT, "version": FORMAT_VERSION, "spec": asdict(spec),
+    manifest = {"format": FORMAT, "version": FORMAT_VERSION, "spec": spec.identity(),
                 "teacher": teacher.describe(), "scheduler": _scheduler_identity(scheduler)}
     _write_manifest(folder, manifest)
     identity = {"format": FORMAT, "collection": collection_id(manifest)}
