@@ -1,6 +1,6 @@
 """AGD on the digits model: 1 forward per step with adapters vs 2 with real CFG, and the ablations.
 
-Trains (with ``python -m fewstep.distill.train --config configs/distill/digits.yaml``, same
+Trains (with ``python -m fewstep distill train --config configs/distill/digits.yaml``, same
 budget for every run):
 
 - ``agd``: adapters on CFG teacher trajectories (the method);
@@ -68,7 +68,7 @@ def _train(name: str, overrides: list[str], max_steps: int, runs: Path) -> dict:
     out = runs / name
     if (out / "adapters" / "adapter_config.json").is_file() and (out / "timing.json").is_file():
         return json.loads((out / "timing.json").read_text())
-    command = [sys.executable, "-m", "fewstep.distill.train", "--config", str(ROOT / "configs/distill/digits.yaml"),
+    command = [sys.executable, "-m", "fewstep", "distill", "train", "--config", str(ROOT / "configs/distill/digits.yaml"),
                f"output_dir={out}", f"max_steps={max_steps}", "resume_from_checkpoint=latest", "report_to=none",
                "progress=false", f"trajectory_dir={runs / 'trajectories'}", *(o.format(runs=runs) for o in overrides)]
     load = os.getloadavg()

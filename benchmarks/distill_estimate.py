@@ -17,7 +17,7 @@ from pathlib import Path
 
 from fewstep.config import load_config
 from fewstep.distill.estimate import GIB, estimate
-from fewstep.distill.train import DistillConfig
+from fewstep.distill.settings import DistillConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"

@@ -26,7 +26,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 _CHILD = """
 import resource, sys
 from fewstep.config import load_config
-from fewstep.distill.train import DistillConfig, train
+from fewstep.distill.settings import DistillConfig
+from fewstep.distill.train import train
 train(load_config(DistillConfig, sys.argv[1], overrides=sys.argv[2:]))
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
@@ -38,7 +39,7 @@ def write_collection(folder: Path, overrides: list[str]) -> int:
     from safetensors.torch import save_file
 
     from fewstep.config import load_config
-    from fewstep.distill.train import DistillConfig
+    from fewstep.distill.settings import DistillConfig
     from fewstep.distill.trajectories import (
         FORMAT, FORMAT_VERSION, LabelTeacher, _scheduler_identity, build_scheduler, collection_id,
     )

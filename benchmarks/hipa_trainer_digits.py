@@ -23,7 +23,7 @@ import torch
 from fewstep.config import load_config
 from fewstep.distill.hipa import OneStepScheduler, one_step_sample
 from fewstep.distill.hipa_train import load_hipa_lora
-from fewstep.distill.train import DistillConfig
+from fewstep.distill.settings import DistillConfig
 from fewstep.distill.trajectories import build_scheduler
 from fewstep.zoo.digits import DigitsPipeline, digits_fd, load_digits_classifier, load_digits_pipeline, reference_images
 

@@ -89,7 +89,7 @@ _COMMANDS = {
     "ems": ("fewstep.tuning.ems.command", "add_ems_parser", "DPM-Solver-v3 empirical model statistics"),
     "eval": ("fewstep.eval.eval_cli", "add_eval_parser",
              "FID/FD and MSE benchmarks of solvers, reference statistics, FD of two files"),
-    "distill": ("fewstep.distill.train", "add_distill_parser",
+    "distill": ("fewstep.distill.command", "add_distill_parser",
                 "guidance distillation: train AGD adapters (distill train | estimate)"),
 }
 

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from fewstep.config import load_config
 from fewstep.distill import GuidanceAdapters
 from fewstep.distill.estimate import count_saved_activations, estimate
-from fewstep.distill.train import DistillConfig, _prepare_base
+from fewstep.distill.settings import DistillConfig
+from fewstep.distill.train import _prepare_base
 
 ROOT = Path(__file__).resolve().parent.parent
 

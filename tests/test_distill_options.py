@@ -15,10 +15,15 @@ from fewstep.distill import (
 from fewstep.distill.trajectories import (
     LabelTeacher, PromptTeacher, TrajectorySpec, build_scheduler, collect_trajectories, load_trajectories,
 )
-from fewstep.distill.train import DistillConfig, main
+from fewstep.distill.settings import DistillConfig
+from fewstep.cli import main as fewstep_main
 from fewstep.zoo import tiny
 from fewstep.zoo.digits import NULL_LABEL, load_digits_pipeline
 from test_distill_adapters import _randomise  # trained-looking adapters
+
+
+def main(argv):  # ``fewstep distill train ARGV``
+    return fewstep_main(["distill", "train", *argv])
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -12,7 +12,8 @@ import torch
 
 from fewstep.config import load_config
 from fewstep.distill import disable_guidance_adapters, enable_guidance_adapters
-from fewstep.distill.train import DistillConfig, latest_checkpoint, train
+from fewstep.distill.settings import DistillConfig
+from fewstep.distill.train import latest_checkpoint, train
 from fewstep.zoo import tiny
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,7 +115,7 @@ def test_recipe_trains_validates_resumes_and_exports(recipe, tmp_path):
 
 def _torchrun(command_args, port):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-               "-m", "fewstep.distill.train", *command_args]
+               "-m", "fewstep", "distill", "train", *command_args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(command, env=env, timeout=900, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -11,15 +11,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fewstep.distill.train import (
-    DistillConfig, NonFiniteTrainingError, _check_finite, latest_checkpoint, main, train,
-)
+from fewstep.cli import main as fewstep_main
+from fewstep.distill.settings import DistillConfig
+from fewstep.distill.train import NonFiniteTrainingError, _check_finite, latest_checkpoint, train
 from fewstep.distill.trajectories import (
     LabelTeacher, TrajectoryShards, TrajectorySpec, build_scheduler, collect_trajectories, load_trajectories,
 )
 from fewstep.zoo.digits import NULL_LABEL, load_digits_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def main(argv):  # ``fewstep distill train ARGV``
+    return fewstep_main(["distill", "train", *argv])
+
 DIGITS = str(ROOT / "configs/distill/digits.yaml")
 TINY = ["num_shards=2", "shard_size=4", "trajectory_steps=3", "batch_size=8", "width_ratio=0.25", "head_dim=16",
         "report_to=none", "progress=false", "warmup_steps=2", "learning_rate=1e-2", "logging_steps=1",
@@ -183,7 +188,8 @@ def test_resume_refuses_another_runs_checkpoint_and_never_unpickles(tmp_path, mo
 _KILL_AT_5 = """
 import os, signal, sys
 from fewstep.config import load_config
-from fewstep.distill.train import DistillConfig, train
+from fewstep.distill.settings import DistillConfig
+from fewstep.distill.train import train
 cfg = load_config(DistillConfig, sys.argv[1], overrides=sys.argv[2:])
 train(cfg, step_callback=lambda step: os.kill(os.getpid(), signal.SIGKILL) if step == 5 else None)
 """

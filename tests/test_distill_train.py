@@ -10,11 +10,17 @@ import torch
 from safetensors.torch import load_file
 
 from fewstep.distill import disable_guidance_adapters, enable_guidance_adapters
-from fewstep.distill.train import DistillConfig, latest_checkpoint, main, train
+from fewstep.distill.settings import DistillConfig
+from fewstep.distill.train import latest_checkpoint, train
+from fewstep.cli import main as fewstep_main
 from fewstep.distill.trajectories import (
     LabelTeacher, TrajectorySpec, build_scheduler, collect_trajectories, load_trajectories,
 )
 from fewstep.zoo.digits import NULL_LABEL, load_digits_pipeline
+
+
+def main(argv):  # ``fewstep distill train ARGV``
+    return fewstep_main(["distill", "train", *argv])
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["num_shards=2", "shard_size=4", "trajectory_steps=3", "batch_size=8", "width_ratio=0.25", "head_dim=16",
@@ -181,7 +187,7 @@ def test_real_model_recipes_parse(name):
 def test_two_process_torchrun_trains(tmp_path):
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-               "-m", "fewstep.distill.train", "--config", str(ROOT / "configs/distill/digits.yaml"), *TINY,
+               "-m", "fewstep", "distill", "train", "--config", str(ROOT / "configs/distill/digits.yaml"), *TINY,
                "num_shards=3", "max_steps=3", "checkpointing_steps=3", "validation_steps=0", "cpu=true",
                "batch_size=4",
                f"output_dir={out}"]

@@ -15,9 +15,15 @@ pytest.importorskip("peft")
 
 from fewstep.config import load_config  # noqa: E402
 from fewstep.distill.hipa import OneStepScheduler  # noqa: E402
-from fewstep.distill.train import DistillConfig, latest_checkpoint, main, train  # noqa: E402
+from fewstep.distill.settings import DistillConfig
+from fewstep.distill.train import latest_checkpoint, train
+from fewstep.cli import main as fewstep_main  # noqa: E402
 from fewstep.distill.trajectories import TrajectorySpec, load_trajectories  # noqa: E402
 from fewstep.zoo import tiny  # noqa: E402
+
+
+def main(argv):  # ``fewstep distill train ARGV``
+    return fewstep_main(["distill", "train", *argv])
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["num_shards=2", "shard_size=4", "trajectory_steps=3", "batch_size=4", "report_to=none", "progress=false",
@@ -259,7 +265,7 @@ def test_sdxl_recipe_trains_and_exports_a_loadable_lora(tmp_path):
 def test_two_process_torchrun_trains(tmp_path):
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541",
-               "-m", "fewstep.distill.train", "--config", str(ROOT / "configs/distill/hipa_digits.yaml"), *TINY,
+               "-m", "fewstep", "distill", "train", "--config", str(ROOT / "configs/distill/hipa_digits.yaml"), *TINY,
                "batch_size=2", "max_steps=3", "checkpointing_steps=3", "validation_steps=3", f"output_dir={out}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(command, env=env, timeout=600, capture_output=True, text=True)

@@ -268,7 +268,7 @@ def test_distill_settings_any_input_validates_or_fails_clearly(kwargs):
     """``fewstep distill train`` settings through the config layer: a config whose numbers are usable, or one
     ValueError naming the setting (the trainer checks the rest before any work)."""
     from fewstep.config import load_config
-    from fewstep.distill.train import DistillConfig
+    from fewstep.distill.settings import DistillConfig
 
     flags = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items()}
     try:

@@ -23,7 +23,6 @@ linear in ``batch_size``; everything else is counted exactly for the architectur
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from contextlib import contextmanager
@@ -296,7 +295,7 @@ def activations_per_sample(den: nn.Module, cfg: Any, pipeline: dict[str, Any] | 
 
 # -------------------------------------------------------------------------------------- main
 def estimate(cfg: Any) -> MemoryEstimate:
-    """The disk and per-process memory an AGD run of ``cfg`` (a :class:`~fewstep.distill.train.DistillConfig`) needs.
+    """The disk and per-process memory an AGD run of ``cfg`` (a :class:`~fewstep.distill.settings.DistillConfig`) needs.
 
     Raises:
         ValueError: If the model is neither ``digits``, a local pipeline folder, nor a known hub id, or the
@@ -383,31 +382,3 @@ def format_estimate(est: MemoryEstimate) -> str:
     lines.append(f"  while encoding prompts (denoiser + text encoders): {_gb(est.gpu_encoding)}")
     lines += [f"note: {n}" for n in est.notes]
     return "\n".join(lines)
-
-
-def add_estimate_parser(inner: argparse._SubParsersAction) -> None:
-    """Register ``fewstep distill estimate``."""
-    from fewstep.config import add_config_arguments
-
-    from .train import DistillConfig
-
-    p = inner.add_parser("estimate", argument_default=argparse.SUPPRESS,
-                         help="print the disk, host RAM and GPU memory a distill train config needs (no work)",
-                         description="Estimate the trajectory disk space and the per-process host RAM and GPU memory "
-                                     "of a distill train config, without loading weights.")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    add_config_arguments(p, DistillConfig)
-    p.set_defaults(func=_cmd_estimate)
-
-
-def _cmd_estimate(args: argparse.Namespace) -> int:
-    from fewstep.config import resolve_config
-
-    from .train import DistillConfig
-
-    as_json = getattr(args, "json", False)
-    if hasattr(args, "json"):
-        del args.json
-    est = estimate(resolve_config(DistillConfig, args))
-    print(json.dumps(est.to_dict(), indent=2) if as_json else format_estimate(est))
-    return 0

@@ -18,12 +18,10 @@ mixed precision, progress bar, validation samples); this module supplies what di
 
 from __future__ import annotations
 
-import math
 import shutil
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, List, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 from torch import nn
@@ -33,61 +31,14 @@ from .hipa import (
 )
 
 if TYPE_CHECKING:  # train.py imports this module
-    from .train import DistillConfig
+    from .settings import DistillConfig
     from .trajectories import Teacher
 
-__all__ = ["HiPASettings", "HiPATraining", "HiPAStudent", "check_student_model", "load_hipa_lora", "LORA_FOLDER"]
+__all__ = ["HiPATraining", "HiPAStudent", "check_student_model", "load_hipa_lora", "LORA_FOLDER"]
 
 LORA_FOLDER = "lora"
 # The export writes diffusers' UNet LoRA format (save_lora_weights(unet_lora_layers=...)).
 _UNETS = ("UNet2DModel", "UNet2DConditionModel")
-
-
-@dataclass
-class HiPASettings(HiPAConfig):
-    """The ``hipa:`` section of a distillation config (``method: hipa``): a :class:`~fewstep.distill.hipa.HiPAConfig`
-    (LoRA rank/alpha/placement and the loss) plus the teacher's guidance.
-
-    ``feature_weight`` > 0 uses the digits classifier's features (``model: digits`` only);
-    ``clip_sample`` clamps the student's and the teacher's samples before the loss.
-
-    Attributes:
-        guidance: CFG scale of the teacher (the student runs one forward without CFG).
-        guidance_range: ``[lo, hi]``: the teacher's scale is drawn from U[lo, hi] per sample and
-            the student also gets AGD's guidance adapters (the config's adapter settings), so one
-            LoRA covers the range; None: the fixed ``guidance``.
-    """
-
-    guidance: float = 1.5
-    guidance_range: Optional[List[float]] = None
-
-    def __post_init__(self) -> None:
-        try:
-            super().__post_init__()
-        except ValueError as err:  # HiPAConfig names the field; the config key is hipa.<field>
-            raise ValueError(f"hipa.{err}") from None
-        if not 1.0 <= self.guidance < math.inf:
-            raise ValueError(f"hipa.guidance (the teacher's CFG scale) must be finite and >= 1, got {self.guidance}")
-        if self.guidance_range is not None:
-            values = list(self.guidance_range)
-            if len(values) != 2 or not 1.0 <= values[0] <= values[1] < math.inf:
-                raise ValueError(f"hipa.guidance_range must be [lo, hi] with 1 <= lo <= hi < inf, got {values}")
-
-    def w_range(self) -> tuple[float, float]:
-        """The teacher's guidance range (``(guidance, guidance)`` without ``guidance_range``)."""
-        lo, hi = self.guidance_range or (self.guidance, self.guidance)
-        return float(lo), float(hi)
-
-    def check_run(self, cfg: "DistillConfig") -> None:
-        """Refuses the settings of a ``method: hipa`` run that HiPA does not use."""
-        if cfg.mode != "adapters":
-            raise ValueError(f"method=hipa trains LoRA adapters on the frozen base: mode must be 'adapters', "
-                             f"got {cfg.mode!r}")
-        if cfg.data != "trajectories":
-            raise ValueError(f"method=hipa trains on teacher samples: data must be 'trajectories', got {cfg.data!r}")
-        if self.feature_weight and cfg.model != "digits":
-            raise ValueError("hipa.feature_weight > 0 needs a feature network; only model=digits ships one "
-                             "(its classifier): set hipa.feature_weight=0")
 
 
 def check_student_model(denoiser: nn.Module, scheduler_config: Mapping[str, Any]) -> None:
