@@ -131,3 +131,20 @@ def test_eval_ref_and_eval_fid_share_one_cache_dir(tmp_path, capsys):
     _reference_stats(FIDConfig(ref=str(source), cache_dir=str(cache), progress=False), None, logs.append)  # eval fid's
     assert logs == [f"reference statistics: cached {stats[0]}"]
     assert sorted(cache.rglob("*.npz")) == stats and stats[0].stat().st_mtime_ns == written
+
+
+def test_digits_training_runs_as_a_module_with_the_shared_threads_flag(monkeypatch, capsys):
+    """`python -m fewstep.zoo.digits_train` (its __main__ guard) with --threads from config.add_threads_argument."""
+    import runpy
+    import sys
+    import warnings
+
+    monkeypatch.setattr(sys, "argv", ["digits_train", "evaluate", "--help"])
+    with warnings.catch_warnings(), pytest.raises(SystemExit) as done:
+        warnings.simplefilter("ignore", RuntimeWarning)  # runpy: the module may be imported already
+        runpy.run_module("fewstep.zoo.digits_train", run_name="__main__")
+    assert done.value.code == 0 and "--threads N" in capsys.readouterr().out
+    from fewstep.zoo.digits_train import main
+
+    with pytest.raises(ValueError, match="threads=0 is out of range; allowed: >= 1"):
+        main(["export-data", "--threads", "0", "--out", "unused.npz"])
