@@ -23,8 +23,7 @@ Usage pattern (``fewstep compare`` in ``fewstep/eval/compare.py`` is the full ex
         out: str = "runs/calibrate"
 
         def __post_init__(self):
-            if min(self.nfe) < 1:
-                raise ValueError(f"nfe must be >= 1, got {self.nfe}")
+            self.nfe = check_nfe_list(self.nfe)        # the shared validators: fewstep/infra/validation.py
 
     def add_calibrate_parser(sub):
         p = sub.add_parser("calibrate", help="...", argument_default=argparse.SUPPRESS)
@@ -55,7 +54,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence, TypeVar
 
 __all__ = [
-    "torch_threads",
+    "torch_threads", "check_runtime_settings", "add_threads_argument", "add_cache_dir_argument",
     "add_config_arguments", "add_runtime_arguments", "resolve_config", "load_config", "save_config", "split_overrides",
     "resolve_device", "parse_spec", "CONFIG_NAME", "refuse_multiple_processes", "override_example",
 ]
@@ -156,6 +155,8 @@ def add_runtime_arguments(parser: argparse.ArgumentParser, *, model: str | None 
     """The flags every job command shares, in one "model and run" group: ``--model`` (when
     ``model`` is its help text), ``--device``, ``--threads`` and ``--no-progress``.
 
+    Their values are checked by :func:`check_runtime_settings` (in the schema's ``__post_init__``).
+
     Args:
         parser: The command's subparser (``dest`` names are the schema keys model, device,
             threads, progress).
@@ -168,10 +169,39 @@ def add_runtime_arguments(parser: argparse.ArgumentParser, *, model: str | None 
         group.add_argument("--model", metavar="NAME|DIR", help=model)
     group.add_argument("--device", help="cpu (default), cuda" + (" (each process its LOCAL_RANK GPU)" if distributed
                                                                 else "") + ", cuda:N or mps")
-    group.add_argument("--threads", type=int, metavar="N", help="torch CPU threads" + (" per process" if distributed
-                                                                                     else "")
-                       + f" (default: {default_threads})")
+    add_threads_argument(group, f"torch CPU threads{' per process' if distributed else ''} (default: {default_threads})")
     group.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
+
+
+def add_cache_dir_argument(parser: argparse.ArgumentParser, keeps: str) -> None:
+    """``--cache-dir DIR`` (dest ``cache_dir``): fewstep's cache folder, the same folder for every command.
+
+    Args:
+        parser: The command's subparser.
+        keeps: What this command keeps there, e.g. ``"reference samples in DIR/references"``.
+    """
+    parser.add_argument("--cache-dir", dest="cache_dir", metavar="DIR",
+                        help=f"fewstep's cache folder, the same for every command; this one keeps {keeps} "
+                             "(default: $FEWSTEP_CACHE or ~/.cache/fewstep)")
+
+
+def add_threads_argument(parser: "argparse.ArgumentParser | argparse._ArgumentGroup",
+                         help: str = "torch CPU threads") -> None:
+    """``--threads N`` (dest ``threads``), the one declaration of the flag (also for scripts without a schema)."""
+    parser.add_argument("--threads", type=int, metavar="N", help=help)
+
+
+def check_runtime_settings(cfg: Any) -> None:
+    """Check the settings of :func:`add_runtime_arguments`' flags on a command's config, in ``__post_init__``.
+
+    Raises:
+        TypeError, ValueError: ``threads`` is not a whole number >= 1, or ``device`` is not a usable
+            device (see :func:`resolve_device`); a CUDA request on a CPU-only build fails here, before any work.
+    """
+    from fewstep.infra.validation import check_threads  # torch and numpy: not at CLI start-up
+
+    cfg.threads = check_threads(cfg.threads)
+    resolve_device(cfg.device)
 
 
 def split_overrides(argv: Sequence[str], schema: type) -> tuple[list[str], list[str]]:

@@ -41,3 +41,11 @@ def module_reference_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("FEWSTEP_CACHE", str(tmp_path_factory.mktemp("cache")))
         yield
+
+
+@pytest.fixture(scope="module")
+def gmm():
+    """The GMM testbed (exact reference, nothing to load), one per test module."""
+    from fewstep.eval.testbeds import GMMTestbed
+
+    return GMMTestbed()

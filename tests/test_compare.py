@@ -58,14 +58,14 @@ def test_method_specs():
 def test_config_errors():
     with pytest.raises(ValueError, match="reference_nfe"):
         CompareConfig(nfe=[5, 50], reference_nfe=20)
-    with pytest.raises(ValueError, match="nfe values must be whole numbers >= 1"):
+    with pytest.raises(ValueError, match="nfe=0 is out of range; allowed: 1 to 100000"):
         CompareConfig(nfe=[0])
     for bad in (math.nan, math.inf, -1.0):  # fuzz 20: NaN ran unguided, Inf cached a NaN reference
-        with pytest.raises(ValueError, match="guidance must be a finite number >= 0"):
+        with pytest.raises(ValueError, match=r"guidance=.* is not allowed; it must be a finite number in \[0, 10000\]"):
             CompareConfig(guidance=bad)
     with pytest.raises(ValueError, match="is not a device name"):  # fuzz 21: any string was accepted
         CompareConfig(device="not-a-device")
-    with pytest.raises(ValueError, match="threads must be >= 1"):
+    with pytest.raises(ValueError, match="threads=0 is out of range; allowed: >= 1"):
         CompareConfig(threads=0)
     with pytest.raises(ValueError, match="not one of digits, gmm, gmm-flow or a pipeline folder"):
         make_testbed("/no/such/pipeline")
@@ -104,7 +104,7 @@ def test_cli_digits_folder_end_to_end(tmp_path, capsys):
     os.umask(umask)
     for name in written:  # fuzz 24: results.json was 0600 (mkstemp)
         assert stat.S_IMODE((out / name).stat().st_mode) == 0o666 & ~umask
-    assert len(list((tmp_path / "cache").glob("digits-*.safetensors"))) == 1
+    assert len(list((tmp_path / "cache" / "references").glob("digits-*.safetensors"))) == 1
 
 
 class CountingGMM(GMMTestbed):
@@ -184,9 +184,9 @@ def test_mismatched_or_corrupt_results_are_reported(tmp_path):
 def test_bad_cached_references_are_recomputed_never_reused(tmp_path, damage):
     # fuzz 23: a cache without 'samples' -> KeyError; a NaN cache was used; an unwritable cache lost the reference
     run_compare(CountingGMM(), _cfg(tmp_path, ["ddim"], out="clean"), log=_quiet)
-    good = next((tmp_path / "cache").glob("*.safetensors"))
-    cache = tmp_path / "bad"
-    cache.mkdir()
+    good = next((tmp_path / "cache" / "references").glob("*.safetensors"))
+    cache = tmp_path / "bad" / "references"  # cache="bad" below is fewstep's cache folder
+    cache.mkdir(parents=True)
     bad = cache / good.name
     tensors = load_file(good)
     from safetensors import safe_open
@@ -391,7 +391,7 @@ def test_pipeline_reference_cache_lives_in_cache_dir_and_tracks_weight_changes(t
             "--reference-nfe", "3", "--height", "32", "--width", "32", "--cache-dir", str(tmp_path / "cache"),
             "--no-plot", *QUIET]
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
-    assert len(list((tmp_path / "cache").glob("sd-*.safetensors"))) == 1
+    assert len(list((tmp_path / "cache" / "references").glob("sd-*.safetensors"))) == 1
     assert not list(tmp_path.glob("sd-*.safetensors"))  # not next to the pipeline folder
     # same-size edit of the weights: a new reference, not the stale one
     weights = next((tmp_path / "sd" / "unet").glob("*.safetensors"))
@@ -400,7 +400,7 @@ def test_pipeline_reference_cache_lives_in_cache_dir_and_tracks_weight_changes(t
     state[name] = state[name] + 1
     save_file(state, weights)
     assert main([*args, "--out", str(tmp_path / "b")]) == 0
-    assert len(list((tmp_path / "cache").glob("sd-*.safetensors"))) == 2
+    assert len(list((tmp_path / "cache" / "references").glob("sd-*.safetensors"))) == 2
 
 
 def test_a_run_killed_between_its_reference_copies_fills_the_cache_on_resume(tmp_path, monkeypatch):
@@ -411,8 +411,9 @@ def test_a_run_killed_between_its_reference_copies_fills_the_cache_on_resume(tmp
     argv = ["compare", "--model", "gmm", "--solvers", "ddim", "--nfe", "2", "--num-samples", "16",
             "--reference-nfe", "10", "--out", str(tmp_path / "run"), "--cache-dir", str(cache), *QUIET]
     assert main(argv) == 0
-    cached = _files(cache)
+    refs = cache / "references"  # --cache-dir is fewstep's cache folder; reference samples go to references/
+    cached = _files(refs)
     assert len(cached) == 1
-    (cache / cached[0]).unlink()
+    (refs / cached[0]).unlink()
     assert main(argv) == 0
-    assert _files(cache) == cached
+    assert _files(refs) == cached

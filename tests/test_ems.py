@@ -211,7 +211,7 @@ def test_lambda_grid_nests_and_checks_its_range():
 
 def test_compute_ems_rejects_bad_input():
     model = GMMModel(MIX, SCHED)
-    with pytest.raises(ValueError, match="n_data=1 must be a whole number >= 2"):
+    with pytest.raises(ValueError, match="n_data=1 is out of range; allowed: >= 2"):
         compute_ems(model, mixture_data(0), SCHED, n_grid=4, n_data=1)
     with pytest.raises(ValueError, match=r"data_sampler must return x0 \(a float tensor \[4, ...\]\)"):
         compute_ems(model, lambda i: torch.zeros(3, 3), SCHED, n_grid=4, n_data=4, progress=False)
@@ -294,7 +294,7 @@ def test_cli_writes_the_ems_and_reports_errors_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "g.safetensors.parts").exists()
     assert "wrote" in capsys.readouterr().out
     for argv, match in ((["--model", "gmm"], "out .* is required"), (["--model", "nope", "--out", "x"], "'nope' is not"),
-                        (["--model", "gmm", "--out", "x", "--data", "real", "n_grid=0"], "n_grid must be >= 1")):
+                        (["--model", "gmm", "--out", "x", "--data", "real", "n_grid=0"], "n_grid=0 is out of range; allowed: >= 1")):
         assert cli_main(["ems", "compute", *argv]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("fewstep ems compute: error:") and __import__("re").search(match, err[0])

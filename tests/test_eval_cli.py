@@ -114,8 +114,8 @@ def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
     out = ["--out", str(tmp_path / "run")]
     assert "unknown solver 'dpm'" in _error(capsys, ["eval", "fid", "--solver", "dpm", *out])
-    assert "nfe values must be whole numbers >= 1" in _error(capsys, ["eval", "mse", "nfe=[0]", *out])
-    assert "reference_nfe (6) must be at least" in _error(capsys, ["eval", "mse", "--nfe", "8", "--reference-nfe", "6"])
+    assert "nfe=0 is out of range; allowed: 1 to 100000" in _error(capsys, ["eval", "mse", "nfe=[0]", *out])
+    assert "reference_nfe=6 must be at least the largest nfe (8)" in _error(capsys, ["eval", "mse", "--nfe", "8", "--reference-nfe", "6"])
     line = _error(capsys, ["eval", "fid", "--extractor", "inception", *out])
     assert "weights-inception-2015-12-05-6726825d.pth" in line and str(tmp_path / "torch") in line
     assert "6726825d" in line and "never downloads" in line

@@ -498,9 +498,9 @@ def test_r11_raise_if_nonfinite_covers_flags_not_yet_readable(monkeypatch):
 
 
 def test_guidance_bounds_are_named():
-    assert math.isclose(fewstep.samplers.sampling.check_guidance(7.5), 7.5)
+    assert math.isclose(fewstep.infra.validation.check_guidance(7.5), 7.5)
     with pytest.raises(ValueError, match=r"\[-10000, 10000\]"):
-        fewstep.samplers.sampling.check_guidance(2e4)
+        fewstep.infra.validation.check_guidance(2e4)
 
 
 def test_a_failed_set_timesteps_changes_nothing():

@@ -14,7 +14,6 @@ import torch
 
 import fewstep
 from fewstep.cli import main
-from fewstep.eval.testbeds import GMMTestbed
 from fewstep.tuning.search import search_timesteps, search_usf
 from fewstep.tuning.search.fitness import Fitness
 from fewstep.tuning.search.predictor import FitnessPredictor
@@ -34,11 +33,6 @@ QUIET = dict(log=lambda msg: None)
 
 
 pytestmark = pytest.mark.usefixtures("module_reference_cache")  # conftest: one cache per module
-
-@pytest.fixture(scope="module")
-def gmm():
-    return GMMTestbed()
-
 
 def _log(run_dir):
     return [json.loads(line) for line in (Path(run_dir) / "search_log.jsonl").read_text().splitlines()]
@@ -202,7 +196,7 @@ def test_cli_end_to_end_and_one_line_errors(tmp_path, capsys):
     assert rc == 0 and fewstep.load_solver_schedule(tmp_path / "u.json").has_strategies
     capsys.readouterr()
     for argv, match in [
-        (["search", "usf", "--nfe", "0"], "nfe must be >= 1, got 0"),
+        (["search", "usf", "--nfe", "0"], "nfe=0 is out of range; allowed: 1 to 100000"),
         (["search", "usf", "--out", "x.txt"], "must name a .json or .yaml solver schedule file"),
         (["search", "timesteps", "--solver", "usf"], "search them with `fewstep search usf`"),
         (["search", "usf", "budget=many"], "budget"),

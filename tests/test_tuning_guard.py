@@ -6,7 +6,6 @@ import pytest
 
 import fewstep
 from fewstep.cli import main
-from fewstep.eval.testbeds import GMMTestbed
 from fewstep.tuning.search import search_timesteps, search_usf
 
 # Two search samples: any tuning overfits them.
@@ -16,11 +15,6 @@ S3_BAD = dict(BAD, budget=60, init_screen=0, init_size=8, init_spacings=["time_q
 
 
 pytestmark = pytest.mark.usefixtures("module_reference_cache")  # conftest: one cache per module
-
-@pytest.fixture(scope="module")
-def gmm():
-    return GMMTestbed()
-
 
 def _validation_mse(gmm, solver, options):
     x, cond = gmm.initial_noise(64, 100002)  # the validation seeds: right after the 2 search samples

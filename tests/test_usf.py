@@ -29,7 +29,7 @@ SD_CONFIG = {"_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule":
 
 
 @pytest.fixture(scope="module")
-def gmm():
+def gmm_model():
     mix = GaussianMixture.random(6, 5, seed=3, std_range=(0.2, 0.5))
     return GMMModel(mix, LINEAR)
 
@@ -124,11 +124,11 @@ def random_schedule(rng: random.Random, n: int, final_sigma: str = "zero") -> So
 
 
 @pytest.mark.parametrize("seed", range(8))
-def test_compiled_plan_matches_the_eager_usf_algorithm(gmm, x_T, seed):
+def test_compiled_plan_matches_the_eager_usf_algorithm(gmm_model, x_T, seed):
     rng = random.Random(seed)
     sched = random_schedule(rng, rng.randint(2, 7), rng.choice(["zero", "min"]))
-    ours = fewstep.sample(gmm, x_T, schedule=LINEAR, solver="usf", solver_schedule=sched)
-    ref = eager_usf(gmm, x_T, sched)
+    ours = fewstep.sample(gmm_model, x_T, schedule=LINEAR, solver="usf", solver_schedule=sched)
+    ref = eager_usf(gmm_model, x_T, sched)
     assert torch.isfinite(ref).all()
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
 
@@ -163,11 +163,11 @@ CASES = [
                          ids=["linspace", "logsnr", "karras-min"])
 @pytest.mark.parametrize("nfe", [5, 8])
 @pytest.mark.parametrize("solver,options", CASES, ids=[f"{s}-{o}" for s, o in CASES])
-def test_spelled_out_solvers_are_reproduced(gmm, x_T, solver, options, spacing, nfe):
+def test_spelled_out_solvers_are_reproduced(gmm_model, x_T, solver, options, spacing, nfe):
     plan = fewstep.make_plan(LINEAR, solver, nfe=nfe, spacing=spacing, **options)
     sched = SolverSchedule.from_grid(plan.grid, spell_out(solver, plan.grid, **options))
-    ours = fewstep.sample(gmm, x_T, schedule=LINEAR, solver="usf", solver_schedule=sched)
-    torch.testing.assert_close(ours, fewstep.sample(gmm, x_T, plan=plan), rtol=1e-12, atol=1e-12)
+    ours = fewstep.sample(gmm_model, x_T, schedule=LINEAR, solver="usf", solver_schedule=sched)
+    torch.testing.assert_close(ours, fewstep.sample(gmm_model, x_T, plan=plan), rtol=1e-12, atol=1e-12)
 
 
 def test_reference_third_order_dpmpp_cannot_be_spelled_out():
@@ -239,12 +239,12 @@ def test_empirical_order(study, strategy, expected):
     assert abs(fitted_order(nfes, errs) - expected) <= 0.3, fitted_order(nfes, errs)
 
 
-def test_analytic_first_step_skips_one_model_evaluation(gmm, x_T):
+def test_analytic_first_step_skips_one_model_evaluation(gmm_model, x_T):
     calls = []
 
     def model(x, t):
         calls.append(float(t[0]))
-        return gmm(x, t)
+        return gmm_model(x, t)
 
     grid = fewstep.make_plan(LINEAR, "unipc", nfe=6).grid  # integer timesteps: exact for the eager model call
     steps = spell_out("unipc", grid)
@@ -252,7 +252,7 @@ def test_analytic_first_step_skips_one_model_evaluation(gmm, x_T):
     assert (sched.nfe, sched.num_steps) == (5, 6)
     y = fewstep.sample(model, x_T, schedule=LINEAR, solver="usf", solver_schedule=sched)
     assert len(calls) == 5 and calls[0] == pytest.approx(sched.timesteps[1])
-    torch.testing.assert_close(y, eager_usf(gmm, x_T, sched), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(y, eager_usf(gmm_model, x_T, sched), rtol=1e-10, atol=1e-10)
     # With guidance (doubled batch, folded into the update) the first step skips the model too;
     # a model that ignores its conditioning makes guided and unguided runs coincide.
     calls.clear()
@@ -270,7 +270,7 @@ def test_analytic_first_step_skips_one_model_evaluation(gmm, x_T):
     s.set_timesteps(6)
     x = x_T.clone()
     for t in s.timesteps:
-        x = s.step(gmm(x, t.expand(x.shape[0]).double()), t, x).prev_sample
+        x = s.step(gmm_model(x, t.expand(x.shape[0]).double()), t, x).prev_sample
     torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
 
 
@@ -306,11 +306,11 @@ def test_save_pretrained_keeps_the_schedule_inline(tmp_path, x_T):
     assert FewstepScheduler.from_pretrained(tmp_path).solver.name == "usf"
 
 
-def test_tuned_timesteps_work_with_any_solver(tmp_path, gmm, x_T):
+def test_tuned_timesteps_work_with_any_solver(tmp_path, gmm_model, x_T):
     ts = [999.0, 640.5, 333.25, 120.0, 31.5]
     path = SolverSchedule(ts, meta=ArtifactMeta(solver="unipc", schedule=LINEAR.to_dict())).save(tmp_path / "t.json")
-    y = fewstep.sample(gmm, x_T, schedule=LINEAR, solver="unipc", solver_schedule=path)
-    assert torch.equal(y, fewstep.sample(gmm, x_T, schedule=LINEAR, solver="unipc", timesteps=ts))
+    y = fewstep.sample(gmm_model, x_T, schedule=LINEAR, solver="unipc", solver_schedule=path)
+    assert torch.equal(y, fewstep.sample(gmm_model, x_T, schedule=LINEAR, solver="unipc", timesteps=ts))
     s = FewstepScheduler.from_config({}, solver="unipc", solver_schedule=str(path))
     s.set_timesteps(5)
     assert s.timesteps.tolist() == ts
@@ -319,10 +319,10 @@ def test_tuned_timesteps_work_with_any_solver(tmp_path, gmm, x_T):
     again.set_timesteps(None)  # the schedule fixes the step count
     assert again.timesteps.tolist() == ts
     with pytest.raises(ArtifactError, match="belongs to solver 'unipc', not 'dpmpp'"):
-        fewstep.sample(gmm, x_T, schedule=LINEAR, solver="dpmpp", solver_schedule=path)
+        fewstep.sample(gmm_model, x_T, schedule=LINEAR, solver="dpmpp", solver_schedule=path)
     tuned = SolverSchedule(ts, meta=ArtifactMeta(solver="unipc", extra={"solver_options": {"order": 3}}))
     with pytest.warns(UserWarning, match=r"tuned for unipc with \{'order': 3\}, not \{'order': 2\}"):
-        fewstep.sample(gmm, x_T, schedule=LINEAR, solver="unipc", order=2, solver_schedule=tuned)
+        fewstep.sample(gmm_model, x_T, schedule=LINEAR, solver="unipc", order=2, solver_schedule=tuned)
 
 
 # ---------------------------------------------------------------- bad schedules and bad requests
@@ -356,21 +356,21 @@ def test_corrupt_schedules_are_rejected(tmp_path, mutate, match):
         fewstep.load_solver_schedule(path)
 
 
-def test_requests_that_do_not_fit_the_schedule_are_rejected(gmm, x_T):
+def test_requests_that_do_not_fit_the_schedule_are_rejected(gmm_model, x_T):
     sched = _usf_schedule()
     run = dict(schedule=LINEAR, solver="usf", solver_schedule=sched)
     with pytest.raises(ArtifactError, match="made for NFE 5, but nfe=6 was requested"):
-        fewstep.sample(gmm, x_T, nfe=6, **run)
+        fewstep.sample(gmm_model, x_T, nfe=6, **run)
     with pytest.raises(ValueError, match="fixes the timesteps; do not pass timesteps or sigmas"):
-        fewstep.sample(gmm, x_T, timesteps=[999.0, 500.0], **run)
+        fewstep.sample(gmm_model, x_T, timesteps=[999.0, 500.0], **run)
     with pytest.raises(ArtifactError, match="made for another noise schedule"):
-        fewstep.sample(gmm, x_T, **{**run, "schedule": "scaled_linear"})
+        fewstep.sample(gmm_model, x_T, **{**run, "schedule": "scaled_linear"})
     with pytest.raises(ValueError, match="only solver 'usf' runs; use solver='usf'"):
-        fewstep.sample(gmm, x_T, **{**run, "solver": "unipc"})
+        fewstep.sample(gmm_model, x_T, **{**run, "solver": "unipc"})
     with pytest.raises(ValueError, match="solver 'usf' needs solver_schedule="):
-        fewstep.sample(gmm, x_T, schedule=LINEAR, solver="usf")
+        fewstep.sample(gmm_model, x_T, schedule=LINEAR, solver="usf")
     with pytest.raises(ValueError, match="'usf' needs per-step strategies, but this solver schedule holds only"):
-        fewstep.sample(gmm, x_T, schedule=LINEAR, solver="usf", solver_schedule=SolverSchedule([999.0, 10.0]))
+        fewstep.sample(gmm_model, x_T, schedule=LINEAR, solver="usf", solver_schedule=SolverSchedule([999.0, 10.0]))
     with pytest.raises(ValueError, match="has 5 steps .*but num_inference_steps=8 was requested"):
         USFScheduler.from_config(SD_CONFIG, solver_schedule=SolverSchedule(sched.timesteps, steps=sched.steps)
                                  ).set_timesteps(8)

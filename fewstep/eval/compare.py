@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 from dataclasses import dataclass, field, replace
@@ -28,7 +27,7 @@ from typing import Any, Callable, Iterable, List, Optional
 
 import torch
 
-from ..config import (add_config_arguments, add_runtime_arguments, parse_spec, resolve_config, resolve_device,
+from ..config import (add_cache_dir_argument, add_config_arguments, add_runtime_arguments, check_runtime_settings, parse_spec, resolve_config,
                       save_config, torch_threads)
 from ..samplers import TimeShift, get_solver, list_solvers
 from ..samplers.artifacts import Artifact
@@ -42,6 +41,14 @@ from fewstep.infra.io import (
     read_json,
     save_tensors,
     write_json,
+)
+from fewstep.infra.validation import (
+    check_choice,
+    check_count,
+    check_guidance,
+    check_nfe_list,
+    check_reference_nfe,
+    check_seed,
 )
 from .reference import ReferenceStore, default_cache_dir, timed
 from .report import markdown_report, pivot_tables, plot_quality, sample_grid, tuned_notes
@@ -158,6 +165,19 @@ def _content_identity(value: Any) -> Any:
     return (value.kind, value.sha256()) if isinstance(value, Artifact) else value
 
 
+def check_sampling_settings(cfg: Any) -> None:
+    """Check (and normalise) the settings ``fewstep compare`` and ``fewstep eval fid|mse`` share: nfe (a list,
+    repeats run once), num_samples (>= 2: an FD needs two samples), seed, guidance, spacing, threads, device."""
+    cfg.nfe = check_nfe_list(cfg.nfe)
+    cfg.num_samples = check_count("num_samples", cfg.num_samples, 2, optional=True)
+    cfg.seed = check_seed(cfg.seed)
+    if cfg.guidance is not None:
+        cfg.guidance = check_guidance(cfg.guidance, minimum=0)
+    if cfg.spacing is not None:
+        check_choice("spacing", cfg.spacing, SPACINGS)
+    check_runtime_settings(cfg)
+
+
 @dataclass
 class CompareConfig:
     """Settings of ``fewstep compare``; also the schema of its YAML files (``configs/compare/``).
@@ -181,7 +201,8 @@ class CompareConfig:
         height: Pipeline image height; None: the pipeline's default.
         width: Pipeline image width; None: the pipeline's default.
         out: Run folder.
-        cache_dir: Reference cache; None: ``$FEWSTEP_CACHE/references`` or ``~/.cache/fewstep/references``.
+        cache_dir: fewstep's cache folder (references in ``<cache_dir>/references``); None: ``$FEWSTEP_CACHE``
+            or ``~/.cache/fewstep``.
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
         threads: Torch CPU threads.
         repeats: Timed runs per (solver, NFE); the time column is their median.
@@ -212,26 +233,15 @@ class CompareConfig:
     def __post_init__(self) -> None:
         if not str(self.model):
             raise ValueError("model must be digits, gmm, gmm-flow or a pipeline folder")
-        self.nfe = list(dict.fromkeys(self.nfe))  # --nfe 5 5 runs once
-        if not self.nfe or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.nfe):
-            raise ValueError(f"nfe values must be whole numbers >= 1, got {self.nfe}")
-        if self.num_samples is not None and self.num_samples < 2:
-            raise ValueError(f"num_samples must be >= 2 (FD needs two samples), got {self.num_samples}")
-        if self.guidance is not None and not (math.isfinite(self.guidance) and self.guidance >= 0):
-            raise ValueError(f"guidance must be a finite number >= 0, got {self.guidance}")
-        if self.spacing is not None and self.spacing not in SPACINGS:
-            raise ValueError(f"spacing {self.spacing!r} is not one of {', '.join(SPACINGS)}")
-        if self.reference_nfe is not None and self.reference_nfe < max(self.nfe):
-            raise ValueError(f"reference_nfe ({self.reference_nfe}) must be at least the largest nfe ({max(self.nfe)})")
-        for key in ("threads", "repeats"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        check_sampling_settings(self)
+        if self.reference_nfe is not None:
+            self.reference_nfe = check_reference_nfe(self.reference_nfe, self.nfe)
+        self.repeats = check_count("repeats", self.repeats)
         for key in ("height", "width"):
             if getattr(self, key) is not None and getattr(self, key) < 8:
                 raise ValueError(f"{key} must be >= 8 pixels, got {getattr(self, key)}")
         if self.prompts is not None and not self.prompts:
             raise ValueError("prompts must hold at least one prompt (or be null for the defaults)")
-        resolve_device(self.device)  # a CUDA request on a CPU-only build fails here, before any work
         specs = list_solvers(runnable=True) if self.solvers is None else list(self.solvers)
         if not specs:
             raise ValueError("no solvers to compare")
@@ -356,7 +366,7 @@ def run_compare(testbed: Testbed, cfg: CompareConfig, log: Callable[[str], None]
     for m in cfg.methods:
         testbed.check_solver(m.solver, m.option_dict, cfg.nfe, cfg.spacing)
     out = Path(cfg.out)
-    cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    cache = default_cache_dir(cfg.cache_dir)
     identity = cfg.identity(testbed)
     results_path = out / "results.json"
     with lock_directory(out, _LOCK_HOLDER):
@@ -507,8 +517,7 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--height", type=int, metavar="PX", help="pipeline image height (default: the pipeline's)")
     p.add_argument("--width", type=int, metavar="PX", help="pipeline image width (default: the pipeline's)")
     p.add_argument("--out", metavar="DIR", help="run folder (default: runs/compare)")
-    p.add_argument("--cache-dir", dest="cache_dir", metavar="DIR",
-                   help="reference cache (default: $FEWSTEP_CACHE/references or ~/.cache/fewstep/references)")
+    add_cache_dir_argument(p, "reference samples in DIR/references")
     p.add_argument("--repeats", type=int, metavar="N",
                    help="timed runs per solver and NFE; the time column is their median (default: 1)")
     p.add_argument("--no-plot", dest="plot", action="store_false", help="skip quality_vs_nfe.png")

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ..config import add_config_arguments, add_runtime_arguments, resolve_config, resolve_device, torch_threads
+from ..config import (add_cache_dir_argument, add_config_arguments, add_runtime_arguments, check_runtime_settings, resolve_config, resolve_device,
+                      torch_threads)
+from fewstep.infra.validation import check_count
 from fewstep.eval.metrics.features import is_code_spec, parse_extractor_spec
 from ..samplers.timesteps import SPACINGS
 from fewstep.eval.testbeds import check_model
@@ -42,7 +43,8 @@ class RefConfig:
         source: Built-in dataset (``digits``), image folder, or ``.npz`` of images / features.
         extractor: Feature extractor spec (see ``fewstep eval fid --help``).
         out: Statistics file to write (``.npz`` with mu, sigma, n, metadata).
-        cache_dir: Statistics cache; None: ``$FEWSTEP_CACHE/stats`` or ``~/.cache/fewstep/stats``.
+        cache_dir: fewstep's cache folder, statistics in ``<cache_dir>/stats`` (where ``eval fid`` finds them);
+            None: ``$FEWSTEP_CACHE`` or ``~/.cache/fewstep``.
         batch_size: Images per forward pass.
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
         threads: Torch CPU threads.
@@ -65,10 +67,8 @@ class RefConfig:
 
     def __post_init__(self) -> None:
         parse_extractor_spec(self.extractor)
-        for key in ("batch_size", "threads"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
-        resolve_device(self.device)
+        self.batch_size = check_count("batch_size", self.batch_size)
+        check_runtime_settings(self)
 
 
 def _common_flags(p: argparse.ArgumentParser) -> None:
@@ -86,10 +86,38 @@ def _common_flags(p: argparse.ArgumentParser) -> None:
                    help="samples per shard: the unit of resuming and of the split across processes "
                         "(default: 100 digits, 8 pipelines)")
     p.add_argument("--out", metavar="DIR", help="run folder")
-    p.add_argument("--cache-dir", dest="cache_dir", metavar="DIR",
-                   help="cache of references and statistics (default: $FEWSTEP_CACHE or ~/.cache/fewstep)")
+    add_cache_dir_argument(p, "reference statistics in DIR/stats (fid) and references in DIR/mse-references (mse)")
     p.add_argument("--no-plot", dest="plot", action="store_false", help="skip the metric-vs-NFE plot")
     add_runtime_arguments(p, distributed=True)
+
+
+def _fid_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--extractor", metavar="SPEC",
+                   help="digits (default), inception[:resize=clean,weights=FILE], dinov2:checkpoint=DIR, "
+                        "clip:checkpoint=DIR or package.module:callable")
+    p.add_argument("--ref", metavar="STATS|DATASET|DIR|NPZ",
+                   help="reference statistics .npz, a built-in dataset (digits, the default), an image folder or "
+                        "an .npz of images/features")
+
+
+def _mse_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--reference", metavar="SPEC",
+                   help=f"reference solver (default: {DEFAULT_MSE_REFERENCE}, DPM-Solver++(2M) as in DPM-Solver-v3's "
+                        "protocol; 'ddim' with --reference-nfe 999 is the other usual choice)")
+    p.add_argument("--reference-nfe", dest="reference_nfe", type=int, metavar="N",
+                   help=f"reference steps (default: {DEFAULT_MSE_REFERENCE_NFE})")
+
+
+def _add_run_parser(esub: argparse._SubParsersAction, name: str, schema: type, run: Callable[[Any], Any],
+                    own_flags: Callable[[argparse.ArgumentParser], None], help: str, description: str) -> None:
+    """``fewstep eval fid`` / ``eval mse``: the shared flags, the metric's own, the settings file and the body."""
+    p = esub.add_parser(name, help=help, description=description,
+                        epilog=_EPILOG.format(cmd=name, preset=f"{name}-digits"),
+                        formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS)
+    _common_flags(p)
+    own_flags(p)
+    add_config_arguments(p, schema)
+    p.set_defaults(func=_cmd_run(schema, run))
 
 
 def _cmd_run(schema: type, run: Callable[[Any], Any]) -> Callable[[argparse.Namespace], int]:
@@ -109,7 +137,7 @@ def _cmd_run(schema: type, run: Callable[[Any], Any]) -> Callable[[argparse.Name
 def cmd_ref(args: argparse.Namespace) -> int:
     """CLI body of ``fewstep eval ref``."""
     from fewstep.eval.metrics.features import build_extractor
-    from .reference import default_cache_dir
+    from fewstep.infra.io import cache_folder
     from fewstep.eval.metrics.refstats import reference_statistics
 
     cfg = resolve_config(RefConfig, args)
@@ -117,8 +145,8 @@ def cmd_ref(args: argparse.Namespace) -> int:
 
     with torch_threads(cfg.threads):
         extractor = build_extractor(name, options).to(resolve_device(cfg.device))
-        cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir().parent / "stats"
-        stats = reference_statistics(cfg.source, extractor, cache, cfg.batch_size, progress=cfg.progress)
+        stats = reference_statistics(cfg.source, extractor, cache_folder("stats", cfg.cache_dir), cfg.batch_size,
+                                     progress=cfg.progress)
         stats.save(cfg.out)
     print(f"wrote {cfg.out}: {stats.n} samples, {stats.mu.shape[0]}-d {stats.metadata.get('extractor', '')} "
           "features".replace("  ", " "))
@@ -141,34 +169,14 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     esub = p.add_subparsers(dest="eval_command", required=True, metavar="SUBCOMMAND")
     fmt = argparse.RawDescriptionHelpFormatter
 
-    f = esub.add_parser("fid", help="Fréchet distance of samples to reference statistics, per solver and NFE",
-                        description="Sample every solver at every NFE with per-sample seeds, extract features and "
-                                    "report the Fréchet distance to reference statistics, wall time and throughput.",
-                        epilog=_EPILOG.format(cmd="fid", preset="fid-digits"), formatter_class=fmt,
-                        argument_default=argparse.SUPPRESS)
-    _common_flags(f)
-    f.add_argument("--extractor", metavar="SPEC",
-                   help="digits (default), inception[:resize=clean,weights=FILE], dinov2:checkpoint=DIR, "
-                        "clip:checkpoint=DIR or package.module:callable")
-    f.add_argument("--ref", metavar="STATS|DATASET|DIR|NPZ",
-                   help="reference statistics .npz, a built-in dataset (digits, the default), an image folder or "
-                        "an .npz of images/features")
-    add_config_arguments(f, FIDConfig)
-    f.set_defaults(func=_cmd_run(FIDConfig, run_fid))
-
-    m = esub.add_parser("mse", help="MSE to a high-NFE reference from the same noise, per solver and NFE",
-                        description="MSE of every solver at every NFE to a reference trajectory from the same noise "
-                                    "(latents for latent models), with 95% confidence intervals.",
-                        epilog=_EPILOG.format(cmd="mse", preset="mse-digits"), formatter_class=fmt,
-                        argument_default=argparse.SUPPRESS)
-    _common_flags(m)
-    m.add_argument("--reference", metavar="SPEC",
-                   help=f"reference solver (default: {DEFAULT_MSE_REFERENCE}, DPM-Solver++(2M) as in DPM-Solver-v3's "
-                        "protocol; 'ddim' with --reference-nfe 999 is the other usual choice)")
-    m.add_argument("--reference-nfe", dest="reference_nfe", type=int, metavar="N",
-                   help=f"reference steps (default: {DEFAULT_MSE_REFERENCE_NFE})")
-    add_config_arguments(m, MSEConfig)
-    m.set_defaults(func=_cmd_run(MSEConfig, run_mse))
+    _add_run_parser(esub, "fid", FIDConfig, run_fid, _fid_flags,
+                    help="Fréchet distance of samples to reference statistics, per solver and NFE",
+                    description="Sample every solver at every NFE with per-sample seeds, extract features and report "
+                                "the Fréchet distance to reference statistics, wall time and throughput.")
+    _add_run_parser(esub, "mse", MSEConfig, run_mse, _mse_flags,
+                    help="MSE to a high-NFE reference from the same noise, per solver and NFE",
+                    description="MSE of every solver at every NFE to a reference trajectory from the same noise "
+                                "(latents for latent models), with 95% confidence intervals.")
 
     r = esub.add_parser("ref", help="reference statistics (mu, sigma, metadata) of a dataset, folder or npz",
                         description="Compute reference statistics for FD/FID and write them as .npz (mu, sigma, n, "
@@ -178,7 +186,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
                    help="digits (built-in), an image folder, or an .npz with 'images' or 'features'")
     r.add_argument("--extractor", metavar="SPEC", help="feature extractor spec (default: digits)")
     r.add_argument("--out", metavar="FILE.npz", help="statistics file to write (default: ref.npz)")
-    r.add_argument("--cache-dir", dest="cache_dir", metavar="DIR", help="statistics cache")
+    add_cache_dir_argument(r, "statistics in DIR/stats, where eval fid finds them")
     r.add_argument("--batch-size", dest="batch_size", type=int, metavar="N", help="images per forward pass")
     add_runtime_arguments(r, model=None)
     add_config_arguments(r, RefConfig)

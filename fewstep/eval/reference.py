@@ -13,21 +13,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from fewstep.infra.io import load_tensors, save_tensors
+from fewstep.infra.io import cache_folder, load_tensors, save_tensors
 
 __all__ = ["ReferenceStore", "default_cache_dir", "timed"]
 
 
-def default_cache_dir() -> Path:
-    """``$FEWSTEP_CACHE/references``, else ``~/.cache/fewstep/references``."""
-    return Path(os.environ.get("FEWSTEP_CACHE", Path.home() / ".cache" / "fewstep")) / "references"
+def default_cache_dir(cache_dir: str | Path | None = None) -> Path:
+    """The reference-sample cache: ``<cache_dir>/references`` (None: ``$FEWSTEP_CACHE``, else ``~/.cache/fewstep``)."""
+    return cache_folder("references", cache_dir)
 
 
 def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:

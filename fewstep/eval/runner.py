@@ -30,10 +30,9 @@ from typing import Any, Callable, List, Optional
 import numpy as np
 import torch
 
-from ..config import resolve_device, save_config
+from ..config import save_config
 from ..samplers import list_solvers, solver_class
-from ..samplers.timesteps import SPACINGS
-from .compare import Method
+from .compare import Method, check_sampling_settings
 from fewstep.infra.distributed import ProcessGroup
 from fewstep.eval.metrics.features import (
     as_float_images,
@@ -44,15 +43,17 @@ from fewstep.eval.metrics.features import (
 )
 from fewstep.infra.io import (
     atomic_write_bytes,
+    cache_folder,
     claim_identity,
     clean_temp_files,
     lock_directory,
     read_json,
     write_json,
 )
-from .reference import default_cache_dir, timed
+from .reference import timed
 from .report import pivot_tables, plot_quality, sample_grid, tuned_notes
 from fewstep.infra.shards import ShardStore, identity_digest, shard_ranges
+from fewstep.infra.validation import check_count, check_reference_nfe
 from fewstep.eval.metrics.refstats import BUILTIN_DATASETS, load_source, real_vs_real, reference_statistics
 from fewstep.eval.metrics.stats import FeatureStatistics, GaussianStats, check_compatible
 from fewstep.eval.testbeds import PipelineTestbed, Testbed, make_testbed, model_identity
@@ -83,7 +84,8 @@ class EvalConfig:
         spacing: Timestep spacing for every solver; None: the model's own.
         batch_size: Samples per shard (the unit of resuming and of work split across processes).
         out: Run folder.
-        cache_dir: Cache of references; None: ``$FEWSTEP_CACHE`` or ``~/.cache/fewstep``.
+        cache_dir: fewstep's cache folder (``stats/``: reference statistics, ``mse-references/``: MSE
+            references); None: ``$FEWSTEP_CACHE`` or ``~/.cache/fewstep``.
         device: ``cpu``, ``cuda`` (each process its ``LOCAL_RANK`` GPU), ``cuda:N`` or ``mps``.
         threads: Torch CPU threads per process.
         plot: Write the metric-vs-NFE plot.
@@ -106,17 +108,8 @@ class EvalConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        self.nfe = list(dict.fromkeys(self.nfe))
-        if not self.nfe or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.nfe):
-            raise ValueError(f"nfe values must be whole numbers >= 1, got {self.nfe}")
-        for key, low in (("num_samples", 2), ("batch_size", 1), ("threads", 1)):
-            if getattr(self, key) is not None and getattr(self, key) < low:
-                raise ValueError(f"{key} must be >= {low}, got {getattr(self, key)}")
-        if self.guidance is not None and not (math.isfinite(self.guidance) and self.guidance >= 0):
-            raise ValueError(f"guidance must be a finite number >= 0, got {self.guidance}")
-        if self.spacing is not None and self.spacing not in SPACINGS:
-            raise ValueError(f"spacing {self.spacing!r} is not one of {', '.join(SPACINGS)}")
-        resolve_device(self.device)
+        check_sampling_settings(self)
+        self.batch_size = check_count("batch_size", self.batch_size, optional=True)
         specs = list_solvers(runnable=True) if self.solvers is None else self.solvers
         methods = [m for m, _ in Method.parse_unique(specs)]
         if not methods:
@@ -184,8 +177,7 @@ class MSEConfig(EvalConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self._reference = Method.parse(self.reference)
-        if self.reference_nfe < max(self.nfe):
-            raise ValueError(f"reference_nfe ({self.reference_nfe}) must be at least the largest nfe ({max(self.nfe)})")
+        self.reference_nfe = check_reference_nfe(self.reference_nfe, self.nfe)
 
 
 def runnable_solvers() -> tuple[list[str], dict[str, str]]:
@@ -209,9 +201,6 @@ def runnable_solvers() -> tuple[list[str], dict[str, str]]:
     return names, skipped
 
 
-def _cache_root(cfg: EvalConfig) -> Path:
-    # The reference cache of `compare` is <root>/references; eval keeps its files beside it.
-    return Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir().parent
 
 
 class _Run:
@@ -482,7 +471,7 @@ def p_key(p: tuple[Method, int]) -> str:
 
 
 def _reference_stats(cfg: FIDConfig, extractor, log) -> GaussianStats:
-    return reference_statistics(cfg.ref, extractor, _cache_root(cfg) / "stats", log=log, progress=cfg.progress)
+    return reference_statistics(cfg.ref, extractor, cache_folder("stats", cfg.cache_dir), log=log, progress=cfg.progress)
 
 
 def run_mse(cfg: MSEConfig, log: Callable[[str], None] = print) -> dict[str, Any] | None:
@@ -512,7 +501,7 @@ def _run_mse(run: _Run, ref_method: Method) -> dict[str, Any] | None:
     started = time.perf_counter()
     ref_identity = {k: v for k, v in run.identity.items() if k not in ("num_samples", "batch_size", "kind")}
     description = testbed.reference_description(ref_method.label, cfg.reference_nfe)
-    ref_store = ShardStore(_cache_root(cfg) / "mse-references" / identity_digest(ref_identity), ref_identity, run.log)
+    ref_store = ShardStore(cache_folder("mse-references", cfg.cache_dir) / identity_digest(ref_identity), ref_identity, run.log)
     stores = {p: run.store(*p) for p in run.pairs}
     errors = {p: {} for p in run.pairs}
     info = {p: {"gen_s": 0.0, "diverged": False, "grid": None} for p in run.pairs}

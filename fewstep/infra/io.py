@@ -22,7 +22,7 @@ import torch
 
 __all__ = [
     "atomic_write_bytes", "write_json", "read_json", "save_tensors", "load_tensors", "clean_temp_files",
-    "lock_directory", "lock_work_folder", "DirectoryLockedError", "finite_json", "claim_identity",
+    "lock_directory", "lock_work_folder", "DirectoryLockedError", "finite_json", "claim_identity", "cache_folder",
 ]
 
 _TEMP_NAME = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")
@@ -261,3 +261,15 @@ def claim_identity(path: str | Path, identity: dict[str, Any], holds: str, advic
     if old != identity:
         differs = sorted(k for k in identity if not isinstance(old, dict) or old.get(k) != identity[k])
         raise ValueError(f"{path.parent} holds {holds} (differs in: {differs}); {advice}")
+
+
+def cache_folder(kind: str, cache_dir: str | Path | None = None) -> Path:
+    """The folder of one kind of cached file: ``<cache_dir>/<kind>``.
+
+    ``cache_dir`` is fewstep's cache (what every command's ``--cache-dir`` names); None:
+    ``$FEWSTEP_CACHE``, else ``~/.cache/fewstep``. Commands keep reference samples in
+    ``references/``, reference statistics in ``stats/`` and ``eval mse`` references in
+    ``mse-references/``, so one ``--cache-dir`` serves them all.
+    """
+    root = Path(cache_dir) if cache_dir else Path(os.environ.get("FEWSTEP_CACHE", Path.home() / ".cache" / "fewstep"))
+    return root / kind

@@ -22,7 +22,26 @@ __all__ = [
     "check_choice",
     "check_index_list",
     "as_real_vector",
+    "check_nfe",
+    "check_nfe_list",
+    "check_reference_nfe",
+    "check_guidance",
+    "check_guidance_list",
+    "check_seed",
+    "check_threads",
+    "check_count",
+    "MAX_NFE",
+    "MAX_GUIDANCE",
+    "MAX_SEED",
 ]
+
+# The options every command and entry point shares (NFE, guidance, seed, threads, sizes) are
+# checked by the helpers at the end of this module, so each is refused with the same words.
+MAX_NFE = 100_000
+# Guidance scales beyond this overflow float32 model outputs long before they mean anything.
+MAX_GUIDANCE = 1e4
+# Seeds are stored as int64 (torch generators, safetensors metadata).
+MAX_SEED = 2**63 - 1
 
 
 def _show(value: Any) -> str:
@@ -43,9 +62,9 @@ def check_int(name: str, value: Any, minimum: int | None = None, maximum: int | 
         raise TypeError(f"{name}={_show(value)} must be a whole number")
     value = int(value)
     if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-        lo = "-inf" if minimum is None else minimum
-        hi = "inf" if maximum is None else maximum
-        raise ValueError(f"{name}={value} is out of range; allowed: {lo} to {hi}")
+        allowed = f">= {minimum}" if maximum is None else f"<= {maximum}" if minimum is None else \
+            f"{minimum} to {maximum}"
+        raise ValueError(f"{name}={value} is out of range; allowed: {allowed}")
     return value
 
 
@@ -127,3 +146,60 @@ def as_real_vector(name: str, value: Any, *, allow_empty: bool = False) -> np.nd
     if not np.isfinite(arr).all():
         raise ValueError(f"{name} contains a non-finite value: {_show(value)}")
     return arr
+
+
+def _as_list(name: str, value: Any) -> list:
+    if isinstance(value, (str, bytes, dict)) or not isinstance(value, (list, tuple)):
+        raise TypeError(f"{name}={_show(value)} must be a list")
+    if not value:
+        raise ValueError(f"{name} must hold at least one value")
+    return list(value)
+
+
+def check_nfe(value: Any, name: str = "nfe", minimum: int = 1) -> int:
+    """A number of model evaluations: a whole number in [``minimum``, :data:`MAX_NFE`]."""
+    return check_int(name, value, minimum, MAX_NFE)
+
+
+def check_nfe_list(value: Any, name: str = "nfe", minimum: int = 1) -> list[int]:
+    """NFEs to run, each as :func:`check_nfe`, at least one; repeats dropped (``[5, 5]`` runs once)."""
+    return list(dict.fromkeys(check_nfe(v, name, minimum) for v in _as_list(name, value)))
+
+
+def check_reference_nfe(value: Any, nfe: Iterable[int], name: str = "reference_nfe") -> int:
+    """The steps of a reference solution: an NFE at least as large as every NFE compared with it."""
+    value, largest = check_nfe(value, name), max(nfe)
+    if value < largest:
+        raise ValueError(f"{name}={value} must be at least the largest nfe ({largest})")
+    return value
+
+
+def check_guidance(value: Any, name: str = "guidance", minimum: float = -MAX_GUIDANCE) -> float:
+    """A classifier-free guidance scale: a finite number in [``minimum``, :data:`MAX_GUIDANCE`].
+
+    The functional API takes any scale of that size; the commands pass ``minimum=0`` (their
+    scales follow diffusers, where <= 1 means no guidance, so a negative one is a typo).
+    """
+    return check_real(name, value, minimum, MAX_GUIDANCE)
+
+
+def check_guidance_list(value: Any, name: str = "guidance", minimum: float = -MAX_GUIDANCE) -> list[float]:
+    """Guidance scales, each as :func:`check_guidance`, at least one; repeats dropped."""
+    return list(dict.fromkeys(check_guidance(v, name, minimum) for v in _as_list(name, value)))
+
+
+def check_seed(value: Any, name: str = "seed", minimum: int = 0) -> int:
+    """A noise seed: a whole number in [``minimum``, :data:`MAX_SEED`] (int64, as torch stores it)."""
+    return check_int(name, value, minimum, MAX_SEED)
+
+
+def check_threads(value: Any, name: str = "threads") -> int:
+    """A torch CPU thread count: a whole number >= 1."""
+    return check_int(name, value, 1)
+
+
+def check_count(name: str, value: Any, minimum: int = 1, optional: bool = False) -> int | None:
+    """A size such as ``num_samples`` or ``batch_size``: a whole number >= ``minimum`` (None kept if ``optional``)."""
+    if optional and value is None:
+        return None
+    return check_int(name, value, minimum)

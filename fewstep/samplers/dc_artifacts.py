@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .artifacts import Artifact, ArtifactError, ArtifactMeta
-from fewstep.infra.validation import check_int, check_real
+from fewstep.infra.validation import check_guidance, check_int, check_nfe, check_real
 
 __all__ = ["DCRatios", "DCCPR", "cpr_features", "fit_cpr", "CPR_SIZE", "DEFAULT_DC_ORDER", "MAX_DC_ORDER"]
 
@@ -165,8 +165,8 @@ class DCCPR(_DCArtifact):
 
     def ratios(self, nfe: int, guidance: float) -> list[float]:
         """The predicted ratio of every step (the first ``dc_order`` are 1)."""
-        nfe = check_int("nfe", nfe, 1)
-        guidance = check_real("guidance", guidance)
+        nfe = check_nfe(nfe)
+        guidance = check_guidance(guidance)
         free = list(range(self.dc_order, nfe))
         rho = cpr_features(nfe, guidance, free) @ np.asarray(self.coefficients) if free else np.zeros(0)
         if not np.isfinite(rho).all():

@@ -16,13 +16,11 @@ from .solver_schedule import apply_solver_schedule
 from .solvers.base import Solver
 from .timeshift import TimeShift
 from .timesteps import GridSpec, TimeGrid, build_grid
-from fewstep.infra.validation import check_bool, check_real
+from fewstep.infra.validation import check_bool, check_guidance
 
-__all__ = ["sample", "make_plan", "StepInfo", "check_guidance", "DEFAULT_NFE", "MAX_GUIDANCE"]
+__all__ = ["sample", "make_plan", "StepInfo", "DEFAULT_NFE"]
 
 DEFAULT_NFE = 10
-# Guidance scales beyond this overflow float32 model outputs long before they mean anything.
-MAX_GUIDANCE = 1e4
 
 
 @dataclass(frozen=True)
@@ -301,11 +299,6 @@ def _model_output(out: Any, shape: tuple[int, ...]) -> torch.Tensor:
     if tuple(out.shape) != tuple(shape):
         raise ValueError(f"model output shape {tuple(out.shape)} does not match sample shape {tuple(shape)}")
     return out
-
-
-def check_guidance(guidance: Any) -> float:
-    """Validate a classifier-free guidance scale (a finite number within +-MAX_GUIDANCE)."""
-    return check_real("guidance", guidance, -MAX_GUIDANCE, MAX_GUIDANCE)
 
 
 def _batch_of(c: Any) -> int:

@@ -45,8 +45,8 @@ from .registry import get_solver, solver_class
 from .plan import compute_dtype
 from .schedules import DiscreteVPSchedule, FlowSchedule, NoiseSchedule, diffusers_betas
 from .solver_schedule import apply_solver_schedule
-from .timesteps import MAX_NFE, SPACINGS, GridSpec, TimeGrid, build_grid
-from fewstep.infra.validation import as_real_vector, check_bool, check_choice, check_int, check_real
+from .timesteps import SPACINGS, GridSpec, TimeGrid, build_grid
+from fewstep.infra.validation import MAX_NFE, as_real_vector, check_bool, check_choice, check_int, check_nfe, check_real
 
 __all__ = [
     "FewstepScheduler",
@@ -402,7 +402,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         if num_inference_steps is None and sigmas is None and timesteps is None and not has_schedule:
             raise ValueError("set_timesteps needs num_inference_steps, sigmas or timesteps")
         if num_inference_steps is not None:
-            num_inference_steps = check_int("num_inference_steps", num_inference_steps, 1, MAX_NFE)
+            num_inference_steps = check_nfe(num_inference_steps, "num_inference_steps")
         try:
             device = None if device is None else torch.device(device)
         except (RuntimeError, TypeError):

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from .schedules import DiscreteVPSchedule, FlowSchedule, NoiseSchedule
-from fewstep.infra.validation import as_real_vector, check_choice, check_int, check_real
+from fewstep.infra.validation import as_real_vector, check_choice, check_int, check_nfe, check_real
 
 __all__ = ["GridSpec", "TimeGrid", "build_grid", "SPACINGS", "flow_shift"]
 
@@ -45,7 +45,6 @@ SPACINGS = ("logsnr", "time_uniform", "time_quadratic", "karras", "exponential",
 _DIFFUSERS_SPACINGS = ("linspace", "leading", "trailing")
 _FINAL_SIGMAS = ("zero", "min")
 _CONVENTIONS = ("multistep", "dpmsolver", "ddim")
-MAX_NFE = 100_000
 
 
 @dataclass(frozen=True)
@@ -400,7 +399,7 @@ def build_grid(schedule: NoiseSchedule, nfe: int | None, spec: GridSpec | None =
         nfe = len(explicit)
     if nfe is None:
         raise ValueError("nfe (the number of model evaluations) is required without explicit timesteps/sigmas")
-    nfe = check_int("nfe", nfe, 1, MAX_NFE)
+    nfe = check_nfe(nfe)
 
     if spec.convention is None:
         spec = spec.replace(convention="multistep")

@@ -28,7 +28,9 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from fewstep.config import add_threads_argument
 from fewstep.eval.metrics.fd import feature_statistics, frechet_distance
+from fewstep.infra.validation import check_threads
 from fewstep.zoo.digits import (
     CLASSIFIER_PATH,
     DATA_PATH,
@@ -373,7 +375,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     # On a shared machine one thread per process avoids oversubscription stalls.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_threads_argument(common, "torch CPU threads (default: torch's own)")
 
     p = sub.add_parser("export-data", parents=[common], help="write data/digits.npz (sklearn)")
     p.add_argument("--out", default=str(DATA_PATH))
@@ -416,8 +418,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     """
     args = vars(_parser().parse_args(argv))
     command, threads = args.pop("command"), args.pop("threads")
-    if threads:
-        torch.set_num_threads(threads)
+    if threads is not None:
+        torch.set_num_threads(check_threads(threads))
     start = time.perf_counter()
     # Option names match the keyword arguments of the command functions.
     if command == "export-data":
@@ -430,3 +432,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         results = evaluate(**args)
         print(json.dumps({k: round(v, 4) for k, v in results.items()}, indent=2))
     print(f"done in {time.perf_counter() - start:.1f}s")
+
+
+if __name__ == "__main__":
+    main()

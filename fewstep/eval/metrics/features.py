@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fewstep.eval.metrics.inception import load_fid_inception
+from fewstep.infra.validation import check_count
 
 __all__ = [
     "RESIZE_MODES",
@@ -607,12 +608,12 @@ def extract_features(
         float32 features [N, D] on CPU.
 
     Raises:
+        TypeError: ``batch_size`` is not a whole number.
         ValueError: On a bad ``batch_size`` or ``value_range``, or images of the wrong shape/range.
     """
     if tuple(float(v) for v in value_range) not in _VALUE_RANGES:
         raise ValueError(f"value_range must be (0, 1) or (-1, 1), got {value_range!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    batch_size = check_count("batch_size", batch_size)
     images = torch.as_tensor(images)
     _check_images(images)
     if images.is_floating_point() and value_range[0] < 0:

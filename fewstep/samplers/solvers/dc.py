@@ -33,7 +33,7 @@ from ..dc_artifacts import DEFAULT_DC_ORDER, MAX_DC_ORDER, DCCPR, DCRatios, load
 from ..plan import SolverPlan
 from ..registry import register_solver
 from ..timesteps import TimeGrid
-from fewstep.infra.validation import check_real
+from fewstep.infra.validation import check_guidance
 from .base import Option
 from .dpmpp import DPMSolverPP
 from .unipc import UniPCSolver
@@ -127,7 +127,7 @@ class DynamicCompensation:
         if cfg["ratios"] is not None and cfg["cpr"] is not None:
             raise ValueError(f"solver {self.name!r} takes ratios or cpr, not both")
         if cfg["guidance"] is not None:
-            cfg["guidance"] = check_real("guidance", cfg["guidance"])
+            cfg["guidance"] = check_guidance(cfg["guidance"])
         ratios = cfg["ratios"]
         if ratios is not None and ratios.meta.solver is None and ratios.dc_order != cfg["dc_order"]:
             try:  # a bare list takes the solver's dc_order

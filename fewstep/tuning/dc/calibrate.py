@@ -40,12 +40,12 @@ from fewstep.samplers.dc_artifacts import DCRatios
 from fewstep.eval.holdout import describe as describe_validation
 from fewstep.eval.holdout import validation_record
 from fewstep.samplers.registry import get_solver
-from fewstep.samplers.sampling import check_guidance, make_plan, sample
+from fewstep.samplers.sampling import make_plan, sample
 from fewstep.samplers.schedules import NoiseSchedule, make_schedule
 from fewstep.samplers.solvers.dc import DynamicCompensation
 from fewstep.samplers.timesteps import GridSpec
 from fewstep.tuning.dc.trajectory import adam_step, fit_trajectory, ground_truth_trajectory
-from fewstep.infra.validation import check_int, check_real
+from fewstep.infra.validation import check_guidance, check_int, check_nfe, check_real
 
 __all__ = ["calibrate_dc", "OBJECTIVES", "DEFAULT_OBJECTIVE", "DEFAULT_ITERATIONS", "DEFAULT_LR", "DEFAULT_LR_SCHEDULE", "DEFAULT_BOUNDS",
            "DEFAULT_REFERENCE_NFE"]
@@ -133,10 +133,10 @@ def calibrate_dc(
     """
     schedule = make_schedule(schedule)
     _check_noise(x_T)
-    nfe = check_int("nfe", nfe, 1)
+    nfe = check_nfe(nfe)
     iterations = check_int("iterations", iterations, 0)
     lr = check_real("lr", lr, 0.0, open_min=True)
-    reference_nfe = check_int("reference_nfe", reference_nfe, 1)
+    reference_nfe = check_nfe(reference_nfe, "reference_nfe")
     if lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got {lr_schedule!r}")
     if objective not in OBJECTIVES:

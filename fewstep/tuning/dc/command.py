@@ -30,12 +30,13 @@ import torch
 from fewstep.config import (
     add_config_arguments,
     add_runtime_arguments,
+    check_runtime_settings,
     refuse_multiple_processes,
     resolve_config,
-    resolve_device,
     save_config,
     torch_threads,
 )
+from fewstep.infra.validation import check_count, check_guidance_list, check_nfe, check_nfe_list, check_seed
 from fewstep.samplers import ArtifactMeta, model_fingerprint, sample
 from fewstep.tuning.dc.calibrate import (
     DEFAULT_ITERATIONS,
@@ -117,30 +118,21 @@ class CalibrateDCConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        self.nfe = list(dict.fromkeys(self.nfe))
-        if not self.nfe or any(isinstance(n, bool) or n < 2 for n in self.nfe):
-            raise ValueError(f"nfe values must be whole numbers >= 2, got {self.nfe}")
-        if self.guidance is not None:
-            self.guidance = list(dict.fromkeys(float(g) for g in self.guidance))
-            if not self.guidance:
-                raise ValueError("guidance must hold at least one scale (or be null for the model's default)")
-            bad = [g for g in self.guidance if not math.isfinite(g)]
-            if bad:  # nan > 1 is False: it would silently run unguided
-                raise ValueError(f"guidance must be finite numbers, got {bad[0]}")
+        self.nfe = check_nfe_list(self.nfe, minimum=2)
+        if self.guidance is not None:  # nan > 1 is False: it would silently run unguided
+            self.guidance = check_guidance_list(self.guidance, minimum=0)
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.objective == "auto" and self.validation_samples < 1:
             raise ValueError("objective auto chooses on validation samples: validation_samples must be >= 1")
-        for key, low in (("num_samples", 1), ("validation_samples", 0), ("iterations", 0), ("reference_nfe", 1),
-                         ("threads", 1)):
-            if getattr(self, key) < low:
-                raise ValueError(f"{key} must be >= {low}, got {getattr(self, key)}")
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        for key, low in (("num_samples", 1), ("validation_samples", 0), ("iterations", 0)):
+            check_count(key, getattr(self, key), low)
+        self.reference_nfe = check_nfe(self.reference_nfe, "reference_nfe")
+        self.seed = check_seed(self.seed)
         if not 0 < self.lr < math.inf:
             raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        self.batch_size = check_count("batch_size", self.batch_size, optional=True)
+        check_runtime_settings(self)
         if Path(self.out).suffix not in (".json", ".yaml", ".yml"):
             raise ValueError(f"out={self.out!r} must end in .json or .yaml (a ratios or CPR file)")
         method = Method.parse(self.solver)
@@ -152,7 +144,6 @@ class CalibrateDCConfig:
             raise ValueError(f"solver {self.solver!r}: ratios/cpr/dc_file/guidance are what calibration finds or sets")
         if not self.grid and len(self.nfe) * len(self.guidance or [0]) > 1:
             raise ValueError("several NFE or guidance values need --grid (calibrate every pair and fit CPR)")
-        resolve_device(self.device)
 
     @property
     def work_dir(self) -> Path:

@@ -27,10 +27,12 @@ import torch
 from fewstep.config import (
     add_config_arguments,
     add_runtime_arguments,
+    check_runtime_settings,
     resolve_config,
     resolve_device,
     torch_threads,
 )
+from fewstep.infra.validation import check_count, check_guidance, check_nfe, check_nfe_list, check_seed
 from fewstep.samplers import GridSpec, sample
 from fewstep.samplers.artifacts import model_fingerprint
 from fewstep.samplers.ems import EMS
@@ -100,23 +102,22 @@ class EMSComputeConfig:
     validation_nfe: List[int] = field(default_factory=lambda: [5, 8])
 
     def __post_init__(self) -> None:
-        if self.validation_samples < 0 or (self.validation_samples and not self.validation_nfe) or \
-                any(isinstance(n, bool) or n < 1 for n in self.validation_nfe):
-            raise ValueError(f"validation_samples must be >= 0 and validation_nfe whole numbers >= 1, got "
-                             f"{self.validation_samples}, {self.validation_nfe}")
+        self.validation_samples = check_count("validation_samples", self.validation_samples, 0)
+        if self.validation_samples or self.validation_nfe:
+            self.validation_nfe = check_nfe_list(self.validation_nfe, "validation_nfe")
         if not self.out:
             raise ValueError("out (the EMS file to write) is required: --out ems.safetensors")
-        for key, low in (("n_grid", 1), ("n_data", 2), ("sample_nfe", 1), ("batch_size", 1), ("chunk_size", 1),
-                         ("threads", 1), ("seed", 0)):
-            if getattr(self, key) < low:
-                raise ValueError(f"{key} must be >= {low}, got {getattr(self, key)}")
+        for key, low in (("n_grid", 1), ("n_data", 2), ("batch_size", 1), ("chunk_size", 1)):
+            check_count(key, getattr(self, key), low)
+        self.sample_nfe = check_nfe(self.sample_nfe, "sample_nfe")
+        self.seed = check_seed(self.seed)
         if self.time_derivative not in TIME_DERIVATIVES:
             raise ValueError(f"time_derivative must be one of {', '.join(TIME_DERIVATIVES)}, got {self.time_derivative!r}")
         if self.data is not None and self.data not in DATA_MODES:
             raise ValueError(f"data must be one of {', '.join(DATA_MODES)}, got {self.data!r}")
-        if self.guidance is not None and not (self.guidance == self.guidance and 0 <= self.guidance <= 1e4):
-            raise ValueError(f"guidance must be a number in 0..1e4, got {self.guidance}")
-        resolve_device(self.device)
+        if self.guidance is not None:
+            self.guidance = check_guidance(self.guidance, minimum=0)
+        check_runtime_settings(self)
 
 
 @dataclass

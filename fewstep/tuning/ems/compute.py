@@ -47,6 +47,7 @@ import torch
 from fewstep.config import resolve_device
 from fewstep.infra.io import claim_identity, clean_temp_files, lock_directory, read_json
 from fewstep.infra.shards import ShardStore, shard_ranges
+from fewstep.infra.validation import check_count, check_guidance, check_seed
 from fewstep.samplers.artifacts import ArtifactMeta, model_fingerprint
 from fewstep.samplers.ems import EMS, MOMENTS, ems_from_moments, ems_lambda_grid
 from fewstep.samplers.prediction import cfg_combine, check_prediction, eps_coefficients
@@ -329,18 +330,16 @@ def compute_ems(
         The :class:`EMS` (the same on every process).
 
     Raises:
+        TypeError: a count, seed or guidance that is not a number of the right kind.
         ValueError: bad arguments, a data sampler or model returning the wrong shapes, or a
             workdir holding chunks of a different run.
     """
     schedule = make_schedule(schedule)
     prediction = check_prediction(prediction, schedule)
-    for name, value, low in (("n_data", n_data, 2), ("batch_size", batch_size, 1), ("chunk_size", chunk_size, 1),
-                             ("seed", seed, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name}={value!r} must be a whole number >= {low}")
+    for name, value, low in (("n_data", n_data, 2), ("batch_size", batch_size, 1), ("chunk_size", chunk_size, 1)):
+        check_count(name, value, low)
+    check_seed(seed)
     if guidance is not None:
-        from fewstep.samplers.sampling import check_guidance
-
         guidance = check_guidance(guidance)
     lambdas = ems_lambda_grid(schedule, n_grid, t_start, t_end)
     time_derivative = resolve_time_derivative(time_derivative, model, schedule)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from fewstep.config import (
+    add_cache_dir_argument,
     add_config_arguments,
     add_runtime_arguments,
     refuse_multiple_processes,
@@ -48,8 +49,7 @@ def _common(p: argparse.ArgumentParser, default_out: str, default_budget: int, d
                         "its baseline (default: 128)")
     p.add_argument("--keep-worse", dest="keep_worse", action="store_true",
                    help="write the searched schedule even when it does not beat the baseline on validation")
-    p.add_argument("--cache-dir", dest="cache_dir", metavar="DIR",
-                   help="reference cache (default: $FEWSTEP_CACHE/references or ~/.cache/fewstep/references)")
+    add_cache_dir_argument(p, "reference samples in DIR/references")
     add_runtime_arguments(p)
 
 

@@ -21,6 +21,7 @@ import torch
 from fewstep.eval.compare import DEFAULT_REFERENCE, Method
 from fewstep.eval.reference import ReferenceStore, default_cache_dir
 from fewstep.eval.testbeds import PipelineTestbed, Testbed
+from fewstep.infra.validation import check_nfe
 from fewstep.samplers import ArtifactMeta, NoiseSchedule, model_fingerprint
 
 __all__ = ["Fitness", "METRICS", "SEARCH_SEED", "noise_schedule_of", "testbed_fingerprint"]
@@ -43,14 +44,12 @@ def check_reference(testbed: Testbed, reference: str, reference_nfe: int | None)
     """The parsed reference spec, checked against the model (settings the model would ignore are refused).
 
     Raises:
-        ValueError: ``reference_nfe`` < 1, or a reference/reference_nfe given for a model whose
+        TypeError, ValueError: ``reference_nfe`` is no NFE, or a reference/reference_nfe given for a model whose
             reference is exact (the GMM's ODE solution).
     """
     method = Method.parse(reference)
-    if reference_nfe is not None and (isinstance(reference_nfe, bool) or not isinstance(reference_nfe, int)
-                                      or reference_nfe < 1):
-        raise ValueError(f"reference_nfe must be a whole number >= 1 (or None for the model's default), "
-                         f"got {reference_nfe!r}")
+    if reference_nfe is not None:
+        check_nfe(reference_nfe, "reference_nfe")
     if testbed.exact_reference and (reference != DEFAULT_REFERENCE or reference_nfe is not None):
         raise ValueError(f"the {testbed.name} model's reference is exact "
                          f"({testbed.reference_description('', 0)}): reference and reference_nfe do not apply")
@@ -79,7 +78,8 @@ class Fitness:
         run_dir: Where the reference is kept.
         reference: Solver spec of the reference (ignored by the GMM, whose reference is exact).
         reference_nfe: Its steps (None: the testbed's default).
-        cache_dir: Reference cache (None: ``$FEWSTEP_CACHE/references`` or ``~/.cache/fewstep/references``).
+        cache_dir: fewstep's cache folder, the reference in ``<cache_dir>/references`` (None: ``$FEWSTEP_CACHE``
+            or ``~/.cache/fewstep``).
         log: Progress messages.
     """
 
@@ -104,7 +104,7 @@ class Fitness:
                      dict(reference=self.reference_method.label, reference_nfe=self.reference_nfe))
         self.identity = {"testbed": testbed.fingerprint(), "guidance": guidance, "num_samples": num_samples,
                          "data_seed": data_seed, **described}
-        cache = default_cache_dir() if cache_dir is None else Path(cache_dir)
+        cache = default_cache_dir(cache_dir)
         self.reference = self._reference(Path(run_dir), cache, log)
         self.seconds = 0.0  # spent in evaluations
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, List
 
 from fewstep.infra.io import read_json, write_json
+from fewstep.infra.validation import check_seed
 from fewstep.eval.testbeds import Testbed
 from fewstep.samplers import GridSpec, SolverSchedule, load_solver_schedule, make_plan
 from fewstep.samplers.solvers.usf import spell_out
@@ -111,6 +112,7 @@ class USFSearchConfig(SearchSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.seed = check_seed(self.seed)
         for key, lo in (("pool", 1), ("per_generation", 1), ("warmup", 2), ("parents", 2)):
             if getattr(self, key) < lo:
                 raise ValueError(f"{key} must be >= {lo}, got {getattr(self, key)}")

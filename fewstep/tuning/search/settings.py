@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Optional
 
+from fewstep.config import check_runtime_settings
 from fewstep.eval.compare import DEFAULT_REFERENCE
+from fewstep.infra.validation import check_count, check_guidance, check_nfe
 from fewstep.tuning.search.fitness import METRICS, SEARCH_SEED, check_reference
 
 __all__ = ["SearchSettings"]
@@ -31,7 +32,7 @@ class SearchSettings:
         metric: ``mse`` (to the reference, same noise) or ``fd`` (the model's FD).
         reference: Solver spec of the reference (the GMM's is its exact ODE solution).
         reference_nfe: Its steps (None: the model's default).
-        cache_dir: Reference cache (None: ``$FEWSTEP_CACHE/references``).
+        cache_dir: fewstep's cache folder (references in ``<cache_dir>/references``; None: ``$FEWSTEP_CACHE``).
         validation_samples: Samples right after the search batch (seeds ``data_seed + num_samples``
             on) on which the result is checked against its baseline (:mod:`fewstep.tuning.search.guard`).
         keep_worse: Write the searched schedule even when it does not beat the baseline there
@@ -65,28 +66,25 @@ class SearchSettings:
             "progress")
 
     def __post_init__(self) -> None:
-        if self.nfe < 1:
-            raise ValueError(f"nfe must be >= 1, got {self.nfe}")
+        self.nfe = check_nfe(self.nfe)
         if self.budget < 1:
             raise ValueError(f"budget (full evaluations) must be >= 1, got {self.budget}")
-        if self.num_samples is not None and self.num_samples < 2:
-            raise ValueError(f"num_samples must be >= 2, got {self.num_samples}")
+        self.num_samples = check_count("num_samples", self.num_samples, 2, optional=True)
         if self.data_seed < SEARCH_SEED:
             raise ValueError(f"data_seed must be >= {SEARCH_SEED} (seeds below are evaluation seeds), "
                              f"got {self.data_seed}")
         if self.metric not in METRICS:
             raise ValueError(f"metric {self.metric!r} is not one of {', '.join(METRICS)}")
-        if self.guidance is not None and not (math.isfinite(self.guidance) and self.guidance >= 0):
-            raise ValueError(f"guidance must be a finite number >= 0, got {self.guidance}")
+        if self.guidance is not None:
+            self.guidance = check_guidance(self.guidance, minimum=0)
         if Path(self.out).suffix not in (".json", ".yaml", ".yml"):
             raise ValueError(f"out={self.out!r} must name a .json or .yaml solver schedule file")
         if self.validation_samples < 2:
             raise ValueError(f"validation_samples must be >= 2 (the held-out check of the result), "
                              f"got {self.validation_samples}")
-        if self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
-        if self.reference_nfe is not None and self.reference_nfe < 1:
-            raise ValueError(f"reference_nfe must be >= 1 (or null for the model's default), got {self.reference_nfe}")
+        if self.reference_nfe is not None:
+            self.reference_nfe = check_nfe(self.reference_nfe, "reference_nfe")
+        check_runtime_settings(self)
 
     @property
     def samples(self) -> int:
