@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 # adapter imports diffusers (slow), the subpackages pull in models and evaluation code; the
 # command line (``fewstep --help``) needs none of it.
 _SCHEDULERS = ["FewstepScheduler", "DDIMSolverScheduler", "DPMSolverPPScheduler", "UniPCScheduler", "USFScheduler",
-               "DCSolverScheduler", "DPMSolverV3Scheduler"]
+               "DCSolverScheduler", "DPMSolverV3Scheduler", "OneStepScheduler"]
 _SUBMODULES = ["config", "eval", "zoo", "search", "samplers"]
 _SEARCHES = ["search_usf", "search_timesteps"]
 # Saved pipelines name their fewstep scheduler by module path in model_index.json, and diffusers'
