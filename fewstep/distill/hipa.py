@@ -13,7 +13,8 @@ given frozen network) and a high-frequency term (Fourier high-pass and Sobel/Lap
 - :func:`digits_teacher_data` / :func:`train_hipa`: teacher triples and a small training loop
   (the built-in digits model; not yet the accelerate trainer of :mod:`fewstep.distill.train`).
 - :func:`save_hipa_lora`: a diffusers-format ``pytorch_lora_weights.safetensors`` that
-  ``pipe.load_lora_weights(path)`` reads; sample it with ``fewstep.OneStepScheduler`` (defined in :mod:`fewstep.samplers.scheduler`).
+  ``pipe.load_lora_weights(path)`` reads; sample it with ``fewstep.OneStepScheduler``
+  (defined in :mod:`fewstep.samplers.scheduler`).
 """
 
 from __future__ import annotations

@@ -856,7 +856,7 @@ class OneStepScheduler(FewstepScheduler):
 
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
-        """diffusers' ``from_config`` starting at pure noise (``trailing``; ``linspace`` on flow) and ending at sigma 0."""
+        """diffusers' ``from_config``, from pure noise (``trailing``; flow: ``linspace``) to sigma 0."""
         if isinstance(config, Mapping):
             config = {k: v for k, v in config.items() if k not in cls._GRID_KEYS}
             # Flow grids start at sigma = 1 with ``linspace``; VP needs ``trailing`` to start at t = T - 1.
