@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from fewstep.config import load_config
-from fewstep.distill.hipa import OneStepScheduler, one_step_sample
+from fewstep import OneStepScheduler
+from fewstep.distill.hipa import one_step_sample
 from fewstep.distill.hipa_train import load_hipa_lora
 from fewstep.distill.settings import DistillConfig
 from fewstep.distill.trajectories import build_scheduler

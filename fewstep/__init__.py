@@ -4,13 +4,13 @@ import importlib
 import sys
 import types
 
-from ._version import __version__
+from ._version import __version__  # noqa: F401  (fewstep.__version__)
 
 # Everything is loaded on first use: the solver core imports torch (about a second), the diffusers
 # adapter imports diffusers (slow), the subpackages pull in models and evaluation code; the
 # command line (``fewstep --help``) needs none of it.
 _SCHEDULERS = ["FewstepScheduler", "DDIMSolverScheduler", "DPMSolverPPScheduler", "UniPCScheduler", "USFScheduler",
-               "DCSolverScheduler", "DPMSolverV3Scheduler"]
+               "DCSolverScheduler", "DPMSolverV3Scheduler", "OneStepScheduler"]
 _SUBMODULES = ["config", "eval", "zoo", "tuning", "samplers", "distill"]
 # Tuning entry points, by the module that defines them (imported on first use).
 _TUNING = {"search_usf": "fewstep.tuning.search", "search_timesteps": "fewstep.tuning.search",

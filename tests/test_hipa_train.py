@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 pytest.importorskip("peft")
 
 from fewstep.config import load_config  # noqa: E402
-from fewstep.distill.hipa import OneStepScheduler  # noqa: E402
+from fewstep import OneStepScheduler  # noqa: E402
 from fewstep.distill.settings import DistillConfig
 from fewstep.distill.train import latest_checkpoint, train
 from fewstep.cli import main as fewstep_main  # noqa: E402

@@ -11,7 +11,8 @@ Jensen & Sadat. Efficient Distillation of Classifier-Free Guidance using Adapter
 - :func:`collect_trajectories` / :func:`load_trajectories`: CFG teacher trajectories
   (sharded, resumable, split across processes) for a :class:`LabelTeacher` or :class:`PromptTeacher`.
 - :mod:`fewstep.distill.hipa`: HiPA one-step LoRA adapters (peft; imported on first use:
-  ``from fewstep.distill.hipa import train_hipa, save_hipa_lora, OneStepScheduler``).
+  ``from fewstep.distill.hipa import train_hipa, save_hipa_lora``; the one-step scheduler is
+  ``fewstep.OneStepScheduler``).
 - ``python -m fewstep distill train --config configs/distill/<name>.yaml``: the accelerate
   trainer (:mod:`fewstep.distill.train`).
 """

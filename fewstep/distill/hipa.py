@@ -13,7 +13,8 @@ given frozen network) and a high-frequency term (Fourier high-pass and Sobel/Lap
 - :func:`digits_teacher_data` / :func:`train_hipa`: teacher triples and a small training loop
   (the built-in digits model; not yet the accelerate trainer of :mod:`fewstep.distill.train`).
 - :func:`save_hipa_lora`: a diffusers-format ``pytorch_lora_weights.safetensors`` that
-  ``pipe.load_lora_weights(path)`` reads; sample it with :class:`OneStepScheduler`.
+  ``pipe.load_lora_weights(path)`` reads; sample it with ``fewstep.OneStepScheduler``
+  (defined in :mod:`fewstep.samplers.scheduler`).
 """
 
 from __future__ import annotations
@@ -34,32 +35,7 @@ ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 # ResNet block convolutions (diffusers' ResnetBlock2D), the optional wider placement.
 RESNET_TARGETS = ("conv1", "conv2")
 EDGE_OPERATORS = ("sobel", "laplacian")
-
-
-class OneStepScheduler(FewstepScheduler):
-    """One DDIM step from the last training timestep to clean data: returns the x0 prediction.
-
-    ``from_config`` sets ``timestep_spacing="trailing"``: with SD's ``leading`` (or ``linspace``)
-    spacing a one-step grid starts at t = 1 (or 0), not at pure noise.
-    """
-
-    default_solver = "ddim"
-
-    @classmethod
-    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
-        """diffusers' ``from_config`` with ``timestep_spacing="trailing"`` unless given."""
-        kwargs.setdefault("timestep_spacing", "trailing")
-        kwargs.setdefault("final_sigmas_type", "zero")
-        kwargs.pop("set_alpha_to_one", None)
-        if isinstance(config, dict) or hasattr(config, "keys"):
-            config = {k: v for k, v in dict(config).items() if k != "set_alpha_to_one"}
-        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
-
-    def set_timesteps(self, num_inference_steps: int | None = None, *args, **kwargs):
-        """Sets the one-step grid; any other step count is refused."""
-        if num_inference_steps != 1:
-            raise ValueError(f"OneStepScheduler takes num_inference_steps=1, got {num_inference_steps!r}")
-        return super().set_timesteps(num_inference_steps, *args, **kwargs)
+TRAINABLE = ("lora", "full")
 
 
 @dataclass
@@ -312,11 +288,12 @@ def digits_teacher_data(pipe, n: int, *, solver: str = "unipc", nfe: int = 10, g
 def train_hipa(model: torch.nn.Module, scheduler: FewstepScheduler, data: TeacherData, config: HiPAConfig, *,
                steps: int, batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
                feature_net: Callable[[torch.Tensor], torch.Tensor] | None = None,
-               progress: bool = False) -> list[dict[str, float]]:
+               progress: bool = False, trainable: str = "lora") -> list[dict[str, float]]:
     """Trains the HiPA adapter of a class-conditional model (the digits UNet) on teacher triples.
 
     A small single-process loop (AdamW on the LoRA parameters only); adds the adapter if the
-    model has none.
+    model has none. ``trainable="full"`` instead fine-tunes every weight of the model with the
+    same loss (the full fine-tune reference; no adapter).
 
     Args:
         model: Class-conditional network (``class_labels=`` keyword), base weights frozen.
@@ -329,15 +306,23 @@ def train_hipa(model: torch.nn.Module, scheduler: FewstepScheduler, data: Teache
         seed: Seed of the batch order.
         feature_net: Frozen feature network for the feature term.
         progress: Show a progress bar.
+        trainable: ``"lora"`` (the HiPA adapter) or ``"full"`` (all weights, no adapter).
 
     Returns:
         One dict of loss terms (floats) per step.
     """
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive whole number, got {steps!r}")
-    if not _has_hipa(model):
-        add_hipa_lora(model, config)
-    params = [p for n, p in model.named_parameters() if "lora_" in n]
+    if trainable not in TRAINABLE:
+        raise ValueError(f"trainable must be one of {TRAINABLE}, got {trainable!r}")
+    if trainable == "full":
+        if _has_hipa(model):
+            raise ValueError("trainable='full' fine-tunes the model itself; it already carries a HiPA adapter")
+        params = list(model.requires_grad_(True).parameters())
+    else:
+        if not _has_hipa(model):
+            add_hipa_lora(model, config)
+        params = [p for n, p in model.named_parameters() if "lora_" in n]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     history = []
@@ -364,14 +349,27 @@ def trainable_share(model: torch.nn.Module) -> tuple[int, int]:
     return lora, sum(p.numel() for p in model.parameters()) - lora
 
 
+def _lora_component(pipeline_cls) -> str:
+    """``"unet"`` or ``"transformer"``: the denoiser keyword of the pipeline class's ``save_lora_weights``."""
+    import inspect
+
+    params = inspect.signature(getattr(pipeline_cls, "save_lora_weights", None) or (lambda: None)).parameters
+    for component in ("unet", "transformer"):
+        if f"{component}_lora_layers" in params:
+            return component
+    raise ValueError(f"{getattr(pipeline_cls, '__name__', pipeline_cls)!r} has no save_lora_weights taking "
+                     "unet_lora_layers or transformer_lora_layers")
+
+
 def save_hipa_lora(model: torch.nn.Module, directory: str | os.PathLike, pipeline_cls=None) -> str:
     """Writes the HiPA adapter as diffusers' ``pytorch_lora_weights.safetensors``.
 
     Args:
         model: The adapted UNet.
         directory: Output folder.
-        pipeline_cls: A diffusers pipeline class with ``save_lora_weights`` taking
-            ``unet_lora_layers`` (default ``StableDiffusionPipeline``; SDXL's works too).
+        pipeline_cls: A diffusers pipeline class whose ``save_lora_weights`` takes
+            ``unet_lora_layers`` (default ``StableDiffusionPipeline``; SDXL's works too) or
+            ``transformer_lora_layers`` (``StableDiffusion3Pipeline`` and other DiT pipelines).
 
     Returns:
         The path of the written file; ``pipe.load_lora_weights(directory)`` reads it (the
@@ -385,6 +383,8 @@ def save_hipa_lora(model: torch.nn.Module, directory: str | os.PathLike, pipelin
         raise ValueError(f"the model has no {ADAPTER_NAME!r} adapter to save")
     state = convert_state_dict_to_diffusers(get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME))
     pipeline_cls = pipeline_cls or StableDiffusionPipeline
-    pipeline_cls.save_lora_weights(directory, unet_lora_layers=state, safe_serialization=True,
-                                   unet_lora_adapter_metadata=model.peft_config[ADAPTER_NAME].to_dict())
+    component = _lora_component(pipeline_cls)
+    pipeline_cls.save_lora_weights(directory, safe_serialization=True, **{
+        f"{component}_lora_layers": state,
+        f"{component}_lora_adapter_metadata": model.peft_config[ADAPTER_NAME].to_dict()})
     return os.path.join(os.fspath(directory), "pytorch_lora_weights.safetensors")

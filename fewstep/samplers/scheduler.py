@@ -37,6 +37,7 @@ from .diffusers_config import (
     diffusers_solver_keys,
     foreign_solver_options,
     init_keys_of,
+    is_flow_config,
     translate_schedule_flags,
 )
 from .plan import PlanExecutor, SolverPlan
@@ -853,3 +854,37 @@ class DPMSolverV3Scheduler(FewstepScheduler):
     """
 
     default_solver = "dpmv3"
+
+
+class OneStepScheduler(FewstepScheduler):
+    """One DDIM step from pure noise to clean data: returns the x0 prediction (one-step students, e.g. HiPA).
+
+    ``from_config`` takes any compatible diffusers config (SD/SDXL epsilon, v-prediction, flow
+    matching) and sets ``timestep_spacing="trailing"`` and the final step to sigma 0: with SD's
+    ``leading`` (or ``linspace``) spacing a one-step grid would start at t = 1 (or 0), not at
+    pure noise. The config's sigma-grid flags (Karras, exponential, ...) are dropped, since a
+    one-step grid is its first timestep; ``set_alpha_to_one`` is dropped so DDIM ends at x0.
+    """
+
+    default_solver = "ddim"
+    # Grid choices a one-step grid overrides (it is its first timestep, ending at sigma 0).
+    _GRID_KEYS = ("set_alpha_to_one", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+                  "use_lu_lambdas")
+
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
+        """diffusers' ``from_config``, from pure noise (``trailing``; flow: ``linspace``) to sigma 0."""
+        if isinstance(config, Mapping):
+            config = {k: v for k, v in config.items() if k not in cls._GRID_KEYS}
+            # Flow grids start at sigma = 1 with ``linspace``; VP needs ``trailing`` to start at t = T - 1.
+            kwargs.setdefault("timestep_spacing", "linspace" if is_flow_config({**config, **kwargs}) else "trailing")
+        kwargs.setdefault("final_sigmas_type", "zero")
+        for key in cls._GRID_KEYS:
+            kwargs.pop(key, None)
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    def set_timesteps(self, num_inference_steps: int | None = None, *args: Any, **kwargs: Any) -> None:
+        """Sets the one-step grid; any other step count is refused."""
+        if num_inference_steps != 1:
+            raise ValueError(f"OneStepScheduler takes num_inference_steps=1, got {num_inference_steps!r}")
+        return super().set_timesteps(num_inference_steps, *args, **kwargs)
