@@ -90,7 +90,7 @@ _COMMANDS = {
     "eval": ("fewstep.eval.eval_cli", "add_eval_parser",
              "FID/FD and MSE benchmarks of solvers, reference statistics, FD of two files"),
     "distill": ("fewstep.distill.command", "add_distill_parser",
-                "guidance distillation: train AGD adapters (distill train | estimate)"),
+                "distillation: train AGD guidance adapters or HiPA one-step LoRA (distill train | estimate)"),
 }
 
 

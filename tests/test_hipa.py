@@ -5,9 +5,9 @@ import torch
 
 pytest.importorskip("peft")
 
+from fewstep import OneStepScheduler  # noqa: E402
 from fewstep.distill.hipa import (  # noqa: E402
     HiPAConfig,
-    OneStepScheduler,
     add_hipa_lora,
     digits_teacher_data,
     edge_maps,

@@ -37,9 +37,7 @@ def _popular_configs():
 
 
 def test_one_step_scheduler_is_one_class_exported_at_top_level():
-    import fewstep.distill.hipa as hipa
-
-    assert fewstep.OneStepScheduler is OneStepScheduler is hipa.OneStepScheduler
+    assert fewstep.OneStepScheduler is OneStepScheduler
     assert issubclass(OneStepScheduler, FewstepScheduler) and OneStepScheduler.default_solver == "ddim"
     assert "OneStepScheduler" in dir(fewstep)
 

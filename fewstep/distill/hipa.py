@@ -149,7 +149,7 @@ def one_step_sample(model: torch.nn.Module, scheduler: FewstepScheduler, noise: 
 
     Args:
         model: The network (with or without adapters).
-        scheduler: A scheduler whose one-step grid starts at pure noise (:class:`OneStepScheduler`).
+        scheduler: A scheduler whose one-step grid starts at pure noise (:class:`~fewstep.samplers.scheduler.OneStepScheduler`).
         noise: Initial noise (before ``init_noise_sigma``).
         **model_kwargs: Condition passed to the network (``class_labels=...``,
             ``encoder_hidden_states=...``).
@@ -297,7 +297,7 @@ def train_hipa(model: torch.nn.Module, scheduler: FewstepScheduler, data: Teache
 
     Args:
         model: Class-conditional network (``class_labels=`` keyword), base weights frozen.
-        scheduler: The one-step scheduler (:class:`OneStepScheduler`).
+        scheduler: The one-step scheduler (:class:`~fewstep.samplers.scheduler.OneStepScheduler`).
         data: Teacher triples.
         config: Adapter and loss settings.
         steps: Optimiser steps.

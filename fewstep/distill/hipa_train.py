@@ -26,9 +26,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 from torch import nn
 
-from .hipa import (
-    ATTENTION_TARGETS, RESNET_TARGETS, HiPAConfig, OneStepScheduler, add_hipa_lora, hipa_loss, save_hipa_lora,
-)
+from ..samplers.scheduler import OneStepScheduler
+from .hipa import ATTENTION_TARGETS, RESNET_TARGETS, HiPAConfig, add_hipa_lora, hipa_loss, save_hipa_lora
 
 if TYPE_CHECKING:  # train.py imports this module
     from .settings import DistillConfig
@@ -70,7 +69,7 @@ class HiPAStudent(nn.Module):
 
     Args:
         teacher: The base network with its conditions (the LoRA is already on its denoiser).
-        scheduler: A :class:`~fewstep.distill.hipa.OneStepScheduler` of the model's schedule.
+        scheduler: A :class:`~fewstep.samplers.scheduler.OneStepScheduler` of the model's schedule.
         adapters: AGD guidance adapters on the same base, or None (fixed guidance).
     """
 
@@ -216,7 +215,7 @@ class HiPATraining:
 def done_message(folder: Path) -> str:
     """The CLI's last line after a HiPA run."""
     return (f"wrote the HiPA LoRA to {folder}/ (pipe.load_lora_weights({str(folder)!r}); sample with "
-            "fewstep.distill.hipa.OneStepScheduler and num_inference_steps=1)")
+            "fewstep.OneStepScheduler and num_inference_steps=1)")
 
 
 def load_hipa_lora(model: nn.Module, directory: str | Path) -> nn.Module:

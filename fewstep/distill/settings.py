@@ -97,7 +97,7 @@ class DistillConfig:
         method: ``agd`` (guidance adapters) or ``hipa`` (one-step LoRA, settings in ``hipa``; it uses
             the ``trajectories`` settings for its teacher samples, ``hipa.guidance`` instead of
             ``w_min``/``w_max``, and the adapter settings only with ``hipa.guidance_range``).
-        hipa: :class:`~fewstep.distill.hipa_train.HiPASettings` (the ``hipa:`` section).
+        hipa: :class:`HiPASettings` (the ``hipa:`` section).
         mode: ``adapters`` (AGD) or ``full`` (fine-tune the whole network as well).
         data: ``trajectories`` (CFG sampling states) or ``noised`` (forward-noised data).
         width_ratio, head_dim, mlp_ratio, fourier_features, fourier_scale, conditions, placement:
