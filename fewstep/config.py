@@ -490,7 +490,7 @@ def resolve_device(name: str):
     if device.type == "cuda":
         if torch.version.cuda is None and torch.version.hip is None:
             raise ValueError(f"device {name!r}: this torch build ({torch.__version__}) has no CUDA support; "
-                             "install a CUDA build of torch (see the README's Install section) or use cpu")
+                             "install a CUDA build of torch (see docs/install.md) or use cpu")
         if not torch.cuda.is_available():
             raise ValueError(f"device {name!r}: torch was built with CUDA but finds no usable GPU "
                              "(driver or CUDA_VISIBLE_DEVICES); use cpu")

@@ -307,7 +307,7 @@ def test_constructors_take_diffusers_argument_names():
     u = UniPCScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0, solver_order=1)
     theirs = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
                                      solver_order=1)
-    # diffusers truncates flow timesteps to integers (README: differences): a model that ignores t
+    # diffusers truncates flow timesteps to integers (docs/diffusers-differences.md): a model that ignores t
     def model(x, t):
         return smooth_model(x, torch.zeros_like(torch.as_tensor(t, dtype=x.dtype)))
 

@@ -422,7 +422,7 @@ def test_r6_disable_corrector_indices_are_absolute_under_img2img():
 
 def test_r7_karras_with_sigma_min_is_a_documented_difference():
     # diffusers spaces n Karras points down to sigma_min and ends with a zero-length step there
-    # (one wasted model evaluation); fewstep spaces n + 1 points (README, differences table).
+    # (one wasted model evaluation); fewstep spaces n + 1 points (docs/diffusers-differences.md).
     cfg = {**SD, "use_karras_sigmas": True, "final_sigmas_type": "sigma_min"}
     ours, theirs = DPMSolverPPScheduler.from_config(cfg), DPMSolverMultistepScheduler.from_config(cfg)
     ours.set_timesteps(6)

@@ -9,7 +9,7 @@ ratios), DPM-Solver-v3 (degenerate statistics), USF (spelling out UniPC) and the
 Every cell records an outcome -- ``works``, ``difference`` (documented, with its measured size) or
 ``refused`` (with the reason) -- and fails on anything else. With ``FEWSTEP_MATRIX_RESULTS=FILE``
 the outcomes are written there as JSON; ``benchmarks/pipeline_matrix.py`` turns them into the
-README's compatibility table. The full matrix is ``slow``; a small subset runs by default.
+compatibility table (docs/diffusers-differences.md). The full matrix is ``slow``; a small subset runs by default.
 """
 
 from __future__ import annotations
@@ -213,7 +213,7 @@ def _record(family, scheduler, check, status, detail="", value=None):
 
 
 def _documented(config, name):
-    """The README differences-table entry that explains a gap to the twin here, or None."""
+    """The differences-table entry (docs/diffusers-differences.md) that explains a gap to the twin here, or None."""
     if _is_flow(config) and SCHEDULERS[name][1] in ("UniPCMultistepScheduler", "DPMSolverMultistepScheduler"):
         return "diffusers truncates flow timesteps to integers"
     if name == "DDIM" and not _is_flow(config) and "clip_sample" not in config:
@@ -233,7 +233,7 @@ def _compare(family, name, check, ours, theirs, config):
         pytest.fail(f"{family} / {name} / {check}: {rel:.3e} relative from the diffusers twin")
 
 
-# FEWSTEP_MATRIX_STEPS=1,2,5 shortens the full matrix on a busy machine (the README says which ran)
+# FEWSTEP_MATRIX_STEPS=1,2,5 shortens the full matrix on a busy machine (the results file says which ran)
 STEPS = tuple(int(v) for v in os.environ.get("FEWSTEP_MATRIX_STEPS", "1,2,5,25").split(","))
 
 
@@ -338,7 +338,7 @@ def _check_custom_grids(pipe, family, name, n, config):
 
 
 def _refusal(error, shifted):
-    """The documented reason of a refusal (README differences table), or the error itself re-raised."""
+    """The documented reason of a refusal (docs/diffusers-differences.md), or the error itself re-raised."""
     text = str(error)
     if shifted and "shifted flow-matching config" in text:
         return "timesteps= on a shifted flow config (diffusers would shift the sigmas, not the timesteps)"

@@ -17,7 +17,7 @@ t_i above a cutoff, and then (``mode``):
 * ``"input"`` (fewstep <= 0.x): the network gets t_s instead of t_i and the solver keeps its own
   coefficients and targets.
 
-The README ("Time-Shift sampler") has the measured effect of both on the built-in digits model.
+docs/guide/timeshift.md has the measured effect of both on the built-in digits model.
 
 Two ways in, one rule (:class:`TimeShift`):
 

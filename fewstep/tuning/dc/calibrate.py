@@ -1,6 +1,6 @@
 """Offline, model-agnostic calibration of DC-Solver's compensation ratios: ``fewstep.calibrate_dc``.
 
-Two objectives, neither of which dominates (README, "DC-Solver"):
+Two objectives, neither of which dominates (docs/guide/dc-solver.md):
 
 - ``"trajectory"``, the official method (:mod:`.calibrate_trajectory`): one ratio per step,
   greedily, against the DDIM trajectory at the next grid point.
