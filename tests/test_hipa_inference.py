@@ -130,6 +130,28 @@ def test_functional_sample_at_nfe_1_is_the_students_one_call_sample():
     assert not torch.allclose(without, student)  # the adapters were on
 
 
+@pytest.mark.parametrize("solver", ["ddim", "unipc", "dpmpp", "dc"])
+@pytest.mark.parametrize("spacing", [None, "linspace", "leading", "trailing", "logsnr", "karras"])
+def test_sample_at_nfe_1_calls_the_model_at_pure_noise_or_refuses(solver, spacing):
+    # diffusers' DDIM linspace/leading one-step grids are t = 0 (multistep leading: t = 500): from
+    # pure noise that "sample" is garbage, so fewstep.sample refuses it, naming the fix.
+    x, calls = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0)), []
+
+    def model(x, t):
+        calls.append(t)
+        return torch.zeros_like(x)
+
+    try:
+        out = fewstep.sample(model, x, solver=solver, nfe=1, spacing=spacing)
+    except ValueError as e:
+        assert "nfe=1" in str(e) and "spacing='trailing'" in str(e) and "not at pure noise (t=999)" in str(e)
+        assert not calls
+        return
+    assert [c.tolist() for c in calls] == [[999.0, 999.0]]
+    alpha = fewstep.make_schedule("linear").alphas_cumprod[-1].sqrt().float()
+    torch.testing.assert_close(out, x / alpha)  # the x0 prediction of eps = 0 at t = 999
+
+
 class _disabled:
     """Turns peft-injected adapters off for a block (UNet2DModel has no diffusers adapter methods)."""
 
