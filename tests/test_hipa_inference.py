@@ -152,6 +152,21 @@ def test_sample_at_nfe_1_calls_the_model_at_pure_noise_or_refuses(solver, spacin
     torch.testing.assert_close(out, x / alpha)  # the x0 prediction of eps = 0 at t = 999
 
 
+def test_one_step_scheduler_starts_at_pure_noise_by_default_and_refuses_other_spacings():
+    default = OneStepScheduler()  # the plain constructor too, not only from_config
+    default.set_timesteps(1)
+    assert default.config.timestep_spacing == "trailing" and default.timesteps.tolist() == [999]
+    for spacing, t in (("leading", 0), ("linspace", 0)):
+        for sched in (OneStepScheduler(timestep_spacing=spacing),
+                      OneStepScheduler.from_config(default.config, timestep_spacing=spacing)):
+            with pytest.raises(ValueError, match=f"timestep_spacing='{spacing}' calls the model only at t={t}, not "
+                                                 r"at pure noise \(t=999\).*use timestep_spacing='trailing'"):
+                sched.set_timesteps(1)
+    explicit = OneStepScheduler(timestep_spacing="leading")
+    explicit.set_timesteps(1, timesteps=[999])  # an explicit grid is the caller's
+    assert explicit.timesteps.tolist() == [999]
+
+
 class _disabled:
     """Turns peft-injected adapters off for a block (UNet2DModel has no diffusers adapter methods)."""
 

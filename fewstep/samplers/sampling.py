@@ -11,11 +11,11 @@ from .artifact_checks import artifacts_of, check_run
 from .plan import PlanExecutor, SolverPlan, compute_dtype
 from .prediction import Clip, DynamicThreshold, check_prediction
 from .registry import get_solver, solver_class
-from .schedules import DiscreteVPSchedule, NoiseSchedule, make_schedule
+from .schedules import NoiseSchedule, make_schedule
 from .solver_schedule import apply_solver_schedule
 from .solvers.base import Solver
 from .timeshift import TimeShift
-from .timesteps import GridSpec, TimeGrid, build_grid
+from .timesteps import GridSpec, TimeGrid, build_grid, check_one_step_start
 from fewstep.infra.validation import check_bool, check_guidance
 
 __all__ = ["sample", "make_plan", "StepInfo", "DEFAULT_NFE"]
@@ -202,7 +202,9 @@ def sample(
         grid_args["solver"] = get_solver(grid_args["solver"], **solver_options)
         plan = make_plan(**grid_args)
         if timesteps is None and sigmas is None and "solver_schedule" not in solver_options:
-            _check_one_step_start(plan.grid, grid_args["spacing"])
+            spacing_name = getattr(grid_args["spacing"], "spacing", grid_args["spacing"])
+            check_one_step_start(plan.grid, "nfe=1 with " + ("the default spacing" if spacing_name is None
+                                                            else f"spacing={spacing_name!r}"), "pass spacing='trailing'")
     else:
         given = sorted(k for k, v in {**grid_args, **solver_options}.items() if v is not None)
         if given:
@@ -256,19 +258,6 @@ def sample(
             callback(StepInfo(i, float(grid.model_timesteps[i]), float(grid.sigma[i]), x, denoised))
     runner.raise_if_nonfinite()
     return x
-
-
-def _check_one_step_start(grid: TimeGrid, spacing: Any) -> None:
-    """Refuses a spaced one-step grid whose only model call is not at pure noise (its sample would be garbage)."""
-    schedule = grid.schedule
-    if grid.n != 1 or not isinstance(schedule, DiscreteVPSchedule):
-        return
-    t, top = float(grid.model_timesteps[0]), schedule.num_train_timesteps - 1
-    if t < top:
-        # diffusers' DDIM linspace/leading grids put one step at t = 0 (multistep leading: halfway).
-        name = "the default spacing" if spacing is None else f"spacing={getattr(spacing, 'spacing', spacing)!r}"
-        raise ValueError(f"nfe=1 with {name} calls the model only at t={t:g}, not at pure noise (t={top}): "
-                         f"the one-step sample would not be the x0 prediction from x_T; pass spacing='trailing'")
 
 
 def model_step(model: Callable[..., torch.Tensor], runner: PlanExecutor, i: int, x: torch.Tensor, t: torch.Tensor,

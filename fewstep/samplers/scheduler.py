@@ -46,7 +46,7 @@ from .registry import get_solver, solver_class
 from .plan import compute_dtype
 from .schedules import DiscreteVPSchedule, FlowSchedule, NoiseSchedule, diffusers_betas
 from .solver_schedule import apply_solver_schedule
-from .timesteps import SPACINGS, GridSpec, TimeGrid, build_grid
+from .timesteps import SPACINGS, GridSpec, TimeGrid, build_grid, check_one_step_start
 from fewstep.infra.validation import MAX_NFE, as_real_vector, check_bool, check_choice, check_int, check_nfe, check_real
 
 __all__ = [
@@ -204,7 +204,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             # schedulers too; it stays listed in _use_default_values, so a config chain to
             # another solver still takes that solver's own default.
             ddim = self.solver.diffusers_convention == "ddim"
-            self.register_to_config(timestep_spacing="leading" if ddim and not is_flow else "linspace")
+            self.register_to_config(timestep_spacing=self._default_spacing(ddim, is_flow))
             self._spacing = self._spacing or self.config.timestep_spacing
         if set_alpha_to_one is None:
             self.register_to_config(set_alpha_to_one=final_sigmas_type == "zero")
@@ -241,6 +241,11 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         self._executor: PlanExecutor | None = None
         self._run: _CachedGrid | None = None
         self._cache: OrderedDict[tuple, _CachedGrid] = OrderedDict()
+
+    @staticmethod
+    def _default_spacing(ddim: bool, is_flow: bool) -> str:
+        """diffusers' default timestep spacing of the solver's scheduler family."""
+        return "leading" if ddim and not is_flow else "linspace"
 
     def _resolve_sigma_flags(self, timestep_spacing: str | None) -> str | None:
         """Store karras/exponential/logsnr as diffusers' flags; the spacing the grid uses is ``self._spacing``."""
@@ -871,6 +876,11 @@ class OneStepScheduler(FewstepScheduler):
     _GRID_KEYS = ("set_alpha_to_one", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
                   "use_lu_lambdas")
 
+    @staticmethod
+    def _default_spacing(ddim: bool, is_flow: bool) -> str:
+        """From pure noise: ``trailing`` starts at t = T - 1 (flow grids start at sigma 1 with ``linspace``)."""
+        return "linspace" if is_flow else "trailing"
+
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
         """diffusers' ``from_config``, from pure noise (``trailing``; flow: ``linspace``) to sigma 0."""
@@ -887,4 +897,8 @@ class OneStepScheduler(FewstepScheduler):
         """Sets the one-step grid; any other step count is refused."""
         if num_inference_steps != 1:
             raise ValueError(f"OneStepScheduler takes num_inference_steps=1, got {num_inference_steps!r}")
-        return super().set_timesteps(num_inference_steps, *args, **kwargs)
+        super().set_timesteps(num_inference_steps, *args, **kwargs)
+        given = dict(zip(("device", "sigmas", "mu", "timesteps"), args), **kwargs)
+        if given.get("timesteps") is None and given.get("sigmas") is None:  # explicit grids are the caller's
+            check_one_step_start(self.grid, f"OneStepScheduler with timestep_spacing={self.config.timestep_spacing!r}",
+                                 "use timestep_spacing='trailing' (OneStepScheduler.from_config sets it)")

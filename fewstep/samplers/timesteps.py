@@ -371,6 +371,19 @@ def _describe(spec: GridSpec, nfe: int, schedule: NoiseSchedule) -> str:
     return ", ".join(parts)
 
 
+def check_one_step_start(grid: TimeGrid, setting: str, fix: str) -> None:
+    """Refuses a one-step VP grid whose only model call is not at pure noise (its sample would be garbage).
+
+    diffusers' DDIM ``linspace``/``leading`` one-step grids are t = 0 (multistep ``leading``: t = 500).
+    """
+    if grid.n != 1 or not isinstance(grid.schedule, DiscreteVPSchedule):
+        return
+    t, top = float(grid.model_timesteps[0]), grid.schedule.num_train_timesteps - 1
+    if t < top:
+        raise ValueError(f"{setting} calls the model only at t={t:g}, not at pure noise (t={top}): the one-step "
+                         f"sample would not be the x0 prediction from the noise; {fix}")
+
+
 def build_grid(schedule: NoiseSchedule, nfe: int | None, spec: GridSpec | None = None) -> TimeGrid:
     """Place ``nfe`` model evaluations on ``schedule`` following ``spec``.
 
