@@ -202,9 +202,9 @@ def sample(
         grid_args["solver"] = get_solver(grid_args["solver"], **solver_options)
         plan = make_plan(**grid_args)
         if timesteps is None and sigmas is None and "solver_schedule" not in solver_options:
-            spacing_name = getattr(grid_args["spacing"], "spacing", grid_args["spacing"])
-            check_one_step_start(plan.grid, "nfe=1 with " + ("the default spacing" if spacing_name is None
-                                                            else f"spacing={spacing_name!r}"), "pass spacing='trailing'")
+            name = getattr(grid_args["spacing"], "spacing", grid_args["spacing"])
+            setting = "the default spacing" if name is None else f"spacing={name!r}"
+            check_one_step_start(plan.grid, f"nfe=1 with {setting}", "pass spacing='trailing'")
     else:
         given = sorted(k for k, v in {**grid_args, **solver_options}.items() if v is not None)
         if given:
