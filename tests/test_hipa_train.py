@@ -232,6 +232,20 @@ def test_student_model_check_names_the_problem():
         check_student_model(pipe.unet, {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0})
 
 
+def test_done_message_names_the_loader_that_reads_the_export(tmp_path):
+    from fewstep.distill.hipa_train import done_message
+
+    digits, sd = _digits(tmp_path, "run"), load_config(DistillConfig, ROOT / "configs/distill/hipa_sd15.yaml")
+    folder = tmp_path / "run" / "lora"
+    # UNet2DModel has no diffusers LoRA loader: the digits line must not say pipe.load_lora_weights.
+    assert f"load_hipa_lora(pipe.unet, '{folder}')" in done_message(folder, digits)
+    assert "load_lora_weights" not in done_message(folder, digits) and "adapters" not in done_message(folder, digits)
+    assert f"pipe.load_lora_weights('{folder}')" in done_message(folder, sd)
+    ranged = load_config(DistillConfig, ROOT / "configs/distill/hipa_sd15.yaml",
+                         overrides=["hipa.guidance_range=[2,8]"])
+    assert f"enable_guidance_adapters(pipe, '{tmp_path / 'run' / 'adapters'}')" in done_message(folder, ranged)
+
+
 @pytest.mark.parametrize("name", ["hipa_sd15", "hipa_sdxl"])
 def test_gpu_recipes_parse_with_real_hub_ids(name):
     cfg = load_config(DistillConfig, ROOT / f"configs/distill/{name}.yaml")

@@ -47,9 +47,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0:  # one line, from the main process
         if cfg.method == "hipa":
             from .hipa_train import done_message
+
+            print(done_message(folder, cfg))
         else:
-            done_message = _AGDTraining.done_message
-        print(done_message(folder))
+            print(_AGDTraining.done_message(folder))
     return 0
 
 

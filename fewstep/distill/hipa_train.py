@@ -212,10 +212,13 @@ class HiPATraining:
         return {"lora_parameters": lora, "adapter_parameters": adapters, "base_parameters": base}
 
 
-def done_message(folder: Path) -> str:
-    """The CLI's last line after a HiPA run."""
-    return (f"wrote the HiPA LoRA to {folder}/ (pipe.load_lora_weights({str(folder)!r}); sample with "
-            "fewstep.OneStepScheduler and num_inference_steps=1)")
+def done_message(folder: Path, cfg: "DistillConfig") -> str:
+    """The CLI's last line after a HiPA run: how to load what it wrote (digits has no diffusers LoRA loader)."""
+    load = (f"fewstep.distill.hipa_train.load_hipa_lora(pipe.unet, {str(folder)!r})" if cfg.model == "digits"
+            else f"pipe.load_lora_weights({str(folder)!r})")
+    if cfg.hipa.guidance_range is not None:  # the LoRA alone does not know w
+        load += f" and fewstep.distill.enable_guidance_adapters(pipe, {str(Path(folder).parent / 'adapters')!r})"
+    return f"wrote the HiPA LoRA to {folder}/ ({load}; sample with fewstep.OneStepScheduler and num_inference_steps=1)"
 
 
 def load_hipa_lora(model: nn.Module, directory: str | Path) -> nn.Module:
