@@ -120,6 +120,22 @@ def test_high_frequency_terms_zero_for_identical_positive_for_blur():
     assert radial_power_spectrum(blur)[-1] < radial_power_spectrum(img)[-1]
 
 
+@pytest.mark.parametrize("cutoff", [0.0, 0.5, 0.9])
+def test_fourier_term_is_the_mse_of_the_high_passed_images(cutoff):
+    # The guide's definition (Parseval, ortho FFT), checked against a high-pass done by hand: keep
+    # the coefficients whose radius (fraction of Nyquist, per axis) exceeds the cutoff, invert.
+    g = torch.Generator().manual_seed(1)
+    a, b = (torch.randn(2, 3, 8, 6, generator=g, dtype=torch.float64) for _ in range(2))
+    fy, fx = torch.fft.fftfreq(8, dtype=torch.float64) / 0.5, torch.fft.fftfreq(6, dtype=torch.float64) / 0.5
+    keep = (fy[:, None] ** 2 + fx[None, :] ** 2).sqrt() > cutoff
+
+    def high_pass(x):
+        return torch.fft.ifft2(torch.fft.fft2(x, norm="ortho") * keep, norm="ortho").real
+
+    expected = (high_pass(a) - high_pass(b)).pow(2).mean()
+    torch.testing.assert_close(fourier_highpass_loss(a, b, cutoff), expected, rtol=1e-12, atol=0)
+
+
 def test_bad_settings_are_named():
     with pytest.raises(ValueError, match="rank"):
         HiPAConfig(rank=0)

@@ -171,7 +171,7 @@ def _freq_radius(h: int, w: int, device) -> torch.Tensor:
 
 
 def fourier_highpass_loss(a: torch.Tensor, b: torch.Tensor, cutoff: float = 0.5) -> torch.Tensor:
-    """Mean squared difference of the Fourier coefficients above ``cutoff`` x Nyquist (ortho FFT)."""
+    """MSE of ``a`` and ``b`` high-passed above ``cutoff`` x Nyquist: ortho-FFT differences, the rest zeroed."""
     mask = (_freq_radius(a.shape[-2], a.shape[-1], a.device) > cutoff).to(a.dtype)
     diff = torch.fft.fft2(a - b, norm="ortho") * mask  # linear: the spectra of both, subtracted
     return diff.abs().pow(2).mean()
