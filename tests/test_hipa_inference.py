@@ -162,6 +162,7 @@ def test_one_step_scheduler_starts_at_pure_noise_by_default_and_refuses_other_sp
             with pytest.raises(ValueError, match=f"timestep_spacing='{spacing}' calls the model only at t={t}, not "
                                                  r"at pure noise \(t=999\).*use timestep_spacing='trailing'"):
                 sched.set_timesteps(1)
+            assert sched.grid is None and sched.plan is None  # a failed call leaves no half-built state
     explicit = OneStepScheduler(timestep_spacing="leading")
     explicit.set_timesteps(1, timesteps=[999])  # an explicit grid is the caller's
     assert explicit.timesteps.tolist() == [999]

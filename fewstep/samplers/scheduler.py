@@ -861,6 +861,11 @@ class DPMSolverV3Scheduler(FewstepScheduler):
     default_solver = "dpmv3"
 
 
+# What set_timesteps sets: restored when OneStepScheduler refuses the grid it built.
+_RUN_STATE = ("_run", "grid", "plan", "timesteps", "sigmas", "num_inference_steps", "_index", "_begin_index",
+              "_executor")
+
+
 class OneStepScheduler(FewstepScheduler):
     """One DDIM step from pure noise to clean data: returns the x0 prediction (one-step students, e.g. HiPA).
 
@@ -897,8 +902,14 @@ class OneStepScheduler(FewstepScheduler):
         """Sets the one-step grid; any other step count is refused."""
         if num_inference_steps != 1:
             raise ValueError(f"OneStepScheduler takes num_inference_steps=1, got {num_inference_steps!r}")
+        state = {k: self.__dict__[k] for k in _RUN_STATE}
         super().set_timesteps(num_inference_steps, *args, **kwargs)
         given = dict(zip(("device", "sigmas", "mu", "timesteps"), args), **kwargs)
         if given.get("timesteps") is None and given.get("sigmas") is None:  # explicit grids are the caller's
-            check_one_step_start(self.grid, f"OneStepScheduler with timestep_spacing={self.config.timestep_spacing!r}",
-                                 "use timestep_spacing='trailing' (OneStepScheduler.from_config sets it)")
+            try:
+                check_one_step_start(self.grid, f"OneStepScheduler with timestep_spacing="
+                                     f"{self.config.timestep_spacing!r}",
+                                     "use timestep_spacing='trailing' (OneStepScheduler.from_config sets it)")
+            except ValueError:
+                self.__dict__.update(state)  # a failed call changes nothing
+                raise
