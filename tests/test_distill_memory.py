@@ -190,3 +190,13 @@ def test_half_precision_base_trains_validates_and_resumes(tmp_path):
     out = train(cfg("max_steps=2", "resume_from_checkpoint=latest")).parent
     samples = load_file(out / "validation" / "step-000002.safetensors")["w3"]
     assert samples.dtype == torch.float32 and torch.isfinite(samples).all()
+
+
+def test_estimate_runs_on_a_local_sdxl_pipeline_of_any_size(tmp_path):
+    # The pooled width comes from the UNet's config (tiny: 32 + 6 time ids x 8), not SDXL-base's 1280.
+    from fewstep.zoo.tiny import build_tiny_sdxl_pipeline
+
+    build_tiny_sdxl_pipeline().save_pretrained(tmp_path / "sdxl")
+    cfg = load_config(DistillConfig, ROOT / "configs/distill/sdxl.yaml",
+                      overrides=[f"model={tmp_path / 'sdxl'}", "prompts=[a cat]", "prompts_file=null"])
+    assert estimate(cfg).activations_per_sample > 0

@@ -3,6 +3,7 @@ tiny pipeline: trains, validates, checkpoints, resumes, exports, and the adapter
 pipeline with one denoiser call per step (counted)."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -129,14 +130,22 @@ def test_recipe_two_processes_train_validate_checkpoint_resume_export(recipe, tm
     port = 29600 + RECIPES.index(recipe)
     args = ["--config", str(ROOT / f"configs/distill/{recipe}.yaml"), *SCALE, *_recipe_overrides(recipe, tmp_path),
             f"output_dir={tmp_path / 'run'}"]
-    _torchrun([*args, "max_steps=2"], port)
+    _torchrun([*args, "max_steps=3"], port)
     checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-2"
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in checkpoint.iterdir()}
     assert (tmp_path / "run" / "validation" / "step-000002.safetensors").is_file()
     assert sorted(p.name for p in (tmp_path / "run" / "trajectories").glob("shard-*")) == [
         "shard-00000.safetensors", "shard-00001.safetensors"]  # one per rank
+    from safetensors.torch import load_file
+
+    straight = load_file(tmp_path / "run" / "adapters" / "adapters.safetensors")
+    # A crash after step 2: the last checkpoint is gone; the same settings resume from step 2.
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "checkpoint-3")
     log = _torchrun([*args, "max_steps=3", "resume_from_checkpoint=latest"], port)
     assert "resumed from" in log and "at step 2" in log
+    resumed = load_file(tmp_path / "run" / "adapters" / "adapters.safetensors")
+    # Same 2-process split, same batches, same kernels: the resumed run ends where the straight one did.
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
     import json
 
     assert json.loads((tmp_path / "run" / "train_summary.json").read_text())["processes"] == 2

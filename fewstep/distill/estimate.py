@@ -226,7 +226,9 @@ def _describe_pipeline(model: str) -> dict[str, Any]:
     den = config
     tokens = 77 + (256 if cls_name == "SD3Transformer2DModel" else 0)
     dim = den.get("joint_attention_dim") or den.get("cross_attention_dim") or 0
-    pooled = den.get("pooled_projection_dim") or (den.get("projection_class_embeddings_input_dim", 0) and 1280) or 0
+    pooled = den.get("pooled_projection_dim") or 0
+    if den.get("addition_embed_type") == "text_time":  # SDXL: the pooled text embedding + 6 time ids, each embedded
+        pooled = den["projection_class_embeddings_input_dim"] - 6 * den["addition_time_embed_dim"]
     return {"denoiser": (cls_name, config), "encoders": encoders, "other": other, "tokens": tokens,
             "text_dim": int(dim), "pooled": int(pooled)}
 

@@ -434,8 +434,8 @@ def _train(cfg: DistillConfig, accelerator: Any, tracker: str | None, out: Path,
 
         try:  # what `fewstep distill estimate` prints for this config
             accelerator.print(format_estimate(estimate(cfg)))
-        except ValueError as err:  # e.g. a hub id the estimate does not know: train anyway
-            accelerator.print(f"fewstep distill train: no memory estimate: {err}")
+        except Exception as err:  # advisory only (e.g. a hub id it does not know): never stops the training
+            accelerator.print(f"fewstep distill train: no memory estimate: {type(err).__name__}: {err}")
     teacher, scheduler_config = build_teacher(cfg, accelerator.device)
     gc.collect()  # the pipeline's text encoders, VAE and safety checker are unreferenced now
     if torch.cuda.is_available():
