@@ -17,7 +17,6 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,7 +47,7 @@ def write_collection(folder: Path, overrides: list[str]) -> int:
     cfg = load_config(DistillConfig, ROOT / "configs/distill/digits.yaml", overrides=overrides)
     pipe = load_digits_pipeline()
     spec, num_shards = cfg.trajectory_spec(), cfg.num_shards
-    manifest = {"format": FORMAT, "version": FORMAT_VERSION, "spec": asdict(spec),
+    manifest = {"format": FORMAT, "version": FORMAT_VERSION, "spec": spec.identity(),
                 "teacher": LabelTeacher(pipe.unet, NUM_CLASSES, NULL_LABEL).describe(),
                 "scheduler": _scheduler_identity(build_scheduler(cfg.teacher_scheduler, pipe.scheduler.config))}
     folder.mkdir(parents=True, exist_ok=True)
