@@ -48,7 +48,7 @@ def test_two_processes_give_the_same_fid_and_mse_as_one(tmp_path, capsys):
         "dist.init_process_group('gloo')\n"
         f"a = main(['eval', 'fid', *{SMALL!r}, *{cache!r}, '--out', {str(tmp_path / 'fid2')!r}])\n"
         f"b = main(['eval', 'mse', *{SMALL + MSE!r}, *{cache!r}, '--out', {str(tmp_path / 'mse2')!r}])\n"
-        "dist.destroy_process_group()\nsys.exit(a or b)\n")
+        "dist.barrier()\ndist.destroy_process_group()\nsys.exit(a or b)\n")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(script)], env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
