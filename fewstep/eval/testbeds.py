@@ -506,7 +506,7 @@ def make_testbed(model: str, device: str | torch.device = "cpu", prompts: Sequen
     """``digits``, ``gmm`` (or ``gmm-flow``), or a path to a local diffusers pipeline folder.
 
     A folder holding a ``DigitsPipeline`` (the shipped one, or one exported by
-    ``python -m fewstep.zoo.digits train --export``) gets the digits metrics.
+    ``python -m fewstep.zoo.digits_train train --export DIR``) gets the digits metrics.
 
     Raises:
         ValueError: unknown model, unusable folder, or a device the model cannot use.
