@@ -103,6 +103,5 @@ class ProcessGroup:
         if self._owned:
             import torch.distributed as dist
 
-            dist.barrier()  # every rank's last collective has completed before any rank tears the group down
             dist.destroy_process_group()
             self._owned = False
